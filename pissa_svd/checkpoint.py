@@ -1,0 +1,479 @@
+"""Sharded safetensors checkpoints: validated reading, one tensor at a time, and streaming writing.
+
+No math lives here. A checkpoint is never loaded whole: :class:`SafetensorsFile` reads one
+tensor's bytes with ``os.pread`` (no mmap, so untouched tensors never count toward RSS), and
+:class:`StreamingWriter` writes the header first and then each tensor in order, copying
+untouched byte ranges file-to-file with ``os.copy_file_range``.
+
+File layout (safetensors): 8-byte little-endian header length N, N bytes of JSON
+``{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {str: str}}``, then the data.
+Offsets are relative to the end of the header and must tile the data section exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import InputError, disk_error
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library enforces
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+# safetensors dtype -> (torch dtype or None when torch has no such type, bytes per element)
+_DTYPES: dict[str, tuple[torch.dtype | None, float]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "U16": (getattr(torch, "uint16", None), 2),
+    "U32": (getattr(torch, "uint32", None), 4),
+    "U64": (getattr(torch, "uint64", None), 8),
+    "BOOL": (torch.bool, 1),
+    "F8_E4M3": (getattr(torch, "float8_e4m3fn", None), 1),
+    "F8_E5M2": (getattr(torch, "float8_e5m2", None), 1),
+    "F8_E8M0": (getattr(torch, "float8_e8m0fnu", None), 1),
+    "F6_E2M3": (None, 0.75),
+    "F6_E3M2": (None, 0.75),
+    "F4": (None, 0.5),
+}
+_TORCH_TO_ST = {t: name for name, (t, _) in _DTYPES.items() if t is not None}
+
+# The floating dtypes pissa-svd decomposes (W is read, SVD'd in fp32/fp64, written back).
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def dtype_to_torch(st_dtype: str) -> torch.dtype:
+    dt = _DTYPES[st_dtype][0]
+    if dt is None:
+        raise InputError(f"dtype {st_dtype} has no torch equivalent in this torch build")
+    return dt
+
+
+def torch_to_dtype(dtype: torch.dtype) -> str:
+    return _TORCH_TO_ST[dtype]
+
+
+def dtype_nbytes(st_dtype: str, shape: Iterable[int]) -> int:
+    n = math.prod(shape) * _DTYPES[st_dtype][1]
+    return int(math.ceil(n))
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes live. ``begin``/``end`` are absolute offsets in ``path``."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    path: Path
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass
+class SafetensorsFile:
+    """A validated safetensors header; tensors are read on demand, one at a time."""
+
+    path: Path
+    metadata: dict[str, str]
+    tensors: dict[str, TensorInfo]  # in file order (ascending offsets)
+    data_start: int
+
+    @classmethod
+    def open(cls, path: Path) -> SafetensorsFile:
+        path = Path(path)
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise InputError(f"{path}: not a safetensors file ({size} bytes, too short)")
+                (n,) = struct.unpack("<Q", head)
+                if n > MAX_HEADER_BYTES:
+                    raise InputError(
+                        f"{path}: header claims {n} bytes (limit {MAX_HEADER_BYTES}); "
+                        "the file is corrupt or not safetensors"
+                    )
+                if 8 + n > size:
+                    raise InputError(
+                        f"{path}: truncated: header needs {8 + n} bytes but the file has {size}; "
+                        "re-download or re-save it"
+                    )
+                raw = f.read(n)
+        except FileNotFoundError:
+            raise InputError(f"{path}: file not found") from None
+        except IsADirectoryError:
+            raise InputError(f"{path}: is a folder, expected a .safetensors file") from None
+        except PermissionError:
+            raise InputError(f"{path}: permission denied") from None
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"{path}: corrupt header ({exc.__class__.__name__}: {exc})") from None
+        if not isinstance(header, dict):
+            raise InputError(f"{path}: corrupt header (JSON is not an object)")
+        data_start = 8 + n
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+        ):
+            raise InputError(f"{path}: corrupt header (__metadata__ must map strings to strings)")
+        entries = [_parse_entry(path, name, spec, data_start) for name, spec in header.items()]
+        entries.sort(key=lambda t: (t.begin, t.end))
+        _check_tiling(path, entries, data_start, size)
+        return cls(path, metadata, {t.name: t for t in entries}, data_start)
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor as a fresh CPU tensor that owns its memory."""
+        info = self.tensors[name]
+        return read_tensor(info)
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """Read one tensor with pread into its own buffer; nothing else of the file is touched."""
+    buf = bytearray(info.nbytes)
+    with open(info.path, "rb", buffering=0) as f:
+        f.seek(info.begin)
+        got = f.readinto(buf) if info.nbytes else 0
+    if got != info.nbytes:
+        raise InputError(f"{info.path}: truncated while reading {info.name}; re-download the file")
+    dtype = dtype_to_torch(info.dtype)
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+
+
+def _parse_entry(path: Path, name: str, spec: object, data_start: int) -> TensorInfo:
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(spec, dict):
+        raise InputError(f"{where}: corrupt header entry")
+    dtype, shape, offs = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
+    if dtype not in _DTYPES:
+        raise InputError(f"{where}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise InputError(f"{where}: corrupt shape {shape!r}")
+    if (
+        not isinstance(offs, list)
+        or len(offs) != 2
+        or not all(isinstance(o, int) and o >= 0 for o in offs)
+        or offs[0] > offs[1]
+    ):
+        raise InputError(f"{where}: corrupt data_offsets {offs!r}")
+    expected = dtype_nbytes(dtype, shape)
+    if offs[1] - offs[0] != expected:
+        raise InputError(
+            f"{where}: data_offsets span {offs[1] - offs[0]} bytes but {dtype}{shape} needs "
+            f"{expected}; the header is corrupt"
+        )
+    return TensorInfo(name, dtype, tuple(shape), path, data_start + offs[0], data_start + offs[1])
+
+
+def _check_tiling(path: Path, entries: list[TensorInfo], data_start: int, size: int) -> None:
+    """Offsets must tile [0, data_len) exactly: no overlap, no hole, nothing past the end."""
+    pos = data_start
+    for t in entries:
+        if t.begin < pos:
+            raise InputError(
+                f"{path}: tensor {t.name!r} overlaps the previous tensor (data_offsets "
+                f"{t.begin - data_start}..{t.end - data_start}); the header is corrupt"
+            )
+        if t.begin > pos:
+            raise InputError(
+                f"{path}: {t.begin - pos} unaccounted bytes before tensor {t.name!r}; "
+                "the header is corrupt"
+            )
+        pos = t.end
+    if pos > size:
+        raise InputError(
+            f"{path}: truncated: tensors need {pos} bytes but the file has {size}; "
+            "re-download or re-save it"
+        )
+    if pos < size:
+        raise InputError(
+            f"{path}: {size - pos} trailing bytes after the last tensor; the header is corrupt"
+        )
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint folder (or a single file): its shards, every tensor, and the other files.
+
+    ``shards`` are paths relative to ``root``, in index order. ``index`` is the parsed
+    ``model.safetensors.index.json`` or None for a single-file checkpoint.
+    """
+
+    root: Path
+    shards: list[str]
+    files: dict[str, SafetensorsFile]
+    index: dict | None
+    extra_files: list[str] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, src: str | os.PathLike) -> Checkpoint:
+        src = Path(src)
+        if not src.exists():
+            raise InputError(f"{src}: no such file or folder")
+        if src.is_file():
+            if src.suffix != ".safetensors":
+                raise InputError(f"{src}: expected a .safetensors file or a checkpoint folder")
+            return cls(src.parent, [src.name], {src.name: SafetensorsFile.open(src)}, None, [])
+        index_path = src / INDEX_NAME
+        if index_path.is_file():
+            index = _read_index(index_path)
+            shards = list(dict.fromkeys(index["weight_map"].values()))
+            files = {s: SafetensorsFile.open(_inside(src, s, index_path)) for s in shards}
+            _check_index_against_shards(index_path, index, files)
+        elif (src / SINGLE_NAME).is_file():
+            index, shards = None, [SINGLE_NAME]
+            files = {SINGLE_NAME: SafetensorsFile.open(src / SINGLE_NAME)}
+        else:
+            found = sorted(p.name for p in src.glob("*.safetensors"))
+            hint = (
+                f" (found {', '.join(found[:3])}{'...' if len(found) > 3 else ''} "
+                f"but no {INDEX_NAME})"
+                if found
+                else ""
+            )
+            raise InputError(
+                f"{src}: no {SINGLE_NAME} or {INDEX_NAME}{hint}; point SRC at a Hugging Face "
+                "checkpoint folder saved with safetensors"
+            )
+        names: dict[str, str] = {}
+        for s, f in files.items():
+            for t in f.tensors:
+                if t in names:
+                    raise InputError(f"{src}: tensor {t!r} is stored in both {names[t]} and {s}")
+                names[t] = s
+        return cls(src, shards, files, index, _extra_files(src, set(shards)))
+
+    def tensors(self) -> Iterator[TensorInfo]:
+        """Every tensor, shard by shard, in file order."""
+        for s in self.shards:
+            yield from self.files[s].tensors.values()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors())
+
+    def read_json(self, name: str) -> dict | None:
+        p = self.root / name
+        if not p.is_file():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(f"{p}: unreadable JSON ({exc})") from None
+
+
+# Weight files of other formats are never copied to the residual model: they would hold the
+# original, not the residual, weights and a loader could pick them up.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+_WEIGHT_INDEXES = ("pytorch_model.bin.index.json", "tf_model.h5.index.json", INDEX_NAME)
+
+
+def _extra_files(root: Path, shards: set[str]) -> list[str]:
+    out = []
+    for p in sorted(root.iterdir()):
+        if not p.is_file() or p.name in shards or p.name in _WEIGHT_INDEXES:
+            continue
+        if p.name.endswith(_WEIGHT_SUFFIXES) or p.name.startswith("."):
+            continue
+        out.append(p.name)
+    return out
+
+
+def _read_index(path: Path) -> dict:
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: unreadable index ({exc})") from None
+    wm = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(wm, dict) or not wm:
+        raise InputError(f"{path}: index has no weight_map; re-save the checkpoint")
+    for k, v in wm.items():
+        if not isinstance(v, str) or not v:
+            raise InputError(f"{path}: weight_map entry {k!r} is not a file name")
+    return index
+
+
+def _inside(root: Path, rel: str, index_path: Path) -> Path:
+    """Resolve a shard name from the index, refusing anything outside the checkpoint folder."""
+    if os.path.isabs(rel) or ".." in Path(rel).parts or "\\" in rel:
+        raise InputError(
+            f"{index_path}: shard name {rel!r} points outside the checkpoint folder; "
+            "shard names must be plain file names"
+        )
+    p = root / rel
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([real_root, os.path.realpath(p)]) != real_root:
+        raise InputError(
+            f"{index_path}: shard {rel!r} resolves outside the checkpoint folder (symlink?)"
+        )
+    if not p.is_file():
+        raise InputError(f"{index_path}: names shard {rel!r}, which does not exist in {root}")
+    return p
+
+
+def _check_index_against_shards(
+    index_path: Path, index: dict, files: dict[str, SafetensorsFile]
+) -> None:
+    for name, shard in index["weight_map"].items():
+        if name not in files[shard].tensors:
+            raise InputError(
+                f"{index_path}: says tensor {name!r} is in {shard}, but it is not; "
+                "the index and shards are inconsistent"
+            )
+
+
+def build_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]):
+    """Header bytes (length prefix included) for tensors written back to back in ``entries`` order.
+
+    Returns ``(header_bytes, offsets)`` where offsets are data-relative ``(begin, end)``.
+    """
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    pos, offsets = 0, []
+    for name, dtype, shape in entries:
+        n = dtype_nbytes(dtype, shape)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + n]}
+        offsets.append((pos, pos + n))
+        pos += n
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, offsets
+
+
+class StreamingWriter:
+    """Write a safetensors file whose header is known up front, tensor by tensor, in order.
+
+    Use as a context manager; closing checks that every declared tensor was written.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        entries: list[tuple[str, str, tuple[int, ...]]],
+        metadata: dict[str, str] | None = None,
+    ):
+        self.path = Path(path)
+        self.entries = entries
+        self._next = 0
+        header, offsets = build_header(entries, metadata or {})
+        self.size = len(header) + (offsets[-1][1] if offsets else 0)
+        self._f = open(self.path, "wb", buffering=0)  # noqa: SIM115 (closed in close())
+        self._guard(lambda: _write_all(self._f, memoryview(header)))
+
+    def _guard(self, fn):
+        try:
+            return fn()
+        except OSError as exc:
+            err = disk_error(exc, self.path)
+            if err is not None:
+                raise err from None
+            raise
+
+    def _expect(self, name: str) -> tuple[str, str, tuple[int, ...]]:
+        if self._next >= len(self.entries) or self.entries[self._next][0] != name:
+            want = self.entries[self._next][0] if self._next < len(self.entries) else "nothing"
+            raise RuntimeError(f"{self.path}: wrote {name!r} out of order, expected {want!r}")
+        self._next += 1
+        return self.entries[self._next - 1]
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        _, dtype, shape = self._expect(name)
+        if torch_to_dtype(tensor.dtype) != dtype or tuple(tensor.shape) != tuple(shape):
+            raise RuntimeError(
+                f"{name}: got {tensor.dtype}{tuple(tensor.shape)}, header says {dtype}{shape}"
+            )
+        t = tensor.detach().to("cpu").contiguous()
+        if t.numel():
+            # uint8 view: numpy has no bfloat16, but bytes are bytes.
+            mv = memoryview(t.view(torch.uint8).reshape(-1).numpy())
+            self._guard(lambda: _write_all(self._f, mv))
+
+    def copy(self, infos: list[TensorInfo]) -> None:
+        """Copy the bytes of consecutive source tensors unchanged (no trip through memory)."""
+        for info in infos:
+            self._expect(info.name)
+        if not infos:
+            return
+        src, begin, end = infos[0].path, infos[0].begin, infos[-1].end
+        if any(a.end != b.begin for a, b in zip(infos, infos[1:])):
+            raise RuntimeError("copy() needs tensors that are contiguous in the source file")
+        self._guard(lambda: _copy_range(src, begin, end - begin, self._f))
+
+    def close(self) -> None:
+        if self._f.closed:
+            return
+        try:
+            self._guard(lambda: os.fsync(self._f.fileno()))
+        finally:
+            self._f.close()
+        if self._next != len(self.entries):
+            raise RuntimeError(f"{self.path}: closed after {self._next}/{len(self.entries)} tensors")
+        if self.path.stat().st_size != self.size:
+            raise RuntimeError(f"{self.path}: size {self.path.stat().st_size} != {self.size}")
+
+    def abort(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> StreamingWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _write_all(f, mv: memoryview) -> None:
+    """Unbuffered writes may be short (Linux caps one write near 2 GiB)."""
+    while len(mv):
+        n = f.write(mv)
+        mv = mv[n:]
+
+
+def _copy_range(src: Path, offset: int, count: int, dst) -> None:
+    with open(src, "rb") as fin:
+        out_fd = dst.fileno()
+        done = 0
+        try:
+            while done < count:
+                n = os.copy_file_range(fin.fileno(), out_fd, count - done, offset + done)
+                if n == 0:
+                    raise InputError(f"{src}: truncated while copying; re-download the file")
+                done += n
+            return
+        except (AttributeError, OSError) as exc:
+            if isinstance(exc, OSError) and disk_error(exc, dst.name) is not None:
+                raise
+            if done:
+                raise
+        # Fallback (filesystems without copy_file_range): bounded chunks through user space.
+        fin.seek(offset)
+        while done < count:
+            chunk = fin.read(min(64 << 20, count - done))
+            if not chunk:
+                raise InputError(f"{src}: truncated while copying; re-download the file")
+            _write_all(dst, memoryview(chunk))
+            done += len(chunk)

@@ -1,0 +1,116 @@
+"""Command line: parse, validate, call one function. No math here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .errors import InputError
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors in one line (exit 2), like every other bad input."""
+
+    def error(self, message: str):  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="pissa-svd", description="Fast streaming SVD initialization for PiSSA.")
+    p.add_argument("--version", action="version", version=f"pissa-svd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    d = sub.add_parser(
+        "decompose",
+        help="split a safetensors checkpoint into a residual model and a PiSSA adapter",
+        description=(
+            "Stream a Hugging Face safetensors checkpoint one tensor at a time and write "
+            "OUT/ (the residual model, W_res = W - B@A) plus OUT/pissa_init/ (a PEFT LoRA "
+            "adapter holding the top-r singular triplets)."
+        ),
+    )
+    d.add_argument("src", help="checkpoint folder (model.safetensors or an index + shards) or a .safetensors file")
+    d.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    d.add_argument("--rank", type=int, required=True, help="adapter rank r")
+    d.add_argument("--niter", type=int, default=4, help="power iterations, as PEFT's pissa_niter_N (default 4)")
+    d.add_argument("--oversample", type=int, default=None, help="extra sketch columns (default 8)")
+    d.add_argument(
+        "--method",
+        choices=("auto", "halko", "krylov", "exact"),
+        default="auto",
+        help="SVD method (default auto: exact for small matrices, else halko)",
+    )
+    d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    d.add_argument(
+        "--targets",
+        nargs="+",
+        metavar="PATTERN",
+        help="regexes searched in module names (tensor name without .weight); default: every "
+        "attention and MLP projection of known architectures",
+    )
+    d.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: rank, so scaling 1)")
+    d.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    d.add_argument("--adapter-dtype", default=None, help="bf16, fp16, fp32 or fp64 (default: input dtype)")
+    d.add_argument("--residual-dtype", default=None, help="bf16, fp16, fp32 or fp64 (default: input dtype)")
+    d.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    d.add_argument("--dry-run", action="store_true", help="print the plan (targets, FLOPs, memory) and write nothing")
+    d.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    return p
+
+
+def _decompose(args: argparse.Namespace) -> int:
+    from .pipeline import Options, execute, make_plan
+
+    options = Options(
+        rank=args.rank,
+        niter=args.niter,
+        oversample=args.oversample,
+        method=args.method,
+        seed=args.seed,
+        targets=args.targets,
+        alpha=args.alpha,
+        device=args.device,
+        adapter_dtype=args.adapter_dtype,
+        residual_dtype=args.residual_dtype,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+    )
+    plan = make_plan(args.src, args.out, options)
+    if args.dry_run:
+        print(plan.describe())
+        return 0
+    report = execute(plan)
+    if not args.quiet:
+        t = report["totals"]
+        print(
+            f"pissa-svd: {t['matrices']} matrices decomposed in {t['seconds']:.1f} s "
+            f"(SVD {t['svd_seconds']:.1f} s), mean captured energy "
+            f"{100 * t['mean_energy_fraction']:.1f}%, peak RSS {t['peak_rss_bytes'] / 1e9:.2f} GB\n"
+            f"  residual model: {plan.out}\n"
+            f"  adapter:        {plan.out / 'pissa_init'}  (r={plan.options.rank}, "
+            f"lora_alpha={report['lora_alpha']:g})\n"
+            f"  report:         {plan.out / 'pissa_report.json'}"
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "decompose":
+            return _decompose(args)
+    except InputError as exc:
+        print(f"pissa-svd: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("pissa-svd: interrupted; no output was written", file=sys.stderr)
+        return 130
+    return 0  # pragma: no cover (argparse requires a command)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,560 @@
+"""The decompose job: plan -> stream -> write -> rename into place.
+
+Memory is bounded by one tensor, not one model: shards are walked in file order, each target is
+read alone, decomposed, and its residual, A and B written before the next one is read; every
+other tensor is copied file-to-file without passing through memory. All output goes to a hidden
+temporary sibling of OUT, which is renamed to OUT only once complete, so an interrupted run
+never leaves an OUT that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint import (
+    FLOAT_DTYPES,
+    INDEX_NAME,
+    Checkpoint,
+    StreamingWriter,
+    TensorInfo,
+    dtype_nbytes,
+    dtype_to_torch,
+    read_tensor,
+)
+from .errors import InputError, disk_error
+from .linalg import DEFAULT_OVERSAMPLE, METHODS, derive_seed, resolve_method, svd_lowrank
+from .pissa import pissa_factors
+from .targets import select, task_type
+
+ADAPTER_DIR = "pissa_init"
+ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+REPORT_FILE = "pissa_report.json"
+PEFT_PREFIX = "base_model.model."
+
+DTYPE_ALIASES = {
+    "bf16": "BF16",
+    "bfloat16": "BF16",
+    "fp16": "F16",
+    "float16": "F16",
+    "half": "F16",
+    "fp32": "F32",
+    "float32": "F32",
+    "float": "F32",
+    "fp64": "F64",
+    "float64": "F64",
+}
+
+
+@dataclass
+class Options:
+    """What the user asked for. ``None`` means "the default for this checkpoint"."""
+
+    rank: int = 64
+    niter: int = 4
+    oversample: int | None = None
+    method: str = "auto"
+    seed: int = 0
+    targets: list[str] | None = None
+    alpha: float | None = None
+    device: str = "auto"
+    adapter_dtype: str | None = None
+    residual_dtype: str | None = None
+    overwrite: bool = False
+    quiet: bool = False
+
+
+@dataclass
+class Target:
+    info: TensorInfo
+    module: str
+    transposed: bool
+    out_features: int
+    in_features: int
+    rank: int
+    method: str
+    adapter_dtype: str
+    residual_dtype: str
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    def flops(self, niter: int, oversample: int) -> float:
+        m, n, r = self.out_features, self.in_features, self.rank
+        small, big = min(m, n), max(m, n)
+        residual = 2.0 * m * n * r
+        if self.method == "exact":
+            return 4.0 * m * n * small + 8.0 * small**3 + residual
+        block = min(r + oversample, small)
+        passes = 2 * niter + 1  # thin passes before the last one
+        orth = (2 * niter + 1) * 6.0 * big * block**2  # CholeskyQR2, two rounds, both sides
+        if self.method == "krylov":
+            last = 2.0 * m * n * block * (niter + 1)
+        else:
+            last = 2.0 * m * n * block
+        return passes * 2.0 * m * n * block + orth + last + residual
+
+    def working_bytes(self, oversample: int) -> int:
+        """Peak bytes held while this target is processed (input, fp32 copies, output)."""
+        m, n = self.out_features, self.in_features
+        work = 8 if self.info.dtype == "F64" else 4
+        block = min(self.rank + oversample, min(m, n))
+        return (
+            self.info.nbytes
+            + 2 * m * n * work
+            + dtype_nbytes(self.residual_dtype, (m, n))
+            + 6 * (m + n) * block * work
+        )
+
+
+@dataclass
+class Plan:
+    ckpt: Checkpoint
+    out: Path
+    options: Options
+    targets: list[Target]
+    scaling: float
+    alpha: float
+    oversample: int
+    device: str
+    fan_in_fan_out: bool
+    task_type: str | None
+    config: dict | None = field(default=None, repr=False)
+
+    @property
+    def flops(self) -> float:
+        return sum(t.flops(self.options.niter, self.oversample) for t in self.targets)
+
+    @property
+    def working_bytes(self) -> int:
+        return max(t.working_bytes(self.oversample) for t in self.targets)
+
+    def describe(self) -> str:
+        """The human-readable plan that ``--dry-run`` prints."""
+        o, ck = self.options, self.ckpt
+        n_tensors = sum(len(f.tensors) for f in ck.files.values())
+        rss = _rss_bytes()
+        lines = [
+            "pissa-svd decompose plan (dry run: nothing is written)",
+            f"  source       {ck.root if ck.index is not None else ck.files[ck.shards[0]].path}"
+            f"  ({len(ck.shards)} shard(s), {n_tensors} tensors, {_human(ck.total_bytes)})",
+            f"  output       {self.out}  (residual model) + {self.out / ADAPTER_DIR}  (adapter)",
+            f"  adapter      r={o.rank}, lora_alpha={_num(self.alpha)} (scaling {_num(self.scaling)}),"
+            f" task_type={self.task_type}, fan_in_fan_out={self.fan_in_fan_out}",
+            f"  svd          niter={o.niter}, oversample={self.oversample}, seed={o.seed},"
+            f" device={self.device}",
+            f"  targets      {len(self.targets)} matrices:",
+            f"    {'module':<18} {'count':>5}  {'shape (out x in)':<18} {'rank':>5}  {'method':<7}"
+            f" {'dtype':<5} {'GFLOP':>9}",
+        ]
+        groups: dict[tuple, list[Target]] = {}
+        for t in self.targets:
+            key = (t.module.rsplit(".", 1)[-1], t.out_features, t.in_features, t.rank, t.method)
+            groups.setdefault(key + (t.info.dtype,), []).append(t)
+        for (leaf, m, n, r, meth, dt), ts in groups.items():
+            gf = sum(t.flops(o.niter, self.oversample) for t in ts) / 1e9
+            lines.append(
+                f"    {leaf:<18} {len(ts):>5}  {f'{m} x {n}':<18} {r:>5}  {meth:<7} {dt:<5}"
+                f" {gf:>9.1f}"
+            )
+        adapter = sum(
+            dtype_nbytes(t.adapter_dtype, (t.rank, t.in_features + t.out_features))
+            for t in self.targets
+        )
+        lines += [
+            f"  compute      {self.flops / 1e9:.1f} GFLOP in all",
+            f"  memory       peak ~{_human(rss + self.working_bytes)}: runtime {_human(rss)}"
+            f" + largest target's working set {_human(self.working_bytes)}"
+            f" (the whole checkpoint is {_human(ck.total_bytes)})",
+            f"  disk         residual {_human(ck.total_bytes)}, adapter {_human(adapter)}",
+        ]
+        return "\n".join(lines)
+
+
+def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) -> Plan:
+    """Validate everything that can be validated before writing a byte."""
+    o = options
+    if not isinstance(o.rank, int) or o.rank <= 0:
+        raise InputError(f"--rank must be a positive integer, got {o.rank}")
+    if o.niter < 0:
+        raise InputError(f"--niter must be >= 0, got {o.niter}")
+    if o.oversample is not None and o.oversample < 0:
+        raise InputError(f"--oversample must be >= 0, got {o.oversample}")
+    if o.method not in METHODS:
+        raise InputError(f"--method must be one of {', '.join(METHODS)}, got {o.method!r}")
+    if o.alpha is not None and not (o.alpha > 0 and math.isfinite(o.alpha)):
+        raise InputError(f"--alpha must be a positive number, got {o.alpha}")
+    adapter_dtype = _dtype_option("--adapter-dtype", o.adapter_dtype)
+    residual_dtype = _dtype_option("--residual-dtype", o.residual_dtype)
+    device = _device(o.device)
+    patterns = _compile_patterns(o.targets)
+
+    src_path, out_path = Path(src), Path(out)
+    ckpt = Checkpoint.open(src_path)
+    _check_out(ckpt, src_path, out_path, o.overwrite)
+
+    targets = []
+    oversample = DEFAULT_OVERSAMPLE if o.oversample is None else o.oversample
+    for info in ckpt.tensors():
+        hit = select(info.name, info.shape, patterns)
+        if hit is None:
+            continue
+        if info.dtype not in FLOAT_DTYPES:
+            raise InputError(
+                f"tensor {info.name!r} in {info.path.name} has dtype {info.dtype}; only "
+                f"{'/'.join(FLOAT_DTYPES)} can be decomposed (dequantize the checkpoint first, "
+                "or exclude it with --targets)"
+            )
+        rows, cols = info.shape
+        out_f, in_f = (cols, rows) if hit.transposed else (rows, cols)
+        if o.rank > min(out_f, in_f):
+            raise InputError(
+                f"--rank {o.rank} is larger than tensor {info.name!r} allows "
+                f"({out_f} x {in_f}, at most {min(out_f, in_f)}); lower --rank or exclude it "
+                "with --targets"
+            )
+        targets.append(
+            Target(
+                info=info,
+                module=hit.module,
+                transposed=hit.transposed,
+                out_features=out_f,
+                in_features=in_f,
+                rank=o.rank,
+                method=resolve_method(o.method, out_f, in_f, o.rank, oversample),
+                adapter_dtype=adapter_dtype or info.dtype,
+                residual_dtype=residual_dtype or info.dtype,
+            )
+        )
+    if not targets:
+        what = f"--targets {' '.join(o.targets)}" if o.targets else "the default target patterns"
+        sample = [n for i in ckpt.tensors() if (n := i.name).endswith(".weight")][:3]
+        raise InputError(
+            f"{what} matched no 2-D weight in {src_path} (tensors look like: "
+            f"{', '.join(sample) or 'none'}); pass --targets REGEX matching their module names"
+        )
+    layouts = {t.transposed for t in targets}
+    if len(layouts) > 1:
+        raise InputError(
+            "the targets mix Conv1D (transposed) and Linear weights, which one PEFT adapter "
+            "cannot describe (fan_in_fan_out is global); narrow --targets to one kind"
+        )
+    alpha = float(o.alpha) if o.alpha is not None else float(o.rank)
+    config = ckpt.read_json("config.json") if src_path.is_dir() else None
+    return Plan(
+        ckpt=ckpt,
+        out=out_path,
+        options=o,
+        targets=targets,
+        scaling=alpha / o.rank,
+        alpha=alpha,
+        oversample=oversample,
+        device=device,
+        fan_in_fan_out=layouts.pop(),
+        task_type=task_type(config),
+        config=config,
+    )
+
+
+def decompose(src: str | os.PathLike, out: str | os.PathLike, **kwargs) -> dict:
+    """Library entry point: ``decompose("ckpt/", "out/", rank=64, niter=4)``; returns the report."""
+    return execute(make_plan(src, out, Options(**kwargs)))
+
+
+def execute(plan: Plan) -> dict:
+    out = plan.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        report = _write_all(plan, tmp)
+        _move_into_place(tmp, out, plan.options.overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _write_all(plan: Plan, tmp: Path) -> dict:
+    o, ck = plan.options, plan.ckpt
+    t_start = time.perf_counter()
+    by_name = {t.name: t for t in plan.targets}
+    (tmp / ADAPTER_DIR).mkdir()
+    adapter_entries = []
+    for t in plan.targets:
+        adapter_entries += [
+            (_peft_key(t.module, "A"), t.adapter_dtype, (t.rank, t.in_features)),
+            (_peft_key(t.module, "B"), t.adapter_dtype, (t.out_features, t.rank)),
+        ]
+    progress = _progress(ck.total_bytes, len(plan.targets), o.quiet)
+    rows: list[dict] = []
+    svd_seconds = 0.0
+    with StreamingWriter(tmp / ADAPTER_DIR / ADAPTER_FILE, adapter_entries, {"format": "pt"}) as aw:
+        for shard in ck.shards:
+            sf = ck.files[shard]
+            dest = tmp / shard
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            entries = [
+                (i.name, by_name[i.name].residual_dtype if i.name in by_name else i.dtype, i.shape)
+                for i in sf.tensors.values()
+            ]
+            meta = {**sf.metadata, "format": sf.metadata.get("format", "pt")}
+            with StreamingWriter(dest, entries, meta) as w:
+                run: list[TensorInfo] = []  # consecutive untouched tensors, copied in one go
+                for info in sf.tensors.values():
+                    target = by_name.get(info.name)
+                    if target is None:
+                        run.append(info)
+                        continue
+                    w.copy(run)
+                    progress.update(sum(i.nbytes for i in run))
+                    run = []
+                    row = _decompose_one(plan, target, w, aw)
+                    svd_seconds += row["svd_seconds"]
+                    rows.append(row)
+                    progress.set_postfix_str(f"tensors {len(rows)}/{len(plan.targets)}")
+                    progress.update(info.nbytes)
+                w.copy(run)
+                progress.update(sum(i.nbytes for i in run))
+    progress.close()
+
+    _write_index(plan, tmp)
+    _write_json(tmp / ADAPTER_DIR / ADAPTER_CONFIG, _adapter_config(plan))
+    for name in ck.extra_files:
+        _guarded(lambda n=name: shutil.copy2(ck.root / n, tmp / n), tmp / name)
+    report = {
+        "pissa_svd_version": __version__,
+        "source": str(ck.root if ck.index is not None else ck.files[ck.shards[0]].path),
+        "rank": o.rank,
+        "lora_alpha": plan.alpha,
+        "scaling": plan.scaling,
+        "niter": o.niter,
+        "oversample": plan.oversample,
+        "method": o.method,
+        "seed": o.seed,
+        "device": plan.device,
+        "fan_in_fan_out": plan.fan_in_fan_out,
+        "totals": {
+            "matrices": len(rows),
+            "seconds": round(time.perf_counter() - t_start, 3),
+            "svd_seconds": round(svd_seconds, 3),
+            "bytes_in": ck.total_bytes,
+            "peak_rss_bytes": _rss_bytes(),
+            "mean_energy_fraction": sum(r["energy_fraction"] for r in rows) / len(rows),
+        },
+        "matrices": rows,
+    }
+    _write_json(tmp / REPORT_FILE, report)
+    return report
+
+
+def _decompose_one(plan: Plan, t: Target, w: StreamingWriter, aw: StreamingWriter) -> dict:
+    o = plan.options
+    t0 = time.perf_counter()
+    W = read_tensor(t.info).to(plan.device)
+    Wo = W.mT if t.transposed else W  # (out, in)
+    seed = derive_seed(t.name, o.seed)
+    U, S, Vh = svd_lowrank(
+        Wo, t.rank, niter=o.niter, oversample=plan.oversample, method=t.method, seed=seed
+    )
+    t_svd = time.perf_counter() - t0
+    A, B, W_res = pissa_factors(
+        W,
+        t.rank,
+        scaling=plan.scaling,
+        fan_in_fan_out=t.transposed,
+        adapter_dtype=dtype_to_torch(t.adapter_dtype),
+        residual_dtype=dtype_to_torch(t.residual_dtype),
+        svd=(U, S, Vh),
+    )
+    work = S.dtype
+    w_norm = float(torch.linalg.vector_norm(W, dtype=work))
+    res_norm = float(torch.linalg.vector_norm(W_res, dtype=work))
+    s2 = float((S.double() ** 2).sum())
+    aw.write(_peft_key(t.module, "A"), A)
+    aw.write(_peft_key(t.module, "B"), B)
+    w.write(t.name, W_res)
+    return {
+        "name": t.name,
+        "module": t.module,
+        "shape": list(t.info.shape),
+        "out_features": t.out_features,
+        "in_features": t.in_features,
+        "dtype": t.info.dtype,
+        "rank": t.rank,
+        "method": t.method,
+        "niter": o.niter,
+        "oversample": plan.oversample,
+        "seed": seed,
+        "singular_values": [round(float(x), 6) for x in S.tolist()],
+        "energy_fraction": s2 / (w_norm**2) if w_norm > 0 else 0.0,
+        "weight_norm": w_norm,
+        "residual_norm": res_norm,
+        "svd_seconds": round(t_svd, 4),
+        "seconds": round(time.perf_counter() - t0, 4),
+    }
+
+
+def _peft_key(module: str, which: str) -> str:
+    return f"{PEFT_PREFIX}{module}.lora_{which}.weight"
+
+
+def _adapter_config(plan: Plan) -> dict:
+    return {
+        "peft_type": "LORA",
+        "task_type": plan.task_type,
+        # The adapter belongs on the residual model, never on the original weights.
+        "base_model_name_or_path": str(plan.out.resolve()),
+        "r": plan.options.rank,
+        "lora_alpha": _num(plan.alpha),
+        "target_modules": sorted(t.module for t in plan.targets),
+        # True, not "pissa": PEFT would otherwise run the SVD again, on the residual.
+        "init_lora_weights": True,
+        "lora_dropout": 0.0,
+        "fan_in_fan_out": plan.fan_in_fan_out,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+
+
+def _write_index(plan: Plan, tmp: Path) -> None:
+    ck = plan.ckpt
+    if ck.index is None:
+        return
+    by_name = {t.name: t for t in plan.targets}
+    total = sum(
+        dtype_nbytes(by_name[i.name].residual_dtype, i.shape) if i.name in by_name else i.nbytes
+        for i in ck.tensors()
+    )
+    index = dict(ck.index)
+    index["metadata"] = {**(index.get("metadata") or {}), "total_size": total}
+    _write_json(tmp / INDEX_NAME, index)
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    if not overwrite:  # appeared while we were working
+        raise InputError(f"{out} appeared during the run; pass --overwrite to replace it")
+    # Swap: the old OUT is only removed once the new one is in place.
+    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    old = trash / out.name
+    os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _check_out(ckpt: Checkpoint, src: Path, out: Path, overwrite: bool) -> None:
+    root = ckpt.root.resolve() if ckpt.index is not None or src.is_dir() else None
+    o = out.resolve()
+    if root is not None and (o == root or o.is_relative_to(root)):
+        raise InputError(f"--out {out} is inside the source checkpoint {src}; choose a folder outside it")
+    s = src.resolve()
+    if s == o or s.is_relative_to(o):
+        raise InputError(f"--out {out} contains the source {src}; choose another folder")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise InputError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+        if not out.is_dir() or out.is_symlink():
+            raise InputError(f"{out} exists and is not a folder; remove it or choose another --out")
+
+
+def _dtype_option(flag: str, value: str | None) -> str | None:
+    if value is None:
+        return None
+    key = value.lower()
+    if key not in DTYPE_ALIASES:
+        raise InputError(f"{flag} must be one of bf16, fp16, fp32, fp64, got {value!r}")
+    return DTYPE_ALIASES[key]
+
+
+def _device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device} was asked for but no CUDA device is available; use --device cpu")
+        return device
+    raise InputError(f"--device must be auto, cpu or cuda, got {device!r}")
+
+
+def _compile_patterns(patterns: list[str] | None) -> list[str] | None:
+    if patterns is None:
+        return None
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as exc:
+            raise InputError(f"--targets pattern {p!r} is not a valid regex ({exc})") from None
+    return list(patterns)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    _guarded(lambda: path.write_text(json.dumps(obj, indent=2) + "\n"), path)
+
+
+def _guarded(fn, path: Path):
+    try:
+        return fn()
+    except OSError as exc:
+        err = disk_error(exc, path)
+        if err is not None:
+            raise err from None
+        raise
+
+
+def _progress(total: int, n_targets: int, quiet: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="decompose",
+        file=sys.stderr,
+        disable=quiet,
+        postfix=f"tensors 0/{n_targets}",
+        dynamic_ncols=True,
+    )
+
+
+def _rss_bytes() -> int:
+    """Peak resident set size of this process so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def _num(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else x
+
+
+__all__ = ["Options", "Plan", "Target", "decompose", "execute", "make_plan"]

@@ -1,0 +1,90 @@
+"""Which tensors of a checkpoint are adapter targets, and what PEFT needs to know about the model.
+
+One table of module-name patterns serves every model family; there is no per-family code.
+A module name is a tensor name without its ``.weight`` suffix, e.g.
+``model.layers.0.self_attn.q_proj``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    pattern: str  # matched with re.search against the module name
+    transposed: bool = False  # weight stored (in, out), as GPT-2's Conv1D does
+
+
+# Attention and MLP linear layers of the common architectures.
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        "llama/mistral/qwen2/gemma/phi3/opt",
+        r"(^|\.)(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
+        r"|qkv_proj|gate_up_proj|out_proj|fc1|fc2)$",
+    ),
+    Family("mixtral-experts", r"\.experts\.\d+\.(w1|w2|w3)$"),
+    Family("falcon/gpt-neox", r"(^|\.)(query_key_value|dense_h_to_4h|dense_4h_to_h)$"),
+    Family("bert/roberta", r"(^|\.)(query|key|value|dense)$"),
+    Family("gpt2", r"(^|\.)(c_attn|c_proj|c_fc)$", transposed=True),
+)
+
+# Never targets by default: LoRA on these needs different adapter keys, or they are not
+# attention/MLP weights at all.
+_EXCLUDE = re.compile(
+    r"(^|\.)(embed_tokens|embeddings?|wte|wpe|word_embeddings|position_embeddings"
+    r"|token_type_embeddings|lm_head|embed_out|shared)(\.|$)"
+)
+
+_TASK_SUFFIXES = (
+    ("ForCausalLM", "CAUSAL_LM"),
+    ("LMHeadModel", "CAUSAL_LM"),
+    ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+    ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+    ("ForSequenceClassification", "SEQ_CLS"),
+    ("ForTokenClassification", "TOKEN_CLS"),
+    ("ForQuestionAnswering", "QUESTION_ANS"),
+    ("Model", "FEATURE_EXTRACTION"),
+)
+
+
+@dataclass(frozen=True)
+class Match:
+    module: str
+    transposed: bool
+
+
+def module_name(tensor_name: str) -> str | None:
+    return tensor_name[: -len(".weight")] if tensor_name.endswith(".weight") else None
+
+
+def select(
+    tensor_name: str, shape: tuple[int, ...], patterns: list[str] | None = None
+) -> Match | None:
+    """The target decision for one tensor, or None when it is not a target.
+
+    With ``patterns`` (user regexes, ``re.search`` on the module name) any 2-D ``.weight``
+    except embeddings may be chosen; its layout is still taken from the family table, so
+    GPT-2's ``c_attn`` stays transposed. Without, the family table decides.
+    """
+    module = module_name(tensor_name)
+    if module is None or len(shape) != 2 or _EXCLUDE.search(module):
+        return None
+    family = next((f for f in FAMILIES if re.search(f.pattern, module)), None)
+    if patterns is None:
+        return Match(module, family.transposed) if family else None
+    if any(re.search(p, module) for p in patterns):
+        return Match(module, family.transposed if family else False)
+    return None
+
+
+def task_type(config: dict | None) -> str | None:
+    """PEFT task_type from config.json's ``architectures`` (None when unknown)."""
+    archs = (config or {}).get("architectures") or []
+    for arch in archs:
+        for suffix, task in _TASK_SUFFIXES:
+            if arch.endswith(suffix):
+                return task
+    return None
