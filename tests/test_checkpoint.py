@@ -1,0 +1,148 @@
+"""Safetensors reading/writing: round trips with the reference library, and validation."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from pissa_svd.checkpoint import Checkpoint, SafetensorsFile, StreamingWriter, read_tensor
+from pissa_svd.errors import InputError
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "a.weight": torch.randn(5, 7, generator=g),
+        "b.weight": torch.randn(3, 4, generator=g).to(torch.bfloat16),
+        "c.ids": torch.arange(6, dtype=torch.int64),
+        "d.empty": torch.zeros(0, 3),
+        "e.half": torch.randn(2, 2, generator=g).half(),
+    }
+
+
+def test_reads_every_dtype_like_safetensors(tmp_path):
+    path = tmp_path / "m.safetensors"
+    ref = _tensors()
+    save_file(ref, path, metadata={"format": "pt"})
+    f = SafetensorsFile.open(path)
+    assert f.metadata == {"format": "pt"}
+    assert set(f.tensors) == set(ref)
+    for name, t in ref.items():
+        got = f.read(name)
+        assert got.dtype == t.dtype and got.shape == t.shape
+        assert torch.equal(got, t)
+
+
+def test_streaming_writer_output_loads_in_safetensors(tmp_path):
+    src = tmp_path / "src.safetensors"
+    ref = _tensors()
+    save_file(ref, src)
+    f = SafetensorsFile.open(src)
+    infos = list(f.tensors.values())
+    entries = [(i.name, i.dtype, i.shape) for i in infos]
+    out = tmp_path / "out.safetensors"
+    with StreamingWriter(out, entries, {"format": "pt", "k": "v"}) as w:
+        w.copy(infos[:2])  # a contiguous run copied byte for byte
+        w.write(infos[2].name, read_tensor(infos[2]))
+        w.copy(infos[3:])
+    with safe_open(out, "pt") as g:
+        assert g.metadata() == {"format": "pt", "k": "v"}
+        for name, t in ref.items():
+            assert torch.equal(g.get_tensor(name), t)
+    assert struct.unpack("<Q", out.read_bytes()[:8])[0] % 8 == 0  # header padded to 8 bytes
+
+
+def test_writer_rejects_out_of_order_and_wrong_shape(tmp_path):
+    entries = [("x", "F32", (2, 2)), ("y", "F32", (3,))]
+    w = StreamingWriter(tmp_path / "o.safetensors", entries)
+    with pytest.raises(RuntimeError, match="out of order"):
+        w.write("y", torch.zeros(3))
+    w.write("x", torch.zeros(2, 2))
+    with pytest.raises(RuntimeError, match="header says"):
+        w.write("y", torch.zeros(4))
+    w.abort()
+
+
+def _write_raw(path, header: dict, data: bytes, pad=True, length=None):
+    raw = json.dumps(header).encode()
+    if pad:
+        raw += b" " * (-len(raw) % 8)
+    n = len(raw) if length is None else length
+    path.write_bytes(struct.pack("<Q", n) + raw + data)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "length", "match"),
+    [
+        ({}, b"", 1 << 40, "header claims"),
+        ({}, b"", 10_000, "truncated"),
+        ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4, None, "truncated"),
+        (
+            {
+                "x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "y": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            b"\0" * 12,
+            None,
+            "overlaps",
+        ),
+        ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, b"\0" * 16, None, "unaccounted"),
+        ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 12, None, "trailing"),
+        ({"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, None, "needs 12"),
+        ({"x": {"dtype": "Q9", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, None, "unknown dtype"),
+        ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, b"\0" * 8, None, "data_offsets"),
+        ({"x": [1, 2]}, b"", None, "corrupt header entry"),
+    ],
+)
+def test_corrupt_files_are_rejected_with_the_reason(tmp_path, header, data, length, match):
+    path = _write_raw(tmp_path / "bad.safetensors", header, data, length=length)
+    with pytest.raises(InputError, match=match) as exc:
+        SafetensorsFile.open(path)
+    assert str(path) in str(exc.value)
+
+
+def test_garbage_header_is_corrupt(tmp_path):
+    path = tmp_path / "g.safetensors"
+    path.write_bytes(struct.pack("<Q", 8) + b"{not json")
+    with pytest.raises(InputError, match="corrupt header"):
+        SafetensorsFile.open(path)
+    path.write_bytes(b"abc")
+    with pytest.raises(InputError, match="too short"):
+        SafetensorsFile.open(path)
+
+
+def test_checkpoint_index_is_validated(tmp_path):
+    save_file({"w": torch.zeros(2)}, tmp_path / "s1.safetensors")
+    index = tmp_path / "model.safetensors.index.json"
+
+    def with_map(weight_map):
+        index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+    with_map({"w": "s1.safetensors"})
+    assert [t.name for t in Checkpoint.open(tmp_path).tensors()] == ["w"]
+    with_map({"w": "s2.safetensors"})
+    with pytest.raises(InputError, match="does not exist"):
+        Checkpoint.open(tmp_path)
+    with_map({"w": "../s1.safetensors"})
+    with pytest.raises(InputError, match="outside the checkpoint"):
+        Checkpoint.open(tmp_path)
+    with_map({"w": str(tmp_path / "s1.safetensors")})
+    with pytest.raises(InputError, match="outside the checkpoint"):
+        Checkpoint.open(tmp_path)
+    with_map({"w": "s1.safetensors", "v": "s1.safetensors"})
+    with pytest.raises(InputError, match="inconsistent"):
+        Checkpoint.open(tmp_path)
+    (tmp_path / "link.safetensors").symlink_to(tmp_path.parent / "elsewhere.safetensors")
+    save_file({"w": torch.zeros(2)}, tmp_path.parent / "elsewhere.safetensors")
+    with_map({"w": "link.safetensors"})
+    with pytest.raises(InputError, match="resolves outside"):
+        Checkpoint.open(tmp_path)
+    index.write_text("{")
+    with pytest.raises(InputError, match="unreadable index"):
+        Checkpoint.open(tmp_path)

@@ -1,0 +1,259 @@
+"""End to end: decompose real and tiny checkpoints, then load the output with transformers + PEFT."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from pissa_svd import decompose
+from pissa_svd.pipeline import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_FILE, REPORT_FILE
+
+from .test_pissa import rounding_bound
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def shard_names(ckpt: Path) -> list[str]:
+    index = ckpt / "model.safetensors.index.json"
+    if index.exists():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return [p.name for p in ckpt.glob("*.safetensors")]
+
+
+def load_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    state = {}
+    for shard in shard_names(ckpt):
+        with safe_open(ckpt / shard, "pt") as f:
+            state.update({k: f.get_tensor(k) for k in f.keys()})
+    return state
+
+
+def check_output(src: Path, out: Path, rank: int, alpha: float | None = None) -> dict:
+    """Every structural promise of the output, plus W_res + s*B@A == W within rounding (fp64)."""
+    assert shard_names(out) == shard_names(src)
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja"):
+        if (src / name).exists():
+            assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    config = json.loads((out / ADAPTER_DIR / ADAPTER_CONFIG).read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == rank
+    assert config["init_lora_weights"] is True and config["lora_dropout"] == 0
+    scaling = config["lora_alpha"] / rank
+    assert scaling == (alpha / rank if alpha else 1.0)
+    original, residual = load_state(src), load_state(out)
+    adapter = load_state(out / ADAPTER_DIR)
+    with safe_open(out / ADAPTER_DIR / ADAPTER_FILE, "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    assert original.keys() == residual.keys()
+    modules = set(config["target_modules"])
+    assert adapter.keys() == {
+        f"base_model.model.{m}.lora_{w}.weight" for m in modules for w in "AB"
+    }
+    if (src / "model.safetensors.index.json").exists():
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        total = sum(t.numel() * t.element_size() for t in residual.values())
+        assert index["metadata"]["total_size"] == total
+    for name, W in original.items():
+        R = residual[name]
+        assert (R.shape, R.dtype) == (W.shape, W.dtype), name
+        module = name.removesuffix(".weight")
+        if module not in modules:
+            assert torch.equal(W.view(torch.uint8), R.view(torch.uint8)), f"{name} changed"
+            continue
+        A = adapter[f"base_model.model.{module}.lora_A.weight"].double()
+        B = adapter[f"base_model.model.{module}.lora_B.weight"].double()
+        W64, R64 = W.double(), R.double()
+        if config["fan_in_fan_out"]:
+            W64, R64 = W64.T, R64.T
+        assert A.shape == (rank, W64.shape[1]) and B.shape == (W64.shape[0], rank)
+        err = (R64 + scaling * B @ A - W64).abs()
+        bound = rounding_bound(R64, W64, A, B, scaling, R.dtype)
+        assert (err <= bound).all(), f"{name}: W_res + s*B@A is off by {float(err.max()):.3g}"
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["totals"]["matrices"] == len(modules)
+    row = report["matrices"][0]
+    assert len(row["singular_values"]) == rank
+    assert row["singular_values"] == sorted(row["singular_values"], reverse=True)
+    assert 0 < row["energy_fraction"] <= 1
+    return config
+
+
+def lm_logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def assert_reload_faithful(src, out, rank, auto_cls, dtype, targets, inputs, fan_in_fan_out=False):
+    """Loading OUT reproduces the original outputs at least as well as PEFT's own route.
+
+    Ours: the residual model + our adapter via PeftModel.from_pretrained(is_trainable=True).
+    PEFT: its own in-memory init, init_lora_weights="pissa_niter_4", on the original model.
+    Weights are loaded in their storage ``dtype`` and the forward runs in fp32, so what is
+    compared is how faithfully each route's stored weights reproduce W, not bf16 matmul noise.
+
+    Tolerance: PEFT's own error on the same model and inputs. The mean |output - original| must
+    not exceed PEFT's; the max, an extreme-value statistic of one rounding realization, must stay
+    within 2x PEFT's. For fp32 models both routes are exact up to fp32 rounding, so errors below
+    32 eps * max|output| are noise and pass.
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    def forward(model):
+        with torch.no_grad():
+            out = model.float()(**inputs)
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+    ref = forward(auto_cls.from_pretrained(src, dtype=dtype))
+    res = auto_cls.from_pretrained(out, dtype=dtype)
+    ours = PeftModel.from_pretrained(res, out, subfolder=ADAPTER_DIR, is_trainable=True)
+    assert sum(p.requires_grad for n, p in ours.named_parameters() if "lora_" in n) > 0
+    assert not any(p.requires_grad for n, p in ours.named_parameters() if "lora_" not in n)
+    got = forward(ours)
+    torch.manual_seed(0)  # PEFT's init is unseeded
+    cfg = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        init_lora_weights="pissa_niter_4",
+        target_modules=targets,
+        lora_dropout=0.0,
+        fan_in_fan_out=fan_in_fan_out,
+    )
+    peft = forward(get_peft_model(auto_cls.from_pretrained(src, dtype=dtype), cfg))
+    d_ours, d_peft = (got - ref).abs(), (peft - ref).abs()
+    floor = 0.0
+    if dtype == torch.float32:
+        floor = 32 * torch.finfo(torch.float32).eps * float(ref.abs().max())
+    ours = (float(d_ours.max()), float(d_ours.mean()))
+    theirs = (float(d_peft.max()), float(d_peft.mean()))
+    assert ours[1] <= max(theirs[1], floor), f"mean error {ours[1]:.3g} vs PEFT {theirs[1]:.3g}"
+    assert ours[0] <= max(2 * theirs[0], floor), f"max error {ours[0]:.3g} vs PEFT {theirs[0]:.3g}"
+    return ours, theirs
+
+
+def test_tiny_llama_fp32(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    assert len(shard_names(tiny_llama)) >= 3
+    out = tmp_path / "out"
+    report = decompose(tiny_llama, out, rank=8, niter=4, quiet=True)
+    config = check_output(tiny_llama, out, 8)
+    assert config["task_type"] == "CAUSAL_LM" and config["fan_in_fan_out"] is False
+    assert len(config["target_modules"]) == 3 * 7
+    assert report["totals"]["matrices"] == 21
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    assert_reload_faithful(
+        tiny_llama, out, 8, AutoModelForCausalLM, torch.float32, LLAMA_TARGETS, {"input_ids": ids}
+    )
+
+
+def test_tiny_llama_bf16_custom_alpha_and_dtypes(tiny_llama_bf16, tmp_path):
+    out = tmp_path / "out"
+    decompose(tiny_llama_bf16, out, rank=4, alpha=8, method="krylov", adapter_dtype="fp32", quiet=True)
+    check_output(tiny_llama_bf16, out, 4, alpha=8)
+    adapter = load_state(out / ADAPTER_DIR)
+    assert {t.dtype for t in adapter.values()} == {torch.float32}
+
+
+def test_tiny_gpt2_is_fan_in_fan_out(tiny_gpt2, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    decompose(tiny_gpt2, out, rank=8, quiet=True)
+    config = check_output(tiny_gpt2, out, 8)
+    assert config["fan_in_fan_out"] is True
+    assert {m.rsplit(".", 1)[1] for m in config["target_modules"]} == {"c_attn", "c_proj", "c_fc"}
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
+    assert_reload_faithful(
+        tiny_gpt2,
+        out,
+        8,
+        AutoModelForCausalLM,
+        torch.float32,
+        ["c_attn", "c_proj", "c_fc"],
+        {"input_ids": ids},
+        fan_in_fan_out=True,
+    )
+
+
+@pytest.mark.slow
+def test_real_minilm(minilm, tmp_path):
+    from transformers import AutoModel, AutoTokenizer
+
+    out = tmp_path / "out"
+    decompose(minilm, out, rank=16, quiet=True)
+    config = check_output(minilm, out, 16)
+    assert config["task_type"] == "FEATURE_EXTRACTION"
+    assert len(config["target_modules"]) == 6 * 6 + 1  # q, k, v, 3 dense per layer, pooler
+    tok = AutoTokenizer.from_pretrained(minilm)
+    inputs = dict(tok(["PiSSA keeps the principal components.", "Hello"], padding=True, return_tensors="pt"))
+    assert_reload_faithful(
+        minilm, out, 16, AutoModel, torch.float32, ["query", "key", "value", "dense"], inputs
+    )
+
+
+@pytest.mark.slow
+def test_real_smollm2_bf16(smollm2, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    assert len(shard_names(smollm2)) >= 3
+    out = tmp_path / "out"
+    report = decompose(smollm2, out, rank=64, niter=4, quiet=True)
+    config = check_output(smollm2, out, 64)
+    assert len(config["target_modules"]) == 30 * 7
+    assert "lm_head.weight" not in load_state(out)  # tied embeddings stay tied
+    assert report["totals"]["matrices"] == 210
+    ids = torch.randint(0, 49152, (4, 32), generator=torch.Generator().manual_seed(0))
+    assert_reload_faithful(
+        smollm2, out, 64, AutoModelForCausalLM, torch.bfloat16, LLAMA_TARGETS, {"input_ids": ids}
+    )
+
+
+def test_peft_converts_our_adapter_to_lora(tiny_llama, tmp_path):
+    """PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) accepts our adapter,
+    and the rank-2r LoRA it writes reproduces the trained PiSSA model on the ORIGINAL weights."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    decompose(tiny_llama, out, rank=4, quiet=True)
+    pissa = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(out), out, subfolder=ADAPTER_DIR, is_trainable=True
+    )
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # stand-in for training: move every adapter weight
+        for n, p in pissa.named_parameters():
+            if "lora_" in n:
+                p.add_(0.05 * p.abs().mean() * torch.randn(p.shape, generator=g))
+    ids = torch.randint(0, 256, (2, 12), generator=g)
+    trained = lm_logits(pissa, ids)
+    lora_dir = tmp_path / "lora"
+    pissa.save_pretrained(lora_dir, path_initial_model_for_weight_conversion=str(out / ADAPTER_DIR))
+    lora_cfg = json.loads((lora_dir / ADAPTER_CONFIG).read_text())
+    assert lora_cfg["r"] == 8  # PEFT doubles the rank: dW = [B' | -B] @ [A' ; A]
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    converted = lm_logits(PeftModel.from_pretrained(base, lora_dir), ids)
+    torch.testing.assert_close(converted, trained, atol=1e-4, rtol=1e-4)
+    # ... and the conversion really changed something (the test can fail).
+    assert float((trained - lm_logits(base, ids)).abs().max()) > 1e-3
+
+
+def test_single_file_and_target_patterns(minilm, tmp_path):
+    out = tmp_path / "out"
+    report = decompose(minilm / "model.safetensors", out, rank=4, targets=[r"attention\.self\.(query|value)$"], quiet=True)
+    assert report["totals"]["matrices"] == 12
+    assert (out / "model.safetensors").is_file()
+    assert not (out / "model.safetensors.index.json").exists()
+    config = json.loads((out / ADAPTER_DIR / ADAPTER_CONFIG).read_text())
+    assert all(m.endswith(("query", "value")) for m in config["target_modules"])
+
+
+def test_seeded_runs_are_byte_identical(tiny_llama, tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for out, seed in ((a, 0), (b, 0), (c, 1)):
+        decompose(tiny_llama, out, rank=8, method="halko", seed=seed, quiet=True)
+    fa, fb, fc = (p / ADAPTER_DIR / ADAPTER_FILE for p in (a, b, c))
+    assert fa.read_bytes() == fb.read_bytes()
+    assert fa.read_bytes() != fc.read_bytes()

@@ -1,0 +1,120 @@
+"""Truncated SVD against matrices with a known spectrum (built in fp64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pissa_svd.linalg import orthonormalize, svd_lowrank
+
+
+def known(m: int, n: int, decay: float = 0.5, seed: int = 0, rank: int | None = None):
+    """W = U diag(s) V^T with s_i = i^-decay (fp64); returns W and s."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    U = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64)).Q
+    s = torch.arange(1, k + 1, dtype=torch.float64) ** -decay
+    if rank is not None:
+        s[rank:] = 0
+    return (U * s) @ V.T, s
+
+
+def excess_error(W, s, U, S, Vh) -> float:
+    """||W - U S Vh||_F / ||W - W_r*||_F - 1 (0 for the optimal rank-r approximation)."""
+    r = S.shape[-1]
+    approx = (U.double() * S.double().unsqueeze(-2)) @ Vh.double()
+    return float(torch.linalg.norm(W - approx) / torch.linalg.norm(s[r:]) - 1)
+
+
+SHAPES = [(300, 700), (700, 300), (400, 400)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_methods_beat_peft_on_slow_decay(shape):
+    W, s = known(*shape)
+    r = 32
+    U, S, V = torch.svd_lowrank(W.float(), q=r, niter=4)  # PEFT's pissa_niter_4
+    peft = excess_error(W, s, U, S, V.mT)
+    halko = excess_error(W, s, *svd_lowrank(W.float(), r, method="halko"))
+    krylov = excess_error(W, s, *svd_lowrank(W.float(), r, method="krylov"))
+    exact = excess_error(W, s, *svd_lowrank(W.float(), r, method="exact"))
+    assert abs(exact) < 1e-5
+    assert 0 <= halko < 0.6 * peft
+    assert 0 <= krylov < 0.1 * peft
+
+
+def test_singular_values_and_subspaces_are_accurate():
+    W, s = known(500, 800, decay=1.0)
+    U, S, Vh = svd_lowrank(W, 16, method="krylov")  # fp64 in, fp64 out
+    assert U.dtype == torch.float64
+    torch.testing.assert_close(S, s[:16], rtol=1e-8, atol=0)
+    eye = torch.eye(16, dtype=torch.float64)
+    torch.testing.assert_close(U.T @ U, eye, atol=1e-10, rtol=0)
+    torch.testing.assert_close(Vh @ Vh.T, eye, atol=1e-10, rtol=0)
+
+
+def test_exact_matches_torch():
+    W, _ = known(120, 90)
+    U, S, Vh = svd_lowrank(W, 10, method="exact")
+    U0, S0, Vh0 = torch.linalg.svd(W, full_matrices=False)
+    torch.testing.assert_close(S, S0[:10])
+    torch.testing.assert_close(U * S @ Vh, (U0[:, :10] * S0[:10]) @ Vh0[:10])
+
+
+@pytest.mark.parametrize("method", ["halko", "krylov", "exact"])
+def test_batched_equals_looped(method):
+    Ws = torch.stack([known(200, 150, seed=i)[0] for i in range(3)]).float()
+    seeds = [11, 22, 33]
+    Ub, Sb, Vb = svd_lowrank(Ws, 8, method=method, seed=seeds)
+    for i in range(3):
+        U, S, Vh = svd_lowrank(Ws[i], 8, method=method, seed=seeds[i])
+        torch.testing.assert_close(Sb[i], S, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(Ub[i] * Sb[i] @ Vb[i], U * S @ Vh, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["halko", "krylov", "exact"])
+def test_full_rank_deficient_and_zero(method):
+    W, s = known(60, 40)
+    U, S, Vh = svd_lowrank(W.float(), 40, method=method)  # rank == min(m, n)
+    torch.testing.assert_close(U * S @ Vh, W.float(), atol=1e-5, rtol=0)
+    low, _ = known(80, 50, rank=5)
+    U, S, Vh = svd_lowrank(low.float(), 20, method=method)
+    assert torch.isfinite(U).all() and torch.isfinite(Vh).all()
+    torch.testing.assert_close(U * S @ Vh, low.float(), atol=1e-5, rtol=0)
+    U, S, Vh = svd_lowrank(torch.zeros(70, 30), 10, method=method)
+    assert torch.isfinite(U).all() and torch.isfinite(Vh).all() and float(S.abs().max()) == 0
+
+
+def test_bf16_input_and_seed_determinism():
+    W, s = known(256, 384)
+    Wb = W.to(torch.bfloat16)
+    a = svd_lowrank(Wb, 16, method="halko", seed=3)
+    b = svd_lowrank(Wb, 16, method="halko", seed=3)
+    c = svd_lowrank(Wb, 16, method="halko", seed=4)
+    assert a[0].dtype == torch.float32
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+    torch.testing.assert_close(a[1], s[:16].float(), rtol=2e-2, atol=0)  # bf16 input noise
+
+
+def test_orthonormalize_falls_back_on_ill_conditioned_input():
+    g = torch.Generator().manual_seed(0)
+    Y = torch.randn(500, 20, generator=g)
+    Y[:, 10:] = Y[:, :10] * 1.0 + 1e-7 * torch.randn(500, 10, generator=g)  # cond ~ 1e7
+    Q = orthonormalize(Y)
+    torch.testing.assert_close(Q.T @ Q, torch.eye(20), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((torch.zeros(3), 1), "2-D"),
+        ((torch.zeros(4, 4, dtype=torch.int32), 1), "floating point"),
+        ((torch.zeros(4, 5), 0), "rank"),
+        ((torch.zeros(4, 5), 5), "rank"),
+    ],
+)
+def test_bad_arguments_raise_value_error(args, match):
+    with pytest.raises(ValueError, match=match):
+        svd_lowrank(*args)

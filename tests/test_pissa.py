@@ -1,0 +1,84 @@
+"""PiSSA factors: the convention, and reconstruction up to the output dtype's rounding only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pissa_svd import pissa_factors, svd_lowrank
+
+
+def _w(out=96, inp=160, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(out, inp, generator=g) / inp**0.5).to(dtype)
+
+
+def rounding_bound(W_res, W, A, B, s, residual_dtype):
+    """Elementwise bound on |W_res + s B A - W| (fp64): half an ulp of the stored residual plus
+    fp32 accumulation error of the residual computation."""
+    eps_res = torch.finfo(residual_dtype).eps
+    eps32 = torch.finfo(torch.float32).eps
+    r = A.shape[0]
+    acc = (W.abs() + s * (B.abs() @ A.abs())) * (r + 2) * eps32
+    return 0.5 * eps_res * W_res.abs() * (1 + eps_res) + acc
+
+
+@pytest.mark.parametrize(
+    ("dtype", "adapter", "residual"),
+    [
+        (torch.float32, torch.float32, torch.float32),
+        (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+        (torch.float16, torch.float16, torch.float16),
+        (torch.bfloat16, torch.bfloat16, torch.float32),  # only "as stored" gets this exact
+    ],
+)
+@pytest.mark.parametrize("scaling", [1.0, 2.0])
+def test_reconstruction_within_rounding(dtype, adapter, residual, scaling):
+    W = _w(dtype=dtype)
+    A, B, W_res = pissa_factors(
+        W, 16, scaling=scaling, adapter_dtype=adapter, residual_dtype=residual
+    )
+    assert A.shape == (16, 160) and B.shape == (96, 16) and W_res.shape == W.shape
+    assert (A.dtype, B.dtype, W_res.dtype) == (adapter, adapter, residual)
+    W64, R64, A64, B64 = (x.double() for x in (W, W_res, A, B))
+    err = (R64 + scaling * B64 @ A64 - W64).abs()
+    assert (err <= rounding_bound(R64, W64, A64, B64, scaling, residual)).all()
+
+
+def test_residual_from_unrounded_factors_would_fail_the_bound():
+    """The bound above is tight enough to catch PEFT's order (residual before rounding A, B)."""
+    W = _w()
+    U, S, Vh = svd_lowrank(W, 16)
+    root = S.sqrt()
+    A32, B32 = root[:, None] * Vh, U * root
+    W_res = W - B32 @ A32  # computed before rounding
+    A, B = A32.bfloat16().double(), B32.bfloat16().double()
+    err = (W_res.double() + B @ A - W.double()).abs()
+    assert (err > rounding_bound(W_res.double(), W.double(), A, B, 1.0, torch.float32)).any()
+
+
+def test_convention_and_principal_subspace():
+    W = _w(dtype=torch.float64)
+    A, B, W_res = pissa_factors(W, 8, method="exact")
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    torch.testing.assert_close(B @ A, (U[:, :8] * S[:8]) @ Vh[:8])
+    # A = sqrt(S) Vh and B = U sqrt(S): equal row/column norms sqrt(S).
+    torch.testing.assert_close(A.norm(dim=1), S[:8].sqrt())
+    torch.testing.assert_close(B.norm(dim=0), S[:8].sqrt())
+    torch.testing.assert_close(torch.linalg.svdvals(W_res)[:4], S[8:12])
+
+
+def test_fan_in_fan_out_keeps_stored_layout():
+    W = _w(dtype=torch.float64)  # (out, in)
+    A, B, R = pissa_factors(W, 8, method="exact")
+    At, Bt, Rt = pissa_factors(W.T.contiguous(), 8, method="exact", fan_in_fan_out=True)
+    assert Rt.shape == W.T.shape
+    torch.testing.assert_close(Rt, R.T)
+    torch.testing.assert_close(Bt @ At, B @ A)
+
+
+def test_batched_factors():
+    Ws = torch.stack([_w(seed=i) for i in range(3)])
+    A, B, R = pissa_factors(Ws, 4, method="exact")
+    assert A.shape == (3, 4, 160) and B.shape == (3, 96, 4)
+    torch.testing.assert_close(R + B @ A, Ws, atol=1e-5, rtol=0)
