@@ -417,7 +417,7 @@ class StreamingWriter:
         if not infos:
             return
         src, begin, end = infos[0].path, infos[0].begin, infos[-1].end
-        if any(a.end != b.begin for a, b in zip(infos, infos[1:])):
+        if any(a.end != b.begin for a, b in zip(infos, infos[1:], strict=False)):
             raise RuntimeError("copy() needs tensors that are contiguous in the source file")
         self._guard(lambda: _copy_range(src, begin, end - begin, self._f))
 
@@ -429,7 +429,9 @@ class StreamingWriter:
         finally:
             self._f.close()
         if self._next != len(self.entries):
-            raise RuntimeError(f"{self.path}: closed after {self._next}/{len(self.entries)} tensors")
+            raise RuntimeError(
+                f"{self.path}: closed after {self._next}/{len(self.entries)} tensors"
+            )
         if self.path.stat().st_size != self.size:
             raise RuntimeError(f"{self.path}: size {self.path.stat().st_size} != {self.size}")
 

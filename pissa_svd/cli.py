@@ -33,10 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
             "adapter holding the top-r singular triplets)."
         ),
     )
-    d.add_argument("src", help="checkpoint folder (model.safetensors or an index + shards) or a .safetensors file")
+    d.add_argument(
+        "src",
+        help="checkpoint folder (model.safetensors or an index + shards) or a .safetensors file",
+    )
     d.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     d.add_argument("--rank", type=int, required=True, help="adapter rank r")
-    d.add_argument("--niter", type=int, default=4, help="power iterations, as PEFT's pissa_niter_N (default 4)")
+    d.add_argument(
+        "--niter", type=int, default=4, help="power iterations, as PEFT's pissa_niter_N (default 4)"
+    )
     d.add_argument("--oversample", type=int, default=None, help="extra sketch columns (default 8)")
     d.add_argument(
         "--method",
@@ -52,12 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="regexes searched in module names (tensor name without .weight); default: every "
         "attention and MLP projection of known architectures",
     )
-    d.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: rank, so scaling 1)")
+    d.add_argument(
+        "--alpha", type=float, default=None, help="lora_alpha (default: rank, so scaling 1)"
+    )
     d.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
-    d.add_argument("--adapter-dtype", default=None, help="bf16, fp16, fp32 or fp64 (default: input dtype)")
-    d.add_argument("--residual-dtype", default=None, help="bf16, fp16, fp32 or fp64 (default: input dtype)")
+    d.add_argument(
+        "--adapter-dtype", default=None, help="bf16, fp16, fp32 or fp64 (default: input dtype)"
+    )
+    d.add_argument(
+        "--residual-dtype", default=None, help="bf16, fp16, fp32 or fp64 (default: input dtype)"
+    )
     d.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    d.add_argument("--dry-run", action="store_true", help="print the plan (targets, FLOPs, memory) and write nothing")
+    d.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (targets, FLOPs, memory) and write nothing",
+    )
     d.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return p
 

@@ -102,10 +102,7 @@ class Target:
         block = min(r + oversample, small)
         passes = 2 * niter + 1  # thin passes before the last one
         orth = (2 * niter + 1) * 6.0 * big * block**2  # CholeskyQR2, two rounds, both sides
-        if self.method == "krylov":
-            last = 2.0 * m * n * block * (niter + 1)
-        else:
-            last = 2.0 * m * n * block
+        last = 2.0 * m * n * block * (niter + 1) if self.method == "krylov" else 2.0 * m * n * block
         return passes * 2.0 * m * n * block + orth + last + residual
 
     def working_bytes(self, oversample: int) -> int:
@@ -467,13 +464,17 @@ def _check_out(ckpt: Checkpoint, src: Path, out: Path, overwrite: bool) -> None:
     root = ckpt.root.resolve() if ckpt.index is not None or src.is_dir() else None
     o = out.resolve()
     if root is not None and (o == root or o.is_relative_to(root)):
-        raise InputError(f"--out {out} is inside the source checkpoint {src}; choose a folder outside it")
+        raise InputError(
+            f"--out {out} is inside the source checkpoint {src}; choose a folder outside it"
+        )
     s = src.resolve()
     if s == o or s.is_relative_to(o):
         raise InputError(f"--out {out} contains the source {src}; choose another folder")
     if out.exists() or out.is_symlink():
         if not overwrite:
-            raise InputError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+            raise InputError(
+                f"{out} already exists; pass --overwrite to replace it, or choose another --out"
+            )
         if not out.is_dir() or out.is_symlink():
             raise InputError(f"{out} exists and is not a folder; remove it or choose another --out")
 
@@ -494,7 +495,9 @@ def _device(device: str) -> str:
         return device
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise InputError(f"--device {device} was asked for but no CUDA device is available; use --device cpu")
+            raise InputError(
+                f"--device {device} was asked for but no CUDA device is available; use --device cpu"
+            )
         return device
     raise InputError(f"--device must be auto, cpu or cuda, got {device!r}")
 

@@ -82,7 +82,12 @@ def _write_raw(path, header: dict, data: bytes, pad=True, length=None):
     [
         ({}, b"", 1 << 40, "header claims"),
         ({}, b"", 10_000, "truncated"),
-        ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4, None, "truncated"),
+        (
+            {"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+            b"\0" * 4,
+            None,
+            "truncated",
+        ),
         (
             {
                 "x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
@@ -92,11 +97,36 @@ def _write_raw(path, header: dict, data: bytes, pad=True, length=None):
             None,
             "overlaps",
         ),
-        ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, b"\0" * 16, None, "unaccounted"),
-        ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 12, None, "trailing"),
-        ({"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, None, "needs 12"),
-        ({"x": {"dtype": "Q9", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, None, "unknown dtype"),
-        ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, b"\0" * 8, None, "data_offsets"),
+        (
+            {"x": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}},
+            b"\0" * 16,
+            None,
+            "unaccounted",
+        ),
+        (
+            {"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+            b"\0" * 12,
+            None,
+            "trailing",
+        ),
+        (
+            {"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}},
+            b"\0" * 8,
+            None,
+            "needs 12",
+        ),
+        (
+            {"x": {"dtype": "Q9", "shape": [2], "data_offsets": [0, 8]}},
+            b"\0" * 8,
+            None,
+            "unknown dtype",
+        ),
+        (
+            {"x": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}},
+            b"\0" * 8,
+            None,
+            "data_offsets",
+        ),
         ({"x": [1, 2]}, b"", None, "corrupt header entry"),
     ],
 )

@@ -28,7 +28,7 @@ def load_state(ckpt: Path) -> dict[str, torch.Tensor]:
     state = {}
     for shard in shard_names(ckpt):
         with safe_open(ckpt / shard, "pt") as f:
-            state.update({k: f.get_tensor(k) for k in f.keys()})
+            state.update({k: f.get_tensor(k) for k in f})
     return state
 
 
@@ -151,7 +151,9 @@ def test_tiny_llama_fp32(tiny_llama, tmp_path):
 
 def test_tiny_llama_bf16_custom_alpha_and_dtypes(tiny_llama_bf16, tmp_path):
     out = tmp_path / "out"
-    decompose(tiny_llama_bf16, out, rank=4, alpha=8, method="krylov", adapter_dtype="fp32", quiet=True)
+    decompose(
+        tiny_llama_bf16, out, rank=4, alpha=8, method="krylov", adapter_dtype="fp32", quiet=True
+    )
     check_output(tiny_llama_bf16, out, 4, alpha=8)
     adapter = load_state(out / ADAPTER_DIR)
     assert {t.dtype for t in adapter.values()} == {torch.float32}
@@ -188,7 +190,9 @@ def test_real_minilm(minilm, tmp_path):
     assert config["task_type"] == "FEATURE_EXTRACTION"
     assert len(config["target_modules"]) == 6 * 6 + 1  # q, k, v, 3 dense per layer, pooler
     tok = AutoTokenizer.from_pretrained(minilm)
-    inputs = dict(tok(["PiSSA keeps the principal components.", "Hello"], padding=True, return_tensors="pt"))
+    inputs = dict(
+        tok(["PiSSA keeps the principal components.", "Hello"], padding=True, return_tensors="pt")
+    )
     assert_reload_faithful(
         minilm, out, 16, AutoModel, torch.float32, ["query", "key", "value", "dense"], inputs
     )
@@ -234,15 +238,22 @@ def test_peft_converts_our_adapter_to_lora(tiny_llama, tmp_path):
     lora_cfg = json.loads((lora_dir / ADAPTER_CONFIG).read_text())
     assert lora_cfg["r"] == 8  # PEFT doubles the rank: dW = [B' | -B] @ [A' ; A]
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    original = lm_logits(base, ids)
     converted = lm_logits(PeftModel.from_pretrained(base, lora_dir), ids)
     torch.testing.assert_close(converted, trained, atol=1e-4, rtol=1e-4)
-    # ... and the conversion really changed something (the test can fail).
-    assert float((trained - lm_logits(base, ids)).abs().max()) > 1e-3
+    # ... and the "training" really moved the model (so the check above can fail).
+    assert float((trained - original).abs().max()) > 1e-3
 
 
 def test_single_file_and_target_patterns(minilm, tmp_path):
     out = tmp_path / "out"
-    report = decompose(minilm / "model.safetensors", out, rank=4, targets=[r"attention\.self\.(query|value)$"], quiet=True)
+    report = decompose(
+        minilm / "model.safetensors",
+        out,
+        rank=4,
+        targets=[r"attention\.self\.(query|value)$"],
+        quiet=True,
+    )
     assert report["totals"]["matrices"] == 12
     assert (out / "model.safetensors").is_file()
     assert not (out / "model.safetensors.index.json").exists()

@@ -1,0 +1,340 @@
+"""The command line: bad input is one line on stderr with exit 2, and nothing half-written survives."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from .conftest import PYTHON
+
+
+@pytest.fixture
+def ckpt(tiny_llama, tmp_path) -> Path:
+    """A private, mutable copy of the tiny sharded Llama."""
+    return Path(shutil.copytree(tiny_llama, tmp_path / "ckpt"))
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def assert_bad_input(run_cli, args, match, out: Path):
+    code, stdout, stderr = run_cli(*args)
+    assert code == 2, (code, stderr)
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    assert match in lines[0], lines[0]
+    assert not out.exists()
+    assert leftovers(out.parent) == []
+
+
+def _shards(ckpt: Path) -> list[Path]:
+    return sorted(ckpt.glob("model-*.safetensors"))
+
+
+def _index(ckpt: Path) -> Path:
+    return ckpt / "model.safetensors.index.json"
+
+
+def _rewrite_weight_map(ckpt: Path, fn) -> None:
+    index = json.loads(_index(ckpt).read_text())
+    name = next(iter(index["weight_map"]))
+    index["weight_map"][name] = fn(index["weight_map"][name])
+    _index(ckpt).write_text(json.dumps(index))
+
+
+def _set_header(path: Path, header: dict) -> None:
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+
+
+def _header(path: Path) -> dict:
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + n])
+
+
+def _mutations():
+    def missing_src(ck):
+        return ck / "nope", "no such file"
+
+    def no_safetensors(ck):
+        for p in ck.glob("*.safetensors*"):
+            p.unlink()
+        return ck, "no model.safetensors"
+
+    def missing_shard(ck):
+        _shards(ck)[1].unlink()
+        return ck, "does not exist"
+
+    def truncated(ck):
+        s = _shards(ck)[0]
+        s.write_bytes(s.read_bytes()[:-100])
+        return ck, "truncated"
+
+    def corrupt_header(ck):
+        s = _shards(ck)[0]
+        data = bytearray(s.read_bytes())
+        data[8:12] = b"\xff\xfe{{"
+        s.write_bytes(bytes(data))
+        return ck, "corrupt header"
+
+    def oversized_header(ck):
+        s = _shards(ck)[0]
+        s.write_bytes(struct.pack("<Q", 1 << 40) + s.read_bytes()[8:])
+        return ck, "header claims"
+
+    def overlapping_offsets(ck):
+        s = _shards(ck)[0]
+        h = _header(s)
+        names = [k for k in h if k != "__metadata__"]
+        b = h[names[1]]["data_offsets"]
+        h[names[1]]["data_offsets"] = [b[0] - 4, b[1] - 4]
+        _set_header(s, h)
+        return ck, "overlaps"
+
+    def out_of_range_offsets(ck):
+        s = _shards(ck)[0]
+        h = _header(s)
+        last = max((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][1])
+        b = h[last]["data_offsets"]
+        h[last]["data_offsets"] = [b[0] + 64, b[1] + 64]
+        _set_header(s, h)
+        return ck, "unaccounted bytes"
+
+    def dotdot_shard(ck):
+        _rewrite_weight_map(ck, lambda s: f"../{s}")
+        return ck, "outside the checkpoint"
+
+    def absolute_shard(ck):
+        _rewrite_weight_map(ck, lambda s: str((ck / s).resolve()))
+        return ck, "outside the checkpoint"
+
+    def unsupported_dtype(ck):
+        s = next(p for p in _shards(ck) if any(k.endswith("q_proj.weight") for k in _header(p)))
+        h = _header(s)
+        name = next(k for k in h if k.endswith("q_proj.weight"))
+        b = h[name]["data_offsets"]
+        n = (b[1] - b[0]) // 4
+        h[name]["dtype"], h[name]["shape"] = "F8_E4M3", [n // 64, 64 * 4]
+        _set_header(s, h)
+        return ck, f"tensor '{name}'"
+
+    return {f.__name__: f for f in (
+        missing_src, no_safetensors, missing_shard, truncated, corrupt_header, oversized_header,
+        overlapping_offsets, out_of_range_offsets, dotdot_shard, absolute_shard, unsupported_dtype,
+    )}  # fmt: skip
+
+
+MUTATIONS = _mutations()
+
+
+@pytest.mark.parametrize("case", list(MUTATIONS))
+def test_bad_checkpoint(case, ckpt, tmp_path, run_cli):
+    src, match = MUTATIONS[case](ckpt)
+    out = tmp_path / "out"
+    assert_bad_input(run_cli, ["decompose", src, "--rank", "4", "--out", out], match, out)
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--rank", "0"], "--rank must be a positive integer"),
+        (["--rank", "-3"], "--rank must be a positive integer"),
+        (["--rank", "33"], "is larger than tensor"),  # k_proj is 32 x 64
+        (["--rank", "4", "--targets", "nothing_like_this"], "matched no 2-D weight"),
+        (["--rank", "4", "--targets", "("], "not a valid regex"),
+        (["--rank", "4", "--residual-dtype", "int4"], "--residual-dtype must be one of"),
+        (
+            ["--rank", "4", "--device", "cuda"]
+            if not torch.cuda.is_available()
+            else ["--rank", "4", "--device", "tpu"],
+            "--device",
+        ),
+        (["--rank", "four"], "invalid int value"),
+    ],
+)
+def test_bad_options(extra, match, ckpt, tmp_path, run_cli):
+    out = tmp_path / "out"
+    assert_bad_input(run_cli, ["decompose", ckpt, "--out", out, *extra], match, out)
+
+
+def test_out_exists_needs_overwrite(ckpt, tmp_path, run_cli):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    code, _, err = run_cli("decompose", ckpt, "--rank", "4", "--out", out)
+    assert code == 2 and "already exists" in err and len(err.strip().splitlines()) == 1
+    assert (out / "keep.txt").read_text() == "user data"
+    code, _, _ = run_cli("decompose", ckpt, "--rank", "4", "--out", out, "--overwrite", "--quiet")
+    assert code == 0
+    assert not (out / "keep.txt").exists() and (out / "pissa_init").is_dir()
+    assert leftovers(tmp_path) == []
+
+
+def test_out_inside_src(ckpt, run_cli):
+    out = ckpt / "pissa"
+    assert_bad_input(
+        run_cli, ["decompose", ckpt, "--rank", "4", "--out", out], "inside the source", out
+    )
+
+
+def test_overwrite_never_deletes_the_source(ckpt, run_cli):
+    code, _, err = run_cli(
+        "decompose",
+        ckpt / "model-00001-of-00004.safetensors",
+        "--rank",
+        "4",
+        "--out",
+        ckpt,
+        "--overwrite",
+    )
+    assert code == 2 and "contains the source" in err
+    assert _index(ckpt).exists()
+
+
+def test_dry_run_writes_nothing(ckpt, tmp_path, run_cli):
+    out = tmp_path / "out"
+    code, stdout, _ = run_cli("decompose", ckpt, "--rank", "8", "--out", out, "--dry-run")
+    assert code == 0
+    assert "21 matrices" in stdout and "GFLOP" in stdout and "peak" in stdout
+    assert "q_proj" in stdout and "64 x 64" in stdout
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_disk_full_is_one_line(ckpt, tmp_path, run_cli, monkeypatch):
+    from pissa_svd import checkpoint
+
+    def full(f, mv):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "_write_all", full)
+    out = tmp_path / "out"
+    assert_bad_input(run_cli, ["decompose", ckpt, "--rank", "4", "--out", out], "disk full", out)
+
+
+def test_success_summary(ckpt, tmp_path, run_cli):
+    code, stdout, stderr = run_cli("decompose", ckpt, "--rank", "4", "--out", tmp_path / "out")
+    assert code == 0
+    assert "21 matrices decomposed" in stdout and "pissa_init" in stdout
+    assert "tensors 21/21" in stderr  # the progress bar
+
+
+def test_subprocess_bad_input_has_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "pissa_svd",
+            "decompose",
+            tmp_path / "missing",
+            "--rank",
+            "4",
+            "--out",
+            tmp_path / "o",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "no such file" in proc.stderr
+
+
+@pytest.fixture
+def slow_ckpt(tmp_path) -> Path:
+    """Enough work (24 exact SVDs of 768 x 768) to interrupt a run midway."""
+    root = tmp_path / "slow"
+    root.mkdir()
+    g = torch.Generator().manual_seed(0)
+    weight_map = {}
+    for s in range(6):
+        shard = f"model-{s + 1:05d}-of-00006.safetensors"
+        tensors = {
+            f"layers.{4 * s + i}.mlp.up_proj.weight": torch.randn(768, 768, generator=g)
+            for i in range(4)
+        }
+        save_file(tensors, root / shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, shard))
+    _index(root).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return root
+
+
+def _start(src: Path, out: Path) -> subprocess.Popen:
+    cmd = [
+        PYTHON,
+        "-m",
+        "pissa_svd",
+        "decompose",
+        src,
+        "--rank",
+        "8",
+        "--method",
+        "exact",
+        "--out",
+        out,
+    ]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_partial_output(parent: Path, proc: subprocess.Popen) -> None:
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        tmps = [p for p in parent.iterdir() if ".tmp-" in p.name]
+        if tmps and list(tmps[0].glob("model-00002-*.safetensors")):
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError("the run never got midway")
+
+
+def test_killed_run_leaves_no_out(slow_ckpt, tmp_path):
+    out = tmp_path / "out"
+    proc = _start(slow_ckpt, out)
+    _wait_for_partial_output(tmp_path, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()  # only a hidden .out.tmp-* sibling remains
+    assert all(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir() if p.name != "slow")
+    # A rerun is not confused by the leftover.
+    proc = subprocess.run(
+        [PYTHON, "-m", "pissa_svd", "decompose", slow_ckpt, "--rank", "8", "--out", out, "--quiet"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "pissa_init" / "adapter_model.safetensors").is_file()
+
+
+def test_interrupted_run_cleans_up(slow_ckpt, tmp_path):
+    out = tmp_path / "out"
+    proc = _start(slow_ckpt, out)
+    _wait_for_partial_output(tmp_path, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "interrupted" in err and "Traceback" not in err
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_library_and_cli_agree_on_entry_point():
+    """`pissa-svd` is installed as a console script pointing at the same main()."""
+    exe = shutil.which("pissa-svd", path=os.path.dirname(sys.executable))
+    assert exe is not None
+    proc = subprocess.run([exe, "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "pissa-svd" in proc.stdout
