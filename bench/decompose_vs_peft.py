@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -374,8 +375,9 @@ def check_targets(results: list[dict]) -> list[str]:
     for r in results:
         ck, s = r["checkpoint"], r["summary"]
         frac = s["ours"]["rss_fraction"]
+        which = f"{ck['layers']} layers" + (", headline" if ck["layers"] == HEADLINE_LAYERS else "")
         lines.append(
-            f"Peak RSS <= {TARGET_RSS_FRACTION:.0%} of checkpoint ({ck['layers']} layers): "
+            f"Peak RSS <= {TARGET_RSS_FRACTION:.0%} of checkpoint ({which}): "
             f"{verdict(frac <= TARGET_RSS_FRACTION)} -- ours peaked at "
             f"{s['ours']['peak_rss_bytes'] / 1e9:.2f} GB = {frac:.1%} of {ck['size_bytes'] / 1e9:.2f} GB."
         )
@@ -436,12 +438,14 @@ def setup_lines(doc: dict) -> list[str]:
     m, repeats = doc["machine"], doc["repeats"]
     wall = f"the median of {repeats} runs" if repeats > 1 else "a single run"
     rss = " (max over runs)" if repeats > 1 else ""
-    return [
+    lines = [
         f"- Date: {doc['date']}",
         f"- Machine: {m['nproc']} CPU cores ({m['cpu_model']}), {m['mem_gb']:.0f} GB RAM, no GPU; "
         f"torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, "
         f"Python {m['python']}",
         f"- Command: `{doc['command']}`",
+        f"- Code: {describe_code(doc['code'])}"
+        + (" -- **changed while the benchmark ran**" if doc["code_changed_during_run"] else ""),
         f"- Work: rank {RANK}, niter {NITER}, all 7 projections of every layer of a random-init "
         "bf16 Llama (hidden 2048, MLP 5632, 32/4 heads, vocab 32000, untied embeddings).",
         f"- Method: each route runs in a fresh child process. Wall s is {wall}, "
@@ -453,6 +457,12 @@ def setup_lines(doc: dict) -> list[str]:
         f"({doc['discarded']} discarded here). In the kept runs other processes used at most "
         f"{doc['max_other_cores']:.2f} cores on average.",
     ]
+    if doc["max_other_cores"] > DISTURBED_CORES:
+        lines.append(
+            "- **Warning:** some kept runs were still disturbed by other processes after all "
+            "retries; their timings overstate both routes and are not reliable."
+        )
+    return lines
 
 
 def table_rows(results: list[dict]) -> list[str]:
@@ -499,6 +509,35 @@ def write_results_md(section: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     RESULTS_MD.write_text(text)
+
+
+def code_state() -> dict:
+    """Which pissa_svd was measured: git commit, uncommitted edits, and a hash of its sources."""
+
+    def git(*args: str) -> str:
+        try:
+            res = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True)
+        except OSError:
+            return ""
+        return res.stdout.strip()
+
+    sources = sorted((REPO_ROOT / "pissa_svd").glob("*.py"))
+    return {
+        "version": metadata.version("pissa-svd"),
+        "commit": git("rev-parse", "--short", "HEAD") or "unknown",
+        "uncommitted_changes": bool(git("status", "--porcelain", "--", "pissa_svd")),
+        "sources_sha256": hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[
+            :12
+        ],
+    }
+
+
+def describe_code(code: dict) -> str:
+    dirty = " + uncommitted changes" if code["uncommitted_changes"] else ""
+    return (
+        f"pissa-svd {code['version']}, commit {code['commit']}{dirty} "
+        f"(sha256 of pissa_svd/*.py: {code['sources_sha256']})"
+    )
 
 
 def machine_info() -> dict:
@@ -570,6 +609,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # Build everything first, so no build runs between timed runs.
     checkpoints = [describe_checkpoint(ensure_checkpoint(work, n), n) for n in args.layers]
+    code = code_state()
+    print(f"[code] {describe_code(code)}")
     results = []
     for ck in checkpoints:
         r = bench_checkpoint(work, ck, args)
@@ -581,11 +622,15 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
         "command": command,
         "machine": machine_info(),
+        "code": code,
+        "code_changed_during_run": code_state() != code,
         "rank": RANK,
         "niter": NITER,
         "repeats": args.repeats,
         "results": results,
     }
+    if doc["code_changed_during_run"]:
+        print("warning: pissa_svd's sources changed during the run; rerun for consistent numbers")
     kept = [run for r in results for runs in r["runs"].values() for run in runs]
     doc["max_other_cores"] = max(run["other_cores"] for run in kept)
     doc["discarded"] = sum(len(run["discarded_attempts"]) for run in kept)

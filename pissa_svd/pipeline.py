@@ -18,6 +18,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -299,7 +301,17 @@ def _write_all(plan: Plan, tmp: Path) -> dict:
     progress = _progress(ck.total_bytes, len(plan.targets), o.quiet)
     rows: list[dict] = []
     svd_seconds = 0.0
-    with StreamingWriter(tmp / ADAPTER_DIR / ADAPTER_FILE, adapter_entries, {"format": "pt"}) as aw:
+    # IO overlaps compute: one thread reads the next target while this one is decomposed, another
+    # writes finished tensors in order. Torch kernels and file syscalls both release the GIL.
+    # Both queues are one tensor deep, so memory stays bounded by a few tensors.
+    reader = _Ordered(depth=1)
+    writer = _Ordered(depth=3)
+    writers: list[StreamingWriter] = []
+    try:
+        aw = StreamingWriter(tmp / ADAPTER_DIR / ADAPTER_FILE, adapter_entries, {"format": "pt"})
+        writers.append(aw)
+        queue = iter(plan.targets)
+        upcoming = reader.submit(read_tensor, next(queue).info)
         for shard in ck.shards:
             sf = ck.files[shard]
             dest = tmp / shard
@@ -309,23 +321,43 @@ def _write_all(plan: Plan, tmp: Path) -> dict:
                 for i in sf.tensors.values()
             ]
             meta = {**sf.metadata, "format": sf.metadata.get("format", "pt")}
-            with StreamingWriter(dest, entries, meta) as w:
-                run: list[TensorInfo] = []  # consecutive untouched tensors, copied in one go
-                for info in sf.tensors.values():
-                    target = by_name.get(info.name)
-                    if target is None:
-                        run.append(info)
-                        continue
-                    w.copy(run)
-                    progress.update(sum(i.nbytes for i in run))
-                    run = []
-                    row = _decompose_one(plan, target, w, aw)
-                    svd_seconds += row["svd_seconds"]
-                    rows.append(row)
-                    progress.set_postfix_str(f"tensors {len(rows)}/{len(plan.targets)}")
-                    progress.update(info.nbytes)
-                w.copy(run)
+            w = StreamingWriter(dest, entries, meta)
+            writers.append(w)
+
+            def emit(name, tensor, w=w):
+                writer.submit(w.write if name in by_name else aw.write, name, tensor)
+
+            run: list[TensorInfo] = []  # consecutive untouched tensors, copied in one go
+            for info in sf.tensors.values():
+                target = by_name.get(info.name)
+                if target is None:
+                    run.append(info)
+                    continue
+                writer.submit(w.copy, run)
                 progress.update(sum(i.nbytes for i in run))
+                run = []
+                W = upcoming.result()
+                nxt = next(queue, None)
+                upcoming = reader.submit(read_tensor, nxt.info) if nxt else None
+                row = _decompose_one(plan, target, W, emit)
+                svd_seconds += row["svd_seconds"]
+                rows.append(row)
+                progress.set_postfix_str(f"tensors {len(rows)}/{len(plan.targets)}")
+                progress.update(info.nbytes)
+            writer.submit(w.copy, run)
+            writer.submit(w.close)
+            progress.update(sum(i.nbytes for i in run))
+        writer.submit(aw.close)
+        writer.drain()
+    except BaseException:
+        reader.shutdown()
+        writer.shutdown()
+        for f in writers:
+            f.abort()
+        raise
+    finally:
+        reader.shutdown()
+        writer.shutdown()
     progress.close()
 
     _write_index(plan, tmp)
@@ -358,32 +390,41 @@ def _write_all(plan: Plan, tmp: Path) -> dict:
     return report
 
 
-def _decompose_one(plan: Plan, t: Target, w: StreamingWriter, aw: StreamingWriter) -> dict:
+def _decompose_one(plan: Plan, t: Target, W: torch.Tensor, emit) -> dict:
+    """Decompose one target tensor W (stored layout, stored dtype); ``emit(name, tensor)`` writes."""
     o = plan.options
     t0 = time.perf_counter()
-    W = read_tensor(t.info).to(plan.device)
-    Wo = W.mT if t.transposed else W  # (out, in)
+    work = torch.float64 if W.dtype == torch.float64 else torch.float32
+    # One conversion to the working dtype serves the SVD, the norm and (in place) the residual.
+    Wf = W.to(device=plan.device, dtype=work)
+    del W
+    w_norm = float(torch.linalg.vector_norm(Wf))
     seed = derive_seed(t.name, o.seed)
     U, S, Vh = svd_lowrank(
-        Wo, t.rank, niter=o.niter, oversample=plan.oversample, method=t.method, seed=seed
+        Wf.mT if t.transposed else Wf,
+        t.rank,
+        niter=o.niter,
+        oversample=plan.oversample,
+        method=t.method,
+        seed=seed,
     )
     t_svd = time.perf_counter() - t0
     A, B, W_res = pissa_factors(
-        W,
+        Wf,
         t.rank,
         scaling=plan.scaling,
         fan_in_fan_out=t.transposed,
         adapter_dtype=dtype_to_torch(t.adapter_dtype),
         residual_dtype=dtype_to_torch(t.residual_dtype),
         svd=(U, S, Vh),
+        inplace=True,
     )
-    work = S.dtype
-    w_norm = float(torch.linalg.vector_norm(W, dtype=work))
+    del Wf
     res_norm = float(torch.linalg.vector_norm(W_res, dtype=work))
     s2 = float((S.double() ** 2).sum())
-    aw.write(_peft_key(t.module, "A"), A)
-    aw.write(_peft_key(t.module, "B"), B)
-    w.write(t.name, W_res)
+    emit(_peft_key(t.module, "A"), A.cpu())
+    emit(_peft_key(t.module, "B"), B.cpu())
+    emit(t.name, W_res.cpu())
     return {
         "name": t.name,
         "module": t.module,
@@ -403,6 +444,32 @@ def _decompose_one(plan: Plan, t: Target, w: StreamingWriter, aw: StreamingWrite
         "svd_seconds": round(t_svd, 4),
         "seconds": round(time.perf_counter() - t0, 4),
     }
+
+
+class _Ordered:
+    """Jobs run one at a time on a background thread, in submission order; ``submit`` blocks
+    while more than ``depth`` are unfinished, and re-raises the first job error it meets."""
+
+    def __init__(self, depth: int):
+        self.depth = depth
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._pending: deque[Future] = deque()
+
+    def submit(self, fn, *args) -> Future:
+        fut = self._pool.submit(fn, *args)
+        self._pending.append(fut)
+        while len(self._pending) > self.depth:
+            self._pending.popleft().result()
+        return fut
+
+    def drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def shutdown(self) -> None:
+        """Drop queued jobs and wait for the running one (errors are the caller's to raise)."""
+        self._pending.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _peft_key(module: str, which: str) -> str:

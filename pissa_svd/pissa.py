@@ -35,6 +35,7 @@ def pissa_factors(
     adapter_dtype: torch.dtype | None = None,
     residual_dtype: torch.dtype | None = None,
     svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    inplace: bool = False,
     **svd_kwargs,
 ) -> PissaFactors:
     """Split W into a PiSSA adapter (A, B) and a frozen residual.
@@ -47,6 +48,8 @@ def pissa_factors(
         adapter_dtype / residual_dtype: output dtypes (default: W's dtype).
         svd: a precomputed ``(U, S, Vh)`` of the (out, in) matrix; otherwise
             :func:`svd_lowrank` is called with ``svd_kwargs``.
+        inplace: when W is already in the working dtype (fp32, or fp64), compute the residual in
+            W's own buffer instead of a copy (W is overwritten). Saves one (out, in) buffer.
 
     The residual is computed from A and B *as stored* (after rounding to ``adapter_dtype``), in
     fp32 (fp64 for fp64 input), so rounding W_res to ``residual_dtype`` is the only error left
@@ -64,7 +67,7 @@ def pissa_factors(
     root = (S.to(work) / scaling).sqrt()
     A = (root.unsqueeze(-1) * Vh).to(adapter_dtype)
     B = (U * root.unsqueeze(-2)).to(adapter_dtype)
-    res = Wo.to(work, copy=True)
+    res = Wo if inplace and Wo.dtype == work else Wo.to(work, copy=True)
     # W_res = W - s * B @ A, in place to keep one (out, in) working buffer.
     if res.ndim == 3:
         res.baddbmm_(B.to(work), A.to(work), alpha=-scaling)

@@ -28,7 +28,7 @@ def load_state(ckpt: Path) -> dict[str, torch.Tensor]:
     state = {}
     for shard in shard_names(ckpt):
         with safe_open(ckpt / shard, "pt") as f:
-            state.update({k: f.get_tensor(k) for k in f})
+            state.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
     return state
 
 
