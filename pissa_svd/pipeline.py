@@ -311,7 +311,7 @@ def _write_all(plan: Plan, tmp: Path) -> dict:
         aw = StreamingWriter(tmp / ADAPTER_DIR / ADAPTER_FILE, adapter_entries, {"format": "pt"})
         writers.append(aw)
         queue = iter(plan.targets)
-        upcoming = reader.submit(read_tensor, next(queue).info)
+        upcoming = reader.submit(_read_working, next(queue).info)
         for shard in ck.shards:
             sf = ck.files[shard]
             dest = tmp / shard
@@ -325,7 +325,11 @@ def _write_all(plan: Plan, tmp: Path) -> dict:
             writers.append(w)
 
             def emit(name, tensor, w=w):
-                writer.submit(w.write if name in by_name else aw.write, name, tensor)
+                if name in by_name:
+                    dtype = dtype_to_torch(by_name[name].residual_dtype)
+                    writer.submit(lambda: w.write(name, tensor.to(dtype)))
+                else:
+                    writer.submit(aw.write, name, tensor)
 
             run: list[TensorInfo] = []  # consecutive untouched tensors, copied in one go
             for info in sf.tensors.values():
@@ -338,7 +342,7 @@ def _write_all(plan: Plan, tmp: Path) -> dict:
                 run = []
                 W = upcoming.result()
                 nxt = next(queue, None)
-                upcoming = reader.submit(read_tensor, nxt.info) if nxt else None
+                upcoming = reader.submit(_read_working, nxt.info) if nxt else None
                 row = _decompose_one(plan, target, W, emit)
                 svd_seconds += row["svd_seconds"]
                 rows.append(row)
@@ -390,14 +394,12 @@ def _write_all(plan: Plan, tmp: Path) -> dict:
     return report
 
 
-def _decompose_one(plan: Plan, t: Target, W: torch.Tensor, emit) -> dict:
-    """Decompose one target tensor W (stored layout, stored dtype); ``emit(name, tensor)`` writes."""
+def _decompose_one(plan: Plan, t: Target, Wf: torch.Tensor, emit) -> dict:
+    """Decompose one target. ``Wf``: the stored-layout weight in the working dtype (fp32, or
+    fp64), which is overwritten by the residual; ``emit(name, tensor)`` queues a write."""
     o = plan.options
     t0 = time.perf_counter()
-    work = torch.float64 if W.dtype == torch.float64 else torch.float32
-    # One conversion to the working dtype serves the SVD, the norm and (in place) the residual.
-    Wf = W.to(device=plan.device, dtype=work)
-    del W
+    Wf = Wf.to(plan.device)
     w_norm = float(torch.linalg.vector_norm(Wf))
     seed = derive_seed(t.name, o.seed)
     U, S, Vh = svd_lowrank(
@@ -409,18 +411,19 @@ def _decompose_one(plan: Plan, t: Target, W: torch.Tensor, emit) -> dict:
         seed=seed,
     )
     t_svd = time.perf_counter() - t0
+    # The residual is computed in Wf's own buffer and stays in the working dtype here; the writer
+    # thread rounds it to the residual dtype (the same rounding pissa_factors would do).
     A, B, W_res = pissa_factors(
         Wf,
         t.rank,
         scaling=plan.scaling,
         fan_in_fan_out=t.transposed,
         adapter_dtype=dtype_to_torch(t.adapter_dtype),
-        residual_dtype=dtype_to_torch(t.residual_dtype),
+        residual_dtype=Wf.dtype,
         svd=(U, S, Vh),
         inplace=True,
     )
-    del Wf
-    res_norm = float(torch.linalg.vector_norm(W_res, dtype=work))
+    res_norm = float(torch.linalg.vector_norm(W_res))
     s2 = float((S.double() ** 2).sum())
     emit(_peft_key(t.module, "A"), A.cpu())
     emit(_peft_key(t.module, "B"), B.cpu())
@@ -444,6 +447,12 @@ def _decompose_one(plan: Plan, t: Target, W: torch.Tensor, emit) -> dict:
         "svd_seconds": round(t_svd, 4),
         "seconds": round(time.perf_counter() - t0, 4),
     }
+
+
+def _read_working(info: TensorInfo) -> torch.Tensor:
+    """Read one tensor and convert it to the working dtype (in the reader thread)."""
+    W = read_tensor(info)
+    return W.to(torch.float64 if W.dtype == torch.float64 else torch.float32)
 
 
 class _Ordered:
