@@ -23,7 +23,9 @@ cache is left warm for both routes (the checkpoints fit in RAM and were just wri
 On a small machine a background job distorts the timings badly (a multithreaded BLAS call can
 slow down 50x when a core it expects is taken), so each run first waits for the machine to idle,
 the CPU time other processes used during the run is measured from ``/proc/stat``, and a run they
-disturbed (> 0.2 cores on average) is discarded and repeated (``--retries``).
+disturbed (> 0.2 cores on average) is discarded and repeated (``--retries``); so is a pissa-svd
+run during which the package's sources changed. The git commit and a hash of ``pissa_svd/*.py``
+are recorded with each run.
 
 Checkpoints are built once, in a child process, under ``--work`` (default ``bench/_work``,
 git-ignored) and reused on later runs.
@@ -306,17 +308,25 @@ ROUTES = {"ours": run_ours, "peft": run_peft}
 
 
 def timed_run(route: str, work: Path, ck: dict, i: int, args: argparse.Namespace) -> dict:
-    """One measurement; retried (up to --retries times) if other processes disturbed it."""
+    """One measurement, retried (up to --retries times) if it was disturbed: other processes
+    used the CPU meanwhile, or pissa_svd's sources changed while it ran."""
     tag, ckpt = f"L{ck['layers']}", Path(ck["path"])
     discarded = []
     while True:
         wait_for_idle(args.idle_timeout)
+        code = code_state()
         m = ROUTES[route](work, ckpt, tag)
+        m["code"] = code
         report_run(route, ck, i, m)
-        if m["other_cores"] <= DISTURBED_CORES or len(discarded) >= args.retries:
+        reasons = []
+        if m["other_cores"] > DISTURBED_CORES:
+            reasons.append(f"other processes kept {m['other_cores']:.2f} cores busy")
+        if route == "ours" and code_state() != code:
+            reasons.append("pissa_svd's sources changed while it ran")
+        if not reasons or len(discarded) >= args.retries:
             m["discarded_attempts"] = discarded
             return m
-        print(f"  disturbed: other processes kept {m['other_cores']:.2f} cores busy; retrying")
+        print(f"  disturbed ({'; '.join(reasons)}); retrying")
         discarded.append({k: m[k] for k in ("wall_s", "peak_rss_bytes", "other_cores")})
 
 
@@ -445,7 +455,11 @@ def setup_lines(doc: dict) -> list[str]:
         f"Python {m['python']}",
         f"- Command: `{doc['command']}`",
         f"- Code: {describe_code(doc['code'])}"
-        + (" -- **changed while the benchmark ran**" if doc["code_changed_during_run"] else ""),
+        + (
+            " -- **the sources changed between pissa-svd runs; numbers are not comparable**"
+            if doc["code_changed_during_run"]
+            else "; the same sources for every pissa-svd run"
+        ),
         f"- Work: rank {RANK}, niter {NITER}, all 7 projections of every layer of a random-init "
         "bf16 Llama (hidden 2048, MLP 5632, 32/4 heads, vocab 32000, untied embeddings).",
         f"- Method: each route runs in a fresh child process. Wall s is {wall}, "
@@ -521,14 +535,14 @@ def code_state() -> dict:
             return ""
         return res.stdout.strip()
 
-    sources = sorted((REPO_ROOT / "pissa_svd").glob("*.py"))
+    digest = hashlib.sha256()
+    for path in sorted((REPO_ROOT / "pissa_svd").glob("*.py")):
+        digest.update(path.read_bytes())
     return {
         "version": metadata.version("pissa-svd"),
         "commit": git("rev-parse", "--short", "HEAD") or "unknown",
         "uncommitted_changes": bool(git("status", "--porcelain", "--", "pissa_svd")),
-        "sources_sha256": hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[
-            :12
-        ],
+        "sources_sha256": digest.hexdigest()[:12],
     }
 
 
@@ -595,42 +609,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--retries",
         type=int,
         default=3,
-        help="re-run a measurement disturbed by other processes up to this many times (default 3)",
+        help="re-run a disturbed measurement up to this many times (default 3)",
     )
     p.add_argument("--no-markdown", action="store_true", help="do not update bench/RESULTS.md")
+    p.add_argument(
+        "--markdown-from",
+        type=Path,
+        metavar="JSON",
+        help="measure nothing: rewrite the bench/RESULTS.md section from a saved --json file",
+    )
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.markdown_from:
+        write_results_md(markdown_section(json.loads(args.markdown_from.read_text())))
+        print(f"summary: {RESULTS_MD}")
+        return 0
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "bench/decompose_vs_peft.py", *sys.argv[1:]])
 
     # Build everything first, so no build runs between timed runs.
     checkpoints = [describe_checkpoint(ensure_checkpoint(work, n), n) for n in args.layers]
-    code = code_state()
-    print(f"[code] {describe_code(code)}")
+    print(f"[code] {describe_code(code_state())}")
     results = []
     for ck in checkpoints:
         r = bench_checkpoint(work, ck, args)
         r["summary"] = summarize(r)
         results.append(r)
 
+    ours_runs = [run for r in results for run in r["runs"]["ours"]]
     doc = {
         "benchmark": "decompose_vs_peft",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
         "command": command,
         "machine": machine_info(),
-        "code": code,
-        "code_changed_during_run": code_state() != code,
+        "code": ours_runs[-1]["code"],
+        # The kept runs of pissa-svd did not all measure the same sources.
+        "code_changed_during_run": len({r["code"]["sources_sha256"] for r in ours_runs}) > 1,
         "rank": RANK,
         "niter": NITER,
         "repeats": args.repeats,
         "results": results,
     }
     if doc["code_changed_during_run"]:
-        print("warning: pissa_svd's sources changed during the run; rerun for consistent numbers")
+        print(
+            "warning: the pissa-svd runs measured different sources; rerun for consistent numbers"
+        )
     kept = [run for r in results for runs in r["runs"].values() for run in runs]
     doc["max_other_cores"] = max(run["other_cores"] for run in kept)
     doc["discarded"] = sum(len(run["discarded_attempts"]) for run in kept)
