@@ -147,18 +147,23 @@ class SafetensorsFile:
         return read_tensor(info)
 
 
-def read_tensor(info: TensorInfo) -> torch.Tensor:
-    """Read one tensor with pread into its own buffer; nothing else of the file is touched."""
-    buf = bytearray(info.nbytes)
-    with open(info.path, "rb", buffering=0) as f:
-        f.seek(info.begin)
-        got = f.readinto(buf) if info.nbytes else 0
+def read_tensor(info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one tensor with a single positioned read; nothing else of the file is touched.
+
+    ``out``: an optional uint8 CPU buffer of at least ``info.nbytes`` to read into (reusing one
+    buffer avoids re-faulting tens of MB of fresh pages per tensor); the result then views it.
+    """
+    if out is None:
+        out = torch.empty(info.nbytes, dtype=torch.uint8)
+    buf = out[: info.nbytes]
+    got = 0
+    if info.nbytes:
+        with open(info.path, "rb", buffering=0) as f:
+            f.seek(info.begin)
+            got = f.readinto(memoryview(buf.numpy()))
     if got != info.nbytes:
         raise InputError(f"{info.path}: truncated while reading {info.name}; re-download the file")
-    dtype = dtype_to_torch(info.dtype)
-    if info.nbytes == 0:
-        return torch.empty(info.shape, dtype=dtype)
-    return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+    return buf.view(dtype_to_torch(info.dtype)).reshape(info.shape)
 
 
 def _parse_entry(path: Path, name: str, spec: object, data_start: int) -> TensorInfo:

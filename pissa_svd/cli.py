@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from . import __version__
 from .errors import InputError
@@ -113,8 +115,15 @@ def _decompose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _terminate(signum, frame):
+    # SIGTERM (kill, a scheduler's timeout) unwinds like Ctrl-C, so the partial output is removed.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.command == "decompose":
             return _decompose(args)

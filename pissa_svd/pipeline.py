@@ -18,8 +18,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,11 +110,13 @@ class Target:
         m, n = self.out_features, self.in_features
         work = 8 if self.info.dtype == "F64" else 4
         block = min(self.rank + oversample, min(m, n))
+        # read buffer + working-dtype buffer (overwritten by the residual) + output buffer
+        # + the thin sketch blocks and their Gram/QR temporaries.
         return (
             self.info.nbytes
-            + 2 * m * n * work
+            + m * n * work
             + dtype_nbytes(self.residual_dtype, (m, n))
-            + 6 * (m + n) * block * work
+            + 8 * (m + n) * block * work
         )
 
 
@@ -301,17 +301,11 @@ def _write_all(plan: Plan, tmp: Path) -> dict:
     progress = _progress(ck.total_bytes, len(plan.targets), o.quiet)
     rows: list[dict] = []
     svd_seconds = 0.0
-    # IO overlaps compute: one thread reads the next target while this one is decomposed, another
-    # writes finished tensors in order. Torch kernels and file syscalls both release the GIL.
-    # Both queues are one tensor deep, so memory stays bounded by a few tensors.
-    reader = _Ordered(depth=1)
-    writer = _Ordered(depth=3)
-    writers: list[StreamingWriter] = []
-    try:
-        aw = StreamingWriter(tmp / ADAPTER_DIR / ADAPTER_FILE, adapter_entries, {"format": "pt"})
-        writers.append(aw)
-        queue = iter(plan.targets)
-        upcoming = reader.submit(_read_working, next(queue).info)
+    # Strictly sequential on purpose: on a few cores the BLAS threads own every core, and
+    # reader/writer threads measurably slowed the GEMMs (and raised peak RSS) more than the
+    # overlap saved (bench/RESULTS.md).
+    scratch = _Scratch()
+    with StreamingWriter(tmp / ADAPTER_DIR / ADAPTER_FILE, adapter_entries, {"format": "pt"}) as aw:
         for shard in ck.shards:
             sf = ck.files[shard]
             dest = tmp / shard
@@ -321,47 +315,27 @@ def _write_all(plan: Plan, tmp: Path) -> dict:
                 for i in sf.tensors.values()
             ]
             meta = {**sf.metadata, "format": sf.metadata.get("format", "pt")}
-            w = StreamingWriter(dest, entries, meta)
-            writers.append(w)
-
-            def emit(name, tensor, w=w):
-                if name in by_name:
-                    dtype = dtype_to_torch(by_name[name].residual_dtype)
-                    writer.submit(lambda: w.write(name, tensor.to(dtype)))
-                else:
-                    writer.submit(aw.write, name, tensor)
-
-            run: list[TensorInfo] = []  # consecutive untouched tensors, copied in one go
-            for info in sf.tensors.values():
-                target = by_name.get(info.name)
-                if target is None:
-                    run.append(info)
-                    continue
-                writer.submit(w.copy, run)
+            with StreamingWriter(dest, entries, meta) as w:
+                run: list[TensorInfo] = []  # consecutive untouched tensors, copied in one go
+                for info in sf.tensors.values():
+                    target = by_name.get(info.name)
+                    if target is None:
+                        run.append(info)
+                        continue
+                    w.copy(run)
+                    progress.update(sum(i.nbytes for i in run))
+                    run = []
+                    row, A, B, W_res = _decompose_one(plan, target, scratch)
+                    aw.write(_peft_key(target.module, "A"), A)
+                    aw.write(_peft_key(target.module, "B"), B)
+                    w.write(info.name, scratch.cast("out", W_res, target.residual_dtype))
+                    del W_res
+                    svd_seconds += row["svd_seconds"]
+                    rows.append(row)
+                    progress.set_postfix_str(f"tensors {len(rows)}/{len(plan.targets)}")
+                    progress.update(info.nbytes)
+                w.copy(run)
                 progress.update(sum(i.nbytes for i in run))
-                run = []
-                W = upcoming.result()
-                nxt = next(queue, None)
-                upcoming = reader.submit(_read_working, nxt.info) if nxt else None
-                row = _decompose_one(plan, target, W, emit)
-                svd_seconds += row["svd_seconds"]
-                rows.append(row)
-                progress.set_postfix_str(f"tensors {len(rows)}/{len(plan.targets)}")
-                progress.update(info.nbytes)
-            writer.submit(w.copy, run)
-            writer.submit(w.close)
-            progress.update(sum(i.nbytes for i in run))
-        writer.submit(aw.close)
-        writer.drain()
-    except BaseException:
-        reader.shutdown()
-        writer.shutdown()
-        for f in writers:
-            f.abort()
-        raise
-    finally:
-        reader.shutdown()
-        writer.shutdown()
     progress.close()
 
     _write_index(plan, tmp)
@@ -394,12 +368,19 @@ def _write_all(plan: Plan, tmp: Path) -> dict:
     return report
 
 
-def _decompose_one(plan: Plan, t: Target, Wf: torch.Tensor, emit) -> dict:
-    """Decompose one target. ``Wf``: the stored-layout weight in the working dtype (fp32, or
-    fp64), which is overwritten by the residual; ``emit(name, tensor)`` queues a write."""
+def _decompose_one(plan: Plan, t: Target, scratch: _Scratch):
+    """Read and decompose one target; returns (report row, A, B, W_res in the working dtype).
+
+    One conversion to the working dtype (fp32, or fp64) serves the SVD, the norms and, in place,
+    the residual; the caller rounds the residual to its output dtype as it writes it.
+    """
     o = plan.options
     t0 = time.perf_counter()
-    Wf = Wf.to(plan.device)
+    W = read_tensor(t.info)
+    Wf = W.to(
+        device=plan.device, dtype=torch.float64 if W.dtype == torch.float64 else torch.float32
+    )
+    del W
     w_norm = float(torch.linalg.vector_norm(Wf))
     seed = derive_seed(t.name, o.seed)
     U, S, Vh = svd_lowrank(
@@ -411,8 +392,6 @@ def _decompose_one(plan: Plan, t: Target, Wf: torch.Tensor, emit) -> dict:
         seed=seed,
     )
     t_svd = time.perf_counter() - t0
-    # The residual is computed in Wf's own buffer and stays in the working dtype here; the writer
-    # thread rounds it to the residual dtype (the same rounding pissa_factors would do).
     A, B, W_res = pissa_factors(
         Wf,
         t.rank,
@@ -425,10 +404,7 @@ def _decompose_one(plan: Plan, t: Target, Wf: torch.Tensor, emit) -> dict:
     )
     res_norm = float(torch.linalg.vector_norm(W_res))
     s2 = float((S.double() ** 2).sum())
-    emit(_peft_key(t.module, "A"), A.cpu())
-    emit(_peft_key(t.module, "B"), B.cpu())
-    emit(t.name, W_res.cpu())
-    return {
+    row = {
         "name": t.name,
         "module": t.module,
         "shape": list(t.info.shape),
@@ -447,38 +423,32 @@ def _decompose_one(plan: Plan, t: Target, Wf: torch.Tensor, emit) -> dict:
         "svd_seconds": round(t_svd, 4),
         "seconds": round(time.perf_counter() - t0, 4),
     }
+    return row, A.cpu(), B.cpu(), W_res.cpu()
 
 
-def _read_working(info: TensorInfo) -> torch.Tensor:
-    """Read one tensor and convert it to the working dtype (in the reader thread)."""
-    W = read_tensor(info)
-    return W.to(torch.float64 if W.dtype == torch.float64 else torch.float32)
+class _Scratch:
+    """Flat CPU buffers reused from tensor to tensor.
 
+    A fresh 50 MB tensor costs ~12k page faults (each zeroing a page) on every use, which took
+    longer than the copy itself; reusing a few buffers sized for the largest target avoids that.
+    """
 
-class _Ordered:
-    """Jobs run one at a time on a background thread, in submission order; ``submit`` blocks
-    while more than ``depth`` are unfinished, and re-raises the first job error it meets."""
+    def __init__(self):
+        self._bufs: dict[str, torch.Tensor] = {}
 
-    def __init__(self, depth: int):
-        self.depth = depth
-        self._pool = ThreadPoolExecutor(max_workers=1)
-        self._pending: deque[Future] = deque()
+    def get(self, key: str, nbytes: int) -> torch.Tensor:
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._bufs[key] = torch.empty(nbytes, dtype=torch.uint8)
+        return buf[:nbytes]
 
-    def submit(self, fn, *args) -> Future:
-        fut = self._pool.submit(fn, *args)
-        self._pending.append(fut)
-        while len(self._pending) > self.depth:
-            self._pending.popleft().result()
-        return fut
-
-    def drain(self) -> None:
-        while self._pending:
-            self._pending.popleft().result()
-
-    def shutdown(self) -> None:
-        """Drop queued jobs and wait for the running one (errors are the caller's to raise)."""
-        self._pending.clear()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def cast(self, key: str, x: torch.Tensor, st_dtype: str, device: str = "cpu") -> torch.Tensor:
+        """``x`` converted to ``st_dtype`` in buffer ``key`` (on ``device``)."""
+        dtype = dtype_to_torch(st_dtype)
+        if device != "cpu" or x.device.type != "cpu":
+            return x.to(device=device, dtype=dtype)
+        buf = self.get(key, dtype_nbytes(st_dtype, x.shape))
+        return buf.view(dtype).view(x.shape).copy_(x)
 
 
 def _peft_key(module: str, which: str) -> str:
@@ -523,6 +493,9 @@ def _write_index(plan: Plan, tmp: Path) -> None:
 
 
 def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; OUT is an ordinary folder
     if not out.exists():
         os.rename(tmp, out)
         return

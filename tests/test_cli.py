@@ -233,6 +233,9 @@ def test_success_summary(ckpt, tmp_path, run_cli):
     code, stdout, stderr = run_cli("decompose", ckpt, "--rank", "4", "--out", tmp_path / "out")
     assert code == 0
     assert "21 matrices decomposed" in stdout and "pissa_init" in stdout
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
     assert "tensors 21/21" in stderr  # the progress bar
 
 
@@ -321,11 +324,12 @@ def test_killed_run_leaves_no_out(slow_ckpt, tmp_path):
     assert (out / "pissa_init" / "adapter_model.safetensors").is_file()
 
 
-def test_interrupted_run_cleans_up(slow_ckpt, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_run_cleans_up(slow_ckpt, tmp_path, sig):
     out = tmp_path / "out"
     proc = _start(slow_ckpt, out)
     _wait_for_partial_output(tmp_path, proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert "interrupted" in err and "Traceback" not in err
