@@ -290,7 +290,6 @@ def execute(plan: Plan) -> dict:
 def _write_all(plan: Plan, tmp: Path) -> dict:
     o, ck = plan.options, plan.ckpt
     t_start = time.perf_counter()
-    by_name = {t.name: t for t in plan.targets}
     (tmp / ADAPTER_DIR).mkdir()
     adapter_entries = []
     for t in plan.targets:
@@ -300,43 +299,12 @@ def _write_all(plan: Plan, tmp: Path) -> dict:
         ]
     progress = _progress(ck.total_bytes, len(plan.targets), o.quiet)
     rows: list[dict] = []
-    svd_seconds = 0.0
-    # Strictly sequential on purpose: on a few cores the BLAS threads own every core, and
-    # reader/writer threads measurably slowed the GEMMs (and raised peak RSS) more than the
-    # overlap saved (bench/RESULTS.md).
     scratch = _Scratch()
     with StreamingWriter(tmp / ADAPTER_DIR / ADAPTER_FILE, adapter_entries, {"format": "pt"}) as aw:
         for shard in ck.shards:
-            sf = ck.files[shard]
-            dest = tmp / shard
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            entries = [
-                (i.name, by_name[i.name].residual_dtype if i.name in by_name else i.dtype, i.shape)
-                for i in sf.tensors.values()
-            ]
-            meta = {**sf.metadata, "format": sf.metadata.get("format", "pt")}
-            with StreamingWriter(dest, entries, meta) as w:
-                run: list[TensorInfo] = []  # consecutive untouched tensors, copied in one go
-                for info in sf.tensors.values():
-                    target = by_name.get(info.name)
-                    if target is None:
-                        run.append(info)
-                        continue
-                    w.copy(run)
-                    progress.update(sum(i.nbytes for i in run))
-                    run = []
-                    row, A, B, W_res = _decompose_one(plan, target, scratch)
-                    aw.write(_peft_key(target.module, "A"), A)
-                    aw.write(_peft_key(target.module, "B"), B)
-                    w.write(info.name, scratch.cast("out", W_res, target.residual_dtype))
-                    del W_res
-                    svd_seconds += row["svd_seconds"]
-                    rows.append(row)
-                    progress.set_postfix_str(f"tensors {len(rows)}/{len(plan.targets)}")
-                    progress.update(info.nbytes)
-                w.copy(run)
-                progress.update(sum(i.nbytes for i in run))
+            _stream_shard(plan, shard, tmp / shard, aw, scratch, progress, rows)
     progress.close()
+    svd_seconds = sum(r["svd_seconds"] for r in rows)
 
     _write_index(plan, tmp)
     _write_json(tmp / ADAPTER_DIR / ADAPTER_CONFIG, _adapter_config(plan))
@@ -366,6 +334,43 @@ def _write_all(plan: Plan, tmp: Path) -> dict:
     }
     _write_json(tmp / REPORT_FILE, report)
     return report
+
+
+def _stream_shard(plan, shard, dest, aw, scratch, progress, rows) -> None:
+    """Write one residual shard: targets decomposed one by one, everything else copied as is.
+
+    Strictly sequential on purpose: on a few cores the BLAS threads own every core, and
+    reader/writer threads measurably slowed the GEMMs (and raised peak RSS) more than the
+    overlap saved (bench/RESULTS.md).
+    """
+    by_name = {t.name: t for t in plan.targets}
+    sf = plan.ckpt.files[shard]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    entries = [
+        (i.name, by_name[i.name].residual_dtype if i.name in by_name else i.dtype, i.shape)
+        for i in sf.tensors.values()
+    ]
+    meta = {**sf.metadata, "format": sf.metadata.get("format", "pt")}
+    with StreamingWriter(dest, entries, meta) as w:
+        run: list[TensorInfo] = []  # consecutive untouched tensors, copied in one go
+        for info in sf.tensors.values():
+            target = by_name.get(info.name)
+            if target is None:
+                run.append(info)
+                continue
+            w.copy(run)
+            progress.update(sum(i.nbytes for i in run))
+            run = []
+            row, A, B, W_res = _decompose_one(plan, target, scratch)
+            aw.write(_peft_key(target.module, "A"), A)
+            aw.write(_peft_key(target.module, "B"), B)
+            w.write(info.name, scratch.cast("out", W_res, target.residual_dtype))
+            del W_res
+            rows.append(row)
+            progress.set_postfix_str(f"tensors {len(rows)}/{len(plan.targets)}")
+            progress.update(info.nbytes)
+        w.copy(run)
+        progress.update(sum(i.nbytes for i in run))
 
 
 def _decompose_one(plan: Plan, t: Target, scratch: _Scratch):
