@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--niter", type=int, default=4, help="power iterations, as PEFT's pissa_niter_N (default 4)"
     )
-    d.add_argument("--oversample", type=int, default=None, help="extra sketch columns (default 8)")
+    d.add_argument("--oversample", type=int, default=None, help="extra sketch columns (default 16)")
     d.add_argument(
         "--method",
         choices=("auto", "halko", "krylov", "exact"),

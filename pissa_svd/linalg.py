@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 
 METHODS = ("auto", "halko", "krylov", "exact")
-DEFAULT_OVERSAMPLE = 8
+DEFAULT_OVERSAMPLE = 16
 
 
 def derive_seed(name: str, seed: int) -> int:
