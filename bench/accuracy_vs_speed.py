@@ -423,7 +423,13 @@ def bench_llm_shapes(args: argparse.Namespace) -> dict:
     methods = [
         Method("PEFT (torch q=r)", "peft", run_peft, PEFT_NITER),
         Method("ours default (auto, niter 4)", "default", ours("auto", 4, None), 4),
-        Method("ours krylov niter=4 p=8", "krylov", ours("krylov", 4, DEFAULT_OVERSAMPLE), 4, 8),
+        Method(
+            f"ours krylov niter=4 p={DEFAULT_OVERSAMPLE}",
+            "krylov",
+            ours("krylov", 4, DEFAULT_OVERSAMPLE),
+            4,
+            DEFAULT_OVERSAMPLE,
+        ),
     ]
     r = LLM_RANK
     out = []
