@@ -1,0 +1,73 @@
+"""pytest-benchmark timings of the engine's hot paths, each checked for correctness after timing.
+
+Run (not part of the test suite):
+
+    python -m pytest bench/test_hotpaths.py --benchmark-only -p no:cacheprovider
+
+Shapes are one LLM MLP projection (2048 x 5632, fp32, rank 64, niter 4), with a decaying
+spectrum so that accuracy differences show.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pissa_svd.checkpoint import StreamingWriter
+from pissa_svd.linalg import orthonormalize, svd_lowrank
+
+M, N, RANK = 2048, 5632, 64
+
+
+@pytest.fixture(scope="module")
+def weight():
+    g = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(M, M, generator=g)).Q
+    V = torch.linalg.qr(torch.randn(N, M, generator=g)).Q
+    s = torch.arange(1, M + 1, dtype=torch.float32) ** -0.6
+    return (U * s) @ V.T, s
+
+
+def excess(W, s, U, S, Vh) -> float:
+    opt = torch.linalg.vector_norm(s[RANK:].double())
+    return float(torch.linalg.matrix_norm(W.double() - (U * S) @ Vh) / opt - 1)
+
+
+@pytest.mark.parametrize("method", ["halko", "krylov"])
+def test_svd_lowrank(benchmark, weight, method):
+    W, s = weight
+    U, S, Vh = benchmark(svd_lowrank, W, RANK, niter=4, method=method)
+    U0, S0, V0 = torch.svd_lowrank(W, q=RANK, niter=4)
+    assert excess(W, s, U, S, Vh) < excess(W, s, U0, S0, V0.mT)
+
+
+def test_peft_svd_lowrank(benchmark, weight):
+    W, s = weight
+    U, S, V = benchmark(torch.svd_lowrank, W, q=RANK, niter=4)
+    assert excess(W, s, U, S, V.mT) < 0.05
+
+
+def test_orthonormalize(benchmark):
+    Y = torch.randn(N, RANK + 16, generator=torch.Generator().manual_seed(1))
+    Q = benchmark(orthonormalize, Y)
+    torch.testing.assert_close(Q.T @ Q, torch.eye(RANK + 16), atol=1e-5, rtol=0)
+
+
+def test_householder_qr(benchmark):
+    Y = torch.randn(N, RANK + 16, generator=torch.Generator().manual_seed(1))
+    Q = benchmark(lambda: torch.linalg.qr(Y).Q)
+    torch.testing.assert_close(Q.T @ Q, torch.eye(RANK + 16), atol=1e-5, rtol=0)
+
+
+def test_streaming_write(benchmark, tmp_path, weight):
+    W = weight[0].bfloat16()
+    path = tmp_path / "w.safetensors"
+
+    def write():
+        with StreamingWriter(path, [("w", "BF16", tuple(W.shape))], {"format": "pt"}) as w:
+            w.write("w", W)
+
+    benchmark(write)
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(path)["w"], W)
