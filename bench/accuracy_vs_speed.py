@@ -665,7 +665,7 @@ def timing_noise_line(cells: list[dict]) -> str | None:
     spreads = []
     for c in cells:
         shapes = [tuple(map(int, s.split("x"))) for s in c["shapes"]]
-        auto = {resolve_method("auto", m, n, c["rank"], DEFAULT_OVERSAMPLE) for m, n in shapes}
+        auto = {resolve_method("auto", m, n, c["rank"], DEFAULT_OVERSAMPLE, 4) for m, n in shapes}
         if auto != {"halko"} or same not in c["methods"]:
             return None
         a = c["methods"]["ours default (auto, niter 4)"]["time_s_min"]

@@ -33,13 +33,18 @@ def derive_seed(name: str, seed: int) -> int:
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
-def resolve_method(method: str, m: int, n: int, rank: int, oversample: int) -> str:
+def resolve_method(method: str, m: int, n: int, rank: int, oversample: int, niter: int) -> str:
+    """The method that actually runs for an (m, n) matrix (what plans and reports show)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    small = min(m, n)
+    if method == "krylov" and (niter + 1) * (rank + oversample) >= small:
+        # The Krylov space would fill all of R^min(m,n): an exact SVD is then cheaper and exact.
+        return "exact"
     if method != "auto":
         return method
     # When the sketch would span half the smaller side, randomization saves little: be exact.
-    if 2 * (rank + oversample) >= min(m, n):
+    if 2 * (rank + oversample) >= small:
         return "exact"
     return "halko"
 
@@ -80,10 +85,7 @@ def svd_lowrank(
     p = DEFAULT_OVERSAMPLE if oversample is None else oversample
     if p < 0:
         raise ValueError(f"oversample must be >= 0, got {p}")
-    method = resolve_method(method, m, n, rank, p)
-    if method == "krylov" and (niter + 1) * (rank + p) >= min(m, n):
-        # The Krylov space would fill all of R^min(m,n): an exact SVD is then cheaper and exact.
-        method = "exact"
+    method = resolve_method(method, m, n, rank, p, niter)
 
     work = torch.float64 if W.dtype == torch.float64 else torch.float32
     batched = W.ndim == 3
@@ -188,29 +190,25 @@ def _small_svd(X: torch.Tensor, Q: torch.Tensor):
 
 def _halko(X: torch.Tensor, omega: torch.Tensor, niter: int):
     """Range finder with power iterations, re-orthonormalized after every product (stable)."""
-    Q = orthonormalize(X @ omega, rounds=1)
+    # One CholeskyQR round keeps the intermediate bases well conditioned; the last gets two.
+    Q = orthonormalize(X @ omega, rounds=2 if niter == 0 else 1)
     for i in range(niter):
         Z = orthonormalize(X.mT @ Q, rounds=1)
         Q = orthonormalize(X @ Z, rounds=2 if i == niter - 1 else 1)
-    if niter == 0:
-        Q = orthonormalize(Q)
     return _small_svd(X, Q)
 
 
 def _block_krylov(X: torch.Tensor, omega: torch.Tensor, niter: int):
     """Block Krylov subspace [XΩ, (XXᵀ)XΩ, ..., (XXᵀ)^q XΩ] with full re-orthogonalization."""
-    m = X.shape[-2]
+    # resolve_method guarantees (niter + 1) blocks fit in R^m, so the space never fills up.
     K = orthonormalize(X @ omega)
     tol = 1000 * torch.finfo(X.dtype).eps
     for _ in range(niter):
-        if K.shape[-1] >= m:  # the Krylov space already fills R^m
-            break
         Z = orthonormalize(X.mT @ K[..., -omega.shape[-1] :])
         Y = X @ Z
         # Block Gram-Schmidt against the basis so far, twice ("twice is enough").
         for _ in range(2):
             Y = Y - K @ (K.mT @ Y)
-        Y = Y[..., : m - K.shape[-1]]
         Qn = orthonormalize(Y)
         if float((K.mT @ Qn).abs().amax()) > tol:
             # The new block collapsed into the old space (exact low rank): extend K with an

@@ -234,7 +234,7 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
                 out_features=out_f,
                 in_features=in_f,
                 rank=o.rank,
-                method=resolve_method(o.method, out_f, in_f, o.rank, oversample),
+                method=resolve_method(o.method, out_f, in_f, o.rank, oversample, o.niter),
                 adapter_dtype=adapter_dtype or info.dtype,
                 residual_dtype=residual_dtype or info.dtype,
             )
