@@ -381,10 +381,8 @@ def _decompose_one(plan: Plan, t: Target, scratch: _Scratch):
     """
     o = plan.options
     t0 = time.perf_counter()
-    W = read_tensor(t.info)
-    Wf = W.to(
-        device=plan.device, dtype=torch.float64 if W.dtype == torch.float64 else torch.float32
-    )
+    W = read_tensor(t.info, scratch.get("read", t.info.nbytes))
+    Wf = scratch.cast("work", W, "F64" if t.info.dtype == "F64" else "F32", plan.device)
     del W
     w_norm = float(torch.linalg.vector_norm(Wf))
     seed = derive_seed(t.name, o.seed)
