@@ -368,8 +368,10 @@ def build_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict
 
 
 class StreamingWriter:
-    """Write a safetensors file whose header is known up front, tensor by tensor, in order.
+    """Write a safetensors file whose header is known up front, one tensor at a time.
 
+    Offsets follow from the header, so tensors may arrive in any order (a batch of same-shape
+    matrices is written as soon as it is done); each is written exactly once with ``pwrite``.
     Use as a context manager; closing checks that every declared tensor was written.
     """
 
@@ -380,12 +382,16 @@ class StreamingWriter:
         metadata: dict[str, str] | None = None,
     ):
         self.path = Path(path)
-        self.entries = entries
-        self._next = 0
         header, offsets = build_header(entries, metadata or {})
-        self.size = len(header) + (offsets[-1][1] if offsets else 0)
-        self._f = open(self.path, "wb", buffering=0)  # noqa: SIM115 (closed in close())
-        self._guard(lambda: _write_all(self._f, memoryview(header)))
+        base = len(header)
+        self._slots = {
+            name: (i, dtype, tuple(shape), base + b, base + e)
+            for i, ((name, dtype, shape), (b, e)) in enumerate(zip(entries, offsets, strict=True))
+        }
+        self._done: set[str] = set()
+        self.size = base + (offsets[-1][1] if offsets else 0)
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        self._guard(lambda: _pwrite_all(self._fd, memoryview(header), 0))
 
     def _guard(self, fn):
         try:
@@ -396,52 +402,67 @@ class StreamingWriter:
                 raise err from None
             raise
 
-    def _expect(self, name: str) -> tuple[str, str, tuple[int, ...]]:
-        if self._next >= len(self.entries) or self.entries[self._next][0] != name:
-            want = self.entries[self._next][0] if self._next < len(self.entries) else "nothing"
-            raise RuntimeError(f"{self.path}: wrote {name!r} out of order, expected {want!r}")
-        self._next += 1
-        return self.entries[self._next - 1]
+    def _claim(self, name: str) -> tuple[int, str, tuple[int, ...], int, int]:
+        slot = self._slots.get(name)
+        if slot is None:
+            raise RuntimeError(f"{self.path}: {name!r} is not in the header")
+        if name in self._done:
+            raise RuntimeError(f"{self.path}: {name!r} written twice")
+        self._done.add(name)
+        return slot
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        _, dtype, shape = self._expect(name)
-        if torch_to_dtype(tensor.dtype) != dtype or tuple(tensor.shape) != tuple(shape):
+        _, dtype, shape, begin, _ = self._slots.get(name, (0, None, None, 0, 0))
+        if dtype is not None and (
+            torch_to_dtype(tensor.dtype) != dtype or tuple(tensor.shape) != shape
+        ):
             raise RuntimeError(
                 f"{name}: got {tensor.dtype}{tuple(tensor.shape)}, header says {dtype}{shape}"
             )
+        self._claim(name)
         t = tensor.detach().to("cpu").contiguous()
         if t.numel():
             # uint8 view: numpy has no bfloat16, but bytes are bytes.
             mv = memoryview(t.view(torch.uint8).reshape(-1).numpy())
-            self._guard(lambda: _write_all(self._f, mv))
+            self._guard(lambda: _pwrite_all(self._fd, mv, begin))
 
     def copy(self, infos: list[TensorInfo]) -> None:
-        """Copy the bytes of consecutive source tensors unchanged (no trip through memory)."""
-        for info in infos:
-            self._expect(info.name)
+        """Copy the bytes of consecutive source tensors unchanged (no trip through memory).
+
+        They must be contiguous in the source file and declared consecutively here.
+        """
         if not infos:
             return
+        slots = [self._claim(i.name) for i in infos]
+        pairs = list(zip(infos, infos[1:], strict=False))
+        if any(a.end != b.begin for a, b in pairs) or any(
+            s[0] + 1 != t[0] for s, t in zip(slots, slots[1:], strict=False)
+        ):
+            raise RuntimeError("copy() needs tensors that are consecutive in both files")
+        if any(i.nbytes != s[4] - s[3] for i, s in zip(infos, slots, strict=True)):
+            raise RuntimeError("copy() needs the header to declare the source's sizes")
         src, begin, end = infos[0].path, infos[0].begin, infos[-1].end
-        if any(a.end != b.begin for a, b in zip(infos, infos[1:], strict=False)):
-            raise RuntimeError("copy() needs tensors that are contiguous in the source file")
-        self._guard(lambda: _copy_range(src, begin, end - begin, self._f))
+        self._guard(lambda: _copy_range(src, begin, end - begin, self._fd, slots[0][3]))
 
     def close(self) -> None:
-        if self._f.closed:
+        if self._fd is None:
             return
+        fd, self._fd = self._fd, None
         # No fsync: completeness is guaranteed by renaming OUT into place only after every file
         # is closed, which survives a killed process; forcing 2 GB/shard to disk would cost more
         # than the whole decomposition on a typical disk.
-        self._guard(self._f.close)
-        if self._next != len(self.entries):
+        self._guard(lambda: os.close(fd))
+        if len(self._done) != len(self._slots):
             raise RuntimeError(
-                f"{self.path}: closed after {self._next}/{len(self.entries)} tensors"
+                f"{self.path}: closed after {len(self._done)}/{len(self._slots)} tensors"
             )
         if self.path.stat().st_size != self.size:
             raise RuntimeError(f"{self.path}: size {self.path.stat().st_size} != {self.size}")
 
     def abort(self) -> None:
-        self._f.close()
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
 
     def __enter__(self) -> StreamingWriter:
         return self
@@ -453,34 +474,34 @@ class StreamingWriter:
             self.abort()
 
 
-def _write_all(f, mv: memoryview) -> None:
-    """Unbuffered writes may be short (Linux caps one write near 2 GiB)."""
+def _pwrite_all(fd: int, mv: memoryview, offset: int) -> None:
+    """Writes may be short (Linux caps one write near 2 GiB)."""
     while len(mv):
-        n = f.write(mv)
-        mv = mv[n:]
+        n = os.pwrite(fd, mv, offset)
+        mv, offset = mv[n:], offset + n
 
 
-def _copy_range(src: Path, offset: int, count: int, dst) -> None:
+def _copy_range(src: Path, offset: int, count: int, out_fd: int, out_offset: int) -> None:
     with open(src, "rb") as fin:
-        out_fd = dst.fileno()
         done = 0
         try:
             while done < count:
-                n = os.copy_file_range(fin.fileno(), out_fd, count - done, offset + done)
+                n = os.copy_file_range(
+                    fin.fileno(), out_fd, count - done, offset + done, out_offset + done
+                )
                 if n == 0:
                     raise InputError(f"{src}: truncated while copying; re-download the file")
                 done += n
             return
         except (AttributeError, OSError) as exc:
-            if isinstance(exc, OSError) and disk_error(exc, dst.name) is not None:
+            if isinstance(exc, OSError) and disk_error(exc, src) is not None:
                 raise
             if done:
                 raise
         # Fallback (filesystems without copy_file_range): bounded chunks through user space.
-        fin.seek(offset)
         while done < count:
-            chunk = fin.read(min(64 << 20, count - done))
+            chunk = os.pread(fin.fileno(), min(64 << 20, count - done), offset + done)
             if not chunk:
                 raise InputError(f"{src}: truncated while copying; re-download the file")
-            _write_all(dst, memoryview(chunk))
+            _pwrite_all(out_fd, memoryview(chunk), out_offset + done)
             done += len(chunk)

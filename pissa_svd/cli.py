@@ -69,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--residual-dtype", default=None, help="bf16, fp16, fp32 or fp64 (default: input dtype)"
     )
+    d.add_argument(
+        "--batch-memory",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="same-shape matrices are decomposed together up to SIZE of fp32 matrices per call, "
+        "e.g. 512M or 8G; 0 = one at a time (default: 64M on CPU, a quarter of free GPU memory)",
+    )
     d.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     d.add_argument(
         "--dry-run",
@@ -77,6 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return p
+
+
+def _size(text: str) -> int:
+    """'512M' / '8G' / '1.5GiB' / '1000000' -> bytes (K, M, G, T are powers of 1024)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = 1024 ** ("KMGT".index(t[-1]) + 1) if t and t[-1] in "KMGT" else 1
+    try:
+        value = float(t[:-1] if scale > 1 else t) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512M or 8G)") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a size >= 0, got {text!r}")
+    return int(value)
 
 
 def _decompose(args: argparse.Namespace) -> int:
@@ -93,6 +114,7 @@ def _decompose(args: argparse.Namespace) -> int:
         device=args.device,
         adapter_dtype=args.adapter_dtype,
         residual_dtype=args.residual_dtype,
+        batch_memory=args.batch_memory,
         overwrite=args.overwrite,
         quiet=args.quiet,
     )

@@ -1,8 +1,9 @@
 """The decompose job: plan -> stream -> write -> rename into place.
 
-Memory is bounded by one tensor, not one model: shards are walked in file order, each target is
-read alone, decomposed, and its residual, A and B written before the next one is read; every
-other tensor is copied file-to-file without passing through memory. All output goes to a hidden
+Memory is bounded by one batch of tensors, not one model: shards are walked in file order; the
+targets of a shard that share a shape are decomposed together, as one (b, m, n) call, up to a
+byte budget (``batch_memory``), and their residuals, A and B are written before the next batch is
+read; every other tensor is copied file-to-file without passing through memory. All output goes to a hidden
 temporary sibling of OUT, which is renamed to OUT only once complete, so an interrupted run
 never leaves an OUT that looks finished.
 """
@@ -73,6 +74,7 @@ class Options:
     device: str = "auto"
     adapter_dtype: str | None = None
     residual_dtype: str | None = None
+    batch_memory: int | None = None  # bytes of working-precision matrices per batch
     overwrite: bool = False
     quiet: bool = False
 
@@ -105,18 +107,35 @@ class Target:
         last = 2.0 * m * n * block * (niter + 1) if self.method == "krylov" else 2.0 * m * n * block
         return passes * 2.0 * m * n * block + orth + last + residual
 
-    def working_bytes(self, oversample: int) -> int:
-        """Peak bytes held while this target is processed (input, fp32 copies, output)."""
+    @property
+    def work_bytes(self) -> int:
+        """Bytes of the matrix in the working precision (fp32, or fp64 for fp64 input)."""
+        return self.out_features * self.in_features * (8 if self.info.dtype == "F64" else 4)
+
+    def batch_key(self) -> tuple:
+        """Targets with equal keys can be decomposed in one batched call."""
+        return (
+            self.info.shape,
+            self.info.dtype,
+            self.transposed,
+            self.rank,
+            self.method,
+            self.adapter_dtype,
+            self.residual_dtype,
+        )
+
+    def working_bytes(self, oversample: int, batch: int = 1) -> int:
+        """Peak bytes held while a batch of this target's shape is processed."""
         m, n = self.out_features, self.in_features
-        work = 8 if self.info.dtype == "F64" else 4
         block = min(self.rank + oversample, min(m, n))
-        # read buffer + working-dtype buffer (overwritten by the residual) + output buffer
-        # + the thin sketch blocks and their Gram/QR temporaries.
+        # read buffer (one member at a time) + the batch in the working dtype (overwritten by
+        # the residuals) + output buffer (one member) + the thin sketch blocks and their
+        # Gram/QR temporaries, per member.
         return (
             self.info.nbytes
-            + m * n * work
+            + batch * self.work_bytes
             + dtype_nbytes(self.residual_dtype, (m, n))
-            + 8 * (m + n) * block * work
+            + batch * 8 * (m + n) * block * self.work_bytes // (m * n)
         )
 
 
@@ -132,6 +151,8 @@ class Plan:
     device: str
     fan_in_fan_out: bool
     task_type: str | None
+    batch_memory: int = 0
+    batches: list[list[Target]] = field(default_factory=list)
     config: dict | None = field(default=None, repr=False)
 
     @property
@@ -140,7 +161,7 @@ class Plan:
 
     @property
     def working_bytes(self) -> int:
-        return max(t.working_bytes(self.oversample) for t in self.targets)
+        return max(b[0].working_bytes(self.oversample, len(b)) for b in self.batches)
 
     def describe(self) -> str:
         """The human-readable plan that ``--dry-run`` prints."""
@@ -156,6 +177,9 @@ class Plan:
             f" task_type={self.task_type}, fan_in_fan_out={self.fan_in_fan_out}",
             f"  svd          niter={o.niter}, oversample={self.oversample}, seed={o.seed},"
             f" device={self.device}",
+            f"  batching     {len(self.targets)} matrices in {len(self.batches)} calls"
+            f" (same-shape matrices of a shard, up to {_human(self.batch_memory)} each,"
+            f" largest batch {max(len(b) for b in self.batches)})",
             f"  targets      {len(self.targets)} matrices:",
             f"    {'module':<18} {'count':>5}  {'shape (out x in)':<18} {'rank':>5}  {'method':<7}"
             f" {'dtype':<5} {'GFLOP':>9}",
@@ -177,7 +201,7 @@ class Plan:
         lines += [
             f"  compute      {self.flops / 1e9:.1f} GFLOP in all",
             f"  memory       peak ~{_human(rss + self.working_bytes)}: runtime {_human(rss)}"
-            f" + largest target's working set {_human(self.working_bytes)}"
+            f" + largest batch's working set {_human(self.working_bytes)}"
             f" (the whole checkpoint is {_human(ck.total_bytes)})",
             f"  disk         residual {_human(ck.total_bytes)}, adapter {_human(adapter)}",
         ]
@@ -195,6 +219,8 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
         raise InputError(f"--oversample must be >= 0, got {o.oversample}")
     if o.method not in METHODS:
         raise InputError(f"--method must be one of {', '.join(METHODS)}, got {o.method!r}")
+    if o.batch_memory is not None and o.batch_memory < 0:
+        raise InputError(f"--batch-memory must be >= 0, got {o.batch_memory}")
     if o.alpha is not None and not (o.alpha > 0 and math.isfinite(o.alpha)):
         raise InputError(f"--alpha must be a positive number, got {o.alpha}")
     adapter_dtype = _dtype_option("--adapter-dtype", o.adapter_dtype)
@@ -254,6 +280,7 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
         )
     alpha = float(o.alpha) if o.alpha is not None else float(o.rank)
     config = ckpt.read_json("config.json") if src_path.is_dir() else None
+    budget = _default_batch_memory(device) if o.batch_memory is None else o.batch_memory
     return Plan(
         ckpt=ckpt,
         out=out_path,
@@ -265,8 +292,36 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
         device=device,
         fan_in_fan_out=layouts.pop(),
         task_type=task_type(config),
+        batch_memory=budget,
+        batches=_batches(targets, budget),
         config=config,
     )
+
+
+def _default_batch_memory(device: str) -> int:
+    """Batch budget: on CPU, batching only pays for small matrices (per-call overhead; large ones
+    measured up to 1.2x slower batched), so 64 MiB; on a GPU, a quarter of free memory."""
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return free // 4
+    return 64 << 20
+
+
+def _batches(targets: list[Target], budget: int) -> list[list[Target]]:
+    """Group same-shape targets of one shard, in file order, into batches within ``budget``.
+
+    A batch holds at least one matrix; the first member's position orders the batches.
+    """
+    batches: list[list[Target]] = []
+    open_: dict[tuple, list[Target]] = {}
+    for t in targets:  # file order
+        key = (t.info.path, *t.batch_key())
+        cur = open_.get(key)
+        if cur is None or (len(cur) + 1) * t.work_bytes > budget:
+            cur = open_[key] = []
+            batches.append(cur)
+        cur.append(t)
+    return batches
 
 
 def decompose(src: str | os.PathLike, out: str | os.PathLike, **kwargs) -> dict:
@@ -304,6 +359,8 @@ def _write_all(plan: Plan, tmp: Path) -> dict:
         for shard in ck.shards:
             _stream_shard(plan, shard, tmp / shard, aw, scratch, progress, rows)
     progress.close()
+    order = {t.name: i for i, t in enumerate(plan.targets)}
+    rows.sort(key=lambda r: order[r["name"]])  # batches finish out of file order
     svd_seconds = sum(r["svd_seconds"] for r in rows)
 
     _write_index(plan, tmp)
@@ -337,96 +394,114 @@ def _write_all(plan: Plan, tmp: Path) -> dict:
 
 
 def _stream_shard(plan, shard, dest, aw, scratch, progress, rows) -> None:
-    """Write one residual shard: targets decomposed one by one, everything else copied as is.
+    """Write one residual shard: targets decomposed batch by batch, everything else copied.
 
-    Strictly sequential on purpose: on a few cores the BLAS threads own every core, and
-    reader/writer threads measurably slowed the GEMMs (and raised peak RSS) more than the
-    overlap saved (bench/RESULTS.md).
+    A batch is decomposed when its first member comes up in file order, and all its members are
+    written at once (the writer places each tensor at its header offset). Strictly sequential
+    on purpose: on a few cores the BLAS threads own every core, and reader/writer threads
+    measurably slowed the GEMMs (and raised peak RSS) more than the overlap saved
+    (bench/RESULTS.md).
     """
-    by_name = {t.name: t for t in plan.targets}
+    batch_of = {t.name: b for b in plan.batches for t in b if t.info.path.name == shard}
     sf = plan.ckpt.files[shard]
     dest.parent.mkdir(parents=True, exist_ok=True)
     entries = [
-        (i.name, by_name[i.name].residual_dtype if i.name in by_name else i.dtype, i.shape)
+        (i.name, batch_of[i.name][0].residual_dtype if i.name in batch_of else i.dtype, i.shape)
         for i in sf.tensors.values()
     ]
     meta = {**sf.metadata, "format": sf.metadata.get("format", "pt")}
+    done: set[str] = set()
     with StreamingWriter(dest, entries, meta) as w:
         run: list[TensorInfo] = []  # consecutive untouched tensors, copied in one go
         for info in sf.tensors.values():
-            target = by_name.get(info.name)
-            if target is None:
+            batch = batch_of.get(info.name)
+            if batch is None:
                 run.append(info)
                 continue
             w.copy(run)
             progress.update(sum(i.nbytes for i in run))
             run = []
-            row, A, B, W_res = _decompose_one(plan, target, scratch)
-            aw.write(_peft_key(target.module, "A"), A)
-            aw.write(_peft_key(target.module, "B"), B)
-            w.write(info.name, scratch.cast("out", W_res, target.residual_dtype))
-            del W_res
-            rows.append(row)
+            if info.name in done:
+                continue
+            results = _decompose_batch(plan, batch, scratch)
+            for t, (row, A, B, W_res) in zip(batch, results, strict=True):
+                aw.write(_peft_key(t.module, "A"), A)
+                aw.write(_peft_key(t.module, "B"), B)
+                w.write(t.name, scratch.cast("out", W_res, t.residual_dtype))
+                done.add(t.name)
+                rows.append(row)
+                progress.update(t.info.nbytes)
             progress.set_postfix_str(f"tensors {len(rows)}/{len(plan.targets)}")
-            progress.update(info.nbytes)
         w.copy(run)
         progress.update(sum(i.nbytes for i in run))
 
 
-def _decompose_one(plan: Plan, t: Target, scratch: _Scratch):
-    """Read and decompose one target; returns (report row, A, B, W_res in the working dtype).
+def _decompose_batch(plan: Plan, batch: list[Target], scratch: _Scratch):
+    """Read and decompose same-shape targets in one batched call.
 
-    One conversion to the working dtype (fp32, or fp64) serves the SVD, the norms and, in place,
-    the residual; the caller rounds the residual to its output dtype as it writes it.
+    Returns one (report row, A, B, W_res in the working dtype) per member. One conversion to
+    the working dtype serves the SVD, the norms and, in place, the residual; the caller rounds
+    each residual to its output dtype as it writes it.
     """
-    o = plan.options
-    t0 = time.perf_counter()
-    W = read_tensor(t.info, scratch.get("read", t.info.nbytes))
-    Wf = scratch.cast("work", W, "F64" if t.info.dtype == "F64" else "F32", plan.device)
-    del W
-    w_norm = float(torch.linalg.vector_norm(Wf))
-    seed = derive_seed(t.name, o.seed)
+    o, t0 = plan.options, batch[0]
+    start = time.perf_counter()
+    work = "F64" if t0.info.dtype == "F64" else "F32"
+    shape = (len(batch), *t0.info.shape)
+    if plan.device == "cpu":
+        Wf = scratch.get("work", dtype_nbytes(work, shape)).view(dtype_to_torch(work)).view(shape)
+    else:
+        Wf = torch.empty(shape, dtype=dtype_to_torch(work), device=plan.device)
+    for i, t in enumerate(batch):
+        Wf[i].copy_(read_tensor(t.info, scratch.get("read", t.info.nbytes)))
+    w_norms = torch.linalg.vector_norm(Wf, dim=(-2, -1)).tolist()
+    seeds = [derive_seed(t.name, o.seed) for t in batch]
     U, S, Vh = svd_lowrank(
-        Wf.mT if t.transposed else Wf,
-        t.rank,
+        Wf.mT if t0.transposed else Wf,
+        t0.rank,
         niter=o.niter,
         oversample=plan.oversample,
-        method=t.method,
-        seed=seed,
+        method=t0.method,
+        seed=seeds,
     )
-    t_svd = time.perf_counter() - t0
+    t_svd = (time.perf_counter() - start) / len(batch)
     A, B, W_res = pissa_factors(
         Wf,
-        t.rank,
+        t0.rank,
         scaling=plan.scaling,
-        fan_in_fan_out=t.transposed,
-        adapter_dtype=dtype_to_torch(t.adapter_dtype),
+        fan_in_fan_out=t0.transposed,
+        adapter_dtype=dtype_to_torch(t0.adapter_dtype),
         residual_dtype=Wf.dtype,
         svd=(U, S, Vh),
         inplace=True,
     )
-    res_norm = float(torch.linalg.vector_norm(W_res))
-    s2 = float((S.double() ** 2).sum())
-    row = {
-        "name": t.name,
-        "module": t.module,
-        "shape": list(t.info.shape),
-        "out_features": t.out_features,
-        "in_features": t.in_features,
-        "dtype": t.info.dtype,
-        "rank": t.rank,
-        "method": t.method,
-        "niter": o.niter,
-        "oversample": plan.oversample,
-        "seed": seed,
-        "singular_values": [round(float(x), 6) for x in S.tolist()],
-        "energy_fraction": s2 / (w_norm**2) if w_norm > 0 else 0.0,
-        "weight_norm": w_norm,
-        "residual_norm": res_norm,
-        "svd_seconds": round(t_svd, 4),
-        "seconds": round(time.perf_counter() - t0, 4),
-    }
-    return row, A.cpu(), B.cpu(), W_res.cpu()
+    res_norms = torch.linalg.vector_norm(W_res, dim=(-2, -1)).tolist()
+    energy = (S.double() ** 2).sum(-1).tolist()
+    seconds = (time.perf_counter() - start) / len(batch)
+    S = S.cpu()
+    out = []
+    for i, t in enumerate(batch):
+        row = {
+            "name": t.name,
+            "module": t.module,
+            "shape": list(t.info.shape),
+            "out_features": t.out_features,
+            "in_features": t.in_features,
+            "dtype": t.info.dtype,
+            "rank": t.rank,
+            "method": t.method,
+            "niter": o.niter,
+            "oversample": plan.oversample,
+            "seed": seeds[i],
+            "batch": len(batch),
+            "singular_values": [round(float(x), 6) for x in S[i].tolist()],
+            "energy_fraction": energy[i] / w_norms[i] ** 2 if w_norms[i] > 0 else 0.0,
+            "weight_norm": w_norms[i],
+            "residual_norm": res_norms[i],
+            "svd_seconds": round(t_svd, 4),
+            "seconds": round(seconds, 4),
+        }
+        out.append((row, A[i].cpu(), B[i].cpu(), W_res[i].cpu()))
+    return out
 
 
 class _Scratch:

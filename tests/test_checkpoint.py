@@ -57,15 +57,26 @@ def test_streaming_writer_output_loads_in_safetensors(tmp_path):
     assert struct.unpack("<Q", out.read_bytes()[:8])[0] % 8 == 0  # header padded to 8 bytes
 
 
-def test_writer_rejects_out_of_order_and_wrong_shape(tmp_path):
-    entries = [("x", "F32", (2, 2)), ("y", "F32", (3,))]
-    w = StreamingWriter(tmp_path / "o.safetensors", entries)
-    with pytest.raises(RuntimeError, match="out of order"):
-        w.write("y", torch.zeros(3))
-    w.write("x", torch.zeros(2, 2))
+def test_writer_any_order_same_bytes_and_rejects_misuse(tmp_path):
+    entries = [("x", "F32", (2, 2)), ("y", "F32", (3,)), ("z", "BF16", (4,))]
+    x, y, z = torch.arange(4.0).view(2, 2), torch.ones(3), torch.full((4,), 2.0).bfloat16()
+    with StreamingWriter(tmp_path / "a.safetensors", entries) as w:
+        w.write("x", x), w.write("y", y), w.write("z", z)
+    w = StreamingWriter(tmp_path / "b.safetensors", entries)
+    w.write("z", z)
+    w.write("x", x)
+    with pytest.raises(RuntimeError, match="written twice"):
+        w.write("x", x)
+    with pytest.raises(RuntimeError, match="not in the header"):
+        w.write("q", x)
     with pytest.raises(RuntimeError, match="header says"):
         w.write("y", torch.zeros(4))
-    w.abort()
+    with pytest.raises(RuntimeError, match="closed after 2/3"):
+        w.close()
+    w = StreamingWriter(tmp_path / "b.safetensors", entries)
+    w.write("y", y), w.write("z", z), w.write("x", x)
+    w.close()
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
 
 
 def _write_raw(path, header: dict, data: bytes, pad=True, length=None):

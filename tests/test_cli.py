@@ -215,16 +215,17 @@ def test_dry_run_writes_nothing(ckpt, tmp_path, run_cli):
     assert code == 0
     assert "21 matrices" in stdout and "GFLOP" in stdout and "peak" in stdout
     assert "q_proj" in stdout and "64 x 64" in stdout
+    assert "21 matrices in" in stdout and "calls" in stdout  # the batching line
     assert not out.exists() and leftovers(tmp_path) == []
 
 
 def test_disk_full_is_one_line(ckpt, tmp_path, run_cli, monkeypatch):
     from pissa_svd import checkpoint
 
-    def full(f, mv):
+    def full(fd, mv, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "_write_all", full)
+    monkeypatch.setattr(checkpoint, "_pwrite_all", full)
     out = tmp_path / "out"
     assert_bad_input(run_cli, ["decompose", ckpt, "--rank", "4", "--out", out], "disk full", out)
 
@@ -342,3 +343,18 @@ def test_library_and_cli_agree_on_entry_point():
     assert exe is not None
     proc = subprocess.run([exe, "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and "pissa-svd" in proc.stdout
+
+
+@pytest.mark.parametrize("size", ["lots", "-1M", "nan"])
+def test_bad_batch_memory_is_one_line(ckpt, tmp_path, run_cli, size):
+    out = tmp_path / "out"
+    code, _, err = run_cli("decompose", ckpt, "--rank", "4", "--out", out, "--batch-memory", size)
+    assert code == 2 and "--batch-memory" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_batch_memory_sizes():
+    from pissa_svd.cli import _size
+
+    assert _size("512M") == 512 << 20 and _size("8GiB") == 8 << 30 and _size("0") == 0
+    assert _size("1.5k") == 1536

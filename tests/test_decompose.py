@@ -268,3 +268,36 @@ def test_seeded_runs_are_byte_identical(tiny_llama, tmp_path):
     fa, fb, fc = (p / ADAPTER_DIR / ADAPTER_FILE for p in (a, b, c))
     assert fa.read_bytes() == fb.read_bytes()
     assert fa.read_bytes() != fc.read_bytes()
+
+
+def test_batched_equals_one_at_a_time(tiny_llama, tmp_path):
+    """Same-shape targets of a shard go through one (b, m, n) call; the result does not depend
+    on the batching (same per-tensor sketch), only on floating-point summation order."""
+    from pissa_svd.pipeline import Options, make_plan
+
+    plan = make_plan(tiny_llama, tmp_path / "p", Options(rank=8, method="halko"))
+    assert max(len(b) for b in plan.batches) >= 2
+    for batch in plan.batches:
+        assert len({t.batch_key() for t in batch}) == 1
+        assert len({t.info.path for t in batch}) == 1  # never across shards
+    a, b = tmp_path / "batched", tmp_path / "single"
+    ra = decompose(tiny_llama, a, rank=8, method="halko", quiet=True)
+    rb = decompose(tiny_llama, b, rank=8, method="halko", batch_memory=0, quiet=True)
+    assert max(r["batch"] for r in ra["matrices"]) >= 2
+    assert {r["batch"] for r in rb["matrices"]} == {1}
+    assert [r["name"] for r in ra["matrices"]] == [r["name"] for r in rb["matrices"]]
+    check_output(tiny_llama, a, 8)
+    for sub in ("", ADAPTER_DIR):
+        sa, sb = load_state(a / sub), load_state(b / sub)
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_batch_memory_caps_the_batch(tiny_llama, tmp_path):
+    from pissa_svd.pipeline import Options, make_plan
+
+    one = make_plan(tiny_llama, tmp_path / "p", Options(rank=8)).targets[0].work_bytes
+    plan = make_plan(tiny_llama, tmp_path / "p", Options(rank=8, batch_memory=2 * one))
+    assert max(len(b) for b in plan.batches) == 2
+    assert all(len(b) * b[0].work_bytes <= 2 * one or len(b) == 1 for b in plan.batches)
