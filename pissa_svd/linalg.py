@@ -14,6 +14,10 @@ power iterations, exactly as PEFT's ``pissa_niter_q`` counts them:
   (Musco & Musco 2015), which converges much faster on slowly decaying spectra. When those
   columns would fill the smaller side, it runs ``exact`` instead (cheaper, and exact).
 - ``exact``: LAPACK/cuSOLVER via ``torch.linalg.svd``; O(m n min(m, n)).
+- ``gesvdr``: cuSOLVER's own randomized SVD (``cusolverDnXgesvdr``), native CUDA backend only.
+
+Two backends run the same algorithm: ``torch`` (this file, any device) and ``native`` (the C++
+engine in csrc/, see native.py: BLAS/LAPACK on CPU, cuBLAS/cuSOLVER on CUDA).
 """
 
 from __future__ import annotations
@@ -23,8 +27,12 @@ from collections.abc import Sequence
 
 import torch
 
-METHODS = ("auto", "halko", "krylov", "exact")
+METHODS = ("auto", "halko", "krylov", "exact", "gesvdr")
+BACKENDS = ("auto", "native", "torch")
 DEFAULT_OVERSAMPLE = 16
+# backend="auto", per device: the backend bench/RESULTS.md measured faster at equal accuracy
+# ("native vs torch"). CUDA stays on torch until the native CUDA path has been measured.
+AUTO_BACKEND = {"cpu": "torch", "cuda": "torch"}
 
 
 def derive_seed(name: str, seed: int) -> int:
@@ -38,6 +46,8 @@ def resolve_method(method: str, m: int, n: int, rank: int, oversample: int, nite
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     small = min(m, n)
+    if method == "gesvdr" and rank + oversample >= small:
+        return "exact"  # cuSOLVER requires rank + oversample < min(m, n)
     if method == "krylov" and (niter + 1) * (rank + oversample) >= small:
         # The Krylov space would fill all of R^min(m,n): an exact SVD is then cheaper and exact.
         return "exact"
@@ -57,6 +67,7 @@ def svd_lowrank(
     oversample: int | None = None,
     method: str = "auto",
     seed: int | Sequence[int] = 0,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` singular triplets of ``W``.
 
@@ -66,9 +77,12 @@ def svd_lowrank(
         niter: power iterations (PEFT's ``pissa_niter_N``).
         oversample: extra sketch columns (default ``DEFAULT_OVERSAMPLE``), capped so the sketch
             never exceeds min(m, n).
-        method: ``auto`` | ``halko`` | ``krylov`` | ``exact``.
+        method: ``auto`` | ``halko`` | ``krylov`` | ``exact`` | ``gesvdr`` (native CUDA only).
         seed: int, or one int per batch element. Matrix ``i`` of a batch uses exactly the
             random sketch a single call with ``seed[i]`` would use, so batched == looped.
+        backend: ``torch``, ``native`` (the compiled engine; raises
+            :class:`pissa_svd.native.NativeUnavailable` saying why if it cannot run), or
+            ``auto``: per device, the faster one where it is available (``AUTO_BACKEND``).
 
     Returns:
         (U (..., m, rank), S (..., rank), Vh (..., rank, n)) in fp32 (fp64 for fp64 input).
@@ -86,12 +100,59 @@ def svd_lowrank(
     if p < 0:
         raise ValueError(f"oversample must be >= 0, got {p}")
     method = resolve_method(method, m, n, rank, p, niter)
+    use_native = _use_native(backend, W.device.type)
+    if method == "gesvdr" and not (use_native and W.is_cuda):
+        raise ValueError(
+            "method='gesvdr' is cuSOLVER's: it needs a CUDA tensor and the native backend"
+        )
 
     work = torch.float64 if W.dtype == torch.float64 else torch.float32
     batched = W.ndim == 3
     X = W.to(work) if batched else W.to(work).unsqueeze(0)
     seeds = _seeds(seed, X.shape[0])
+    width = min(rank + p, min(m, n))  # sketch columns
 
+    if use_native:
+        U, S, Vh = _native_svd(X, rank, niter, width, method, seeds)
+    else:
+        U, S, Vh = _torch_svd(X, rank, niter, width, method, seeds)
+    if not batched:
+        U, S, Vh = U[0], S[0], Vh[0]
+    return U.contiguous(), S.contiguous(), Vh.contiguous()
+
+
+def _use_native(backend: str, device_type: str) -> bool:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "torch":
+        return False
+    from . import native
+
+    if backend == "native":
+        native.module(device_type)  # raises NativeUnavailable with the reason
+        return True
+    return AUTO_BACKEND.get(device_type) == "native" and native.available(device_type)[0]
+
+
+def _native_svd(X, rank, niter, width, method, seeds):
+    """The compiled engine; any matrix failing its checks is redone on the torch path."""
+    from . import native
+
+    m, n = X.shape[-2:]
+    omega = None
+    if method in ("halko", "krylov"):
+        omega = _gaussian(seeds, max(m, n), width, X)
+    U, S, Vh, bad = native.svd(X.contiguous(), rank, niter, method, omega, width - rank)
+    if bad:
+        idx = torch.tensor(bad, device=X.device)
+        fallback = "exact" if method == "gesvdr" else method
+        Ub, Sb, Vhb = _torch_svd(X[idx], rank, niter, width, fallback, [seeds[i] for i in bad])
+        U[idx], S[idx], Vh[idx] = Ub, Sb, Vhb
+    return U, S, Vh
+
+
+def _torch_svd(X, rank, niter, width, method, seeds):
+    m, n = X.shape[-2:]
     if method == "exact":
         if m < n:  # LAPACK is markedly faster on tall than on wide input (measured 1.6x)
             V, S, Uh = torch.linalg.svd(X.mT, full_matrices=False)
@@ -102,15 +163,12 @@ def svd_lowrank(
         # Work on the short side (m <= n): the orthonormal bases then live in the smaller space.
         flip = m > n
         Xs = X.mT if flip else X
-        omega = _gaussian(seeds, Xs.shape[-1], min(rank + p, min(m, n)), X)
+        omega = _gaussian(seeds, Xs.shape[-1], width, X)
         run = _halko if method == "halko" else _block_krylov
         U, S, Vh = run(Xs, omega, niter)
         if flip:
             U, Vh = Vh.mT, U.mT
-    U, S, Vh = U[..., :rank], S[..., :rank], Vh[..., :rank, :]
-    if not batched:
-        U, S, Vh = U[0], S[0], Vh[0]
-    return U.contiguous(), S.contiguous(), Vh.contiguous()
+    return U[..., :rank], S[..., :rank], Vh[..., :rank, :]
 
 
 def _describe(x: object) -> str:

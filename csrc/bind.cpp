@@ -1,0 +1,229 @@
+// Python binding: tensors in and out through DLPack (torch, CuPy, JAX...), no libtorch.
+// Compiled once per module: PISSA_WITH_CPU -> pissa_svd._native (BLAS/LAPACK from SciPy),
+// PISSA_WITH_CUDA -> pissa_svd._native_cuda (cuBLAS/cuSOLVER on the caller's stream).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend.h"
+#include "dlpack.h"
+#include "rsvd.h"
+#ifdef PISSA_WITH_CPU
+#include "cpu_backend.h"
+#endif
+#ifdef PISSA_WITH_CUDA
+#include "cuda_backend.h"
+#endif
+
+namespace py = pybind11;
+
+namespace pissa {
+namespace {
+
+// A borrowed DLPack view of a Python tensor, released when it goes out of scope.
+class View {
+ public:
+  View(const py::handle& obj, const char* arg, uintptr_t stream) : arg_(arg) {
+    if (!py::hasattr(obj, "__dlpack__"))
+      throw py::type_error(std::string(arg) + ": expected a tensor with __dlpack__, got " +
+                           std::string(py::str(py::type::of(obj).attr("__name__"))));
+    py::object cap = stream ? obj.attr("__dlpack__")(py::arg("stream") = stream)
+                            : obj.attr("__dlpack__")();
+    auto* m = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(cap.ptr(), "dltensor"));
+    if (m == nullptr) throw py::error_already_set();
+    PyCapsule_SetName(cap.ptr(), "used_dltensor");  // we own it now, per the protocol
+    managed_ = m;
+  }
+  ~View() {
+    if (managed_ && managed_->deleter) managed_->deleter(managed_);
+  }
+  View(const View&) = delete;
+  View& operator=(const View&) = delete;
+
+  const DLTensor& t() const { return managed_->dl_tensor; }
+  int64_t dim(int i) const { return t().shape[i]; }
+  bool is_cuda() const { return t().device.device_type == kDLCUDA; }
+  int device_id() const { return t().device.device_id; }
+  template <typename T>
+  T* data() const {
+    return reinterpret_cast<T*>(static_cast<char*>(t().data) + t().byte_offset);
+  }
+
+  // Checks rank, dtype (fp32 or fp64, equal to `bits`), compact row-major strides and shape.
+  void expect(std::vector<int64_t> shape, int bits) const {
+    const DLTensor& d = t();
+    if (d.ndim != static_cast<int>(shape.size()))
+      throw py::value_error(std::string(arg_) + ": expected " + std::to_string(shape.size()) +
+                            " dimensions, got " + std::to_string(d.ndim));
+    if (d.dtype.code != kDLFloat || d.dtype.bits != bits || d.dtype.lanes != 1)
+      throw py::value_error(std::string(arg_) + ": expected float" + std::to_string(bits) +
+                            " (code 2, " + std::to_string(bits) + " bits), got code " +
+                            std::to_string(d.dtype.code) + ", " + std::to_string(d.dtype.bits) +
+                            " bits");
+    int64_t expected_stride = 1;
+    for (int i = d.ndim - 1; i >= 0; --i) {
+      if (shape[i] >= 0 && d.shape[i] != shape[i])
+        throw py::value_error(std::string(arg_) + ": dimension " + std::to_string(i) + " is " +
+                              std::to_string(d.shape[i]) + ", expected " +
+                              std::to_string(shape[i]));
+      if (d.strides && d.shape[i] > 1 && d.strides[i] != expected_stride)
+        throw py::value_error(std::string(arg_) + ": must be contiguous (row-major)");
+      expected_stride *= d.shape[i];
+    }
+  }
+
+ private:
+  const char* arg_;
+  DLManagedTensor* managed_ = nullptr;
+};
+
+Method parse_method(const std::string& m) {
+  if (m == "halko") return Method::halko;
+  if (m == "krylov") return Method::krylov;
+  if (m == "exact") return Method::exact;
+  throw py::value_error("method: expected 'halko', 'krylov' or 'exact', got '" + m + "'");
+}
+
+template <typename T>
+std::unique_ptr<Backend<T>> backend_for(const View& W, uintptr_t stream) {
+  if (W.is_cuda()) {
+#ifdef PISSA_WITH_CUDA
+    return make_cuda_backend<T>(W.device_id(), stream);
+#else
+    throw py::value_error("W: a CUDA tensor was passed to pissa_svd._native (the CPU module)");
+#endif
+  }
+  if (W.t().device.device_type != kDLCPU)
+    throw py::value_error("W: only CPU and CUDA tensors are supported");
+#ifdef PISSA_WITH_CPU
+  (void)stream;
+  return make_cpu_backend<T>();
+#else
+  throw py::value_error("W: a CPU tensor was passed to pissa_svd._native_cuda (the CUDA module)");
+#endif
+}
+
+template <typename T>
+std::vector<int> run(const View& W, const View& omega, const View& U, const View& S,
+                     const View& Vh, int64_t rank, int niter, Method method, uintptr_t stream) {
+  const int bits = sizeof(T) * 8;
+  const int64_t b = W.dim(0), m = W.dim(1), n = W.dim(2);
+  W.expect({b, m, n}, bits);
+  if (rank < 1 || rank > std::min(m, n))
+    throw py::value_error("rank: must be in [1, min(m, n) = " + std::to_string(std::min(m, n)) +
+                          "], got " + std::to_string(rank));
+  if (niter < 0) throw py::value_error("niter: must be >= 0, got " + std::to_string(niter));
+  if (method != Method::exact) omega.expect({b, std::max(m, n), -1}, bits);
+  U.expect({b, m, rank}, bits);
+  S.expect({b, rank}, bits);
+  Vh.expect({b, rank, n}, bits);
+  for (const View* v : {&omega, &U, &S, &Vh})
+    if (v->t().device.device_type != W.t().device.device_type || v->device_id() != W.device_id())
+      throw py::value_error("all tensors must be on W's device");
+  if (method != Method::exact && omega.dim(2) > std::min(m, n))
+    throw py::value_error("omega: more columns than min(m, n)");
+  if (method == Method::krylov && (niter + 1) * omega.dim(2) > std::min(m, n))
+    throw py::value_error("krylov: (niter + 1) * omega columns exceeds min(m, n); use exact");
+
+  auto be = backend_for<T>(W, stream);  // may import SciPy: needs the GIL
+  std::vector<int> host(static_cast<size_t>(b));
+  {
+    py::gil_scoped_release nogil;
+    const Mat<T> w{W.data<T>(), m, n, n, true, m * n};
+    const Mat<T> om{omega.data<T>(), std::max(m, n), method == Method::exact ? 1 : omega.dim(2),
+                    method == Method::exact ? 1 : omega.dim(2), true,
+                    method == Method::exact ? 0 : std::max(m, n) * omega.dim(2)};
+    const Mat<T> u{U.data<T>(), m, rank, rank, true, m * rank};
+    const Mat<T> vh{Vh.data<T>(), rank, n, n, true, rank * n};
+    int* status = be->alloc_status(b);
+    try {
+      rsvd<T>(*be, b, w, om, rank, niter, method, u, S.data<T>(), vh, status);
+      be->read_status(status, host.data(), b);
+    } catch (...) {
+      be->release_status(status);
+      throw;
+    }
+    be->release_status(status);
+  }
+  return host;
+}
+
+std::vector<int> svd(const py::handle& W, const py::handle& omega, const py::handle& U,
+                     const py::handle& S, const py::handle& Vh, int64_t rank, int niter,
+                     const std::string& method, uintptr_t stream) {
+  const View w(W, "W", stream), u(U, "U", stream), s(S, "S", stream), vh(Vh, "Vh", stream);
+  const View om(omega, "omega", stream);
+  if (w.t().ndim != 3) throw py::value_error("W: expected a (b, m, n) tensor");
+  const Method meth = parse_method(method);
+  if (w.t().dtype.bits == 64) return run<double>(w, om, u, s, vh, rank, niter, meth, stream);
+  return run<float>(w, om, u, s, vh, rank, niter, meth, stream);
+}
+
+#ifdef PISSA_WITH_CUDA
+std::vector<int> gesvdr(const py::handle& W, const py::handle& U, const py::handle& S,
+                        const py::handle& Vh, int64_t rank, int64_t oversample, int niter,
+                        uintptr_t stream) {
+  const View w(W, "W", stream), u(U, "U", stream), s(S, "S", stream), vh(Vh, "Vh", stream);
+  if (w.t().ndim != 3 || !w.is_cuda()) throw py::value_error("W: expected a CUDA (b, m, n) tensor");
+  const int64_t b = w.dim(0), m = w.dim(1), n = w.dim(2);
+  auto go = [&](auto zero) -> std::vector<int> {
+    using T = decltype(zero);
+    const int bits = sizeof(T) * 8;
+    w.expect({b, m, n}, bits);
+    u.expect({b, m, rank}, bits);
+    s.expect({b, rank}, bits);
+    vh.expect({b, rank, n}, bits);
+    if (rank < 1 || oversample < 0 || rank + oversample >= std::min(m, n))
+      throw py::value_error("rank + oversample must be < min(m, n) = " +
+                            std::to_string(std::min(m, n)) + " for gesvdr");
+    auto be = make_cuda_backend<T>(w.device_id(), stream);
+    std::vector<int> host(static_cast<size_t>(b));
+    py::gil_scoped_release nogil;
+    Scratch<T> ws(*be);
+    // Row-major W is column-major W^T (n x m): gesvdr(W^T) = Ua S Va^T gives W = Va S Ua^T,
+    // and the column-major storage of row-major U (b, m, rank) is exactly U^T = Va^T, of
+    // row-major Vh (b, rank, n) exactly Vh^T = Ua. gesvdr destroys its input: work on a copy.
+    Mat<T> A = ws.mat(b, n, m);
+    be->copy(b, Mat<T>{w.data<T>(), n, m, n, false, m * n}, A);
+    int* status = be->alloc_status(b);
+    try {
+      cuda_gesvdr<T>(w.device_id(), stream, b, A, rank, oversample, niter,
+                     Mat<T>{vh.data<T>(), n, rank, n, false, n * rank}, s.data<T>(),
+                     Mat<T>{u.data<T>(), rank, m, rank, false, rank * m}, status);
+      be->read_status(status, host.data(), b);
+    } catch (...) {
+      be->release_status(status);
+      throw;
+    }
+    be->release_status(status);
+    return host;
+  };
+  if (w.t().dtype.bits == 64) return go(double{});
+  return go(float{});
+}
+#endif
+
+}  // namespace
+}  // namespace pissa
+
+PYBIND11_MODULE(PISSA_MODULE_NAME, m) {
+  m.doc() = "pissa-svd native randomized SVD (see pissa_svd/native.py for the Python API)";
+  m.def("svd", &pissa::svd, py::arg("W"), py::arg("omega"), py::arg("U"), py::arg("S"),
+        py::arg("Vh"), py::arg("rank"), py::arg("niter"), py::arg("method"),
+        py::arg("stream") = 0,
+        "Top-rank SVD of W (b, m, n) into U (b, m, rank), S (b, rank), Vh (b, rank, n); omega is "
+        "the (b, max(m, n), l) sketch. Returns one status int per matrix (0 = ok).");
+#ifdef PISSA_WITH_CUDA
+  m.def("gesvdr", &pissa::gesvdr, py::arg("W"), py::arg("U"), py::arg("S"), py::arg("Vh"),
+        py::arg("rank"), py::arg("oversample"), py::arg("niter"), py::arg("stream") = 0,
+        "cusolverDnXgesvdr over a batch; returns one status int per matrix (0 = ok).");
+  m.def("info", &pissa::cuda_info);
+  m.attr("backend") = "cuda";
+#else
+  m.attr("backend") = "cpu";
+#endif
+}

@@ -1,0 +1,126 @@
+"""The compiled engine (csrc/), loaded on first use, never at import.
+
+``pissa_svd._native`` runs the C++ algorithm on the CPU over SciPy's BLAS/LAPACK;
+``pissa_svd._native_cuda`` runs the same code over cuBLAS/cuSOLVER on the caller's current
+stream. Tensors cross by DLPack. If a module was not built or fails to load, the reason is
+raised as :class:`NativeUnavailable` when the native backend is asked for, and ``pissa-svd env``
+prints it; the torch path always works.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+MODULES = {"cpu": "pissa_svd._native", "cuda": "pissa_svd._native_cuda"}
+BUILD_INFO = Path(__file__).with_name("_build_info.json")
+# Orthonormality the result must have, else the matrix is redone on the torch path (whose
+# Householder fallback handles rank-deficient and zero matrices).
+ORTHO_TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
+
+_loaded: dict[str, ModuleType | NativeUnavailable] = {}
+
+
+class NativeUnavailable(RuntimeError):
+    """The native backend was asked for but cannot run here; the message says why."""
+
+
+def build_info() -> dict:
+    try:
+        return json.loads(BUILD_INFO.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def module(device_type: str) -> ModuleType:
+    """The native module for ``device_type`` ("cpu" or "cuda"), or NativeUnavailable."""
+    if device_type not in MODULES:
+        raise NativeUnavailable(f"no native backend for {device_type} tensors")
+    if device_type not in _loaded:
+        _loaded[device_type] = _load(device_type)
+    got = _loaded[device_type]
+    if isinstance(got, NativeUnavailable):
+        raise got
+    return got
+
+
+def available(device_type: str) -> tuple[bool, str]:
+    """(usable, what it is or why not), for ``pissa-svd env`` and backend selection."""
+    try:
+        mod = module(device_type)
+    except NativeUnavailable as exc:
+        return False, str(exc)
+    return True, f"{mod.__name__} ({Path(mod.__file__).name})"
+
+
+def _load(device_type: str) -> ModuleType | NativeUnavailable:
+    name = MODULES[device_type]
+    if os.environ.get("PISSA_SVD_NO_EXT") == "1":
+        return NativeUnavailable(f"{name}: disabled by PISSA_SVD_NO_EXT=1")
+    built = build_info().get(device_type) or ""
+    if built.startswith("skipped"):
+        return NativeUnavailable(f"{name} was not built ({built})")
+    try:
+        if device_type == "cuda":
+            _preload_cuda_libraries()
+        return importlib.import_module(name)
+    except Exception as exc:  # ImportError, OSError from a missing .so, anything at load time
+        hint = "" if built else " (reinstall with `pip install -e .` to build it)"
+        return NativeUnavailable(f"{name} failed to load: {exc}{hint}")
+
+
+def _preload_cuda_libraries() -> None:
+    """Make the wheels' versioned cuBLAS/cuSOLVER resolvable before the module's own load."""
+    for entry in sys.path:
+        lib = Path(entry or ".") / "nvidia" / "cu13" / "lib"
+        if not lib.is_dir():
+            continue
+        for so in ("libcublasLt.so.13", "libcublas.so.13", "libcusolver.so.12"):
+            if (lib / so).exists():
+                # On failure the module import below reports the real missing dependency.
+                with contextlib.suppress(OSError):
+                    ctypes.CDLL(str(lib / so), mode=ctypes.RTLD_GLOBAL)
+        return
+
+
+def svd(
+    X: torch.Tensor,
+    rank: int,
+    niter: int,
+    method: str,
+    omega: torch.Tensor | None = None,
+    oversample: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Native SVD of a contiguous fp32/fp64 batch X (b, m, n).
+
+    ``omega`` is the (b, max(m, n), l) sketch of halko/krylov (``oversample`` is gesvdr's). Returns U, S, Vh and the
+    indices of matrices whose result did not pass the checks (non-zero status from the
+    algorithm, non-finite values, or U/Vh not orthonormal to ORTHO_TOL); the caller redoes those.
+    """
+    mod = module(X.device.type)
+    b, m, n = X.shape
+    U = torch.empty((b, m, rank), dtype=X.dtype, device=X.device)
+    S = torch.empty((b, rank), dtype=X.dtype, device=X.device)
+    Vh = torch.empty((b, rank, n), dtype=X.dtype, device=X.device)
+    stream = torch.cuda.current_stream(X.device).cuda_stream if X.is_cuda else 0
+    if method == "gesvdr":
+        status = mod.gesvdr(X, U, S, Vh, rank, oversample, niter, stream)
+    else:
+        if omega is None:
+            omega = X.new_empty((b, 0, 0))
+        status = mod.svd(X, omega, U, S, Vh, rank, niter, method, stream)
+    eye = torch.eye(rank, dtype=X.dtype, device=X.device)
+    err = torch.maximum(
+        (U.mT @ U - eye).abs().amax(dim=(-2, -1)), (Vh @ Vh.mT - eye).abs().amax(dim=(-2, -1))
+    )
+    ok = torch.isfinite(S).all(-1) & (err <= ORTHO_TOL[X.dtype])
+    bad = [i for i, (s, good) in enumerate(zip(status, ok.tolist(), strict=True)) if s or not good]
+    return U, S, Vh, bad

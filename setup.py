@@ -1,0 +1,165 @@
+"""Builds the native extension; everything else is in pyproject.toml.
+
+- ``pissa_svd._native``: the C++ algorithm over BLAS/LAPACK taken from SciPy at run time.
+  Always built (a C++17 compiler is the only requirement).
+- ``pissa_svd._native_cuda``: the same algorithm over cuBLAS/cuSOLVER, built only when nvcc and
+  the cuBLAS/cuSOLVER headers are found (CUDA_HOME, or the ``nvidia-cublas``/``nvidia-cusolver``
+  wheels). Otherwise the reason is printed and recorded; the install never fails for it.
+- ``PISSA_SVD_NO_EXT=1`` builds nothing: the package then runs on its torch path alone.
+
+What was built, and why not, is written to pissa_svd/_build_info.json (``pissa-svd env``).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).parent.resolve()
+CSRC = ROOT / "csrc"
+INFO = ROOT / "pissa_svd" / "_build_info.json"
+# cuBLAS 13 / cuSOLVER 12 ship versioned sonames only.
+CUDA_LIBS = ["-l:libcublas.so.13", "-l:libcusolver.so.12", "-lcudart"]
+DEFAULT_ARCHS = "80;90"
+
+
+def log(msg: str) -> None:
+    print(f"pissa-svd build: {msg}", file=sys.stderr, flush=True)
+
+
+def site_dirs() -> list[Path]:
+    """Where pip-installed NVIDIA wheels may live, including under an isolated build."""
+    py = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    dirs = [Path(p) for p in sys.path if p]
+    for prefix in {sys.prefix, sys.base_prefix, os.environ.get("VIRTUAL_ENV", "")}:
+        if prefix:
+            dirs += [Path(prefix) / "lib" / py / "site-packages"]
+    dirs.append(Path(sysconfig.get_paths()["purelib"]))
+    return [d for d in dict.fromkeys(dirs) if d.is_dir()]
+
+
+def find_cuda() -> tuple[dict | None, str]:
+    """(config, reason): config is None when the CUDA backend cannot be built, and why."""
+    if os.environ.get("PISSA_SVD_NO_CUDA") == "1":
+        return None, "PISSA_SVD_NO_CUDA=1"
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    nvcc = str(Path(home) / "bin" / "nvcc") if home else shutil.which("nvcc")
+    if not nvcc or not Path(nvcc).exists():
+        return None, "no nvcc (set CUDA_HOME or put nvcc on PATH)"
+    roots = [Path(home)] if home else []
+    roots += [Path(nvcc).resolve().parent.parent]
+    roots += [Path(p) for p in sorted(glob.glob("/usr/local/cuda*"), reverse=True)]
+    toolkit = next((r for r in roots if (r / "lib64" / "libcudart.so").exists()), None)
+    if toolkit is None:
+        return None, f"nvcc at {nvcc} but no lib64/libcudart.so in {[str(r) for r in roots]}"
+    candidates = [toolkit / "include", toolkit / "targets" / "x86_64-linux" / "include"]
+    candidates += [d / "nvidia" / "cu13" / "include" for d in site_dirs()]
+    inc = next((c for c in candidates if (c / "cusolverDn.h").exists()), None)
+    if inc is None or not (inc / "cublas_v2.h").exists():
+        return None, (
+            "no cusolverDn.h/cublas_v2.h in the CUDA toolkit or an nvidia-cusolver/nvidia-cublas "
+            "wheel (pip install nvidia-cusolver nvidia-cublas)"
+        )
+    libdirs = [toolkit / "lib64"]
+    wheel_lib = inc.parent / "lib"
+    if wheel_lib.is_dir():
+        libdirs.insert(0, wheel_lib)
+    for lib in ("libcublas.so.13", "libcusolver.so.12"):
+        if not any((d / lib).exists() for d in libdirs):
+            return None, f"{lib} not found in {[str(d) for d in libdirs]}"
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    return {
+        "nvcc": nvcc,
+        "nvcc_version": version.strip().splitlines()[-1] if version.strip() else "?",
+        "include": str(inc),
+        "libdirs": [str(d) for d in libdirs],
+        "archs": os.environ.get("PISSA_SVD_CUDA_ARCH", DEFAULT_ARCHS),
+    }, "found"
+
+
+class BuildExt(build_ext):
+    """Compiles .cu sources with nvcc; records what was built in _build_info.json."""
+
+    def build_extension(self, ext):
+        cu = [s for s in ext.sources if s.endswith(".cu")]
+        if cu:
+            ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
+            ext.extra_objects = [self._nvcc(src, ext) for src in cu]
+        super().build_extension(ext)
+
+    def _nvcc(self, src: str, ext) -> str:
+        cfg = ext.cuda
+        obj = Path(self.build_temp) / (Path(src).stem + ".o")
+        obj.parent.mkdir(parents=True, exist_ok=True)
+        gencode = []
+        for arch in cfg["archs"].split(";"):
+            gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+        last = cfg["archs"].split(";")[-1]
+        gencode += ["-gencode", f"arch=compute_{last},code=compute_{last}"]  # PTX for newer GPUs
+        cmd = [cfg["nvcc"], "-std=c++17", "-O3", "-Xcompiler", "-fPIC,-fvisibility=hidden"]
+        cmd += [f"-I{CSRC}", f"-I{cfg['include']}", *gencode, "-c", src, "-o", str(obj)]
+        log("nvcc " + " ".join(cmd[1:]))
+        subprocess.run(cmd, check=True)
+        return str(obj)
+
+
+def extensions() -> list:
+    info: dict = {"cpu": None, "cuda": None}
+    if os.environ.get("PISSA_SVD_NO_EXT") == "1":
+        log("PISSA_SVD_NO_EXT=1: building no extension (torch path only)")
+        info["cpu"] = info["cuda"] = "skipped: PISSA_SVD_NO_EXT=1"
+        _write_info(info)
+        return []
+    from pybind11.setup_helpers import Pybind11Extension
+
+    flags = ["-O3", "-fvisibility=hidden"]
+    exts = [
+        Pybind11Extension(
+            "pissa_svd._native",
+            [str(CSRC / "bind.cpp"), str(CSRC / "cpu_backend.cpp")],
+            include_dirs=[str(CSRC)],
+            define_macros=[("PISSA_WITH_CPU", "1"), ("PISSA_MODULE_NAME", "_native")],
+            extra_compile_args=flags,
+            cxx_std=17,
+        )
+    ]
+    info["cpu"] = "built: BLAS/LAPACK from scipy.linalg.cython_blas/cython_lapack at run time"
+    cuda, reason = find_cuda()
+    if cuda is None:
+        log(f"CUDA backend skipped: {reason}")
+        info["cuda"] = f"skipped: {reason}"
+    else:
+        log(f"CUDA backend: {cuda['nvcc_version']}, headers {cuda['include']}")
+        ext = Pybind11Extension(
+            "pissa_svd._native_cuda",
+            [str(CSRC / "bind.cpp"), str(CSRC / "cuda_backend.cu")],
+            include_dirs=[str(CSRC)],
+            define_macros=[("PISSA_WITH_CUDA", "1"), ("PISSA_MODULE_NAME", "_native_cuda")],
+            extra_compile_args=flags,
+            library_dirs=cuda["libdirs"],
+            # libcusolver needs cusparse/nvjitlink, which are loaded with it at run time.
+            extra_link_args=[*CUDA_LIBS, "-Wl,--allow-shlib-undefined"],
+            runtime_library_dirs=["$ORIGIN/../nvidia/cu13/lib"],
+            cxx_std=17,
+        )
+        ext.cuda = cuda
+        exts.append(ext)
+        info["cuda"] = f"built: {cuda['nvcc_version']}, sm {cuda['archs']}"
+    _write_info(info)
+    return exts
+
+
+def _write_info(info: dict) -> None:
+    INFO.write_text(json.dumps(info, indent=1) + "\n")
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})
