@@ -47,9 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--oversample", type=int, default=None, help="extra sketch columns (default 16)")
     d.add_argument(
         "--method",
-        choices=("auto", "halko", "krylov", "exact"),
+        choices=("auto", "halko", "krylov", "exact", "gesvdr"),
         default="auto",
-        help="SVD method (default auto: exact for small matrices, else halko)",
+        help="SVD method (default auto: exact for small matrices, else halko); gesvdr = "
+        "cuSOLVER's randomized SVD (native CUDA backend)",
+    )
+    d.add_argument(
+        "--backend",
+        choices=("auto", "native", "torch"),
+        default="auto",
+        help="SVD engine: native (compiled, csrc/), torch, or auto = the faster one measured "
+        "for the device (default)",
     )
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     d.add_argument(
@@ -84,7 +92,56 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the plan (targets, FLOPs, memory) and write nothing",
     )
     d.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    sub.add_parser(
+        "env",
+        help="what was built and can run here: versions, devices, backends (and why not)",
+    )
     return p
+
+
+def _env() -> int:
+    import platform
+
+    import torch
+
+    from . import native
+    from .linalg import AUTO_BACKEND
+
+    lines = [
+        f"pissa-svd {__version__}",
+        f"python     {platform.python_version()} ({sys.executable})",
+        f"torch      {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
+    ]
+    try:
+        import scipy
+
+        lines.append(f"scipy      {scipy.__version__} (BLAS/LAPACK of the native CPU backend)")
+    except ImportError:
+        lines.append("scipy      not installed (the native CPU backend needs it)")
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [
+            f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())
+        ]
+    else:
+        devices.append("(no CUDA device visible to torch)")
+    lines.append("devices    " + ", ".join(devices))
+    built = native.build_info()
+    lines.append("build")
+    for kind in ("cpu", "cuda"):
+        lines.append(
+            f"  {kind:<5}    {built.get(kind) or 'unknown (no _build_info.json: not built here)'}"
+        )
+    lines.append("backends")
+    for kind in ("cpu", "cuda"):
+        ok, what = native.available(kind)
+        lines.append(f"  native {kind:<5} {'ok: ' if ok else 'unavailable: '}{what}")
+        if ok and kind == "cuda":
+            lines += [f"    {x}" for x in native.module("cuda").info().splitlines()]
+    lines.append("  torch        ok (every device)")
+    lines.append("  auto picks   " + ", ".join(f"{d}: {b}" for d, b in AUTO_BACKEND.items()))
+    print("\n".join(lines))
+    return 0
 
 
 def _size(text: str) -> int:
@@ -108,6 +165,7 @@ def _decompose(args: argparse.Namespace) -> int:
         niter=args.niter,
         oversample=args.oversample,
         method=args.method,
+        backend=args.backend,
         seed=args.seed,
         targets=args.targets,
         alpha=args.alpha,
@@ -149,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "decompose":
             return _decompose(args)
+        if args.command == "env":
+            return _env()
     except InputError as exc:
         print(f"pissa-svd: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -100,7 +100,7 @@ def svd_lowrank(
     if p < 0:
         raise ValueError(f"oversample must be >= 0, got {p}")
     method = resolve_method(method, m, n, rank, p, niter)
-    use_native = _use_native(backend, W.device.type)
+    use_native = resolve_backend(backend, W.device.type) == "native"
     if method == "gesvdr" and not (use_native and W.is_cuda):
         raise ValueError(
             "method='gesvdr' is cuSOLVER's: it needs a CUDA tensor and the native backend"
@@ -121,17 +121,24 @@ def svd_lowrank(
     return U.contiguous(), S.contiguous(), Vh.contiguous()
 
 
-def _use_native(backend: str, device_type: str) -> bool:
+def resolve_backend(backend: str, device_type: str) -> str:
+    """The backend that runs on ``device_type``: "native" or "torch".
+
+    Raises ValueError for an unknown name and ``NativeUnavailable`` (saying why) when "native"
+    is asked for by name but cannot run.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "torch":
-        return False
+        return "torch"
     from . import native
 
     if backend == "native":
         native.module(device_type)  # raises NativeUnavailable with the reason
-        return True
-    return AUTO_BACKEND.get(device_type) == "native" and native.available(device_type)[0]
+        return "native"
+    if AUTO_BACKEND.get(device_type) == "native" and native.available(device_type)[0]:
+        return "native"
+    return "torch"
 
 
 def _native_svd(X, rank, niter, width, method, seeds):

@@ -36,7 +36,15 @@ from .checkpoint import (
     read_tensor,
 )
 from .errors import InputError, disk_error
-from .linalg import DEFAULT_OVERSAMPLE, METHODS, derive_seed, resolve_method, svd_lowrank
+from .linalg import (
+    BACKENDS,
+    DEFAULT_OVERSAMPLE,
+    METHODS,
+    derive_seed,
+    resolve_backend,
+    resolve_method,
+    svd_lowrank,
+)
 from .pissa import pissa_factors
 from .targets import select, task_type
 
@@ -68,6 +76,7 @@ class Options:
     niter: int = 4
     oversample: int | None = None
     method: str = "auto"
+    backend: str = "auto"
     seed: int = 0
     targets: list[str] | None = None
     alpha: float | None = None
@@ -151,6 +160,7 @@ class Plan:
     device: str
     fan_in_fan_out: bool
     task_type: str | None
+    backend: str = "torch"
     batch_memory: int = 0
     batches: list[list[Target]] = field(default_factory=list)
     config: dict | None = field(default=None, repr=False)
@@ -176,7 +186,7 @@ class Plan:
             f"  adapter      r={o.rank}, lora_alpha={_num(self.alpha)} (scaling {_num(self.scaling)}),"
             f" task_type={self.task_type}, fan_in_fan_out={self.fan_in_fan_out}",
             f"  svd          niter={o.niter}, oversample={self.oversample}, seed={o.seed},"
-            f" device={self.device}",
+            f" device={self.device}, backend={self.backend}",
             f"  batching     {len(self.targets)} matrices in {len(self.batches)} calls"
             f" (same-shape matrices of a shard, up to {_human(self.batch_memory)} each,"
             f" largest batch {max(len(b) for b in self.batches)})",
@@ -219,6 +229,8 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
         raise InputError(f"--oversample must be >= 0, got {o.oversample}")
     if o.method not in METHODS:
         raise InputError(f"--method must be one of {', '.join(METHODS)}, got {o.method!r}")
+    if o.backend not in BACKENDS:
+        raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {o.backend!r}")
     if o.batch_memory is not None and o.batch_memory < 0:
         raise InputError(f"--batch-memory must be >= 0, got {o.batch_memory}")
     if o.alpha is not None and not (o.alpha > 0 and math.isfinite(o.alpha)):
@@ -226,6 +238,15 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
     adapter_dtype = _dtype_option("--adapter-dtype", o.adapter_dtype)
     residual_dtype = _dtype_option("--residual-dtype", o.residual_dtype)
     device = _device(o.device)
+    try:
+        backend = resolve_backend(o.backend, torch.device(device).type)
+    except RuntimeError as exc:  # NativeUnavailable: say why, and what to do
+        raise InputError(f"--backend native: {exc}; use --backend torch") from None
+    if o.method == "gesvdr" and not (device.startswith("cuda") and backend == "native"):
+        raise InputError(
+            "--method gesvdr is cuSOLVER's randomized SVD: it needs --device cuda and the "
+            "native CUDA backend (see pissa-svd env); use --method halko or krylov"
+        )
     patterns = _compile_patterns(o.targets)
 
     src_path, out_path = Path(src), Path(out)
@@ -292,6 +313,7 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
         device=device,
         fan_in_fan_out=layouts.pop(),
         task_type=task_type(config),
+        backend=backend,
         batch_memory=budget,
         batches=_batches(targets, budget),
         config=config,
@@ -462,6 +484,7 @@ def _decompose_batch(plan: Plan, batch: list[Target], scratch: _Scratch):
         oversample=plan.oversample,
         method=t0.method,
         seed=seeds,
+        backend=plan.backend,
     )
     t_svd = (time.perf_counter() - start) / len(batch)
     A, B, W_res = pissa_factors(

@@ -358,3 +358,26 @@ def test_batch_memory_sizes():
 
     assert _size("512M") == 512 << 20 and _size("8GiB") == 8 << 30 and _size("0") == 0
     assert _size("1.5k") == 1536
+
+
+def test_env_reports_build_and_backends(run_cli):
+    code, stdout, _ = run_cli("env")
+    assert code == 0
+    assert "native cpu" in stdout and "native cuda" in stdout and "auto picks" in stdout
+    if os.environ.get("PISSA_SVD_NO_EXT") != "1":
+        assert "native cpu   ok" in stdout
+
+
+def test_gesvdr_without_cuda_is_one_line(ckpt, tmp_path, run_cli):
+    out = tmp_path / "out"
+    cmd = ["decompose", ckpt, "--rank", "4", "--out", out, "--method", "gesvdr", "--device", "cpu"]
+    assert_bad_input(run_cli, cmd, "needs --device cuda", out)
+
+
+def test_native_backend_unavailable_is_one_line(ckpt, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PISSA_SVD_NO_EXT": "1"}
+    cmd = [PYTHON, "-m", "pissa_svd", "decompose", ckpt, "--rank", "4", "--out", out]
+    proc = subprocess.run([*cmd, "--backend", "native"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "PISSA_SVD_NO_EXT=1" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -301,3 +302,23 @@ def test_batch_memory_caps_the_batch(tiny_llama, tmp_path):
     plan = make_plan(tiny_llama, tmp_path / "p", Options(rank=8, batch_memory=2 * one))
     assert max(len(b) for b in plan.batches) == 2
     assert all(len(b) * b[0].work_bytes <= 2 * one or len(b) == 1 for b in plan.batches)
+
+
+@pytest.mark.skipif(
+    os.environ.get("PISSA_SVD_NO_EXT") == "1", reason="PISSA_SVD_NO_EXT=1: extension not built"
+)
+def test_native_backend_end_to_end(tiny_llama, tmp_path):
+    """decompose --backend native: same structural promises, same result as the torch path."""
+    a, b = tmp_path / "native", tmp_path / "torch"
+    ra = decompose(tiny_llama, a, rank=8, method="halko", backend="native", quiet=True)
+    decompose(tiny_llama, b, rank=8, method="halko", backend="torch", quiet=True)
+    check_output(tiny_llama, a, 8)
+    for ra_row, rb_row in zip(
+        ra["matrices"], json.loads((b / REPORT_FILE).read_text())["matrices"], strict=True
+    ):
+        torch.testing.assert_close(
+            torch.tensor(ra_row["singular_values"]),
+            torch.tensor(rb_row["singular_values"]),
+            rtol=1e-4,
+            atol=1e-5,
+        )
