@@ -230,7 +230,7 @@ def shape_groups(mats: list[Matrix]) -> dict[tuple[int, int], list[int]]:
     return groups
 
 
-def ours(method: str, niter: int, oversample: int | None) -> Callable:
+def ours(method: str, niter: int, oversample: int | None, backend: str = "auto") -> Callable:
     """pissa_svd.svd_lowrank, one batched call per shape group, one seed per matrix."""
 
     def run(mats: list[Matrix], r: int) -> list[Factors]:
@@ -239,7 +239,13 @@ def ours(method: str, niter: int, oversample: int | None) -> Callable:
             Wb = torch.stack([mats[i][1] for i in idx])
             seeds = [derive_seed(mats[i][0], 0) for i in idx]
             U, S, Vh = pissa_svd.svd_lowrank(
-                Wb, r, niter=niter, oversample=oversample, method=method, seed=seeds
+                Wb,
+                r,
+                niter=niter,
+                oversample=oversample,
+                method=method,
+                seed=seeds,
+                backend=backend,
             )
             for j, i in enumerate(idx):
                 out[i] = (U[j], S[j], Vh[j])
@@ -751,11 +757,12 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_results_md(section: str) -> None:
+def update_results_md(section: str, begin: str = MARK_BEGIN, end: str = MARK_END) -> None:
+    """Replace the section between the markers ``begin``/``end`` (or append it)."""
     text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n"
-    if MARK_BEGIN in text and MARK_END in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        tail = rest.split(MARK_END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1]
         text = head + section.rstrip("\n") + tail
     else:
         text = text.rstrip("\n") + "\n\n" + section

@@ -9,7 +9,6 @@ prints it; the torch path always works.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import importlib
 import json
@@ -68,27 +67,33 @@ def _load(device_type: str) -> ModuleType | NativeUnavailable:
     built = build_info().get(device_type) or ""
     if built.startswith("skipped"):
         return NativeUnavailable(f"{name} was not built ({built})")
+    preload = _preload_cuda_libraries() if device_type == "cuda" else []
     try:
-        if device_type == "cuda":
-            _preload_cuda_libraries()
         return importlib.import_module(name)
     except Exception as exc:  # ImportError, OSError from a missing .so, anything at load time
         hint = "" if built else " (reinstall with `pip install -e .` to build it)"
-        return NativeUnavailable(f"{name} failed to load: {exc}{hint}")
+        cause = f" ({'; '.join(preload)})" if preload else ""
+        return NativeUnavailable(f"{name} failed to load: {exc}{cause}{hint}")
 
 
-def _preload_cuda_libraries() -> None:
-    """Make the wheels' versioned cuBLAS/cuSOLVER resolvable before the module's own load."""
+def _preload_cuda_libraries() -> list[str]:
+    """Load the wheels' versioned cuBLAS/cuSOLVER globally so the module's own load finds them.
+
+    Returns the load errors (a missing cusparse/nvJitLink shows up here, with its real name).
+    """
+    errors = []
     for entry in sys.path:
         lib = Path(entry or ".") / "nvidia" / "cu13" / "lib"
         if not lib.is_dir():
             continue
         for so in ("libcublasLt.so.13", "libcublas.so.13", "libcusolver.so.12"):
             if (lib / so).exists():
-                # On failure the module import below reports the real missing dependency.
-                with contextlib.suppress(OSError):
+                try:
                     ctypes.CDLL(str(lib / so), mode=ctypes.RTLD_GLOBAL)
-        return
+                except OSError as exc:
+                    errors.append(str(exc))
+        break
+    return errors
 
 
 def svd(
