@@ -25,8 +25,9 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
-CSRC = ROOT / "csrc"
+CSRC = "csrc"  # setup() wants paths relative to this file
 INFO = ROOT / "pissa_svd" / "_build_info.json"
+BUILD_INFO: dict = {"cpu": None, "cuda": None}  # what was built, or why not (pissa-svd env)
 # cuBLAS 13 / cuSOLVER 12 ship versioned sonames only.
 CUDA_LIBS = ["-l:libcublas.so.13", "-l:libcusolver.so.12", "-lcudart"]
 DEFAULT_ARCHS = "80;90"
@@ -87,14 +88,29 @@ def find_cuda() -> tuple[dict | None, str]:
 
 
 class BuildExt(build_ext):
-    """Compiles .cu sources with nvcc; records what was built in _build_info.json."""
+    """Compiles .cu sources with nvcc; records what was built in _build_info.json.
+
+    A failed extension never fails the install (the torch path always works); the failure is
+    printed and recorded instead, and CI checks the record.
+    """
+
+    def run(self):
+        try:
+            super().run()
+        finally:
+            _write_info(BUILD_INFO)
 
     def build_extension(self, ext):
-        cu = [s for s in ext.sources if s.endswith(".cu")]
-        if cu:
-            ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
-            ext.extra_objects = [self._nvcc(src, ext) for src in cu]
-        super().build_extension(ext)
+        kind = "cuda" if ext.name.endswith("_cuda") else "cpu"
+        try:
+            cu = [s for s in ext.sources if s.endswith(".cu")]
+            if cu:
+                ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
+                ext.extra_objects = [self._nvcc(src, ext) for src in cu]
+            super().build_extension(ext)
+        except Exception as exc:  # compiler/linker errors: report, keep the install going
+            BUILD_INFO[kind] = f"failed: {type(exc).__name__}: {exc}"
+            log(f"{ext.name} FAILED to build ({exc}); the torch path still works")
 
     def _nvcc(self, src: str, ext) -> str:
         cfg = ext.cuda
@@ -106,14 +122,15 @@ class BuildExt(build_ext):
         last = cfg["archs"].split(";")[-1]
         gencode += ["-gencode", f"arch=compute_{last},code=compute_{last}"]  # PTX for newer GPUs
         cmd = [cfg["nvcc"], "-std=c++17", "-O3", "-Xcompiler", "-fPIC,-fvisibility=hidden"]
-        cmd += [f"-I{CSRC}", f"-I{cfg['include']}", *gencode, "-c", src, "-o", str(obj)]
+        cmd += [f"-I{ROOT / CSRC}", f"-I{cfg['include']}", *gencode]
+        cmd += ["-c", str(ROOT / src), "-o", str(obj)]
         log("nvcc " + " ".join(cmd[1:]))
         subprocess.run(cmd, check=True)
         return str(obj)
 
 
 def extensions() -> list:
-    info: dict = {"cpu": None, "cuda": None}
+    info = BUILD_INFO
     if os.environ.get("PISSA_SVD_NO_EXT") == "1":
         log("PISSA_SVD_NO_EXT=1: building no extension (torch path only)")
         info["cpu"] = info["cuda"] = "skipped: PISSA_SVD_NO_EXT=1"
@@ -125,8 +142,8 @@ def extensions() -> list:
     exts = [
         Pybind11Extension(
             "pissa_svd._native",
-            [str(CSRC / "bind.cpp"), str(CSRC / "cpu_backend.cpp")],
-            include_dirs=[str(CSRC)],
+            [f"{CSRC}/bind.cpp", f"{CSRC}/cpu_backend.cpp"],
+            include_dirs=[CSRC],
             define_macros=[("PISSA_WITH_CPU", "1"), ("PISSA_MODULE_NAME", "_native")],
             extra_compile_args=flags,
             cxx_std=17,
@@ -141,8 +158,8 @@ def extensions() -> list:
         log(f"CUDA backend: {cuda['nvcc_version']}, headers {cuda['include']}")
         ext = Pybind11Extension(
             "pissa_svd._native_cuda",
-            [str(CSRC / "bind.cpp"), str(CSRC / "cuda_backend.cu")],
-            include_dirs=[str(CSRC)],
+            [f"{CSRC}/bind.cpp", f"{CSRC}/cuda_backend.cu"],
+            include_dirs=[CSRC],
             define_macros=[("PISSA_WITH_CUDA", "1"), ("PISSA_MODULE_NAME", "_native_cuda")],
             extra_compile_args=flags,
             library_dirs=cuda["libdirs"],
@@ -154,7 +171,6 @@ def extensions() -> list:
         ext.cuda = cuda
         exts.append(ext)
         info["cuda"] = f"built: {cuda['nvcc_version']}, sm {cuda['archs']}"
-    _write_info(info)
     return exts
 
 

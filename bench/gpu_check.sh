@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# GPU check, run from the repository root on a machine with a CUDA GPU (about 5 minutes on one
+# H200): build the native extension with its CUDA backend, run the CUDA tests, then time all 224
+# projection matrices of a LLaMA-2-7B-shaped model (bench/native_vs_torch.py --llama7b).
+# Results: bench/results/native_vs_torch_gpu.json (also copied to $OUT when set).
+# Without nvcc on the machine, a _native_cuda module built elsewhere for the same Python is used.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+status=0
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+
+if command -v nvcc >/dev/null || [ -n "${CUDA_HOME:-}" ]; then
+    python setup.py -q build_ext --inplace 2>&1 | grep -E "pissa-svd build|error" || true
+else
+    echo "gpu_check: no nvcc here; using the prebuilt modules in pissa_svd/ if any"
+    ls pissa_svd/_native*.so 2>/dev/null || true
+fi
+python -m pissa_svd env || status=1
+
+timeout 240 python -m pytest -q -p no:cacheprovider tests/test_native.py -k "cuda or matches" \
+    || status=1
+timeout 300 python bench/native_vs_torch.py --llama7b --repeats 3 || status=1
+
+if [ -n "${OUT:-}" ] && [ -f bench/results/native_vs_torch_gpu.json ]; then
+    cp bench/results/native_vs_torch_gpu.json "$OUT/"
+fi
+exit $status
