@@ -81,6 +81,27 @@ class View {
   DLManagedTensor* managed_ = nullptr;
 };
 
+// One status int per matrix in backend memory, read back once at the end, always released.
+template <typename T>
+class StatusBuffer {
+ public:
+  StatusBuffer(Backend<T>& be, int64_t b) : be_(be), b_(b), p_(be.alloc_status(b)) {}
+  ~StatusBuffer() { be_.release_status(p_); }
+  StatusBuffer(const StatusBuffer&) = delete;
+  StatusBuffer& operator=(const StatusBuffer&) = delete;
+  int* get() const { return p_; }
+  std::vector<int> read() const {
+    std::vector<int> host(static_cast<size_t>(b_));
+    be_.read_status(p_, host.data(), b_);
+    return host;
+  }
+
+ private:
+  Backend<T>& be_;
+  int64_t b_;
+  int* p_;
+};
+
 Method parse_method(const std::string& m) {
   if (m == "halko") return Method::halko;
   if (m == "krylov") return Method::krylov;
@@ -130,26 +151,15 @@ std::vector<int> run(const View& W, const View& omega, const View& U, const View
     throw py::value_error("krylov: (niter + 1) * omega columns exceeds min(m, n); use exact");
 
   auto be = backend_for<T>(W, stream);  // may import SciPy: needs the GIL
-  std::vector<int> host(static_cast<size_t>(b));
-  {
-    py::gil_scoped_release nogil;
-    const Mat<T> w{W.data<T>(), m, n, n, true, m * n};
-    const Mat<T> om{omega.data<T>(), std::max(m, n), method == Method::exact ? 1 : omega.dim(2),
-                    method == Method::exact ? 1 : omega.dim(2), true,
-                    method == Method::exact ? 0 : std::max(m, n) * omega.dim(2)};
-    const Mat<T> u{U.data<T>(), m, rank, rank, true, m * rank};
-    const Mat<T> vh{Vh.data<T>(), rank, n, n, true, rank * n};
-    int* status = be->alloc_status(b);
-    try {
-      rsvd<T>(*be, b, w, om, rank, niter, method, u, S.data<T>(), vh, status);
-      be->read_status(status, host.data(), b);
-    } catch (...) {
-      be->release_status(status);
-      throw;
-    }
-    be->release_status(status);
-  }
-  return host;
+  py::gil_scoped_release nogil;
+  const int64_t k = std::max(m, n), l = method == Method::exact ? 0 : omega.dim(2);
+  const Mat<T> w{W.data<T>(), m, n, n, true, m * n};
+  const Mat<T> om{omega.data<T>(), k, l, l, true, k * l};  // unused by exact
+  const Mat<T> u{U.data<T>(), m, rank, rank, true, m * rank};
+  const Mat<T> vh{Vh.data<T>(), rank, n, n, true, rank * n};
+  StatusBuffer<T> status(*be, b);
+  rsvd<T>(*be, b, w, om, rank, niter, method, u, S.data<T>(), vh, status.get());
+  return status.read();
 }
 
 std::vector<int> svd(const py::handle& W, const py::handle& omega, const py::handle& U,
@@ -181,7 +191,6 @@ std::vector<int> gesvdr(const py::handle& W, const py::handle& U, const py::hand
       throw py::value_error("rank + oversample must be < min(m, n) = " +
                             std::to_string(std::min(m, n)) + " for gesvdr");
     auto be = make_cuda_backend<T>(w.device_id(), stream);
-    std::vector<int> host(static_cast<size_t>(b));
     py::gil_scoped_release nogil;
     Scratch<T> ws(*be);
     // Row-major W is column-major W^T (n x m): gesvdr(W^T) = Ua S Va^T gives W = Va S Ua^T,
@@ -189,18 +198,11 @@ std::vector<int> gesvdr(const py::handle& W, const py::handle& U, const py::hand
     // row-major Vh (b, rank, n) exactly Vh^T = Ua. gesvdr destroys its input: work on a copy.
     Mat<T> A = ws.mat(b, n, m);
     be->copy(b, Mat<T>{w.data<T>(), n, m, n, false, m * n}, A);
-    int* status = be->alloc_status(b);
-    try {
-      cuda_gesvdr<T>(w.device_id(), stream, b, A, rank, oversample, niter,
-                     Mat<T>{vh.data<T>(), n, rank, n, false, n * rank}, s.data<T>(),
-                     Mat<T>{u.data<T>(), rank, m, rank, false, rank * m}, status);
-      be->read_status(status, host.data(), b);
-    } catch (...) {
-      be->release_status(status);
-      throw;
-    }
-    be->release_status(status);
-    return host;
+    StatusBuffer<T> status(*be, b);
+    cuda_gesvdr<T>(w.device_id(), stream, b, A, rank, oversample, niter,
+                   Mat<T>{vh.data<T>(), n, rank, n, false, n * rank}, s.data<T>(),
+                   Mat<T>{u.data<T>(), rank, m, rank, false, rank * m}, status.get());
+    return status.read();
   };
   if (w.t().dtype.bits == 64) return go(double{});
   return go(float{});

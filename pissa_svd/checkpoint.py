@@ -402,20 +402,23 @@ class StreamingWriter:
                 raise err from None
             raise
 
-    def _claim(self, name: str) -> tuple[int, str, tuple[int, ...], int, int]:
+    def _slot(self, name: str) -> tuple[int, str, tuple[int, ...], int, int]:
+        """(index, dtype, shape, begin, end) of a declared tensor."""
         slot = self._slots.get(name)
         if slot is None:
             raise RuntimeError(f"{self.path}: {name!r} is not in the header")
+        return slot
+
+    def _claim(self, name: str) -> tuple[int, str, tuple[int, ...], int, int]:
+        slot = self._slot(name)
         if name in self._done:
             raise RuntimeError(f"{self.path}: {name!r} written twice")
         self._done.add(name)
         return slot
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        _, dtype, shape, begin, _ = self._slots.get(name, (0, None, None, 0, 0))
-        if dtype is not None and (
-            torch_to_dtype(tensor.dtype) != dtype or tuple(tensor.shape) != shape
-        ):
+        _, dtype, shape, begin, _ = self._slot(name)
+        if torch_to_dtype(tensor.dtype) != dtype or tuple(tensor.shape) != shape:
             raise RuntimeError(
                 f"{name}: got {tensor.dtype}{tuple(tensor.shape)}, header says {dtype}{shape}"
             )

@@ -424,7 +424,7 @@ def _stream_shard(plan, shard, dest, aw, scratch, progress, rows) -> None:
     measurably slowed the GEMMs (and raised peak RSS) more than the overlap saved
     (bench/RESULTS.md).
     """
-    batch_of = {t.name: b for b in plan.batches for t in b if t.info.path.name == shard}
+    batch_of = {t.name: b for b in plan.batches for t in b}  # a batch never spans files
     sf = plan.ckpt.files[shard]
     dest.parent.mkdir(parents=True, exist_ok=True)
     entries = [
@@ -468,11 +468,7 @@ def _decompose_batch(plan: Plan, batch: list[Target], scratch: _Scratch):
     o, t0 = plan.options, batch[0]
     start = time.perf_counter()
     work = "F64" if t0.info.dtype == "F64" else "F32"
-    shape = (len(batch), *t0.info.shape)
-    if plan.device == "cpu":
-        Wf = scratch.get("work", dtype_nbytes(work, shape)).view(dtype_to_torch(work)).view(shape)
-    else:
-        Wf = torch.empty(shape, dtype=dtype_to_torch(work), device=plan.device)
+    Wf = scratch.tensor("work", work, (len(batch), *t0.info.shape), plan.device)
     for i, t in enumerate(batch):
         Wf[i].copy_(read_tensor(t.info, scratch.get("read", t.info.nbytes)))
     w_norms = torch.linalg.vector_norm(Wf, dim=(-2, -1)).tolist()
@@ -543,13 +539,17 @@ class _Scratch:
             buf = self._bufs[key] = torch.empty(nbytes, dtype=torch.uint8)
         return buf[:nbytes]
 
-    def cast(self, key: str, x: torch.Tensor, st_dtype: str, device: str = "cpu") -> torch.Tensor:
-        """``x`` converted to ``st_dtype`` in buffer ``key`` (on ``device``)."""
+    def tensor(self, key: str, st_dtype: str, shape: tuple[int, ...], device: str = "cpu"):
+        """An uninitialized ``st_dtype`` tensor of ``shape``: buffer ``key`` on the CPU, a fresh
+        allocation on an accelerator (whose caching allocator already reuses memory)."""
         dtype = dtype_to_torch(st_dtype)
-        if device != "cpu" or x.device.type != "cpu":
-            return x.to(device=device, dtype=dtype)
-        buf = self.get(key, dtype_nbytes(st_dtype, x.shape))
-        return buf.view(dtype).view(x.shape).copy_(x)
+        if device != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
+        return self.get(key, dtype_nbytes(st_dtype, shape)).view(dtype).view(shape)
+
+    def cast(self, key: str, x: torch.Tensor, st_dtype: str) -> torch.Tensor:
+        """``x`` converted to ``st_dtype``, on the CPU, in buffer ``key``."""
+        return self.tensor(key, st_dtype, tuple(x.shape)).copy_(x)
 
 
 def _peft_key(module: str, which: str) -> str:
