@@ -139,11 +139,14 @@ def extensions() -> list:
     from pybind11.setup_helpers import Pybind11Extension
 
     flags = ["-O3", "-fvisibility=hidden"]
+    # Headers: a change to any of them rebuilds both modules (setuptools only tracks sources).
+    headers = sorted(str(p) for p in Path(CSRC).glob("*.h"))
     exts = [
         Pybind11Extension(
             "pissa_svd._native",
             [f"{CSRC}/bind.cpp", f"{CSRC}/cpu_backend.cpp"],
             include_dirs=[CSRC],
+            depends=headers,
             define_macros=[("PISSA_WITH_CPU", "1"), ("PISSA_MODULE_NAME", "_native")],
             extra_compile_args=flags,
             cxx_std=17,
@@ -160,6 +163,7 @@ def extensions() -> list:
             "pissa_svd._native_cuda",
             [f"{CSRC}/bind.cpp", f"{CSRC}/cuda_backend.cu"],
             include_dirs=[CSRC],
+            depends=headers,
             define_macros=[("PISSA_WITH_CUDA", "1"), ("PISSA_MODULE_NAME", "_native_cuda")],
             extra_compile_args=flags,
             library_dirs=cuda["libdirs"],

@@ -81,15 +81,15 @@ void orthonormalize(Backend<T>& be, int64_t b, const Mat<T>& Y, const Mat<T>& G,
   }
 }
 
-// Rayleigh-Ritz on the orthonormal basis Q (m x L) of X (m x n, m <= n): B^T = X^T Q = Qb R,
-// R^T = Ur S Vr^T, so X ~= (Q Ur) S (Vr^T Qb^T). Writes the top `rank` triplets.
+// Rayleigh-Ritz on the orthonormal basis Q (m x L) of X (m x n, m <= n), given Bt = X^T Q
+// (n x L, packed): Bt = Qb R, R^T = Ur S Vr^T, so X ~= (Q Ur) S (Vr^T Qb^T). Writes the top
+// `rank` triplets.
 template <typename T>
-void rayleigh_ritz(Backend<T>& be, Scratch<T>& ws, int64_t b, const Mat<T>& X, const Mat<T>& Q,
+void rayleigh_ritz(Backend<T>& be, Scratch<T>& ws, int64_t b, const Mat<T>& Bt, const Mat<T>& Q,
                    int64_t rank, const Mat<T>& U, T* S, const Mat<T>& Vh, int* status) {
-  const int64_t n = X.cols, L = Q.cols;
-  Mat<T> Bt = ws.mat(b, n, L), Qb = ws.mat(b, n, L), G = ws.mat(b, L, L);
+  const int64_t n = Bt.rows, L = Q.cols;
+  Mat<T> Qb = ws.mat(b, n, L), G = ws.mat(b, L, L);
   Mat<T> R = ws.mat(b, L, L), Ur = ws.mat(b, L, L), Vrt = ws.mat(b, L, L), s = ws.mat(b, 1, L);
-  be.gemm(b, T(1), X.tr(), Q, T(0), Bt);  // the last pass over W
   be.copy(b, Bt, Qb);
   orthonormalize(be, b, Qb, G, true, status);
   be.gemm(b, T(1), Bt.tr(), Qb, T(0), R);  // R^T = Bt^T Qb  (L x L)
@@ -140,15 +140,19 @@ void rsvd(Backend<T>& be, int64_t b, const Mat<T>& W, const Mat<T>& omega, int64
       be.gemm(b, T(1), X, Z, T(0), Q);
       orthonormalize(be, b, Q, G, i == niter - 1, status);
     }
-    rayleigh_ritz(be, ws, b, X, Q, rank, Ux, S, Vhx, status);
+    Mat<T> Bt = ws.mat(b, n, l);
+    be.gemm(b, T(1), X.tr(), Q, T(0), Bt);  // the last pass over W
+    rayleigh_ritz(be, ws, b, Bt, Q, rank, Ux, S, Vhx, status);
     return;
   }
 
   // Block Krylov: K = [Q0 Q1 ... Qq], each new block X (X^T Q_prev) orthogonalized against
-  // all previous ones (block Gram-Schmidt, twice), then Rayleigh-Ritz over all of K.
+  // all previous ones (block Gram-Schmidt, twice), then Rayleigh-Ritz over all of K. The
+  // products P_i = X^T Q_i are kept as the blocks of Bt = X^T K, so Rayleigh-Ritz needs only
+  // the last block's: 2q + 2 passes over W, as for halko.
   const int64_t L = (niter + 1) * l;
   if (L > m) throw std::invalid_argument("krylov space (niter + 1) * l exceeds min(m, n)");
-  Mat<T> K = ws.mat(b, m, L), C = ws.mat(b, L, l);
+  Mat<T> K = ws.mat(b, m, L), C = ws.mat(b, L, l), Bt = ws.mat(b, n, L);
   Mat<T> Q0 = K.col_block(0, l);
   be.gemm(b, T(1), X, omega, T(0), Q0);
   orthonormalize(be, b, Q0, G, true, status);
@@ -156,7 +160,9 @@ void rsvd(Backend<T>& be, int64_t b, const Mat<T>& W, const Mat<T>& omega, int64
     const Mat<T> prev = K.col_block((i - 1) * l, l), done = K.col_block(0, i * l);
     const Mat<T> Y = K.col_block(i * l, l);
     const Mat<T> Ci{C.p, i * l, l, i * l, false, C.bs};
-    be.gemm(b, T(1), X.tr(), prev, T(0), Z);
+    const Mat<T> P = Bt.col_block((i - 1) * l, l);
+    be.gemm(b, T(1), X.tr(), prev, T(0), P);
+    be.copy(b, P, Z);
     orthonormalize(be, b, Z, G, false, status);
     be.gemm(b, T(1), X, Z, T(0), Y);
     for (int pass = 0; pass < 2; ++pass) {
@@ -165,7 +171,8 @@ void rsvd(Backend<T>& be, int64_t b, const Mat<T>& W, const Mat<T>& omega, int64
     }
     orthonormalize(be, b, Y, G, true, status);
   }
-  rayleigh_ritz(be, ws, b, X, K, rank, Ux, S, Vhx, status);
+  be.gemm(b, T(1), X.tr(), K.col_block(niter * l, l), T(0), Bt.col_block(niter * l, l));
+  rayleigh_ritz(be, ws, b, Bt, K, rank, Ux, S, Vhx, status);
 }
 
 }  // namespace pissa

@@ -8,11 +8,13 @@ Cost in passes over W (one pass = one GEMM of W or W^T with a thin block), for `
 power iterations, exactly as PEFT's ``pissa_niter_q`` counts them:
 
 - ``halko``: 2q + 2 passes with a block of ``rank + oversample`` columns.
-- ``krylov``: the same 2q + 2 passes, but the last one multiplies W by every kept block,
-  ``(q + 1) * (rank + oversample)`` columns, so it costs about q more thin passes. It keeps
-  every block of the power iteration and extracts the answer by Rayleigh-Ritz over all of them
-  (Musco & Musco 2015), which converges much faster on slowly decaying spectra. When those
-  columns would fill the smaller side, it runs ``exact`` instead (cheaper, and exact).
+- ``krylov``: the same 2q + 2 passes with the same block. It keeps every block of the power
+  iteration and extracts the answer by Rayleigh-Ritz over all of them (Musco & Musco 2015),
+  which converges much faster on slowly decaying spectra. The products with Wᵀ that the power
+  iteration computes anyway are kept for the Rayleigh-Ritz step, so the extra cost is only
+  small dense work on the ``(q + 1) * (rank + oversample)``-column basis (orthogonalization and
+  a QR of that width), no extra pass over W. When those columns would fill the smaller side,
+  it runs ``exact`` instead (cheaper, and exact).
 - ``exact``: LAPACK/cuSOLVER via ``torch.linalg.svd``; O(m n min(m, n)).
 - ``gesvdr``: cuSOLVER's own randomized SVD (``cusolverDnXgesvdr``), native CUDA backend only.
 
@@ -239,14 +241,13 @@ def _cholesky_qr(Y: torch.Tensor, check_identity: bool = False) -> torch.Tensor 
     return Y @ torch.linalg.solve_triangular(L, eye, upper=False).mT
 
 
-def _small_svd(X: torch.Tensor, Q: torch.Tensor):
-    """Rayleigh-Ritz: SVD of the projection Q^T X (l, n), lifted back by Q.
+def _small_svd(Bt: torch.Tensor, Q: torch.Tensor):
+    """Rayleigh-Ritz: SVD of the projection B = Q^T X (l, n), given ``Bt = X^T Q`` (n, l).
 
     The wide (l, n) SVD goes through a thin QR of its transpose, Bᵀ = Qb R, so LAPACK only sees
     an (l, l) matrix: B = Rᵀ Qbᵀ = Ur S (Vr Qbᵀ). An order of magnitude cheaper than a direct
     gesdd on (l, n) and as accurate, since Qb is orthonormal to working precision.
     """
-    Bt = X.mT @ Q  # (b, n, l): the last pass over W
     Qb = orthonormalize(Bt)
     R = Qb.mT @ Bt  # (b, l, l)
     Ur, S, Vhr = torch.linalg.svd(R.mT)
@@ -260,17 +261,23 @@ def _halko(X: torch.Tensor, omega: torch.Tensor, niter: int):
     for i in range(niter):
         Z = orthonormalize(X.mT @ Q, rounds=1)
         Q = orthonormalize(X @ Z, rounds=2 if i == niter - 1 else 1)
-    return _small_svd(X, Q)
+    return _small_svd(X.mT @ Q, Q)  # the last pass over W
 
 
 def _block_krylov(X: torch.Tensor, omega: torch.Tensor, niter: int):
-    """Block Krylov subspace [XΩ, (XXᵀ)XΩ, ..., (XXᵀ)^q XΩ] with full re-orthogonalization."""
+    """Block Krylov subspace [XΩ, (XXᵀ)XΩ, ..., (XXᵀ)^q XΩ] with full re-orthogonalization.
+
+    Rayleigh-Ritz needs Xᵀ K for the whole basis K = [Q_0 ... Q_q]. The power iteration already
+    computes Xᵀ Q_i for every block but the last (it is the next block's starting point), so
+    keeping those products leaves one thin pass: 2q + 2 passes in all, as many as ``_halko``.
+    """
     # resolve_method guarantees (niter + 1) blocks fit in R^m, so the space never fills up.
     K = orthonormalize(X @ omega)
+    P = []  # P[i] = Xᵀ Q_i, (b, n, l)
     tol = 1000 * torch.finfo(X.dtype).eps
     for _ in range(niter):
-        Z = orthonormalize(X.mT @ K[..., -omega.shape[-1] :])
-        Y = X @ Z
+        P.append(X.mT @ K[..., -omega.shape[-1] :])
+        Y = X @ orthonormalize(P[-1])
         # Block Gram-Schmidt against the basis so far, twice ("twice is enough").
         for _ in range(2):
             Y = Y - K @ (K.mT @ Y)
@@ -280,4 +287,5 @@ def _block_krylov(X: torch.Tensor, omega: torch.Tensor, niter: int):
             # orthonormal complement instead; Householder keeps it orthonormal whatever Y is.
             Qn = torch.linalg.qr(torch.cat([K, Y], dim=-1), mode="reduced").Q[..., K.shape[-1] :]
         K = torch.cat([K, Qn], dim=-1)
-    return _small_svd(X, K)
+    P.append(X.mT @ K[..., -omega.shape[-1] :])  # the last pass over W
+    return _small_svd(torch.cat(P, dim=-1), K)
