@@ -96,6 +96,48 @@ def build_parser() -> argparse.ArgumentParser:
         "env",
         help="what was built and can run here: versions, devices, backends (and why not)",
     )
+
+    t = sub.add_parser(
+        "to-lora",
+        help="convert a fine-tuned PiSSA adapter into a rank-2r LoRA for the original model",
+        description=(
+            "dW = B'A' - BA (trained minus init) is written as a LoRA adapter of rank 2r, "
+            "[B' | -B] @ [A' ; A], that loads with PEFT on the ORIGINAL checkpoint."
+        ),
+    )
+    t.add_argument("--init", required=True, help="the pissa_init adapter written by decompose")
+    t.add_argument("--trained", required=True, help="the adapter saved after training")
+    t.add_argument("--out", required=True, help="the new adapter folder")
+    t.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+    mg = sub.add_parser(
+        "merge",
+        help="write a full checkpoint with an adapter merged in (W + s B@A), shard by shard",
+    )
+    mg.add_argument(
+        "base", help="checkpoint to merge into (for PiSSA: the decompose output, the residual)"
+    )
+    mg.add_argument("--adapter", required=True, help="PEFT LoRA adapter folder")
+    mg.add_argument(
+        "--out", required=True, help="output folder (must not exist unless --overwrite)"
+    )
+    mg.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    mg.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+    v = sub.add_parser(
+        "verify",
+        help="check that a decompose output reproduces its source (exit 0 pass, 1 mismatch)",
+        description=(
+            "Streams SRC and OUT tensor by tensor: every adapted weight must satisfy "
+            "W_res + s B@A == W within the rounding of the stored residual, every other tensor "
+            "must be byte-identical."
+        ),
+    )
+    v.add_argument("src", help="the checkpoint that was decomposed")
+    v.add_argument("out", help="the decompose output folder")
+    v.add_argument("--adapter", default=None, help="adapter folder (default OUT/pissa_init)")
+    v.add_argument("--verbose", action="store_true", help="print a per-tensor table")
+    v.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
@@ -195,6 +237,82 @@ def _decompose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _to_lora(args: argparse.Namespace) -> int:
+    from .convert import to_lora
+
+    r = to_lora(args.init, args.trained, args.out, overwrite=args.overwrite)
+    how = (
+        "lora_alpha x sqrt(2), as use_rslora scales by alpha/sqrt(r)"
+        if r["use_rslora"]
+        else ("lora_alpha x 2")
+    )
+    print(
+        f"pissa-svd: wrote a LoRA adapter for {r['modules']} modules to {r['out']}\n"
+        f"  r doubled {r['r']} -> {r['r_out']} and lora_alpha {r['lora_alpha']} -> "
+        f"{r['lora_alpha_out']} ({how}): the update B'A' - BA is the difference of two rank-r\n"
+        "  products, so it needs rank 2r; the scaling, and so the model, are unchanged.\n"
+        f"  Load it on the ORIGINAL model ({r['base_model'] or 'the checkpoint you decomposed'}),"
+        " not on the residual.\n"
+        f"  Change from init: median {r['median_change']:.3f}, max {r['max_change']:.3f} "
+        "(||B'A' - BA|| / ||BA||)"
+    )
+    if r["other_base"]:
+        print(
+            f"pissa-svd: warning: the trained adapter was saved on {r['other_base']}, not on the "
+            f"residual model this init belongs to; convert only if it was trained from {args.init}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .convert import merge
+
+    r = merge(args.base, args.adapter, args.out, overwrite=args.overwrite, quiet=args.quiet)
+    if not args.quiet:
+        extra = f", {r['replaced']} tensors replaced (modules_to_save)" if r["replaced"] else ""
+        print(f"pissa-svd: merged {r['merged']} weights{extra} into {r['out']}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .convert import verify
+
+    res = verify(args.src, args.out, adapter=args.adapter, quiet=args.quiet)
+    if args.verbose:
+        print(
+            f"{'tensor':<56} {'kind':<6} {'shape':<14} {'dtype':<10} {'err/bound':>9} "
+            f"{'rel err':>9}  status"
+        )
+        for r in res.rows:
+            shape = "x".join(map(str, r.shape))
+            ratio = f"{r.ratio:.3g}" if r.kind == "target" else "-"
+            rel = f"{r.rel:.2e}" if r.kind == "target" else "-"
+            status = "ok" if r.ok else f"FAIL {r.note}"
+            print(
+                f"{r.name:<56} {r.kind:<6} {shape:<14} {r.dtype:<10} {ratio:>9} {rel:>9}  {status}"
+            )
+    n_t = sum(r.kind == "target" for r in res.rows)
+    n_c = len(res.rows) - n_t
+    worst = res.worst()
+    if res.passed:
+        tail = (
+            f" (worst {worst.name}: {worst.ratio:.2f} of the bound, rel. error {worst.rel:.1e})"
+            if worst
+            else ""
+        )
+        print(
+            f"pissa-svd verify: PASS: {n_t} adapted tensors reproduce SRC within rounding{tail}; "
+            f"{n_c} other tensors identical"
+        )
+        return 0
+    print(
+        f"pissa-svd verify: FAIL: {len(res.failures)} of {len(res.rows)} tensors mismatch; "
+        f"worst {worst.name}: {worst.note}"
+    )
+    return 1
+
+
 def _terminate(signum, frame):
     # SIGTERM (kill, a scheduler's timeout) unwinds like Ctrl-C, so the partial output is removed.
     raise KeyboardInterrupt
@@ -209,6 +327,12 @@ def main(argv: list[str] | None = None) -> int:
             return _decompose(args)
         if args.command == "env":
             return _env()
+        if args.command == "to-lora":
+            return _to_lora(args)
+        if args.command == "merge":
+            return _merge(args)
+        if args.command == "verify":
+            return _verify(args)
     except InputError as exc:
         print(f"pissa-svd: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -10,14 +10,10 @@ never leaves an OUT that looks finished.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 import resource
-import shutil
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .adapter import ADAPTER_CONFIG, ADAPTER_FILE, peft_key
 from .checkpoint import (
     FLOAT_DTYPES,
     INDEX_NAME,
@@ -35,7 +32,7 @@ from .checkpoint import (
     dtype_to_torch,
     read_tensor,
 )
-from .errors import InputError, disk_error
+from .errors import InputError
 from .linalg import (
     BACKENDS,
     DEFAULT_OVERSAMPLE,
@@ -45,14 +42,13 @@ from .linalg import (
     resolve_method,
     svd_lowrank,
 )
+from .output import check_out, copy_files, human, staged, write_json
+from .output import progress as _progress
 from .pissa import pissa_factors
 from .targets import select, task_type
 
 ADAPTER_DIR = "pissa_init"
-ADAPTER_FILE = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 REPORT_FILE = "pissa_report.json"
-PEFT_PREFIX = "base_model.model."
 
 DTYPE_ALIASES = {
     "bf16": "BF16",
@@ -181,14 +177,14 @@ class Plan:
         lines = [
             "pissa-svd decompose plan (dry run: nothing is written)",
             f"  source       {ck.root if ck.index is not None else ck.files[ck.shards[0]].path}"
-            f"  ({len(ck.shards)} shard(s), {n_tensors} tensors, {_human(ck.total_bytes)})",
+            f"  ({len(ck.shards)} shard(s), {n_tensors} tensors, {human(ck.total_bytes)})",
             f"  output       {self.out}  (residual model) + {self.out / ADAPTER_DIR}  (adapter)",
             f"  adapter      r={o.rank}, lora_alpha={_num(self.alpha)} (scaling {_num(self.scaling)}),"
             f" task_type={self.task_type}, fan_in_fan_out={self.fan_in_fan_out}",
             f"  svd          niter={o.niter}, oversample={self.oversample}, seed={o.seed},"
             f" device={self.device}, backend={self.backend}",
             f"  batching     {len(self.targets)} matrices in {len(self.batches)} calls"
-            f" (same-shape matrices of a shard, up to {_human(self.batch_memory)} each,"
+            f" (same-shape matrices of a shard, up to {human(self.batch_memory)} each,"
             f" largest batch {max(len(b) for b in self.batches)})",
             f"  targets      {len(self.targets)} matrices:",
             f"    {'module':<18} {'count':>5}  {'shape (out x in)':<18} {'rank':>5}  {'method':<7}"
@@ -210,10 +206,10 @@ class Plan:
         )
         lines += [
             f"  compute      {self.flops / 1e9:.1f} GFLOP in all",
-            f"  memory       peak ~{_human(rss + self.working_bytes)}: runtime {_human(rss)}"
-            f" + largest batch's working set {_human(self.working_bytes)}"
-            f" (the whole checkpoint is {_human(ck.total_bytes)})",
-            f"  disk         residual {_human(ck.total_bytes)}, adapter {_human(adapter)}",
+            f"  memory       peak ~{human(rss + self.working_bytes)}: runtime {human(rss)}"
+            f" + largest batch's working set {human(self.working_bytes)}"
+            f" (the whole checkpoint is {human(ck.total_bytes)})",
+            f"  disk         residual {human(ck.total_bytes)}, adapter {human(adapter)}",
         ]
         return "\n".join(lines)
 
@@ -251,7 +247,7 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
 
     src_path, out_path = Path(src), Path(out)
     ckpt = Checkpoint.open(src_path)
-    _check_out(ckpt, src_path, out_path, o.overwrite)
+    check_out(out_path, o.overwrite, {"the source checkpoint": src_path})
 
     targets = []
     oversample = DEFAULT_OVERSAMPLE if o.oversample is None else o.oversample
@@ -352,16 +348,8 @@ def decompose(src: str | os.PathLike, out: str | os.PathLike, **kwargs) -> dict:
 
 
 def execute(plan: Plan) -> dict:
-    out = plan.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        report = _write_all(plan, tmp)
-        _move_into_place(tmp, out, plan.options.overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return report
+    with staged(plan.out, plan.options.overwrite) as tmp:
+        return _write_all(plan, tmp)
 
 
 def _write_all(plan: Plan, tmp: Path) -> dict:
@@ -371,10 +359,10 @@ def _write_all(plan: Plan, tmp: Path) -> dict:
     adapter_entries = []
     for t in plan.targets:
         adapter_entries += [
-            (_peft_key(t.module, "A"), t.adapter_dtype, (t.rank, t.in_features)),
-            (_peft_key(t.module, "B"), t.adapter_dtype, (t.out_features, t.rank)),
+            (peft_key(t.module, "A"), t.adapter_dtype, (t.rank, t.in_features)),
+            (peft_key(t.module, "B"), t.adapter_dtype, (t.out_features, t.rank)),
         ]
-    progress = _progress(ck.total_bytes, len(plan.targets), o.quiet)
+    progress = _progress(ck.total_bytes, "decompose", o.quiet, f"tensors 0/{len(plan.targets)}")
     rows: list[dict] = []
     scratch = _Scratch()
     with StreamingWriter(tmp / ADAPTER_DIR / ADAPTER_FILE, adapter_entries, {"format": "pt"}) as aw:
@@ -386,9 +374,8 @@ def _write_all(plan: Plan, tmp: Path) -> dict:
     svd_seconds = sum(r["svd_seconds"] for r in rows)
 
     _write_index(plan, tmp)
-    _write_json(tmp / ADAPTER_DIR / ADAPTER_CONFIG, _adapter_config(plan))
-    for name in ck.extra_files:
-        _guarded(lambda n=name: shutil.copy2(ck.root / n, tmp / n), tmp / name)
+    write_json(tmp / ADAPTER_DIR / ADAPTER_CONFIG, _adapter_config(plan))
+    copy_files(ck.root, ck.extra_files, tmp)
     report = {
         "pissa_svd_version": __version__,
         "source": str(ck.root if ck.index is not None else ck.files[ck.shards[0]].path),
@@ -411,7 +398,7 @@ def _write_all(plan: Plan, tmp: Path) -> dict:
         },
         "matrices": rows,
     }
-    _write_json(tmp / REPORT_FILE, report)
+    write_json(tmp / REPORT_FILE, report)
     return report
 
 
@@ -447,8 +434,8 @@ def _stream_shard(plan, shard, dest, aw, scratch, progress, rows) -> None:
                 continue
             results = _decompose_batch(plan, batch, scratch)
             for t, (row, A, B, W_res) in zip(batch, results, strict=True):
-                aw.write(_peft_key(t.module, "A"), A)
-                aw.write(_peft_key(t.module, "B"), B)
+                aw.write(peft_key(t.module, "A"), A)
+                aw.write(peft_key(t.module, "B"), B)
                 w.write(t.name, scratch.cast("out", W_res, t.residual_dtype))
                 done.add(t.name)
                 rows.append(row)
@@ -552,10 +539,6 @@ class _Scratch:
         return self.tensor(key, st_dtype, tuple(x.shape)).copy_(x)
 
 
-def _peft_key(module: str, which: str) -> str:
-    return f"{PEFT_PREFIX}{module}.lora_{which}.weight"
-
-
 def _adapter_config(plan: Plan) -> dict:
     return {
         "peft_type": "LORA",
@@ -590,43 +573,7 @@ def _write_index(plan: Plan, tmp: Path) -> None:
     )
     index = dict(ck.index)
     index["metadata"] = {**(index.get("metadata") or {}), "total_size": total}
-    _write_json(tmp / INDEX_NAME, index)
-
-
-def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; OUT is an ordinary folder
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    if not overwrite:  # appeared while we were working
-        raise InputError(f"{out} appeared during the run; pass --overwrite to replace it")
-    # Swap: the old OUT is only removed once the new one is in place.
-    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    old = trash / out.name
-    os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def _check_out(ckpt: Checkpoint, src: Path, out: Path, overwrite: bool) -> None:
-    root = ckpt.root.resolve() if ckpt.index is not None or src.is_dir() else None
-    o = out.resolve()
-    if root is not None and (o == root or o.is_relative_to(root)):
-        raise InputError(
-            f"--out {out} is inside the source checkpoint {src}; choose a folder outside it"
-        )
-    s = src.resolve()
-    if s == o or s.is_relative_to(o):
-        raise InputError(f"--out {out} contains the source {src}; choose another folder")
-    if out.exists() or out.is_symlink():
-        if not overwrite:
-            raise InputError(
-                f"{out} already exists; pass --overwrite to replace it, or choose another --out"
-            )
-        if not out.is_dir() or out.is_symlink():
-            raise InputError(f"{out} exists and is not a folder; remove it or choose another --out")
+    write_json(tmp / INDEX_NAME, index)
 
 
 def _dtype_option(flag: str, value: str | None) -> str | None:
@@ -663,47 +610,9 @@ def _compile_patterns(patterns: list[str] | None) -> list[str] | None:
     return list(patterns)
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    _guarded(lambda: path.write_text(json.dumps(obj, indent=2) + "\n"), path)
-
-
-def _guarded(fn, path: Path):
-    try:
-        return fn()
-    except OSError as exc:
-        err = disk_error(exc, path)
-        if err is not None:
-            raise err from None
-        raise
-
-
-def _progress(total: int, n_targets: int, quiet: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc="decompose",
-        file=sys.stderr,
-        disable=quiet,
-        postfix=f"tensors 0/{n_targets}",
-        dynamic_ncols=True,
-    )
-
-
 def _rss_bytes() -> int:
     """Peak resident set size of this process so far."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} TB"
 
 
 def _num(x: float) -> float | int:

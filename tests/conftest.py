@@ -31,12 +31,14 @@ def _package_dir(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def save_tiny_llama(path: Path, dtype: torch.dtype = torch.float32, layers: int = 3) -> Path:
+def save_tiny_llama(
+    path: Path, dtype: torch.dtype = torch.float32, layers: int = 3, hidden: int = 64
+) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        hidden_size=64,
+        hidden_size=hidden,
         intermediate_size=176,
         num_hidden_layers=layers,
         num_attention_heads=4,

@@ -1,0 +1,180 @@
+"""PEFT LoRA adapters on disk: read, check, write. No math beyond the LoRA scaling.
+
+An adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (or the older
+``adapter_model.bin``) with keys ``base_model.model.<module>.lora_A.weight`` (r, in) and
+``base_model.model.<module>.lora_B.weight`` (out, r). Its update to the weight of ``<module>``
+is ``s * B @ A`` in the (out, in) layout (transposed for ``fan_in_fan_out`` layers, GPT-2's
+Conv1D), with ``s = lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with ``use_rslora``.
+Adapters are small (rank x (in + out) per module), so they are loaded whole.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint, read_tensor
+from .errors import InputError
+from .output import guarded, write_json
+
+ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_BIN = "adapter_model.bin"
+ADAPTER_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+_UNSUPPORTED = ("lora_embedding_", "lora_magnitude_vector")
+
+
+def peft_key(module: str, which: str) -> str:
+    """The PEFT state-dict key of ``module``'s ``lora_A``/``lora_B`` weight (which: "A"/"B")."""
+    return f"{PEFT_PREFIX}{module}.lora_{which}.weight"
+
+
+@dataclass
+class LoraAdapter:
+    """A PEFT LoRA adapter: config plus, per module, A (r, in) and B (out, r).
+
+    ``extra`` keeps any non-LoRA tensors (``modules_to_save`` copies) unchanged.
+    """
+
+    root: Path
+    config: dict
+    A: dict[str, torch.Tensor]
+    B: dict[str, torch.Tensor]
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path, what: str = "adapter") -> LoraAdapter:
+        """Read and check an adapter folder; ``what`` names it in error messages."""
+        root = Path(path)
+        if not root.is_dir():
+            raise InputError(f"{what} {root}: no such folder; pass a PEFT adapter folder")
+        config = _read_config(root, what)
+        tensors = _read_tensors(root, what)
+        A: dict[str, torch.Tensor] = {}
+        B: dict[str, torch.Tensor] = {}
+        extra: dict[str, torch.Tensor] = {}
+        for key, t in tensors.items():
+            if any(u in key for u in _UNSUPPORTED):
+                raise InputError(
+                    f"{what} {root}: {key!r} is an embedding or DoRA weight; only LoRA on "
+                    "linear layers is supported"
+                )
+            m = _LORA_KEY.match(key)
+            if m is None:
+                extra[key] = t
+                continue
+            if t.ndim != 2 or not t.is_floating_point():
+                raise InputError(f"{what} {root}: {key!r} must be a 2-D float tensor")
+            (A if m["which"] == "A" else B)[m["module"]] = t
+        if not A:
+            raise InputError(f"{what} {root}: no lora_A/lora_B weights in the adapter file")
+        for module in sorted(set(A) ^ set(B)):
+            has = "lora_A" if module in A else "lora_B"
+            raise InputError(f"{what} {root}: module {module} has {has} but not its partner")
+        for module in A:
+            if A[module].shape[0] != B[module].shape[1]:
+                raise InputError(
+                    f"{what} {root}: {module}: lora_A {tuple(A[module].shape)} and lora_B "
+                    f"{tuple(B[module].shape)} disagree on the rank"
+                )
+        adapter = cls(root, config, A, B, extra)
+        for module in A:
+            expected = adapter.config_rank(module)
+            if expected is not None and expected != adapter.rank(module):
+                raise InputError(
+                    f"{what} {root}: {module} has rank {adapter.rank(module)} but "
+                    f"{ADAPTER_CONFIG} says r={expected}; the adapter is inconsistent"
+                )
+        return adapter
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted(self.A)
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return bool(self.config.get("fan_in_fan_out", False))
+
+    def rank(self, module: str) -> int:
+        return int(self.A[module].shape[0])
+
+    def shape(self, module: str) -> tuple[int, int]:
+        """(out, in) of the weight this module's update applies to."""
+        return int(self.B[module].shape[0]), int(self.A[module].shape[1])
+
+    def config_rank(self, module: str) -> int | None:
+        r = _pattern_value(self.config.get("rank_pattern") or {}, module, self.config.get("r"))
+        return None if r is None else int(r)
+
+    def alpha(self, module: str) -> float:
+        alpha = self.config.get("lora_alpha", self.config.get("r", self.rank(module)))
+        return float(_pattern_value(self.config.get("alpha_pattern") or {}, module, alpha))
+
+    def scaling(self, module: str) -> float:
+        """s in ``W + s * B @ A``, exactly as PEFT computes it."""
+        r = self.rank(module)
+        denom = math.sqrt(r) if self.config.get("use_rslora") else r
+        return self.alpha(module) / denom
+
+    def delta(self, module: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """s * B @ A in the (out, in) layout, computed in ``dtype``."""
+        B, A = self.B[module].to(dtype), self.A[module].to(dtype)
+        return (B * self.scaling(module)) @ A
+
+    def save(self, dest: Path) -> None:
+        """Write ``dest/adapter_config.json`` and ``dest/adapter_model.safetensors``."""
+        from safetensors.torch import save_file
+
+        dest.mkdir(parents=True, exist_ok=True)
+        tensors = {**self.extra}
+        for module in self.modules:
+            tensors[peft_key(module, "A")] = self.A[module].contiguous()
+            tensors[peft_key(module, "B")] = self.B[module].contiguous()
+        write_json(dest / ADAPTER_CONFIG, self.config)
+        path = dest / ADAPTER_FILE
+        guarded(lambda: save_file(tensors, str(path), metadata={"format": "pt"}), path)
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank_pattern/alpha_pattern lookup: a key matches a module name's suffix."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _read_config(root: Path, what: str) -> dict:
+    path = root / ADAPTER_CONFIG
+    if not path.is_file():
+        raise InputError(f"{what} {root}: no {ADAPTER_CONFIG}; pass a PEFT adapter folder")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: unreadable JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise InputError(f"{path}: peft_type is {config['peft_type']!r}; only LORA is supported")
+    return config
+
+
+def _read_tensors(root: Path, what: str) -> dict[str, torch.Tensor]:
+    st, pt = root / ADAPTER_FILE, root / ADAPTER_BIN
+    if st.is_file():
+        ck = Checkpoint.open(st)  # validates the header, offsets and size
+        return {t.name: read_tensor(t) for t in ck.tensors()}
+    if pt.is_file():
+        try:
+            state = torch.load(pt, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for a corrupt pickle
+            raise InputError(f"{pt}: unreadable ({exc.__class__.__name__}: {exc})") from None
+        if not isinstance(state, dict):
+            raise InputError(f"{pt}: expected a state dict")
+        return dict(state)
+    raise InputError(f"{what} {root}: no {ADAPTER_FILE} or {ADAPTER_BIN}")

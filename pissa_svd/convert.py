@@ -1,0 +1,445 @@
+"""After training: PiSSA -> LoRA conversion, merging an adapter into a checkpoint, verification.
+
+- :func:`to_lora` turns a fine-tuned PiSSA adapter into a plain LoRA for the *original* model:
+  ``dW = s B' A' - s B A = s [B' | -B] @ [A' ; A]``, rank 2r (PEFT's conversion does the same).
+- :func:`merge` writes ``W + s B @ A`` for every adapted weight of a checkpoint, shard by shard.
+- :func:`verify` checks, tensor by tensor, that a decompose output reproduces its source:
+  ``W_res + s B @ A == W`` within the rounding of the stored residual, and every other tensor
+  byte-identical.
+
+All three stream: adapters are loaded whole (they are small), checkpoints one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .adapter import LoraAdapter
+from .checkpoint import (
+    FLOAT_DTYPES,
+    INDEX_NAME,
+    Checkpoint,
+    SafetensorsFile,
+    StreamingWriter,
+    TensorInfo,
+    dtype_to_torch,
+    read_tensor,
+)
+from .errors import InputError
+from .output import check_out, copy_files, progress, staged, write_json
+from .pipeline import ADAPTER_DIR, REPORT_FILE
+
+_ROWS_PER_CHUNK = 1024  # verify works on row blocks so fp64 copies stay small
+
+
+# ---------------------------------------------------------------------------------------------
+# PiSSA -> LoRA
+
+
+def to_lora(
+    init: str | os.PathLike,
+    trained: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+) -> dict:
+    """Write a rank-2r LoRA adapter for the original model; returns a summary dict.
+
+    Args:
+        init: the ``pissa_init`` adapter that ``decompose`` wrote (the state before training).
+        trained: the adapter saved after training on the residual model.
+        out: the new adapter folder (loads with PEFT on the *original* checkpoint).
+
+    A trained adapter whose modules, shapes or layout differ from the init's (another rank,
+    another model) is refused. Two models of identical shapes cannot be told apart from the
+    weights, so the summary reports how far training moved the adapter and, when both configs
+    name local folders, whether the trained adapter was saved on a different base.
+    """
+    ini = LoraAdapter.load(init, "init adapter")
+    tr = LoraAdapter.load(trained, "trained adapter")
+    out = Path(out)
+    check_out(out, overwrite, {"the init adapter": ini.root, "the trained adapter": tr.root})
+    _check_same_layout(ini, tr)
+
+    A_out: dict[str, torch.Tensor] = {}
+    B_out: dict[str, torch.Tensor] = {}
+    changes: list[float] = []
+    for m in ini.modules:
+        s0, s1 = ini.scaling(m), tr.scaling(m)
+        dtype = torch.promote_types(
+            torch.promote_types(ini.A[m].dtype, tr.A[m].dtype),
+            torch.promote_types(ini.B[m].dtype, tr.B[m].dtype),
+        )
+        # The output keeps the trained adapter's scaling s1, so the init's B is rescaled by
+        # s0 / s1 (1 unless the two configs disagree on alpha).
+        A_out[m] = torch.cat([tr.A[m].to(dtype), ini.A[m].to(dtype)], dim=0)
+        B_out[m] = torch.cat([tr.B[m].to(dtype), ini.B[m].to(dtype) * (-s0 / s1)], dim=1)
+        changes.append(_relative_change(ini, tr, m))
+    median = sorted(changes)[len(changes) // 2]
+
+    config = _doubled_config(tr.config)
+    base = _original_model(ini.root)
+    if base is not None:
+        config["base_model_name_or_path"] = base
+    result = LoraAdapter(out, config, A_out, B_out, dict(tr.extra))
+    with staged(out, overwrite) as tmp:
+        result.save(tmp)
+    return {
+        "out": str(out),
+        "modules": len(ini.modules),
+        "r": tr.config.get("r"),
+        "r_out": config.get("r"),
+        "lora_alpha": tr.config.get("lora_alpha"),
+        "lora_alpha_out": config.get("lora_alpha"),
+        "use_rslora": bool(config.get("use_rslora")),
+        "base_model": base,
+        "median_change": median,
+        "max_change": max(changes),
+        "other_base": _other_base(ini, tr),
+    }
+
+
+def _check_same_layout(ini: LoraAdapter, tr: LoraAdapter) -> None:
+    only_init = sorted(set(ini.modules) - set(tr.modules))
+    only_trained = sorted(set(tr.modules) - set(ini.modules))
+    if only_init or only_trained:
+        which = (
+            f"{len(only_init)} module(s) only in the init, e.g. {only_init[0]}"
+            if only_init
+            else f"{len(only_trained)} module(s) only in the trained adapter, e.g. {only_trained[0]}"
+        )
+        raise InputError(
+            f"trained adapter {tr.root} and init {ini.root} target different modules ({which}); "
+            "pass the adapter that was trained from this init"
+        )
+    for m in ini.modules:
+        a0, b0, a1, b1 = ini.A[m].shape, ini.B[m].shape, tr.A[m].shape, tr.B[m].shape
+        if (a0, b0) != (a1, b1):
+            raise InputError(
+                f"{m}: trained adapter has lora_A {tuple(a1)} / lora_B {tuple(b1)}, the init has "
+                f"{tuple(a0)} / {tuple(b0)}; the rank or the base model differs from the init's"
+            )
+    if ini.fan_in_fan_out != tr.fan_in_fan_out:
+        raise InputError(
+            f"trained adapter {tr.root} and init {ini.root} disagree on fan_in_fan_out; "
+            "they were made for different model layouts"
+        )
+
+
+def _other_base(ini: LoraAdapter, tr: LoraAdapter) -> str | None:
+    """The trained adapter's recorded base when it is a local folder other than the init's."""
+    a, b = ini.config.get("base_model_name_or_path"), tr.config.get("base_model_name_or_path")
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return None
+    pa, pb = Path(a), Path(b)
+    if pa.is_dir() and pb.is_dir() and pa.resolve() != pb.resolve():
+        return b
+    return None
+
+
+def _relative_change(ini: LoraAdapter, tr: LoraAdapter, m: str) -> float:
+    """||s1 B1 A1 - s0 B0 A0||_F / ||s0 B0 A0||_F through (2r x 2r) Gram matrices, in fp64.
+
+    With X = [s1 B1 | -s0 B0] and Y = [A1 ; A0], ||X Y||_F^2 = <X^T X, Y Y^T>: no (out, in)
+    product is formed.
+    """
+    d = torch.float64
+    X = torch.cat([tr.B[m].to(d) * tr.scaling(m), ini.B[m].to(d) * -ini.scaling(m)], dim=1)
+    Y = torch.cat([tr.A[m].to(d), ini.A[m].to(d)], dim=0)
+    r = ini.rank(m)
+    gx, gy = X.mT @ X, Y @ Y.mT
+    diff = float((gx * gy).sum().clamp_min(0).sqrt())
+    ref = float((gx[r:, r:] * gy[r:, r:]).sum().clamp_min(0).sqrt())
+    return diff / ref if ref > 0 else math.inf
+
+
+def _doubled_config(config: dict) -> dict:
+    """The trained config with r doubled and lora_alpha adjusted so that s is unchanged."""
+    out = copy.deepcopy(config)
+    rslora = bool(out.get("use_rslora"))
+    alpha_factor = math.sqrt(2) if rslora else 2  # s = alpha / sqrt(r) with rslora
+    out["r"] = 2 * int(out["r"])
+    out["lora_alpha"] = _num(out.get("lora_alpha", config["r"]) * alpha_factor)
+    if out.get("rank_pattern"):
+        out["rank_pattern"] = {k: 2 * v for k, v in out["rank_pattern"].items()}
+    if out.get("alpha_pattern"):
+        out["alpha_pattern"] = {k: _num(v * alpha_factor) for k, v in out["alpha_pattern"].items()}
+    # True, not "pissa": PEFT would run an SVD on load instead of using these weights.
+    out["init_lora_weights"] = True
+    out["inference_mode"] = True
+    return out
+
+
+def _original_model(init_root: Path) -> str | None:
+    """The checkpoint decompose read, from the report next to the init adapter."""
+    report = init_root.parent / REPORT_FILE
+    try:
+        source = json.loads(report.read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(source, str):
+        return None
+    p = Path(source)
+    return str(p.parent if p.suffix == ".safetensors" else p)
+
+
+def _num(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else x
+
+
+# ---------------------------------------------------------------------------------------------
+# merge
+
+
+def merge(
+    base: str | os.PathLike,
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> dict:
+    """Write ``base`` with ``W + s B @ A`` for every module of ``adapter``; returns a summary.
+
+    ``base`` is a checkpoint folder or file (for a PiSSA run: the decompose output, the
+    residual model); OUT gets the same shards, dtypes and side files (config, tokenizer).
+    """
+    base_path, out = Path(base), Path(out)
+    ck = Checkpoint.open(base_path)
+    ad = LoraAdapter.load(adapter, "adapter")
+    check_out(out, overwrite, {"the base checkpoint": base_path, "the adapter": ad.root})
+    targets = _match_targets(ck, ad, str(base_path))
+    replaced = _match_extra(ck, ad, str(base_path))
+    bar = progress(ck.total_bytes, "merge", quiet)
+    with staged(out, overwrite) as tmp:
+        for shard in ck.shards:
+            dest = tmp / shard
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _merge_shard(ck.files[shard], dest, ad, targets, replaced, bar)
+        if ck.index is not None:
+            write_json(tmp / INDEX_NAME, ck.index)  # same dtypes, so the same total_size
+        copy_files(ck.root, [f for f in ck.extra_files if f != REPORT_FILE], tmp)
+    bar.close()
+    return {"out": str(out), "merged": len(targets), "replaced": len(replaced)}
+
+
+def _match_targets(ck: Checkpoint, ad: LoraAdapter, where: str) -> dict[str, str]:
+    """tensor name -> adapter module, checking that every module's weight exists and fits."""
+    infos = {t.name: t for t in ck.tensors()}
+    targets = {}
+    for m in ad.modules:
+        info = infos.get(f"{m}.weight")
+        if info is None:
+            raise InputError(
+                f"the adapter adapts {m}, but {where} has no tensor {m}.weight; "
+                "the adapter belongs to a different model"
+            )
+        out_f, in_f = ad.shape(m)
+        expected = (in_f, out_f) if ad.fan_in_fan_out else (out_f, in_f)
+        if info.shape != expected:
+            raise InputError(
+                f"{info.name} in {where} has shape {info.shape} but the adapter's update is "
+                f"{expected}; the adapter belongs to a different model"
+            )
+        if info.dtype not in FLOAT_DTYPES:
+            raise InputError(
+                f"{info.name} in {where} is {info.dtype}; merging needs bf16/fp16/fp32/fp64 "
+                "weights (merge into the full-precision checkpoint)"
+            )
+        targets[info.name] = m
+    return targets
+
+
+def _match_extra(ck: Checkpoint, ad: LoraAdapter, where: str) -> dict[str, torch.Tensor]:
+    """Non-LoRA adapter tensors (modules_to_save) replace the base tensor of the same name."""
+    infos = {t.name: t for t in ck.tensors()}
+    replaced = {}
+    for key, t in ad.extra.items():
+        name = key.removeprefix("base_model.model.")
+        info = infos.get(name)
+        if info is None or info.shape != tuple(t.shape):
+            raise InputError(
+                f"the adapter holds {key} {tuple(t.shape)}, which matches no tensor of {where}; "
+                "the adapter belongs to a different model"
+            )
+        replaced[name] = t
+    return replaced
+
+
+def _merge_shard(sf: SafetensorsFile, dest: Path, ad, targets, replaced, bar) -> None:
+    entries = [(i.name, i.dtype, i.shape) for i in sf.tensors.values()]
+    meta = {**sf.metadata, "format": sf.metadata.get("format", "pt")}
+    with StreamingWriter(dest, entries, meta) as w:
+        run: list[TensorInfo] = []  # consecutive untouched tensors, copied in one go
+        for info in sf.tensors.values():
+            if info.name not in targets and info.name not in replaced:
+                run.append(info)
+                continue
+            w.copy(run)
+            bar.update(sum(i.nbytes for i in run))
+            run = []
+            W = read_tensor(info)
+            if info.name in replaced:
+                w.write(info.name, replaced[info.name].to(W.dtype))
+            else:
+                work = torch.float64 if W.dtype == torch.float64 else torch.float32
+                delta = ad.delta(targets[info.name], work)
+                merged = W.to(work) + (delta.mT if ad.fan_in_fan_out else delta)
+                w.write(info.name, merged.to(W.dtype))
+            bar.update(info.nbytes)
+        w.copy(run)
+        bar.update(sum(i.nbytes for i in run))
+
+
+# ---------------------------------------------------------------------------------------------
+# verify
+
+
+@dataclass
+class TensorCheck:
+    """One tensor's verdict. ``ratio``: worst |W_res + s B A - W| over its allowed rounding
+    error (targets; <= 1 passes), 0 or inf for byte comparisons. ``rel``: relative Frobenius
+    error of the reconstruction (targets)."""
+
+    name: str
+    kind: str  # "target" | "copy"
+    shape: tuple[int, ...]
+    dtype: str
+    ok: bool
+    ratio: float = 0.0
+    rel: float = 0.0
+    note: str = ""
+
+
+@dataclass
+class VerifyResult:
+    rows: list[TensorCheck] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(r.ok for r in self.rows)
+
+    @property
+    def failures(self) -> list[TensorCheck]:
+        return [r for r in self.rows if not r.ok]
+
+    def worst(self) -> TensorCheck | None:
+        pool = self.failures or [r for r in self.rows if r.kind == "target"]
+        return max(pool, key=lambda r: r.ratio, default=None)
+
+
+def verify(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    adapter: str | os.PathLike | None = None,
+    quiet: bool = True,
+) -> VerifyResult:
+    """Check a decompose output ``out`` against its source ``src``, one tensor at a time.
+
+    For each adapted weight, ``W_res + s B @ A`` (fp64) must equal ``W`` within what the
+    pipeline's arithmetic allows: half an ulp of the stored residual (its final rounding) plus
+    the working-precision error of ``W - s B @ A``, ``(r + 2) u (|W| + s |B| |A|)`` elementwise
+    (u = 2^-24 in fp32, 2^-53 in fp64). Every other tensor must be byte-identical, and both
+    checkpoints must hold the same tensor names, shapes and (for non-targets) dtypes.
+    """
+    src_ck, out_ck = Checkpoint.open(Path(src)), Checkpoint.open(Path(out))
+    ad = LoraAdapter.load(Path(adapter) if adapter else Path(out) / ADAPTER_DIR, "adapter")
+    src_infos = {t.name: t for t in src_ck.tensors()}
+    out_infos = {t.name: t for t in out_ck.tensors()}
+    targets = {f"{m}.weight": m for m in ad.modules}
+    result = VerifyResult()
+    for name in sorted(set(targets) - set(src_infos)):
+        result.rows.append(TensorCheck(name, "target", (), "", False, math.inf, note="not in SRC"))
+    for name in sorted(set(out_infos) - set(src_infos)):
+        i = out_infos[name]
+        result.rows.append(
+            TensorCheck(name, "copy", i.shape, i.dtype, False, math.inf, note="not in SRC")
+        )
+    bar = progress(src_ck.total_bytes, "verify", quiet)
+    for name, s in src_infos.items():
+        o = out_infos.get(name)
+        kind = "target" if name in targets else "copy"
+        if o is None:
+            row = TensorCheck(name, kind, s.shape, s.dtype, False, math.inf, note="missing in OUT")
+        elif o.shape != s.shape:
+            row = TensorCheck(
+                name, kind, s.shape, s.dtype, False, math.inf, note=f"OUT has shape {o.shape}"
+            )
+        elif kind == "target":
+            row = _check_target(s, o, ad, targets[name])
+        else:
+            row = _check_copy(s, o)
+        result.rows.append(row)
+        bar.update(s.nbytes)
+    bar.close()
+    return result
+
+
+def _check_copy(s: TensorInfo, o: TensorInfo) -> TensorCheck:
+    row = TensorCheck(s.name, "copy", s.shape, s.dtype, True)
+    if o.dtype != s.dtype:
+        row.ok, row.ratio, row.note = False, math.inf, f"OUT has dtype {o.dtype}"
+    elif not _same_bytes(s, o):
+        row.ok, row.ratio, row.note = False, math.inf, "bytes differ"
+    return row
+
+
+def _same_bytes(a: TensorInfo, b: TensorInfo, chunk: int = 16 << 20) -> bool:
+    with open(a.path, "rb", buffering=0) as fa, open(b.path, "rb", buffering=0) as fb:
+        for off in range(0, a.nbytes, chunk):
+            n = min(chunk, a.nbytes - off)
+            if os.pread(fa.fileno(), n, a.begin + off) != os.pread(fb.fileno(), n, b.begin + off):
+                return False
+    return True
+
+
+def _check_target(s: TensorInfo, o: TensorInfo, ad: LoraAdapter, module: str) -> TensorCheck:
+    row = TensorCheck(s.name, "target", s.shape, f"{s.dtype}->{o.dtype}", True)
+    out_f, in_f = ad.shape(module)
+    expected = (in_f, out_f) if ad.fan_in_fan_out else (out_f, in_f)
+    if s.shape != expected:
+        row.ok, row.ratio, row.note = False, math.inf, f"adapter expects {expected}"
+        return row
+    if s.dtype not in FLOAT_DTYPES or o.dtype not in FLOAT_DTYPES:
+        row.ok, row.ratio, row.note = False, math.inf, "not a float tensor"
+        return row
+    d = torch.float64
+    scale = ad.scaling(module)
+    # In the stored layout: D = L @ Rt, with (L, Rt) = (s B, A), or (s A^T, B^T) when stored
+    # transposed; |L| @ |Rt| bounds the magnitudes the working-precision GEMM summed.
+    B, A = ad.B[module].to(d) * scale, ad.A[module].to(d)
+    L, Rt = (A.mT, B.mT) if ad.fan_in_fan_out else (B, A)
+    # The pipeline computes in fp32 unless the source is fp64.
+    u = 2.0**-53 if "F64" in (s.dtype, o.dtype) else 2.0**-24
+    work_bound = (ad.rank(module) + 2) * u
+    res_dtype = dtype_to_torch(o.dtype)
+    eps, tiny = torch.finfo(res_dtype).eps, torch.finfo(res_dtype).tiny
+    W_all, R_all = read_tensor(s), read_tensor(o)
+    worst, err_sq, ref_sq = 0.0, 0.0, 0.0
+    for i0 in range(0, s.shape[0], _ROWS_PER_CHUNK):
+        sl = slice(i0, i0 + _ROWS_PER_CHUNK)
+        W, R = W_all[sl].to(d), R_all[sl].to(d)
+        err = (R + L[sl] @ Rt - W).abs()
+        _, e = torch.frexp(R)  # |R| = m 2^e, m in [0.5, 1): one ulp is eps 2^(e-1)
+        # Half an ulp of each stored residual value; the subnormal spacing floors it (and is
+        # the whole allowance where R rounded to 0).
+        half_ulp = torch.ldexp(torch.full_like(R, eps / 2), e - 1).clamp_min(tiny * eps / 2)
+        half_ulp = torch.where(R == 0, tiny * eps / 2, half_ulp)
+        allowed = half_ulp + work_bound * (W.abs() + L[sl].abs() @ Rt.abs())
+        worst = max(worst, float((err / allowed).max()))
+        err_sq += float((err * err).sum())
+        ref_sq += float((W * W).sum())
+    row.ratio = worst
+    row.rel = math.sqrt(err_sq / ref_sq) if ref_sq > 0 else math.sqrt(err_sq)
+    row.ok = worst <= 1.0
+    if not row.ok:
+        row.note = f"error {worst:.3g}x the rounding bound"
+    return row

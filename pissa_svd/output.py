@@ -1,0 +1,124 @@
+"""Writing an output folder safely: checks before, a staged temporary sibling, rename at the end.
+
+Every command that writes (decompose, merge, to-lora) goes through :func:`staged`, so an
+interrupted or failed run never leaves an OUT that looks complete, and an existing OUT is only
+replaced with ``--overwrite``, after the new one is finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import InputError, disk_error
+
+
+def check_out(out: Path, overwrite: bool, sources: dict[str, Path]) -> None:
+    """Refuse an OUT that would clobber a user's files or overlap an input.
+
+    ``sources`` maps a label ("the source checkpoint") to an input path. OUT may not be inside
+    an input folder, nor contain an input, and may only exist when ``overwrite`` is set.
+    """
+    o = out.resolve()
+    for label, src in sources.items():
+        s = src.resolve()
+        if src.is_dir() and (o == s or o.is_relative_to(s)):
+            raise InputError(f"--out {out} is inside {label} {src}; choose a folder outside it")
+        if s == o or s.is_relative_to(o):
+            raise InputError(f"--out {out} contains {label} {src}; choose another folder")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise InputError(
+                f"{out} already exists; pass --overwrite to replace it, or choose another --out"
+            )
+        if not out.is_dir() or out.is_symlink():
+            raise InputError(f"{out} exists and is not a folder; remove it or choose another --out")
+
+
+@contextmanager
+def staged(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a hidden temporary sibling of ``out``; rename it to ``out`` when the block succeeds.
+
+    On any exception (including KeyboardInterrupt) the temporary folder is removed and ``out``
+    is left as it was.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        _move_into_place(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; OUT is an ordinary folder
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    if not overwrite:  # appeared while we were working
+        raise InputError(f"{out} appeared during the run; pass --overwrite to replace it")
+    # Swap: the old OUT is only removed once the new one is in place.
+    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    old = trash / out.name
+    os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def guarded(fn, path: Path):
+    """Run ``fn``; a disk-full OSError becomes an InputError naming ``path``."""
+    try:
+        return fn()
+    except OSError as exc:
+        err = disk_error(exc, path)
+        if err is not None:
+            raise err from None
+        raise
+
+
+def write_json(path: Path, obj: dict) -> None:
+    guarded(lambda: path.write_text(json.dumps(obj, indent=2) + "\n"), path)
+
+
+def copy_files(src_root: Path, names: list[str], dest_root: Path) -> None:
+    """Copy side files (config, tokenizer, ...) unchanged, keeping their relative paths."""
+    for name in names:
+        dest = dest_root / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        guarded(lambda n=name, d=dest: shutil.copy2(src_root / n, d), dest)
+
+
+def progress(total: int, desc: str, quiet: bool, postfix: str | None = None):
+    """A byte-counting tqdm bar on stderr (disabled with ``quiet``)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=desc,
+        file=sys.stderr,
+        disable=quiet,
+        postfix=postfix,
+        dynamic_ncols=True,
+    )
+
+
+def human(n: float) -> str:
+    """Bytes for people: 1.23 GB."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"

@@ -1,0 +1,274 @@
+"""to-lora, merge and verify: against PEFT, against the fp64 math, and on corrupted output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pissa_svd import decompose
+from pissa_svd.adapter import LoraAdapter
+from tests.conftest import save_tiny_llama
+
+RANK = 8
+
+
+def _decompose(src: Path, out: Path, **kw) -> Path:
+    decompose(src, out, rank=kw.pop("rank", RANK), niter=4, quiet=True, **kw)
+    return out
+
+
+@pytest.fixture(scope="module")
+def out(tiny_llama, tmp_path_factory) -> Path:
+    return _decompose(tiny_llama, tmp_path_factory.mktemp("convert") / "out")
+
+
+@pytest.fixture(scope="module")
+def out_bf16(tiny_llama_bf16, tmp_path_factory) -> Path:
+    return _decompose(tiny_llama_bf16, tmp_path_factory.mktemp("convert_bf16") / "out")
+
+
+@pytest.fixture(scope="module")
+def ids() -> torch.Tensor:
+    return torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _causal_lm(path: Path, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def _logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits.double()
+
+
+@pytest.fixture(scope="module")
+def trained(out, tmp_path_factory):
+    """A PiSSA adapter really trained (a few AdamW steps) on the residual model, saved by PEFT.
+
+    Returns (folder, the trained PeftModel).
+    """
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    model = PeftModel.from_pretrained(
+        _causal_lm(out), out, subfolder="pissa_init", is_trainable=True
+    )
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    data = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
+    model.train()
+    for _ in range(5):
+        loss = model(input_ids=data, labels=data).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    path = tmp_path_factory.mktemp("trained") / "adapter"
+    model.save_pretrained(path)
+    return path, model
+
+
+def _rewrite_tensor(ckpt: Path, name: str, fn) -> None:
+    """Replace tensor ``name`` of a (sharded) checkpoint by fn(tensor), in its shard."""
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    shard = ckpt / index["weight_map"][name]
+    tensors = load_file(shard)
+    tensors[name] = fn(tensors[name]).contiguous()
+    save_file(tensors, shard, metadata={"format": "pt"})
+
+
+# ------------------------------------------------------------------------------------------
+# verify
+
+
+@pytest.mark.parametrize("which", ["fp32", "bf16"])
+def test_verify_passes_good_output(which, tiny_llama, tiny_llama_bf16, out, out_bf16, run_cli):
+    src, dst = (tiny_llama, out) if which == "fp32" else (tiny_llama_bf16, out_bf16)
+    code, stdout, _ = run_cli("verify", src, dst, "--quiet")
+    assert code == 0, stdout
+    assert "PASS: 21 adapted tensors" in stdout
+
+
+@pytest.mark.parametrize("which", ["fp32", "bf16"])
+def test_verify_fails_a_residual_changed_by_one_percent(
+    which, tiny_llama, tiny_llama_bf16, out, out_bf16, run_cli, tmp_path
+):
+    src, good = (tiny_llama, out) if which == "fp32" else (tiny_llama_bf16, out_bf16)
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    name = "model.layers.1.mlp.down_proj.weight"
+    _rewrite_tensor(bad, name, lambda t: (t.double() * 1.01).to(t.dtype))
+    code, stdout, _ = run_cli("verify", src, bad, "--quiet")
+    assert code == 1
+    assert "FAIL: 1 of" in stdout and f"worst {name}" in stdout
+
+
+def test_verify_fails_a_changed_copied_tensor(tiny_llama, out, run_cli, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    name = "model.norm.weight"
+    _rewrite_tensor(bad, name, lambda t: torch.nextafter(t, t + 1))  # one ulp
+    code, stdout, _ = run_cli("verify", tiny_llama, bad, "--quiet")
+    assert code == 1 and f"worst {name}: bytes differ" in stdout
+
+
+def test_verify_verbose_table_and_bound(tiny_llama, out, run_cli):
+    code, stdout, _ = run_cli("verify", tiny_llama, out, "--quiet", "--verbose")
+    assert code == 0
+    rows = [line for line in stdout.splitlines() if line.startswith("model.")]
+    n_tensors = len(LoraAdapter.load(out / "pissa_init").modules)
+    assert sum(" target " in r for r in rows) == n_tensors
+    # The bound is tight enough to matter: correct output uses a visible part of it.
+    from pissa_svd.convert import verify
+
+    res = verify(tiny_llama, out)
+    worst = max(r.ratio for r in res.rows if r.kind == "target")
+    assert 1e-3 < worst <= 1.0
+
+
+def test_verify_gpt2_fan_in_fan_out(tiny_gpt2, run_cli, tmp_path):
+    dst = _decompose(tiny_gpt2, tmp_path / "out", rank=4)
+    code, stdout, _ = run_cli("verify", tiny_gpt2, dst, "--quiet")
+    assert code == 0 and "PASS" in stdout
+
+
+def test_verify_missing_adapter_is_bad_input(tiny_llama, tmp_path, run_cli):
+    code, _, err = run_cli("verify", tiny_llama, tiny_llama, "--quiet")
+    assert code == 2 and "pissa_init" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------
+# merge
+
+
+def test_merge_with_init_reproduces_source(tiny_llama, out, run_cli, tmp_path):
+    merged = tmp_path / "merged"
+    code, stdout, _ = run_cli("merge", out, "--adapter", out / "pissa_init", "--out", merged)
+    assert code == 0 and "merged 21 weights" in stdout
+    src = {k: v for f in sorted(tiny_llama.glob("*.safetensors")) for k, v in load_file(f).items()}
+    got = {k: v for f in sorted(merged.glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert got.keys() == src.keys()
+    for k, w in src.items():
+        if "_proj" in k:  # W_res + B@A in fp32: a few fp32 ulps of W
+            assert torch.allclose(got[k], w, rtol=0, atol=4e-7 * float(w.abs().max())), k
+        else:
+            assert torch.equal(got[k], w), k
+    assert (merged / "config.json").read_bytes() == (tiny_llama / "config.json").read_bytes()
+    assert not (merged / "pissa_report.json").exists()
+    assert not (merged / "pissa_init").exists()
+    assert sorted(p.name for p in merged.glob("*.safetensors")) == sorted(
+        p.name for p in tiny_llama.glob("*.safetensors")
+    )
+
+
+def test_merge_equals_base_plus_trained_adapter(out, trained, ids, run_cli, tmp_path):
+    adapter_dir, model = trained
+    merged = tmp_path / "merged"
+    assert run_cli("merge", out, "--adapter", adapter_dir, "--out", merged)[0] == 0
+    ad = LoraAdapter.load(adapter_dir)
+    res = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+    got = {k: v for f in sorted(merged.glob("*.safetensors")) for k, v in load_file(f).items()}
+    for m in ad.modules:
+        ref = res[f"{m}.weight"].double() + ad.delta(m, torch.float64)
+        assert torch.allclose(got[f"{m}.weight"].double(), ref, rtol=0, atol=1e-6), m
+    # ... and the merged model is the trained model.
+    want = _logits(model, ids)
+    assert torch.allclose(_logits(_causal_lm(merged), ids), want, rtol=0, atol=1e-4)
+
+
+def test_merge_bad_input(out, tiny_gpt2, run_cli, tmp_path):
+    # An adapter for another model: its modules do not exist in the base.
+    gpt2_out = _decompose(tiny_gpt2, tmp_path / "g", rank=4)
+    code, _, err = run_cli(
+        "merge", out, "--adapter", gpt2_out / "pissa_init", "--out", tmp_path / "m"
+    )
+    assert code == 2 and "different model" in err and not (tmp_path / "m").exists()
+    code, _, err = run_cli("merge", out, "--adapter", tmp_path / "nope", "--out", tmp_path / "m")
+    assert code == 2 and "no such folder" in err
+    (tmp_path / "exists").mkdir()
+    code, _, err = run_cli(
+        "merge", out, "--adapter", out / "pissa_init", "--out", tmp_path / "exists"
+    )
+    assert code == 2 and "--overwrite" in err
+
+
+# ------------------------------------------------------------------------------------------
+# to-lora
+
+
+def test_to_lora_on_original_equals_trained_pissa(tiny_llama, out, trained, ids, run_cli, tmp_path):
+    from peft import PeftModel
+
+    adapter_dir, model = trained
+    lora = tmp_path / "lora"
+    code, stdout, err = run_cli(
+        "to-lora", "--init", out / "pissa_init", "--trained", adapter_dir, "--out", lora
+    )
+    assert code == 0, err
+    assert "warning" not in err  # trained on the residual model this init belongs to
+    assert f"r doubled {RANK} -> {2 * RANK}" in stdout and "ORIGINAL" in stdout
+    cfg = json.loads((lora / "adapter_config.json").read_text())
+    assert cfg["r"] == 2 * RANK and cfg["lora_alpha"] == 2 * RANK
+    assert cfg["init_lora_weights"] is True
+    assert Path(cfg["base_model_name_or_path"]).resolve() == tiny_llama.resolve()
+
+    want = _logits(model, ids)  # the trained PiSSA model: residual + trained adapter
+    ours = _logits(PeftModel.from_pretrained(_causal_lm(tiny_llama), lora).eval(), ids)
+    err_ours = float((ours - want).abs().max())
+
+    # PEFT's own conversion (it rewrites the init's config, so give it a copy).
+    init_copy = tmp_path / "init_copy"
+    shutil.copytree(out / "pissa_init", init_copy)
+    peft_lora = tmp_path / "peft_lora"
+    model.save_pretrained(peft_lora, path_initial_model_for_weight_conversion=init_copy)
+    peft = _logits(PeftModel.from_pretrained(_causal_lm(tiny_llama), peft_lora).eval(), ids)
+    err_peft = float((peft - want).abs().max())
+
+    assert err_ours < 1e-4
+    assert err_ours <= max(1.5 * err_peft, 1e-5)
+    ours_t, peft_t = (
+        load_file(lora / "adapter_model.safetensors"),
+        load_file(peft_lora / "adapter_model.safetensors"),
+    )
+    assert ours_t.keys() == peft_t.keys()
+    for k in ours_t:
+        assert torch.allclose(ours_t[k], peft_t[k], rtol=0, atol=1e-7), k
+
+
+def test_to_lora_rejects_mismatched_adapters(tiny_llama, out, trained, run_cli, tmp_path):
+    adapter_dir, _ = trained
+    # Rank differs from the init.
+    out4 = _decompose(tiny_llama, tmp_path / "out4", rank=4)
+    code, _, err = run_cli(
+        "to-lora", "--init", out4 / "pissa_init", "--trained", adapter_dir, "--out", tmp_path / "x"
+    )
+    assert code == 2 and "rank" in err and not (tmp_path / "x").exists()
+
+    # Target modules differ: drop one module from a copy of the trained adapter.
+    fewer = tmp_path / "fewer"
+    shutil.copytree(adapter_dir, fewer)
+    t = load_file(fewer / "adapter_model.safetensors")
+    t = {k: v for k, v in t.items() if ".layers.0.self_attn.q_proj." not in k}
+    save_file(t, fewer / "adapter_model.safetensors", metadata={"format": "pt"})
+    code, _, err = run_cli(
+        "to-lora", "--init", out / "pissa_init", "--trained", fewer, "--out", tmp_path / "x"
+    )
+    assert code == 2 and "different modules" in err and "q_proj" in err
+
+    # An adapter trained on a different base model (here: wider layers).
+    other = save_tiny_llama(tmp_path / "other_ckpt", hidden=48)
+    other_out = _decompose(other, tmp_path / "other_out")
+    args = ["--init", out / "pissa_init", "--trained", other_out / "pissa_init"]
+    code, _, err = run_cli("to-lora", *args, "--out", tmp_path / "x")
+    assert code == 2 and "base model differs" in err and not (tmp_path / "x").exists()
+
+    code, _, err = run_cli(
+        "to-lora", "--init", tmp_path / "none", "--trained", adapter_dir, "--out", tmp_path / "y"
+    )
+    assert code == 2 and "no such folder" in err and "Traceback" not in err
