@@ -37,6 +37,19 @@ DEFAULT_OVERSAMPLE = 16
 AUTO_BACKEND = {"cpu": "torch", "cuda": "torch"}
 
 
+def default_batch_memory(device: str | torch.device) -> int:
+    """Bytes of fp32 matrices worth batching into one call on ``device``.
+
+    On CPU batching only pays for small matrices (per-call overhead; large ones measured up to
+    1.2x slower batched), so 64 MiB; on a GPU, a quarter of the memory free right now.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 4
+    return 64 << 20
+
+
 def derive_seed(name: str, seed: int) -> int:
     """A per-tensor seed from the tensor name and the run seed (independent of processing order)."""
     h = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()

@@ -37,6 +37,7 @@ from .linalg import (
     BACKENDS,
     DEFAULT_OVERSAMPLE,
     METHODS,
+    default_batch_memory,
     derive_seed,
     resolve_backend,
     resolve_method,
@@ -297,7 +298,7 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
         )
     alpha = float(o.alpha) if o.alpha is not None else float(o.rank)
     config = ckpt.read_json("config.json") if src_path.is_dir() else None
-    budget = _default_batch_memory(device) if o.batch_memory is None else o.batch_memory
+    budget = default_batch_memory(device) if o.batch_memory is None else o.batch_memory
     return Plan(
         ckpt=ckpt,
         out=out_path,
@@ -314,15 +315,6 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
         batches=_batches(targets, budget),
         config=config,
     )
-
-
-def _default_batch_memory(device: str) -> int:
-    """Batch budget: on CPU, batching only pays for small matrices (per-call overhead; large ones
-    measured up to 1.2x slower batched), so 64 MiB; on a GPU, a quarter of free memory."""
-    if device.startswith("cuda"):
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        return free // 4
-    return 64 << 20
 
 
 def _batches(targets: list[Target], budget: int) -> list[list[Target]]:

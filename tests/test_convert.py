@@ -272,3 +272,22 @@ def test_to_lora_rejects_mismatched_adapters(tiny_llama, out, trained, run_cli, 
         "to-lora", "--init", tmp_path / "none", "--trained", adapter_dir, "--out", tmp_path / "y"
     )
     assert code == 2 and "no such folder" in err and "Traceback" not in err
+
+
+def test_merging_the_lora_into_the_original_equals_merging_pissa_into_the_residual(
+    tiny_llama, out, trained, run_cli, tmp_path
+):
+    adapter_dir, _ = trained
+    lora = tmp_path / "lora"
+    assert (
+        run_cli("to-lora", "--init", out / "pissa_init", "--trained", adapter_dir, "--out", lora)[0]
+        == 0
+    )
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_cli("merge", out, "--adapter", adapter_dir, "--out", a, "--quiet")[0] == 0
+    assert run_cli("merge", tiny_llama, "--adapter", lora, "--out", b, "--quiet")[0] == 0
+    ta = {k: v for f in sorted(a.glob("*.safetensors")) for k, v in load_file(f).items()}
+    tb = {k: v for f in sorted(b.glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert ta.keys() == tb.keys()
+    for k in ta:  # two fp32 routes to the same W + dW: a few fp32 ulps apart
+        assert torch.allclose(ta[k], tb[k], rtol=0, atol=1e-6 * float(tb[k].abs().max())), k
