@@ -31,23 +31,25 @@ def _package_dir(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def save_tiny_llama(
-    path: Path, dtype: torch.dtype = torch.float32, layers: int = 3, hidden: int = 64
-) -> Path:
+def tiny_llama_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A random Llama: hidden 64, MLP 176, 3 layers, 4/2 heads, vocab 256 (``overrides`` win)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=hidden,
+    cfg = dict(
+        hidden_size=64,
         intermediate_size=176,
-        num_hidden_layers=layers,
+        num_hidden_layers=3,
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=256,
         tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(cfg).to(dtype)
-    model.save_pretrained(path, max_shard_size="200KB")
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**{**cfg, **overrides})).to(dtype)
+
+
+def save_tiny_llama(path: Path, dtype: torch.dtype = torch.float32, **overrides) -> Path:
+    tiny_llama_model(dtype=dtype, **overrides).save_pretrained(path, max_shard_size="200KB")
     return path
 
 

@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from pissa_svd import decompose
 from pissa_svd.adapter import LoraAdapter
-from tests.conftest import save_tiny_llama
+
+from .conftest import save_tiny_llama
 
 RANK = 8
 
@@ -262,7 +263,7 @@ def test_to_lora_rejects_mismatched_adapters(tiny_llama, out, trained, run_cli, 
     assert code == 2 and "different modules" in err and "q_proj" in err
 
     # An adapter trained on a different base model (here: wider layers).
-    other = save_tiny_llama(tmp_path / "other_ckpt", hidden=48)
+    other = save_tiny_llama(tmp_path / "other_ckpt", hidden_size=48)
     other_out = _decompose(other, tmp_path / "other_out")
     args = ["--init", out / "pissa_init", "--trained", other_out / "pissa_init"]
     code, _, err = run_cli("to-lora", *args, "--out", tmp_path / "x")

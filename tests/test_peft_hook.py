@@ -10,11 +10,12 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from pissa_svd import InputError, decompose
 from pissa_svd.peft import initialize
 
+from .conftest import tiny_llama_model
 from .test_pissa import rounding_bound
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -23,17 +24,7 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 def make_llama(dtype=torch.float32, *, decay: float | None = None, tie=False, seed=0):
     """Random 2-layer Llama. With ``decay``, every target weight gets singular values
     exp(-i / decay) (a decaying spectrum like a trained model's, unlike random init's flat one)."""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=176,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        tie_word_embeddings=tie,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_llama_model(seed, num_hidden_layers=2, tie_word_embeddings=tie).eval()
     if decay is not None:
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():

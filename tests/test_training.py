@@ -26,6 +26,8 @@ from pissa_svd.training import (
     save_adapter,
 )
 
+from .conftest import tiny_llama_model
+
 EPS32 = torch.finfo(torch.float32).eps
 
 
@@ -368,37 +370,22 @@ def test_saved_adapter_reloads_in_peft(tiny_llama, out, ids, tmp_path):
 # --- errors ------------------------------------------------------------------------------------
 
 
-def small_llama(**overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = dict(
-        hidden_size=64,
-        intermediate_size=176,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(LlamaConfig(**{**cfg, **overrides}))
-
-
 def test_errors_name_the_problem(out, tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(InputError, match=r"nope: no such folder"):
         load_trainable(missing)
     with pytest.raises(InputError, match=r"nope: no such folder"):
-        apply_pissa(small_llama(), missing)
+        apply_pissa(tiny_llama_model(), missing)
     (tmp_path / "bare").mkdir()
     with pytest.raises(InputError, match=r"bare: has no pissa_init/"):
-        apply_pissa(small_llama(), tmp_path / "bare")
+        apply_pissa(tiny_llama_model(), tmp_path / "bare")
     with pytest.raises(InputError, match="backend must be one of"):
         load_trainable(out, backend="jax")
 
-    short = small_llama(num_hidden_layers=2)
+    short = tiny_llama_model(num_hidden_layers=2)
     with pytest.raises(InputError, match=r"targets module 'model\.layers\.2\.mlp\.down_proj'"):
         apply_pissa(short, out)
     assert not any(isinstance(m, PiSSALinear) for m in short.modules())  # left untouched
 
     with pytest.raises(InputError, match=r"lora_A \(8, 176\).*layer is 64 x 128"):
-        apply_pissa(small_llama(intermediate_size=128), out)
+        apply_pissa(tiny_llama_model(intermediate_size=128), out)
