@@ -36,7 +36,7 @@ from .errors import InputError
 from .output import check_out, copy_files, progress, staged, write_json
 from .pipeline import ADAPTER_DIR, REPORT_FILE
 
-_ROWS_PER_CHUNK = 1024  # verify works on row blocks so fp64 copies stay small
+_CHUNK_ELEMENTS = 1 << 22  # verify works on row blocks of ~4M elements: fp64 temporaries stay small
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,8 +424,9 @@ def _check_target(s: TensorInfo, o: TensorInfo, ad: LoraAdapter, module: str) ->
     eps, tiny = torch.finfo(res_dtype).eps, torch.finfo(res_dtype).tiny
     W_all, R_all = read_tensor(s), read_tensor(o)
     worst, err_sq, ref_sq = 0.0, 0.0, 0.0
-    for i0 in range(0, s.shape[0], _ROWS_PER_CHUNK):
-        sl = slice(i0, i0 + _ROWS_PER_CHUNK)
+    rows = max(1, _CHUNK_ELEMENTS // max(1, s.shape[1]))
+    for i0 in range(0, s.shape[0], rows):
+        sl = slice(i0, i0 + rows)
         W, R = W_all[sl].to(d), R_all[sl].to(d)
         err = (R + L[sl] @ Rt - W).abs()
         _, e = torch.frexp(R)  # |R| = m 2^e, m in [0.5, 1): one ulp is eps 2^(e-1)

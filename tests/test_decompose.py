@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 from pissa_svd import decompose
+from pissa_svd.convert import verify
 from pissa_svd.pipeline import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_FILE, REPORT_FILE
 
 from .test_pissa import rounding_bound
@@ -197,6 +198,7 @@ def test_real_minilm(minilm, tmp_path):
     assert_reload_faithful(
         minilm, out, 16, AutoModel, torch.float32, ["query", "key", "value", "dense"], inputs
     )
+    assert verify(minilm, out).passed
 
 
 @pytest.mark.slow
@@ -214,6 +216,10 @@ def test_real_smollm2_bf16(smollm2, tmp_path):
     assert_reload_faithful(
         smollm2, out, 64, AutoModelForCausalLM, torch.bfloat16, LLAMA_TARGETS, {"input_ids": ids}
     )
+    # Real bf16 weights: every residual within its rounding bound, every other tensor identical.
+    result = verify(smollm2, out)
+    assert result.passed, result.failures[:3]
+    assert sum(r.kind == "target" for r in result.rows) == 210
 
 
 def test_peft_converts_our_adapter_to_lora(tiny_llama, tmp_path):
