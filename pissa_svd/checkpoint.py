@@ -371,8 +371,9 @@ class StreamingWriter:
     """Write a safetensors file whose header is known up front, one tensor at a time.
 
     Offsets follow from the header, so tensors may arrive in any order (a batch of same-shape
-    matrices is written as soon as it is done); each is written exactly once with ``pwrite``.
-    Use as a context manager; closing checks that every declared tensor was written.
+    matrices is written as soon as it is done), and from several writers (processes) at once;
+    each tensor is written exactly once with ``pwrite``. Use as a context manager; closing
+    checks that every tensor this writer owns was written.
     """
 
     def __init__(
@@ -380,7 +381,14 @@ class StreamingWriter:
         path: Path,
         entries: list[tuple[str, str, tuple[int, ...]]],
         metadata: dict[str, str] | None = None,
+        *,
+        create: bool = True,
+        owned: Iterable[str] | None = None,
     ):
+        """``create``: write the header and size the file (else open a file another writer
+        created with the same entries: several processes may fill one file, each its own
+        tensors). ``owned``: the tensors this writer must write before closing (default all).
+        """
         self.path = Path(path)
         header, offsets = build_header(entries, metadata or {})
         base = len(header)
@@ -388,10 +396,16 @@ class StreamingWriter:
             name: (i, dtype, tuple(shape), base + b, base + e)
             for i, ((name, dtype, shape), (b, e)) in enumerate(zip(entries, offsets, strict=True))
         }
+        self._owned = set(self._slots) if owned is None else set(owned)
+        if not self._owned <= set(self._slots):
+            raise RuntimeError(f"{self.path}: owned tensors missing from the header")
         self._done: set[str] = set()
         self.size = base + (offsets[-1][1] if offsets else 0)
-        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        self._guard(lambda: _pwrite_all(self._fd, memoryview(header), 0))
+        flags = os.O_WRONLY | (os.O_CREAT | os.O_TRUNC if create else 0)
+        self._fd: int | None = self._guard(lambda: os.open(self.path, flags, 0o666))
+        if create:
+            self._guard(lambda: _pwrite_all(self._fd, memoryview(header), 0))
+            self._guard(lambda: os.ftruncate(self._fd, self.size))
 
     def _guard(self, fn):
         try:
@@ -411,6 +425,8 @@ class StreamingWriter:
 
     def _claim(self, name: str) -> tuple[int, str, tuple[int, ...], int, int]:
         slot = self._slot(name)
+        if name not in self._owned:
+            raise RuntimeError(f"{self.path}: {name!r} is another writer's to write")
         if name in self._done:
             raise RuntimeError(f"{self.path}: {name!r} written twice")
         self._done.add(name)
@@ -455,9 +471,9 @@ class StreamingWriter:
         # is closed, which survives a killed process; forcing 2 GB/shard to disk would cost more
         # than the whole decomposition on a typical disk.
         self._guard(lambda: os.close(fd))
-        if len(self._done) != len(self._slots):
+        if self._done != self._owned:
             raise RuntimeError(
-                f"{self.path}: closed after {len(self._done)}/{len(self._slots)} tensors"
+                f"{self.path}: closed after {len(self._done)}/{len(self._owned)} tensors"
             )
         if self.path.stat().st_size != self.size:
             raise RuntimeError(f"{self.path}: size {self.path.stat().st_size} != {self.size}")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
 
 from . import __version__
-from .errors import InputError
+from .errors import InputError, RankFailure
 
 EXIT_BAD_INPUT = 2
 
@@ -223,7 +224,7 @@ def _decompose(args: argparse.Namespace) -> int:
         print(plan.describe())
         return 0
     report = execute(plan)
-    if not args.quiet:
+    if not args.quiet and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks
         t = report["totals"]
         print(
             f"pissa-svd: {t['matrices']} matrices decomposed in {t['seconds']:.1f} s "
@@ -336,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"pissa-svd: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RankFailure as exc:
+        print(f"pissa-svd: error: {exc}; no output was written", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("pissa-svd: interrupted; no output was written", file=sys.stderr)
         return 130

@@ -16,6 +16,13 @@ class InputError(Exception):
     """
 
 
+class RankFailure(RuntimeError):
+    """A process of a multi-process (torchrun) run failed; every process raises this.
+
+    The message names the rank and the tensor. The failing rank also printed its traceback.
+    """
+
+
 def disk_error(exc: OSError, path: object) -> InputError | None:
     """Translate an out-of-space/quota OSError into an InputError, or return None."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -15,6 +15,7 @@ import os
 import re
 import resource
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,8 @@ from .checkpoint import (
     dtype_to_torch,
     read_tensor,
 )
-from .errors import InputError
+from .distributed import Team, assign, team_from_env
+from .errors import InputError, RankFailure
 from .linalg import (
     BACKENDS,
     DEFAULT_OVERSAMPLE,
@@ -340,31 +342,60 @@ def decompose(src: str | os.PathLike, out: str | os.PathLike, **kwargs) -> dict:
 
 
 def execute(plan: Plan) -> dict:
-    with staged(plan.out, plan.options.overwrite) as tmp:
-        return _write_all(plan, tmp)
+    """Run a plan; under torchrun, as one of WORLD_SIZE processes (see distributed.py).
+
+    Rank 0 owns OUT: it stages the temporary folder, creates every file and copies the
+    untouched tensors; every rank then decomposes its share of the batches into those files;
+    rank 0 writes the index, adapter config and report and renames the folder into place. If
+    any rank fails, every rank raises an error naming it and the tensor, and no OUT appears.
+    """
+    team = team_from_env(torch.device(plan.device).type)
+    try:
+        if team.world > 1 and plan.device.startswith("cuda"):
+            plan.device = f"cuda:{team.local_rank}"
+        if not team.leader:
+            _write_all(plan, Path(_from_leader(team)), team)
+            return _from_leader(team)  # done only once rank 0 has renamed OUT into place
+        try:
+            with staged(plan.out, plan.options.overwrite) as tmp:
+                team.broadcast(("ok", str(tmp)))
+                report = _write_all(plan, tmp, team)
+        except Exception as exc:
+            if team.world > 1 and not getattr(exc, "pissa_agreed", False):
+                team.broadcast(("failed", f"rank 0 failed on {plan.out}: {exc}"))
+            raise
+        team.broadcast(("ok", report))
+        return report
+    finally:
+        team.close()
 
 
-def _write_all(plan: Plan, tmp: Path) -> dict:
+def _write_all(plan: Plan, tmp: Path, team: Team) -> dict:
     o, ck = plan.options, plan.ckpt
     t_start = time.perf_counter()
-    (tmp / ADAPTER_DIR).mkdir()
-    adapter_entries = []
-    for t in plan.targets:
-        adapter_entries += [
-            (peft_key(t.module, "A"), t.adapter_dtype, (t.rank, t.in_features)),
-            (peft_key(t.module, "B"), t.adapter_dtype, (t.out_features, t.rank)),
-        ]
-    progress = _progress(ck.total_bytes, "decompose", o.quiet, f"tensors 0/{len(plan.targets)}")
+    owner = assign([_batch_cost(plan, b) for b in plan.batches], team.world)
+    mine = [b for b, r in zip(plan.batches, owner, strict=True) if r == team.rank]
+    prepare_bytes = ck.total_bytes - sum(t.info.nbytes for t in plan.targets)
+    bar = _progress(
+        sum(t.info.nbytes for b in mine for t in b) + (prepare_bytes if team.leader else 0),
+        "decompose" if team.world == 1 else f"decompose [rank {team.rank}/{team.world}]",
+        o.quiet or not team.leader,
+        f"tensors 0/{sum(len(b) for b in mine)}",
+    )
+    # Phase 1 (rank 0): every file with its header, and the tensors that are only copied.
+    _agree(team, _attempt(lambda: _prepare(plan, tmp, bar) if team.leader else None, team))
+    # Phase 2 (every rank): its batches, in file order, straight into those files.
     rows: list[dict] = []
-    scratch = _Scratch()
-    with StreamingWriter(tmp / ADAPTER_DIR / ADAPTER_FILE, adapter_entries, {"format": "pt"}) as aw:
-        for shard in ck.shards:
-            _stream_shard(plan, shard, tmp / shard, aw, scratch, progress, rows)
-    progress.close()
+    failure = _attempt(lambda: _decompose_share(plan, tmp, mine, bar, rows), team)
+    bar.close()
+    shared = team.all_gather((failure, rows, _rss_bytes()))
+    _agree(team, next((f for f, _, _ in shared if f is not None), None))
+    if not team.leader:
+        return {}
+    # Phase 3 (rank 0): index, adapter config, side files, report.
+    rows = [r for _, rs, _ in shared for r in rs]
     order = {t.name: i for i, t in enumerate(plan.targets)}
-    rows.sort(key=lambda r: order[r["name"]])  # batches finish out of file order
-    svd_seconds = sum(r["svd_seconds"] for r in rows)
-
+    rows.sort(key=lambda r: order[r["name"]])
     _write_index(plan, tmp)
     write_json(tmp / ADAPTER_DIR / ADAPTER_CONFIG, _adapter_config(plan))
     copy_files(ck.root, ck.extra_files, tmp)
@@ -382,10 +413,11 @@ def _write_all(plan: Plan, tmp: Path) -> dict:
         "fan_in_fan_out": plan.fan_in_fan_out,
         "totals": {
             "matrices": len(rows),
+            "processes": team.world,
             "seconds": round(time.perf_counter() - t_start, 3),
-            "svd_seconds": round(svd_seconds, 3),
+            "svd_seconds": round(sum(r["svd_seconds"] for r in rows), 3),
             "bytes_in": ck.total_bytes,
-            "peak_rss_bytes": _rss_bytes(),
+            "peak_rss_bytes": max(rss for _, _, rss in shared),
             "mean_energy_fraction": sum(r["energy_fraction"] for r in rows) / len(rows),
         },
         "matrices": rows,
@@ -394,47 +426,155 @@ def _write_all(plan: Plan, tmp: Path) -> dict:
     return report
 
 
-def _stream_shard(plan, shard, dest, aw, scratch, progress, rows) -> None:
-    """Write one residual shard: targets decomposed batch by batch, everything else copied.
+def _from_leader(team: Team):
+    status, value = team.broadcast(None)
+    if status == "failed":
+        raise RankFailure(value)
+    return value
 
-    A batch is decomposed when its first member comes up in file order, and all its members are
-    written at once (the writer places each tensor at its header offset). Strictly sequential
-    on purpose: on a few cores the BLAS threads own every core, and reader/writer threads
-    measurably slowed the GEMMs (and raised peak RSS) more than the overlap saved
-    (bench/RESULTS.md).
-    """
-    batch_of = {t.name: b for b in plan.batches for t in b}  # a batch never spans files
-    sf = plan.ckpt.files[shard]
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    entries = [
-        (i.name, batch_of[i.name][0].residual_dtype if i.name in batch_of else i.dtype, i.shape)
-        for i in sf.tensors.values()
+
+def _batch_cost(plan: Plan, batch: list[Target]) -> float:
+    """Estimated seconds of a batch, for balancing ranks: FLOPs plus bytes read and written."""
+    flops = sum(t.flops(plan.options.niter, plan.oversample) for t in batch)
+    nbytes = sum(2 * t.info.nbytes for t in batch)
+    return flops / 100e9 + nbytes / 1e9
+
+
+def _attempt(fn, team: Team):
+    """Run ``fn``; on a multi-process run, turn an exception into (kind, message) for every
+    rank to raise (see ``_agree``); alone, let it propagate with its traceback."""
+    if team.world == 1:
+        fn()
+        return None
+    try:
+        fn()
+        return None
+    except Exception as exc:
+        what = getattr(exc, "pissa_tensor", None) or "preparing the output files"
+        if isinstance(exc, InputError):
+            return ("input", f"rank {team.rank}, {what}: {exc}")
+        traceback.print_exc()  # a bug: its traceback, once, from the rank that hit it
+        return ("error", f"rank {team.rank} failed on {what}: {exc.__class__.__name__}: {exc}")
+
+
+def _agree(team: Team, failure) -> None:
+    """Raise, on every rank, the first failure any rank reported."""
+    if team.world > 1:
+        failures = [f for f in team.all_gather(failure) if f is not None]
+        failure = failures[0] if failures else None
+    if failure is not None:
+        kind, message = failure
+        exc = InputError(message) if kind == "input" else RankFailure(message)
+        exc.pissa_agreed = True  # every rank raises it: nothing more to tell the others
+        raise exc
+
+
+def _shard_entries(plan: Plan, shard: str) -> list[tuple[str, str, tuple[int, ...]]]:
+    residual_dtype = {t.name: t.residual_dtype for t in plan.targets}
+    return [
+        (i.name, residual_dtype.get(i.name, i.dtype), i.shape)
+        for i in plan.ckpt.files[shard].tensors.values()
     ]
-    meta = {**sf.metadata, "format": sf.metadata.get("format", "pt")}
-    done: set[str] = set()
-    with StreamingWriter(dest, entries, meta) as w:
-        run: list[TensorInfo] = []  # consecutive untouched tensors, copied in one go
-        for info in sf.tensors.values():
-            batch = batch_of.get(info.name)
-            if batch is None:
-                run.append(info)
-                continue
+
+
+def _shard_meta(plan: Plan, shard: str) -> dict[str, str]:
+    meta = plan.ckpt.files[shard].metadata
+    return {**meta, "format": meta.get("format", "pt")}
+
+
+def _adapter_entries(plan: Plan) -> list[tuple[str, str, tuple[int, ...]]]:
+    entries = []
+    for t in plan.targets:
+        entries += [
+            (peft_key(t.module, "A"), t.adapter_dtype, (t.rank, t.in_features)),
+            (peft_key(t.module, "B"), t.adapter_dtype, (t.out_features, t.rank)),
+        ]
+    return entries
+
+
+def _prepare(plan: Plan, tmp: Path, bar) -> None:
+    """Create every output file at its final size, and copy the tensors that are not targets.
+
+    Copies go file-to-file (copy_file_range), in runs of consecutive tensors.
+    """
+    targets = {t.name for t in plan.targets}
+    (tmp / ADAPTER_DIR).mkdir()
+    StreamingWriter(
+        tmp / ADAPTER_DIR / ADAPTER_FILE, _adapter_entries(plan), {"format": "pt"}, owned=()
+    ).close()
+    for shard in plan.ckpt.shards:
+        dest = tmp / shard
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        sf = plan.ckpt.files[shard]
+        copied = [i for i in sf.tensors.values() if i.name not in targets]
+        with StreamingWriter(
+            dest,
+            _shard_entries(plan, shard),
+            _shard_meta(plan, shard),
+            owned=[i.name for i in copied],
+        ) as w:
+            run: list[TensorInfo] = []  # consecutive untouched tensors, copied in one go
+            for info in sf.tensors.values():
+                if info.name in targets:
+                    w.copy(run)
+                    run = []
+                else:
+                    run.append(info)
             w.copy(run)
-            progress.update(sum(i.nbytes for i in run))
-            run = []
-            if info.name in done:
-                continue
-            results = _decompose_batch(plan, batch, scratch)
+        bar.update(sum(i.nbytes for i in copied))
+
+
+def _decompose_share(plan: Plan, tmp: Path, batches: list[list[Target]], bar, rows) -> None:
+    """Decompose ``batches`` (file order) and write each result at its place in OUT.
+
+    Strictly sequential on purpose: on a few cores the BLAS threads own every core, and
+    reader/writer threads measurably slowed the GEMMs (and raised peak RSS) more than the
+    overlap saved (bench/RESULTS.md).
+    """
+    shard_of = {i.name: s for s in plan.ckpt.shards for i in plan.ckpt.files[s].tensors.values()}
+    mine = [t for b in batches for t in b]
+    writers: dict[str, StreamingWriter] = {}
+    aw = StreamingWriter(
+        tmp / ADAPTER_DIR / ADAPTER_FILE,
+        _adapter_entries(plan),
+        {"format": "pt"},
+        create=False,
+        owned=[peft_key(t.module, w) for t in mine for w in "AB"],
+    )
+    try:
+        for shard in dict.fromkeys(shard_of[t.name] for t in mine):
+            names = [t.name for t in mine if shard_of[t.name] == shard]
+            writers[shard] = StreamingWriter(
+                tmp / shard,
+                _shard_entries(plan, shard),
+                _shard_meta(plan, shard),
+                create=False,
+                owned=names,
+            )
+        scratch = _Scratch()
+        for batch in batches:
+            try:
+                results = _decompose_batch(plan, batch, scratch)
+            except Exception as exc:
+                # For the message every rank prints.
+                more = f" (batch of {len(batch)})" if len(batch) > 1 else ""
+                exc.pissa_tensor = f"{batch[0].name}{more}"
+                raise
             for t, (row, A, B, W_res) in zip(batch, results, strict=True):
                 aw.write(peft_key(t.module, "A"), A)
                 aw.write(peft_key(t.module, "B"), B)
-                w.write(t.name, scratch.cast("out", W_res, t.residual_dtype))
-                done.add(t.name)
+                writers[shard_of[t.name]].write(
+                    t.name, scratch.cast("out", W_res, t.residual_dtype)
+                )
                 rows.append(row)
-                progress.update(t.info.nbytes)
-            progress.set_postfix_str(f"tensors {len(rows)}/{len(plan.targets)}")
-        w.copy(run)
-        progress.update(sum(i.nbytes for i in run))
+                bar.update(t.info.nbytes)
+            bar.set_postfix_str(f"tensors {len(rows)}/{len(mine)}")
+        for w in [aw, *writers.values()]:
+            w.close()
+    except BaseException:
+        for w in [aw, *writers.values()]:
+            w.abort()
+        raise
 
 
 def _decompose_batch(plan: Plan, batch: list[Target], scratch: _Scratch):

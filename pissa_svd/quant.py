@@ -1,0 +1,486 @@
+"""QPiSSA: PiSSA with a quantized residual (NF4 or LLM.int8). Pure functions, no IO.
+
+Convention (as in pissa.py): W: (out, in); the adapter is A (r, in), B (out, r), scaling s, and
+the frozen residual W_res is what a quantized base model stores. QPiSSA quantizes W_res rather
+than W, so the quantization error is ``W - (deq(Q(W_res)) + s * B @ A)``.
+
+Quantizers (values identical to bitsandbytes', checked bit for bit in tests/test_quant.py):
+
+- ``nf4``: QLoRA's 4-bit NormalFloat. The tensor is flattened row-major and cut into blocks of
+  64 values (the last block may be shorter); each block is scaled by 1/absmax (fp32), every
+  value goes to the nearest of the 16 NF4 codes, and dequantization is ``code * absmax`` in
+  fp32. Values exactly half-way between two codes go to the lower code (the thresholds are the
+  fp32 midpoints of adjacent codes, equal bit for bit to the constants in bitsandbytes' CUDA
+  kernel, which also compares with ``>``). Double quantization of the absmax values
+  (``bnb_4bit_use_double_quant``) is not modelled: absmax is kept in fp32.
+- ``int8``: LLM.int8's row-wise absmax: ``q = round(x * (127 / absmax_row))`` (round half to
+  even), dequantized as ``q * absmax_row / 127``; no outlier decomposition (threshold 0).
+
+Both quantize the fp32 values of the input (bf16/fp16 widen exactly; fp64 is rounded to fp32,
+as bitsandbytes does). A Conv1D weight (``fan_in_fan_out``) is quantized in its (out, in)
+orientation, because transformers transposes Conv1D weights before quantizing them.
+
+The stored residual
+-------------------
+``qpissa_factors`` returns a residual R that is a *fixed point* of quantization in its own
+dtype: ``deq(Q(R)).to(R.dtype) == R`` bit for bit, so a quantized model built from the stored
+residual holds exactly the codes and scales chosen here. In fp32 ``deq(Q(W_res))`` already is
+one: the largest value of each block dequantizes to exactly ``±absmax``, so re-quantizing finds
+the same absmax and the same codes. In bf16/fp16 it is not: rounding ``absmax`` to bf16
+changes the scale, and ``code * bf16(absmax)`` rounds differently from ``code * absmax``. So
+R is obtained by re-quantizing the rounded values until they stop changing, which takes one
+round for NF4 (afterwards absmax is representable in the residual dtype) and at most a few for
+int8; ``info["settle_rounds"]`` says how many were needed.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+
+from .errors import InputError
+from .pissa import pissa_factors
+
+SCHEMES = ("nf4", "int8")
+NORMS = ("fro", "nuc")
+NF4_BLOCKSIZE = 64
+# The 16 NF4 values (QLoRA, Dettmers et al. 2023): quantiles of N(0, 1) scaled to [-1, 1], with
+# an exact zero. Index = 4-bit code.
+NF4_CODE = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+# bitsandbytes clamps absmax to this before taking its reciprocal, so all-zero blocks stay zero.
+_ABSMAX_FLOOR = 1e-38
+# fp32(1 / 127): int8 dequantization multiplies by this rather than dividing by 127.
+_INV127 = 7.874015718698502e-3
+# Values per vectorized step (a multiple of NF4_BLOCKSIZE): bounds the temporaries to a few
+# tens of MB whatever the matrix size.
+_CHUNK = 1 << 22
+_MAX_SETTLE_ROUNDS = 8
+
+
+class QPissaFactors(NamedTuple):
+    A: torch.Tensor  # (r, in)  adapter dtype
+    B: torch.Tensor  # (out, r) adapter dtype
+    W_res: torch.Tensor  # stored layout, residual dtype; a fixed point of fake_quantize
+    info: dict
+
+
+# --------------------------------------------------------------------------------------------
+# Quantizers
+# --------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def _nf4_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes (16,) fp32, thresholds (15,) fp32): the fp32 midpoints of adjacent codes."""
+    code = torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+    return code, (code[:-1] + code[1:]) / 2
+
+
+def _nf4_block_codes(x: torch.Tensor, absmax: torch.Tensor, tail: bool) -> torch.Tensor:
+    """Code indices (same shape as x, int32) of fp32 values x scaled by their block's absmax.
+
+    x: (blocks, 64) with absmax (blocks,), or one short tail block (k,) with a 0-dim absmax.
+    bitsandbytes' CPU kernel multiplies full blocks by the fp32 reciprocal of absmax but divides
+    the tail block by it; the two can differ by one ulp, which moves a value across a threshold
+    only when it sits within an ulp of it, but bit equality needs the same operation.
+    """
+    _, bounds = _nf4_tables(x.device)
+    denom = absmax.clamp(min=_ABSMAX_FLOOR)
+    scaled = x / denom if tail else x * (1.0 / denom).unsqueeze(-1)
+    # bucketize (right=False) returns i with bounds[i-1] < v <= bounds[i]: a tie goes down.
+    return torch.bucketize(scaled.clamp_(-1.0, 1.0), bounds, out_int32=True)
+
+
+def nf4_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NF4-quantize ``x`` (any shape, bf16/fp16/fp32/fp64) over its row-major flattening.
+
+    Returns (codes (numel,) uint8 in 0..15, absmax (ceil(numel / 64),) fp32). The absmax of a
+    short last block is floored at 1e-38, as bitsandbytes stores it.
+    """
+    _check_float(x, "x")
+    flat = x.reshape(-1)
+    n = flat.numel()
+    full = n - n % NF4_BLOCKSIZE
+    codes = torch.empty(n, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(-(-n // NF4_BLOCKSIZE), dtype=torch.float32, device=x.device)
+    for start in range(0, full, _CHUNK):
+        stop = min(start + _CHUNK, full)
+        blocks = flat[start:stop].to(torch.float32).view(-1, NF4_BLOCKSIZE)
+        amax = blocks.abs().amax(dim=1)
+        codes[start:stop] = _nf4_block_codes(blocks, amax, tail=False).view(-1)
+        absmax[start // NF4_BLOCKSIZE : stop // NF4_BLOCKSIZE] = amax
+    if full < n:
+        rest = flat[full:].to(torch.float32)
+        amax = rest.abs().amax().clamp(min=_ABSMAX_FLOOR)
+        codes[full:] = _nf4_block_codes(rest, amax, tail=True)
+        absmax[-1] = amax
+    return codes, absmax
+
+
+def nf4_dequantize(
+    codes: torch.Tensor, absmax: torch.Tensor, shape: torch.Size | tuple[int, ...], dtype
+) -> torch.Tensor:
+    """``code * absmax`` in fp32, reshaped to ``shape`` and cast to ``dtype``.
+
+    codes: (numel,) uint8 from :func:`nf4_quantize`; absmax: (ceil(numel / 64),) fp32.
+    """
+    table, _ = _nf4_tables(codes.device)
+    vals = table[codes.long()]
+    n = vals.numel()
+    full = n - n % NF4_BLOCKSIZE
+    out = torch.empty(n, dtype=torch.float32, device=codes.device)
+    out[:full] = (vals[:full].view(-1, NF4_BLOCKSIZE) * absmax[: full // NF4_BLOCKSIZE, None]).view(
+        -1
+    )
+    if full < n:
+        out[full:] = vals[full:] * absmax[-1]
+    return out.view(shape).to(dtype)
+
+
+def _nf4_fake(x: torch.Tensor) -> torch.Tensor:
+    """deq(Q(x)) in fp32, same shape; chunked so no (numel,) code tensor is materialized."""
+    table, _ = _nf4_tables(x.device)
+    flat = x.reshape(-1)
+    n = flat.numel()
+    full = n - n % NF4_BLOCKSIZE
+    out = torch.empty(n, dtype=torch.float32, device=x.device)
+    for start in range(0, full, _CHUNK):
+        stop = min(start + _CHUNK, full)
+        blocks = flat[start:stop].to(torch.float32).view(-1, NF4_BLOCKSIZE)
+        amax = blocks.abs().amax(dim=1)
+        idx = _nf4_block_codes(blocks, amax, tail=False)
+        out[start:stop] = (table[idx] * amax.unsqueeze(1)).view(-1)
+    if full < n:
+        rest = flat[full:].to(torch.float32)
+        amax = rest.abs().amax().clamp(min=_ABSMAX_FLOOR)
+        out[full:] = table[_nf4_block_codes(rest, amax, tail=True)] * amax
+    return out.view(x.shape)
+
+
+def int8_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLM.int8 row-wise absmax quantization of ``x``: (rows, cols) or (..., cols).
+
+    Returns (q (..., cols) int8 in -127..127, absmax (rows,) fp32 with rows = numel / cols).
+    An all-zero row gets codes 0 (bitsandbytes computes 0 * inf there; its dequantized row is
+    0 either way).
+    """
+    _check_float(x, "x")
+    if x.ndim < 1 or x.shape[-1] == 0:
+        raise InputError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    rows = x.reshape(-1, x.shape[-1])
+    q = torch.empty(rows.shape, dtype=torch.int8, device=x.device)
+    absmax = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)
+    step = max(1, _CHUNK // rows.shape[1])
+    for start in range(0, rows.shape[0], step):
+        r32 = rows[start : start + step].to(torch.float32)
+        amax = r32.abs().amax(dim=1)
+        scale = (127.0 / amax).nan_to_num_(posinf=0.0)  # zero rows: codes 0
+        q[start : start + step] = torch.round(r32 * scale.unsqueeze(1)).to(torch.int8)
+        absmax[start : start + step] = amax
+    return q.view(x.shape), absmax
+
+
+def int8_dequantize(q: torch.Tensor, absmax: torch.Tensor, dtype) -> torch.Tensor:
+    """``q * absmax_row * fp32(1/127)`` in fp32, cast to ``dtype``. q: (..., cols) int8."""
+    rows = q.reshape(-1, q.shape[-1])
+    return ((rows * absmax.unsqueeze(1)) * _INV127).view(q.shape).to(dtype)
+
+
+def _int8_fake(x: torch.Tensor) -> torch.Tensor:
+    q, absmax = int8_quantize(x)
+    return int8_dequantize(q, absmax, torch.float32)
+
+
+def fake_quantize(W: torch.Tensor, scheme: str, *, dtype: torch.dtype | None = None):
+    """deq(Q(W)): W quantized with ``scheme`` and dequantized, same shape.
+
+    W: any shape for ``nf4`` (blocks run over the row-major flattening), (..., cols) for
+    ``int8`` (one scale per row); bf16/fp16/fp32/fp64. The result is computed in fp32 and cast
+    to ``dtype`` (default: W's dtype), like bitsandbytes' ``dequantize_4bit(..., dtype)``.
+    """
+    _check_scheme(scheme)
+    _check_float(W, "W")
+    out = _nf4_fake(W) if scheme == "nf4" else _int8_fake(W)
+    return out.to(dtype or W.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Error metric
+# --------------------------------------------------------------------------------------------
+
+
+def _norm(E: torch.Tensor, norm: str) -> float:
+    if norm == "fro":
+        return torch.linalg.matrix_norm(E).item()
+    return torch.linalg.svdvals(E).sum().item()
+
+
+def _reduction(err: float, base: float) -> float:
+    """1 - err / base, with 0 / 0 read as "nothing to reduce" (0) and x / 0 as -inf."""
+    if base > 0:
+        return 1.0 - err / base
+    return 0.0 if err == 0 else float("-inf")
+
+
+def quantization_error(
+    W: torch.Tensor,
+    W_res_q: torch.Tensor,
+    A: torch.Tensor | None = None,
+    B: torch.Tensor | None = None,
+    scaling: float = 1.0,
+    scheme: str = "nf4",
+    *,
+    fan_in_fan_out: bool = False,
+    norm: str = "nuc",
+    dtype: torch.dtype = torch.float64,
+) -> float:
+    """``||W - (deq(Q(W_res_q)) + s * B @ A)||`` (no adapter term when A and B are None).
+
+    ``quantization_error(W, W)`` is QLoRA's error, the baseline of :func:`error_reduction`.
+    W, W_res_q: (out, in), or (in, out) with ``fan_in_fan_out``; A: (r, in); B: (out, r).
+    Dequantized values are taken in fp32; the difference and its norm (nuclear by default,
+    from ``torch.linalg.svdvals``; or ``fro``) are computed in ``dtype`` (fp64 by default).
+    """
+    _check_scheme(scheme)
+    _check_norm(norm)
+    _check_float(W, "W")
+    _check_float(W_res_q, "W_res_q")
+    Wo = W.mT if fan_in_fan_out else W
+    Ro = W_res_q.mT if fan_in_fan_out else W_res_q
+    if (A is None) != (B is None):
+        raise InputError("pass both A and B, or neither")
+    if (
+        Wo.ndim != 2
+        or Ro.shape != Wo.shape
+        or (A is not None and (B.shape[0] != Wo.shape[0] or A.shape[1] != Wo.shape[1]))
+    ):
+        raise InputError(
+            f"shapes do not match: W {tuple(W.shape)}, W_res_q {tuple(W_res_q.shape)}"
+            + ("" if A is None else f", A {tuple(A.shape)}, B {tuple(B.shape)}")
+            + "; W is (out, in), A (r, in) and B (out, r)"
+        )
+    E = Wo.to(dtype) - fake_quantize(Ro, scheme, dtype=torch.float32).to(dtype)
+    if A is not None:
+        E.addmm_(B.to(dtype), A.to(dtype), alpha=-scaling)
+    return _norm(E, norm)
+
+
+def error_reduction(
+    W: torch.Tensor,
+    W_res_q: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float = 1.0,
+    scheme: str = "nf4",
+    *,
+    fan_in_fan_out: bool = False,
+    norm: str = "nuc",
+    dtype: torch.dtype = torch.float64,
+) -> float:
+    """Quantization error removed relative to QLoRA (quantizing W itself):
+
+        1 - ||W - (deq(Q(W_res_q)) + s * B @ A)||_* / ||W - deq(Q(W))||_*
+
+    in the nuclear norm by default (the PiSSA paper's metric), both terms from
+    :func:`quantization_error`. ``W_res_q`` is the residual to quantize: QPiSSA's stored
+    residual, or any weight, e.g. LoftQ's dequantized weight (quantizing an already dequantized
+    fp32 NF4 tensor returns it unchanged).
+
+    W, W_res_q: (out, in), or (in, out) with ``fan_in_fan_out``; A: (r, in); B: (out, r).
+    Returns a float: 1 means no error left, 0 as much as QLoRA, < 0 more. If W itself
+    quantizes exactly (baseline 0) it returns 0 when no error is left and -inf otherwise.
+    """
+    kw = dict(scheme=scheme, fan_in_fan_out=fan_in_fan_out, norm=norm, dtype=dtype)
+    err = quantization_error(W, W_res_q, A, B, scaling, **kw)
+    return _reduction(err, quantization_error(W, W, **kw))
+
+
+# --------------------------------------------------------------------------------------------
+# QPiSSA
+# --------------------------------------------------------------------------------------------
+
+
+def qpissa_factors(
+    W: torch.Tensor,
+    rank: int,
+    *,
+    scheme: str = "nf4",
+    iters: int = 5,
+    scaling: float = 1.0,
+    fan_in_fan_out: bool = False,
+    adapter_dtype: torch.dtype | None = None,
+    residual_dtype: torch.dtype | None = None,
+    select: str = "fro",
+    **svd_kwargs,
+) -> QPissaFactors:
+    """PiSSA adapter plus a quantization-ready residual, alternating SVD and quantization.
+
+    Iteration 1 is PiSSA: (A, B) from the SVD of W, W_res = W - s * B @ A. Iteration t >= 2
+    takes (A, B) from the SVD of ``W - deq(Q(W_res_{t-1}))`` (the low-rank part that the
+    previous quantized residual misses) and sets W_res = W - s * B @ A again. Every iterate is
+    scored by ``||W - (deq(Q(W_res)) + s * B @ A)||`` with A and B as stored (after rounding to
+    ``adapter_dtype``) and the best one is returned: quantization after each SVD step can make
+    the error go up, so the last iterate is not always the best, and the best error over
+    ``iters`` rounds never increases with ``iters`` (the iterates do not depend on ``iters``).
+
+    The score uses the Frobenius norm by default (``select="fro"``): one pass over the matrix,
+    where the nuclear norm of the paper needs a full SVD per iterate (tens of seconds for a
+    4096 x 11008 matrix on a CPU). ``select="nuc"`` scores with the nuclear norm instead.
+
+    Args:
+        W: (out, in), or (in, out) with ``fan_in_fan_out``; bf16/fp16/fp32/fp64.
+        rank: adapter rank r.
+        scheme: ``nf4`` or ``int8`` (see the module docstring).
+        iters: number of SVD + quantization rounds T >= 1 (the paper uses up to 5).
+        scaling: lora_alpha / r.
+        adapter_dtype / residual_dtype: output dtypes (default: W's dtype).
+        select: ``fro`` or ``nuc``, the norm that picks the best iterate.
+        svd_kwargs: passed to :func:`pissa_svd.svd_lowrank` (niter, method, seed, ...).
+
+    Returns:
+        (A (r, in) adapter dtype, B (out, r) adapter dtype, W_res, info). W_res is in the
+        stored layout and ``residual_dtype``, equal to deq(Q(W_res_best)) up to rounding to
+        that dtype and a fixed point of quantization in it (see the module docstring).
+        ``info``: ``scheme``, ``norm``, ``errors`` (one per iteration, in that norm),
+        ``best_iter`` (1-based), ``qlora_error`` (``||W - deq(Q(W))||``), ``error_reduction``
+        (``1 - errors[best_iter - 1] / qlora_error``) and ``settle_rounds``.
+    """
+    _check_scheme(scheme)
+    _check_norm(select)
+    _check_float(W, "W")
+    if W.ndim != 2:
+        raise InputError(f"W must be a 2-D weight matrix, got shape {tuple(W.shape)}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise InputError(f"iters must be an int >= 1 (the paper uses 1 to 5), got {iters!r}")
+    if scaling <= 0:
+        raise InputError(f"scaling (lora_alpha / r) must be > 0, got {scaling}")
+    _check_finite(W, "W")
+    adapter_dtype = adapter_dtype or W.dtype
+    residual_dtype = residual_dtype or W.dtype
+    _check_float_dtype(residual_dtype, "residual_dtype")
+    _check_float_dtype(adapter_dtype, "adapter_dtype")
+
+    Wo = W.mT if fan_in_fan_out else W
+    work = torch.float64 if W.dtype == torch.float64 else torch.float32
+    W32 = Wo.to(work)  # never written to: it may be the caller's tensor
+
+    def quant(x: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(x, scheme, dtype=work)
+
+    qlora_error = _norm(W32 - quant(W32), select)
+    errors: list[float] = []
+    best = None
+    Q = None
+    for t in range(1, iters + 1):
+        target = W32 if Q is None else W32 - Q
+        A, B, res = pissa_factors(
+            target,
+            rank,
+            scaling=scaling,
+            adapter_dtype=adapter_dtype,
+            residual_dtype=work,
+            inplace=Q is not None,  # target is then our own temporary
+            **svd_kwargs,
+        )
+        # W_res = W - s * B @ A from the stored A, B (for t = 1 that is exactly `res`).
+        W_res = res if Q is None else torch.addmm(W32, B.to(work), A.to(work), alpha=-scaling)
+        del res, target
+        Q = quant(W_res)
+        # W - (Q + s * B @ A) = W_res - Q.
+        errors.append(_norm(W_res - Q, select))
+        if best is None or errors[-1] < errors[best[0] - 1]:
+            best = (t, A, B, Q)
+        del W_res
+
+    t_best, A, B, Q = best
+    R, rounds = _settle(Q, scheme, residual_dtype)
+    if fan_in_fan_out:
+        R = R.mT.contiguous()
+    info = {
+        "scheme": scheme,
+        "norm": select,
+        "errors": errors,
+        "best_iter": t_best,
+        "qlora_error": qlora_error,
+        "error_reduction": _reduction(errors[t_best - 1], qlora_error),
+        "settle_rounds": rounds,
+    }
+    return QPissaFactors(A, B, R, info)
+
+
+def _settle(Q: torch.Tensor, scheme: str, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """Round deq(Q(W_res)) to ``dtype`` and re-quantize until it is a fixed point.
+
+    Q: (out, in) fp32/fp64 dequantized values. Returns (R (out, in) ``dtype``, rounds).
+    """
+    R = Q.to(dtype)
+    for rounds in range(_MAX_SETTLE_ROUNDS + 1):
+        if not torch.isfinite(R).all():
+            raise InputError(
+                f"the quantized residual does not fit in {dtype} (max |value| "
+                f"{Q.abs().max().item():.3g}); store the residual as bfloat16 or float32"
+            )
+        nxt = fake_quantize(R, scheme)
+        if torch.equal(nxt, R):
+            return R, rounds
+        R = nxt
+    # Not expected for finite values (see the module docstring); a silent fallback would store
+    # a residual whose quantization differs from the one that was scored.
+    raise RuntimeError(
+        f"{scheme} residual in {dtype} did not settle after {_MAX_SETTLE_ROUNDS} rounds"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------------
+
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+def _check_scheme(scheme: str) -> None:
+    if scheme not in SCHEMES:
+        raise InputError(f"unknown quantization scheme {scheme!r}: use one of {', '.join(SCHEMES)}")
+
+
+def _check_norm(norm: str) -> None:
+    if norm not in NORMS:
+        raise InputError(f"unknown norm {norm!r}: use 'fro' (Frobenius) or 'nuc' (nuclear)")
+
+
+def _check_float_dtype(dtype: torch.dtype, what: str) -> None:
+    if dtype not in _FLOAT_DTYPES:
+        raise InputError(
+            f"{what} is {dtype}; quantization needs bfloat16, float16, float32 or float64 "
+            "(upcast fp8 or integer weights first)"
+        )
+
+
+def _check_float(x: object, what: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    _check_float_dtype(x.dtype, f"{what} dtype")
+
+
+def _check_finite(x: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(x).all():
+        raise InputError(f"{what} has inf or NaN values; they cannot be quantized")

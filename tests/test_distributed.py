@@ -1,0 +1,115 @@
+"""decompose under torchrun: 2 gloo processes on CPU against 1, and failing ranks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pissa_svd import decompose
+from pissa_svd.distributed import assign
+
+from .conftest import PYTHON, save_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> Path:
+    # Wider than the shared fixture so that the 2 ranks get several batches each.
+    return save_tiny_llama(tmp_path_factory.mktemp("dist") / "ckpt", num_hidden_layers=4)
+
+
+def torchrun(args: list, tmp_path: Path, fault: str = "") -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node 2`` of the CLI; ``fault`` is Python run in rank 1 first."""
+    entry = tmp_path / "entry.py"
+    entry.write_text(
+        "import os, sys\n"
+        'if os.environ["RANK"] == "1":\n'
+        "    from pissa_svd import pipeline\n"
+        + textwrap.indent(textwrap.dedent(fault) or "pass\n", "    ")
+        + "from pissa_svd.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [*cmd, str(entry), *map(str, args)], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.suffix == ".safetensors" or p.name.endswith("index.json")
+    }
+
+
+def test_two_processes_write_the_same_bytes_as_one(src, tmp_path):
+    one = tmp_path / "one"
+    decompose(src, one, rank=8, niter=4, quiet=True)
+    two = tmp_path / "two"
+    proc = torchrun(["decompose", src, "--rank", 8, "--out", two], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert files(two) == files(one) and len(files(one)) >= 5
+    assert proc.stdout.count("matrices decomposed") == 1  # rank 0 speaks for the run
+    import json
+
+    report = json.loads((two / "pissa_report.json").read_text())
+    assert report["totals"]["processes"] == 2 and report["totals"]["matrices"] == 28
+    assert [r["name"] for r in report["matrices"]] == [
+        r["name"] for r in json.loads((one / "pissa_report.json").read_text())["matrices"]
+    ]
+
+
+def test_a_failing_rank_fails_every_rank_and_leaves_no_out(src, tmp_path):
+    fault = textwrap.dedent(
+        """
+        real = pipeline._decompose_batch
+        def broken(plan, batch, scratch):
+            if any("layers.2" in t.name for t in batch):
+                raise RuntimeError("injected fault")
+            return real(plan, batch, scratch)
+        pipeline._decompose_batch = broken
+        """
+    )
+    out = tmp_path / "out"
+    proc = torchrun(["decompose", src, "--rank", 8, "--out", out, "--quiet"], tmp_path, fault)
+    assert proc.returncode != 0
+    # Both ranks name the failing rank and tensor.
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("pissa-svd: error: rank 1 failed")]
+    assert len(lines) == 2, proc.stderr[-3000:]
+    assert all("model.layers." in x and "injected fault" in x for x in lines)
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_a_killed_rank_leaves_no_out(src, tmp_path):
+    fault = textwrap.dedent(
+        """
+        import signal
+        real = pipeline._decompose_batch
+        def dying(plan, batch, scratch):
+            if any("layers.1" in t.name for t in batch):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(plan, batch, scratch)
+        pipeline._decompose_batch = dying
+        """
+    )
+    out = tmp_path / "out"
+    proc = torchrun(["decompose", src, "--rank", 8, "--out", out, "--quiet"], tmp_path, fault)
+    assert proc.returncode != 0
+    assert "rank 0 lost contact with another process" in proc.stderr, proc.stderr[-3000:]
+    assert "local_rank: 1" in proc.stderr  # torchrun's summary names the rank that died
+    assert not out.exists()
+
+
+def test_assign_balances_deterministically():
+    costs = [5.0, 1.0, 4.0, 3.0, 3.0, 2.0]
+    owner = assign(costs, 2)
+    assert owner == assign(list(costs), 2)
+    loads = [sum(c for c, r in zip(costs, owner, strict=True) if r == k) for k in range(2)]
+    assert sorted(loads) == [9.0, 9.0]
+    assert assign(costs, 1) == [0] * 6
+    assert sorted(set(assign([1.0] * 4, 4))) == [0, 1, 2, 3]
