@@ -86,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="same-shape matrices are decomposed together up to SIZE of fp32 matrices per call, "
         "e.g. 512M or 8G; 0 = one at a time (default: 64M on CPU, a quarter of free GPU memory)",
     )
+    d.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        metavar="K",
+        help="with --dry-run: plan for K torchrun processes (default: WORLD_SIZE, or 1)",
+    )
     d.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     d.add_argument(
         "--dry-run",
@@ -216,6 +223,7 @@ def _decompose(args: argparse.Namespace) -> int:
         adapter_dtype=args.adapter_dtype,
         residual_dtype=args.residual_dtype,
         batch_memory=args.batch_memory,
+        processes=args.processes,
         overwrite=args.overwrite,
         quiet=args.quiet,
     )

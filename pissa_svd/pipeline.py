@@ -83,6 +83,7 @@ class Options:
     adapter_dtype: str | None = None
     residual_dtype: str | None = None
     batch_memory: int | None = None  # bytes of working-precision matrices per batch
+    processes: int | None = None  # for --dry-run: the torchrun process count to plan for
     overwrite: bool = False
     quiet: bool = False
 
@@ -110,10 +111,12 @@ class Target:
         if self.method == "exact":
             return 4.0 * m * n * small + 8.0 * small**3 + residual
         block = min(r + oversample, small)
-        passes = 2 * niter + 1  # thin passes before the last one
+        passes = 2 * niter + 2  # thin passes over W (krylov reuses the power iteration's)
         orth = (2 * niter + 1) * 6.0 * big * block**2  # CholeskyQR2, two rounds, both sides
-        last = 2.0 * m * n * block * (niter + 1) if self.method == "krylov" else 2.0 * m * n * block
-        return passes * 2.0 * m * n * block + orth + last + residual
+        if self.method == "krylov":
+            width = (niter + 1) * block  # Gram-Schmidt against the basis, QR of X^T K
+            orth += 4.0 * small * width**2 + 8.0 * big * width**2
+        return passes * 2.0 * m * n * block + orth + residual
 
     @property
     def work_bytes(self) -> int:
@@ -214,7 +217,30 @@ class Plan:
             f" (the whole checkpoint is {human(ck.total_bytes)})",
             f"  disk         residual {human(ck.total_bytes)}, adapter {human(adapter)}",
         ]
+        k = o.processes or int(os.environ.get("WORLD_SIZE", "1"))
+        costs = [_batch_cost(self, b) for b in self.batches]
+        owner = assign(costs, k)
+        lines.append(
+            f"  processes    {k}; estimated seconds per rank ({_COST_NOTE[self.device_kind]}):"
+        )
+        for r in range(k):
+            mine = [i for i, o_ in enumerate(owner) if o_ == r]
+            peak = max(
+                (
+                    self.batches[i][0].working_bytes(self.oversample, len(self.batches[i]))
+                    for i in mine
+                ),
+                default=0,
+            )
+            lines.append(
+                f"    rank {r:<4} {len(mine):>4} batches  ~{sum(costs[i] for i in mine):8.1f} s"
+                f"  peak ~{human(rss + peak)}"
+            )
         return "\n".join(lines)
+
+    @property
+    def device_kind(self) -> str:
+        return torch.device(self.device).type
 
 
 def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) -> Plan:
@@ -230,6 +256,8 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
         raise InputError(f"--method must be one of {', '.join(METHODS)}, got {o.method!r}")
     if o.backend not in BACKENDS:
         raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {o.backend!r}")
+    if o.processes is not None and o.processes < 1:
+        raise InputError(f"--processes must be >= 1, got {o.processes}")
     if o.batch_memory is not None and o.batch_memory < 0:
         raise InputError(f"--batch-memory must be >= 0, got {o.batch_memory}")
     if o.alpha is not None and not (o.alpha > 0 and math.isfinite(o.alpha)):
@@ -433,11 +461,22 @@ def _from_leader(team: Team):
     return value
 
 
+# Throughput (FLOP/s, bytes/s read + written) behind the per-batch time estimates. CPU: the
+# 1.1B-parameter benchmark on 2 cores (1,550 GFLOP of SVD in 18.2 s; 4.4 GB of IO in ~4 s,
+# bench/RESULTS.md). CUDA: not measured yet, a guess for one H100/H200-class GPU.
+_THROUGHPUT = {"cpu": (85e9, 1e9), "cuda": (50e12, 5e9)}
+_COST_NOTE = {
+    "cpu": "calibrated on 2 CPU cores; scales with cores",
+    "cuda": "CUDA throughput not measured yet: rough",
+}
+
+
 def _batch_cost(plan: Plan, batch: list[Target]) -> float:
     """Estimated seconds of a batch, for balancing ranks: FLOPs plus bytes read and written."""
+    flop_rate, byte_rate = _THROUGHPUT[plan.device_kind]
     flops = sum(t.flops(plan.options.niter, plan.oversample) for t in batch)
     nbytes = sum(2 * t.info.nbytes for t in batch)
-    return flops / 100e9 + nbytes / 1e9
+    return flops / flop_rate + nbytes / byte_rate
 
 
 def _attempt(fn, team: Team):

@@ -25,12 +25,20 @@ The stored residual
 ``qpissa_factors`` returns a residual R that is a *fixed point* of quantization in its own
 dtype: ``deq(Q(R)).to(R.dtype) == R`` bit for bit, so a quantized model built from the stored
 residual holds exactly the codes and scales chosen here. In fp32 ``deq(Q(W_res))`` already is
-one: the largest value of each block dequantizes to exactly ``±absmax``, so re-quantizing finds
-the same absmax and the same codes. In bf16/fp16 it is not: rounding ``absmax`` to bf16
-changes the scale, and ``code * bf16(absmax)`` rounds differently from ``code * absmax``. So
-R is obtained by re-quantizing the rounded values until they stop changing, which takes one
-round for NF4 (afterwards absmax is representable in the residual dtype) and at most a few for
-int8; ``info["settle_rounds"]`` says how many were needed.
+one for NF4: the largest value of each block dequantizes to exactly ``±absmax`` (code ±1), so
+re-quantizing finds the same absmax and, since every scaled value is within a few ulps of its
+code, the same codes. It is not one
+
+- in bf16/fp16: rounding ``absmax`` to bf16 changes the scale, and ``code * bf16(absmax)``
+  rounds differently from ``code * absmax``;
+- for int8, even in fp32: a row's largest value dequantizes to ``fl(fl(127 * a) / 127)``,
+  often one ulp below ``a``, so every re-quantization can lower the scale by another ulp.
+
+So R is obtained by first iterating the int8 scale map on the scale vector to its fixed point,
+then re-quantizing the values rounded to the residual dtype until they stop changing: one round
+for NF4 in bf16/fp16 (afterwards absmax is representable in that dtype), none in fp32
+(``info["settle_rounds"]``). The result differs from deq(Q(W_res)) only by that rounding (for
+int8 scales, a few fp32 ulps), and the function checks the fixed point before returning.
 """
 
 from __future__ import annotations
@@ -73,7 +81,7 @@ _INV127 = 7.874015718698502e-3
 # Values per vectorized step (a multiple of NF4_BLOCKSIZE): bounds the temporaries to a few
 # tens of MB whatever the matrix size.
 _CHUNK = 1 << 22
-_MAX_SETTLE_ROUNDS = 8
+_MAX_SETTLE_ROUNDS = 8  # one is needed (see the module docstring); more means a bug
 
 
 class QPissaFactors(NamedTuple):
@@ -430,9 +438,23 @@ def qpissa_factors(
 def _settle(Q: torch.Tensor, scheme: str, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
     """Round deq(Q(W_res)) to ``dtype`` and re-quantize until it is a fixed point.
 
-    Q: (out, in) fp32/fp64 dequantized values. Returns (R (out, in) ``dtype``, rounds).
+    Q: (out, in) fp32/fp64 dequantized values. Returns (R (out, in) ``dtype``, rounds): the
+    number of whole-matrix re-quantizations that changed R.
     """
-    R = Q.to(dtype)
+    if scheme == "int8":
+        # A row's largest value dequantizes to fl(fl(127 * a) * fp32(1/127)), which is a - 1 ulp
+        # for many scales a, so each re-quantization can shave one more ulp off the scale (up
+        # to ~10 rounds). Iterate that map on the (rows,) scale vector to its fixed point first;
+        # the codes do not change, so the matrix then needs no such rounds.
+        q, a = int8_quantize(Q)
+        for _ in range(64):
+            nxt = (a * 127.0) * _INV127
+            if torch.equal(nxt, a):
+                break
+            a = nxt
+        R = int8_dequantize(q, a, dtype)
+    else:
+        R = Q.to(dtype)
     for rounds in range(_MAX_SETTLE_ROUNDS + 1):
         if not torch.isfinite(R).all():
             raise InputError(
