@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="with --dry-run: plan for K torchrun processes (default: WORLD_SIZE, or 1)",
     )
+    d.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run: reuse (after checking them) the tensors it finished",
+    )
     d.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     d.add_argument(
         "--dry-run",
@@ -224,6 +229,7 @@ def _decompose(args: argparse.Namespace) -> int:
         residual_dtype=args.residual_dtype,
         batch_memory=args.batch_memory,
         processes=args.processes,
+        resume=args.resume,
         overwrite=args.overwrite,
         quiet=args.quiet,
     )

@@ -52,13 +52,14 @@ def staged(out: Path, overwrite: bool) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
-        _move_into_place(tmp, out, overwrite)
+        move_into_place(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+def move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished ``tmp`` to ``out``; an existing ``out`` only with ``overwrite``."""
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; OUT is an ordinary folder

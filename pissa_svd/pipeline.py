@@ -14,6 +14,8 @@ import math
 import os
 import re
 import resource
+import shutil
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, resume
 from .adapter import ADAPTER_CONFIG, ADAPTER_FILE, peft_key
 from .checkpoint import (
     FLOAT_DTYPES,
@@ -45,7 +47,7 @@ from .linalg import (
     resolve_method,
     svd_lowrank,
 )
-from .output import check_out, copy_files, human, staged, write_json
+from .output import check_out, copy_files, human, move_into_place, write_json
 from .output import progress as _progress
 from .pissa import pissa_factors
 from .targets import select, task_type
@@ -84,6 +86,7 @@ class Options:
     residual_dtype: str | None = None
     batch_memory: int | None = None  # bytes of working-precision matrices per batch
     processes: int | None = None  # for --dry-run: the torchrun process count to plan for
+    resume: bool = False  # continue the interrupted run staged in .OUT.partial
     overwrite: bool = False
     quiet: bool = False
 
@@ -382,15 +385,21 @@ def execute(plan: Plan) -> dict:
         if team.world > 1 and plan.device.startswith("cuda"):
             plan.device = f"cuda:{team.local_rank}"
         if not team.leader:
-            _write_all(plan, Path(_from_leader(team)), team)
+            tmp, done = _from_leader(team)
+            _write_all(plan, Path(tmp), team, done)
             return _from_leader(team)  # done only once rank 0 has renamed OUT into place
+        staging = resume.staging_dir(plan.out)
         try:
-            with staged(plan.out, plan.options.overwrite) as tmp:
-                team.broadcast(("ok", str(tmp)))
-                report = _write_all(plan, tmp, team)
-        except Exception as exc:
-            if team.world > 1 and not getattr(exc, "pissa_agreed", False):
+            done = _open_staging(plan, staging)
+            team.broadcast(("ok", (str(staging), done)))
+            report = _write_all(plan, staging, team, done)
+            shutil.rmtree(staging / resume.PROGRESS_DIR)
+            move_into_place(staging, plan.out, plan.options.overwrite)
+        except BaseException as exc:
+            told = getattr(exc, "pissa_agreed", False)
+            if team.world > 1 and isinstance(exc, Exception) and not told:
                 team.broadcast(("failed", f"rank 0 failed on {plan.out}: {exc}"))
+            _keep_or_remove(staging)
             raise
         team.broadcast(("ok", report))
         return report
@@ -398,12 +407,17 @@ def execute(plan: Plan) -> dict:
         team.close()
 
 
-def _write_all(plan: Plan, tmp: Path, team: Team) -> dict:
+def _write_all(plan: Plan, tmp: Path, team: Team, done: dict[str, dict] | None) -> dict:
+    """``done``: report rows of tensors already finished in ``tmp`` (resume), or None when the
+    files must be created first."""
     o, ck = plan.options, plan.ckpt
     t_start = time.perf_counter()
-    owner = assign([_batch_cost(plan, b) for b in plan.batches], team.world)
-    mine = [b for b, r in zip(plan.batches, owner, strict=True) if r == team.rank]
-    prepare_bytes = ck.total_bytes - sum(t.info.nbytes for t in plan.targets)
+    prepare = done is None
+    done = done or {}
+    todo = [b for b in plan.batches if not all(t.name in done for t in b)]
+    owner = assign([_batch_cost(plan, b) for b in todo], team.world)
+    mine = [b for b, r in zip(todo, owner, strict=True) if r == team.rank]
+    prepare_bytes = ck.total_bytes - sum(t.info.nbytes for t in plan.targets) if prepare else 0
     bar = _progress(
         sum(t.info.nbytes for b in mine for t in b) + (prepare_bytes if team.leader else 0),
         "decompose" if team.world == 1 else f"decompose [rank {team.rank}/{team.world}]",
@@ -411,10 +425,11 @@ def _write_all(plan: Plan, tmp: Path, team: Team) -> dict:
         f"tensors 0/{sum(len(b) for b in mine)}",
     )
     # Phase 1 (rank 0): every file with its header, and the tensors that are only copied.
-    _agree(team, _attempt(lambda: _prepare(plan, tmp, bar) if team.leader else None, team))
+    if prepare:
+        _agree(team, _attempt(lambda: _prepare(plan, tmp, bar) if team.leader else None, team))
     # Phase 2 (every rank): its batches, in file order, straight into those files.
     rows: list[dict] = []
-    failure = _attempt(lambda: _decompose_share(plan, tmp, mine, bar, rows), team)
+    failure = _attempt(lambda: _decompose_share(plan, tmp, mine, bar, rows, team.rank), team)
     bar.close()
     shared = team.all_gather((failure, rows, _rss_bytes()))
     _agree(team, next((f for f, _, _ in shared if f is not None), None))
@@ -422,6 +437,7 @@ def _write_all(plan: Plan, tmp: Path, team: Team) -> dict:
         return {}
     # Phase 3 (rank 0): index, adapter config, side files, report.
     rows = [r for _, rs, _ in shared for r in rs]
+    rows += [r for n, r in done.items() if n not in {x["name"] for x in rows}]
     order = {t.name: i for i, t in enumerate(plan.targets)}
     rows.sort(key=lambda r: order[r["name"]])
     _write_index(plan, tmp)
@@ -442,6 +458,7 @@ def _write_all(plan: Plan, tmp: Path, team: Team) -> dict:
         "totals": {
             "matrices": len(rows),
             "processes": team.world,
+            "resumed": len(done),
             "seconds": round(time.perf_counter() - t_start, 3),
             "svd_seconds": round(sum(r["svd_seconds"] for r in rows), 3),
             "bytes_in": ck.total_bytes,
@@ -452,6 +469,40 @@ def _write_all(plan: Plan, tmp: Path, team: Team) -> dict:
     }
     write_json(tmp / REPORT_FILE, report)
     return report
+
+
+def _open_staging(plan: Plan, staging: Path) -> dict[str, dict] | None:
+    """Start the staging folder, or with ``resume`` reopen it; returns the finished tensors'
+    report rows (None: the files must be created first)."""
+    if plan.options.resume:
+        if not staging.is_dir():
+            raise InputError(
+                f"--resume: no interrupted run of {plan.out} to continue ({staging} does not "
+                "exist); run without --resume"
+            )
+        done = resume.finished(
+            staging, plan, f"{ADAPTER_DIR}/{ADAPTER_FILE}", _adapter_config(plan)
+        )
+        return done if resume.is_prepared(staging) else None
+    if staging.exists():  # our own leftover from an interrupted run, not the user's files
+        if not plan.options.quiet:
+            print(f"pissa-svd: starting over: removing {staging}", file=sys.stderr)
+        shutil.rmtree(staging)
+    resume.start(staging, plan)
+    return None
+
+
+def _keep_or_remove(staging: Path) -> None:
+    """After a failure: keep finished tensors for --resume, else leave nothing behind."""
+    n = resume.journaled(staging)
+    if n == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    print(
+        f"pissa-svd: {n} finished tensors kept in {staging}: rerun with --resume to continue "
+        "(or delete it)",
+        file=sys.stderr,
+    )
 
 
 def _from_leader(team: Team):
@@ -561,9 +612,12 @@ def _prepare(plan: Plan, tmp: Path, bar) -> None:
                     run.append(info)
             w.copy(run)
         bar.update(sum(i.nbytes for i in copied))
+    resume.mark_prepared(tmp)
 
 
-def _decompose_share(plan: Plan, tmp: Path, batches: list[list[Target]], bar, rows) -> None:
+def _decompose_share(
+    plan: Plan, tmp: Path, batches: list[list[Target]], bar, rows, rank: int
+) -> None:
     """Decompose ``batches`` (file order) and write each result at its place in OUT.
 
     Strictly sequential on purpose: on a few cores the BLAS threads own every core, and
@@ -580,6 +634,7 @@ def _decompose_share(plan: Plan, tmp: Path, batches: list[list[Target]], bar, ro
         create=False,
         owned=[peft_key(t.module, w) for t in mine for w in "AB"],
     )
+    journal = resume.Journal(tmp, rank)
     try:
         for shard in dict.fromkeys(shard_of[t.name] for t in mine):
             names = [t.name for t in mine if shard_of[t.name] == shard]
@@ -607,6 +662,8 @@ def _decompose_share(plan: Plan, tmp: Path, batches: list[list[Target]], bar, ro
                 )
                 rows.append(row)
                 bar.update(t.info.nbytes)
+            for row in rows[-len(batch) :]:  # its bytes are in place: a resume may reuse it
+                journal.record(row)
             bar.set_postfix_str(f"tensors {len(rows)}/{len(mine)}")
         for w in [aw, *writers.values()]:
             w.close()
@@ -614,6 +671,8 @@ def _decompose_share(plan: Plan, tmp: Path, batches: list[list[Target]], bar, ro
         for w in [aw, *writers.values()]:
             w.abort()
         raise
+    finally:
+        journal.close()
 
 
 def _decompose_batch(plan: Plan, batch: list[Target], scratch: _Scratch):

@@ -27,7 +27,11 @@ def ckpt(tiny_llama, tmp_path) -> Path:
 
 
 def leftovers(parent: Path) -> list[str]:
-    return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+    return sorted(
+        p.name
+        for p in parent.iterdir()
+        if ".tmp-" in p.name or ".old-" in p.name or p.name.endswith(".partial")
+    )
 
 
 def assert_bad_input(run_cli, args, match, out: Path):
@@ -296,45 +300,79 @@ def _start(src: Path, out: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_partial_output(parent: Path, proc: subprocess.Popen) -> None:
+def _wait_for_partial_output(parent: Path, proc: subprocess.Popen, tensors: int = 3) -> None:
+    """Until the run's journal records ``tensors`` finished tensors (of 24)."""
+    journal = parent / ".out.partial" / ".pissa_progress" / "rank-0.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline:
-        tmps = [p for p in parent.iterdir() if ".tmp-" in p.name]
-        if tmps and list(tmps[0].glob("model-00002-*.safetensors")):
+        if journal.exists() and journal.read_text().count("\n") >= tensors:
             return
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
     raise AssertionError("the run never got midway")
 
 
-def test_killed_run_leaves_no_out(slow_ckpt, tmp_path):
+def _decompose_cli(src: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [PYTHON, "-m", "pissa_svd", "decompose", src, "--rank", "8", "--method", "exact"]
+    return subprocess.run([*cmd, "--out", out, *extra], capture_output=True, text=True)
+
+
+def test_killed_run_leaves_no_out_and_resumes_to_the_same_bytes(slow_ckpt, tmp_path):
     out = tmp_path / "out"
     proc = _start(slow_ckpt, out)
     _wait_for_partial_output(tmp_path, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not out.exists()  # only a hidden .out.tmp-* sibling remains
-    assert all(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir() if p.name != "slow")
-    # A rerun is not confused by the leftover.
-    proc = subprocess.run(
-        [PYTHON, "-m", "pissa_svd", "decompose", slow_ckpt, "--rank", "8", "--out", out, "--quiet"],
-        capture_output=True,
-        text=True,
-    )
+    assert not out.exists()  # only the hidden staging folder remains
+    assert leftovers(tmp_path) == [".out.partial"]
+
+    proc = _decompose_cli(slow_ckpt, out, "--resume", "--quiet")
     assert proc.returncode == 0, proc.stderr
-    assert (out / "pissa_init" / "adapter_model.safetensors").is_file()
+    report = json.loads((out / "pissa_report.json").read_text())
+    assert 3 <= report["totals"]["resumed"] < 24 and report["totals"]["matrices"] == 24
+    assert leftovers(tmp_path) == [] and not (out / ".pissa_progress").exists()
+
+    clean = tmp_path / "clean"
+    assert _decompose_cli(slow_ckpt, clean, "--quiet").returncode == 0
+    names = sorted(p.name for p in clean.rglob("*.safetensors"))
+    assert names == sorted(p.name for p in out.rglob("*.safetensors")) and len(names) == 7
+    for p in clean.rglob("*.safetensors"):
+        assert p.read_bytes() == (out / p.relative_to(clean)).read_bytes(), p.name
+
+
+def test_rerun_without_resume_starts_over(slow_ckpt, tmp_path):
+    out = tmp_path / "out"
+    proc = _start(slow_ckpt, out)
+    _wait_for_partial_output(tmp_path, proc, tensors=1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc = _decompose_cli(slow_ckpt, out)
+    assert proc.returncode == 0 and "starting over" in proc.stderr
+    assert json.loads((out / "pissa_report.json").read_text())["totals"]["resumed"] == 0
+
+
+def test_resume_refuses_other_options_or_nothing_to_resume(slow_ckpt, tmp_path):
+    out = tmp_path / "out"
+    proc = _decompose_cli(slow_ckpt, out, "--resume")
+    assert proc.returncode == 2 and "no interrupted run" in proc.stderr
+    proc = _start(slow_ckpt, out)
+    _wait_for_partial_output(tmp_path, proc, tensors=1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc = _decompose_cli(slow_ckpt, out, "--resume", "--seed", "7")
+    assert proc.returncode == 2 and "other options" in proc.stderr and not out.exists()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupted_run_cleans_up(slow_ckpt, tmp_path, sig):
+def test_interrupted_run_keeps_finished_tensors_for_resume(slow_ckpt, tmp_path, sig):
     out = tmp_path / "out"
     proc = _start(slow_ckpt, out)
     _wait_for_partial_output(tmp_path, proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
-    assert "interrupted" in err and "Traceback" not in err
-    assert not out.exists() and leftovers(tmp_path) == []
+    assert "interrupted" in err and "--resume" in err and "Traceback" not in err
+    assert not out.exists() and leftovers(tmp_path) == [".out.partial"]
 
 
 def test_library_and_cli_agree_on_entry_point():

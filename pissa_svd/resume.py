@@ -1,0 +1,145 @@
+"""Resuming an interrupted decompose from its staging folder.
+
+decompose stages OUT in the hidden sibling ``.OUT.partial/`` and journals every finished tensor
+there (``.pissa_progress/rank-K.jsonl``: one JSON line per tensor, written after its residual
+and adapter bytes are in place). A run that fails or is interrupted after finishing some tensors
+keeps that folder; ``--resume`` re-checks each journaled tensor (``W_res + s B@A == W`` within
+rounding, as ``pissa-svd verify`` does, reading the bytes back from the staging files) and
+decomposes only the rest. The work is deterministic, so the result is byte-identical to an
+uninterrupted run. A plan fingerprint (options, source files, batches) guards against resuming
+with different settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpoint import SafetensorsFile, read_tensor
+from .errors import InputError
+
+PROGRESS_DIR = ".pissa_progress"
+PLAN_FILE = "plan.json"
+PREPARED = "prepared"  # marker: every file exists and the copied tensors are in place
+
+
+def staging_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial"
+
+
+def fingerprint(plan) -> dict:
+    """Everything that decides the output bytes."""
+    o = plan.options
+    return {
+        "source": [
+            [shard, os.stat(sf.path).st_size, os.stat(sf.path).st_mtime_ns]
+            for shard, sf in plan.ckpt.files.items()
+        ],
+        "options": [
+            o.rank,
+            o.niter,
+            plan.oversample,
+            o.method,
+            o.seed,
+            plan.alpha,
+            plan.backend,
+            torch.device(plan.device).type,
+        ],
+        "batches": [
+            [[t.name, t.method, t.adapter_dtype, t.residual_dtype] for t in b] for b in plan.batches
+        ],
+    }
+
+
+def start(staging: Path, plan) -> None:
+    """A fresh staging folder with the plan's fingerprint."""
+    (staging / PROGRESS_DIR).mkdir(parents=True)
+    (staging / PROGRESS_DIR / PLAN_FILE).write_text(json.dumps(fingerprint(plan)))
+
+
+def mark_prepared(staging: Path) -> None:
+    (staging / PROGRESS_DIR / PREPARED).touch()
+
+
+def is_prepared(staging: Path) -> bool:
+    return (staging / PROGRESS_DIR / PREPARED).exists()
+
+
+class Journal:
+    """This rank's record of finished tensors, one flushed JSON line each."""
+
+    def __init__(self, staging: Path, rank: int):
+        # Held open for the whole run (one line per tensor); close() ends it.
+        path = staging / PROGRESS_DIR / f"rank-{rank}.jsonl"
+        self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115
+
+    def record(self, row: dict) -> None:
+        self._f.write(json.dumps(row) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def journaled(staging: Path) -> int:
+    """How many tensors the journals of ``staging`` record."""
+    d = staging / PROGRESS_DIR
+    if not d.is_dir():
+        return 0
+    return sum(len(_rows(p)) for p in d.glob("rank-*.jsonl"))
+
+
+def finished(staging: Path, plan, adapter_file: str, adapter_config: dict) -> dict[str, dict]:
+    """The journaled tensors of an earlier run that still check out: name -> report row.
+
+    Raises InputError when there is nothing to resume or the plan differs.
+    """
+    from .adapter import LoraAdapter, peft_key
+    from .convert import _check_target
+
+    d = staging / PROGRESS_DIR
+    if not (d / PLAN_FILE).is_file():
+        raise InputError(
+            f"--resume: {staging} holds no interrupted run of this OUT; run without --resume"
+        )
+    if json.loads((d / PLAN_FILE).read_text()) != json.loads(json.dumps(fingerprint(plan))):
+        raise InputError(
+            f"--resume: the interrupted run in {staging} used other options or source files; "
+            "rerun it with the same ones, or without --resume to start over"
+        )
+    if not is_prepared(staging):
+        return {}
+    rows = {r["name"]: r for p in sorted(d.glob("rank-*.jsonl")) for r in _rows(p)}
+    by_name = {t.name: t for t in plan.targets}
+    rows = {n: r for n, r in rows.items() if n in by_name}
+    if not rows:
+        return {}
+    aw = SafetensorsFile.open(staging / adapter_file)
+    modules = {by_name[n].module: n for n in rows}
+    A = {m: read_tensor(aw.tensors[peft_key(m, "A")]) for m in modules}
+    B = {m: read_tensor(aw.tensors[peft_key(m, "B")]) for m in modules}
+    ad = LoraAdapter(staging, adapter_config, A, B)
+    shard_of = {i.name: s for s, f in plan.ckpt.files.items() for i in f.tensors.values()}
+    files: dict[str, SafetensorsFile] = {}
+    good = {}
+    for m, name in modules.items():
+        shard = shard_of[name]
+        if shard not in files:
+            files[shard] = SafetensorsFile.open(staging / shard)
+        check = _check_target(by_name[name].info, files[shard].tensors[name], ad, m)
+        if check.ok:
+            good[name] = rows[name]
+    return good
+
+
+def _rows(path: Path) -> list[dict]:
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by the interruption
+            break
+    return out
