@@ -31,7 +31,7 @@ code, the same codes. It is not one
 
 - in bf16/fp16: rounding ``absmax`` to bf16 changes the scale, and ``code * bf16(absmax)``
   rounds differently from ``code * absmax``;
-- for int8, even in fp32: a row's largest value dequantizes to ``fl(fl(127 * a) / 127)``,
+- for int8, even in fp32: a row's largest value dequantizes to ``fl(fl(127 * a) * fp32(1/127))``,
   often one ulp below ``a``, so every re-quantization can lower the scale by another ulp.
 
 So R is obtained by first iterating the int8 scale map on the scale vector to its fixed point,
@@ -145,7 +145,10 @@ def nf4_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def nf4_dequantize(
-    codes: torch.Tensor, absmax: torch.Tensor, shape: torch.Size | tuple[int, ...], dtype
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    shape: torch.Size | tuple[int, ...],
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """``code * absmax`` in fp32, reshaped to ``shape`` and cast to ``dtype``.
 
@@ -207,7 +210,9 @@ def int8_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.view(x.shape), absmax
 
 
-def int8_dequantize(q: torch.Tensor, absmax: torch.Tensor, dtype) -> torch.Tensor:
+def int8_dequantize(
+    q: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """``q * absmax_row * fp32(1/127)`` in fp32, cast to ``dtype``. q: (..., cols) int8."""
     rows = q.reshape(-1, q.shape[-1])
     return ((rows * absmax.unsqueeze(1)) * _INV127).view(q.shape).to(dtype)
@@ -218,7 +223,9 @@ def _int8_fake(x: torch.Tensor) -> torch.Tensor:
     return int8_dequantize(q, absmax, torch.float32)
 
 
-def fake_quantize(W: torch.Tensor, scheme: str, *, dtype: torch.dtype | None = None):
+def fake_quantize(
+    W: torch.Tensor, scheme: str, *, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """deq(Q(W)): W quantized with ``scheme`` and dequantized, same shape.
 
     W: any shape for ``nf4`` (blocks run over the row-major flattening), (..., cols) for
@@ -344,7 +351,8 @@ def qpissa_factors(
 
     Iteration 1 is PiSSA: (A, B) from the SVD of W, W_res = W - s * B @ A. Iteration t >= 2
     takes (A, B) from the SVD of ``W - deq(Q(W_res_{t-1}))`` (the low-rank part that the
-    previous quantized residual misses) and sets W_res = W - s * B @ A again. Every iterate is
+    previous quantized residual misses) and sets W_res = W - s * B @ A again (SVD first, then
+    quantize, as in the PiSSA paper; LoftQ starts by quantizing W itself). Every iterate is
     scored by ``||W - (deq(Q(W_res)) + s * B @ A)||`` with A and B as stored (after rounding to
     ``adapter_dtype``) and the best one is returned: quantization after each SVD step can make
     the error go up, so the last iterate is not always the best, and the best error over
@@ -389,10 +397,16 @@ def qpissa_factors(
 
     Wo = W.mT if fan_in_fan_out else W
     work = torch.float64 if W.dtype == torch.float64 else torch.float32
-    W32 = Wo.to(work)  # never written to: it may be the caller's tensor
+    # Row-major (out, in) also for Conv1D, so every GEMM below rounds the same way whatever the
+    # stored layout. Never written to: it may be the caller's tensor.
+    W32 = Wo.to(work).contiguous()
 
     def quant(x: torch.Tensor) -> torch.Tensor:
         return fake_quantize(x, scheme, dtype=work)
+
+    def residual(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """W - s * B @ A from the stored A, B, computed exactly as pissa_factors does."""
+        return W32.clone().addmm_(B.to(work), A.to(work), alpha=-scaling)
 
     qlora_error = _norm(W32 - quant(W32), select)
     errors: list[float] = []
@@ -409,17 +423,22 @@ def qpissa_factors(
             inplace=Q is not None,  # target is then our own temporary
             **svd_kwargs,
         )
-        # W_res = W - s * B @ A from the stored A, B (for t = 1 that is exactly `res`).
-        W_res = res if Q is None else torch.addmm(W32, B.to(work), A.to(work), alpha=-scaling)
-        del res, target
+        del target
+        # For t = 1, pissa_factors' residual is W - s * B @ A already.
+        W_res = res if t == 1 else residual(A, B)
+        del res
         Q = quant(W_res)
         # W - (Q + s * B @ A) = W_res - Q.
         errors.append(_norm(W_res - Q, select))
-        if best is None or errors[-1] < errors[best[0] - 1]:
-            best = (t, A, B, Q)
         del W_res
+        if best is None or errors[-1] < errors[best[0] - 1]:
+            best = (t, A, B)
 
-    t_best, A, B, Q = best
+    # Only the best adapter is kept, not its quantized residual (one (out, in) buffer less);
+    # rebuilding it is deterministic, so it is the very residual that was scored.
+    t_best, A, B = best
+    if t_best != iters:
+        Q = quant(residual(A, B))
     R, rounds = _settle(Q, scheme, residual_dtype)
     if fan_in_fan_out:
         R = R.mT.contiguous()
