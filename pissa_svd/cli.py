@@ -94,6 +94,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --dry-run: plan for K torchrun processes (default: WORLD_SIZE, or 1)",
     )
     d.add_argument(
+        "--quantize",
+        choices=("nf4", "int8"),
+        default=None,
+        help="QPiSSA: make the residual ready for 4-bit NF4 (QLoRA) or LLM.int8 loading, "
+        "alternating SVD and quantization to minimize the quantization error",
+    )
+    d.add_argument(
+        "--quant-iters",
+        type=int,
+        default=5,
+        metavar="T",
+        help="with --quantize: SVD + quantization rounds, the best kept (default 5)",
+    )
+    d.add_argument(
         "--resume",
         action="store_true",
         help="continue an interrupted run: reuse (after checking them) the tensors it finished",
@@ -230,6 +244,8 @@ def _decompose(args: argparse.Namespace) -> int:
         batch_memory=args.batch_memory,
         processes=args.processes,
         resume=args.resume,
+        quantize=args.quantize,
+        quant_iters=args.quant_iters,
         overwrite=args.overwrite,
         quiet=args.quiet,
     )
@@ -316,8 +332,11 @@ def _verify(args: argparse.Namespace) -> int:
             if worst
             else ""
         )
+        how = "within rounding"
+        if any(r.dtype.endswith((" nf4", " int8")) for r in res.rows):
+            how = "up to the quantization error decompose --quantize recorded (fixed points)"
         print(
-            f"pissa-svd verify: PASS: {n_t} adapted tensors reproduce SRC within rounding{tail}; "
+            f"pissa-svd verify: PASS: {n_t} adapted tensors reproduce SRC {how}{tail}; "
             f"{n_c} other tensors identical"
         )
         return 0

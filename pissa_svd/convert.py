@@ -354,6 +354,7 @@ def verify(
     ad = LoraAdapter.load(Path(adapter) if adapter else Path(out) / ADAPTER_DIR, "adapter")
     src_infos = {t.name: t for t in src_ck.tensors()}
     out_infos = {t.name: t for t in out_ck.tensors()}
+    quantized = _quantized_rows(Path(out))
     targets = {f"{m}.weight": m for m in ad.modules}
     result = VerifyResult()
     for name in sorted(set(targets) - set(src_infos)):
@@ -374,13 +375,54 @@ def verify(
                 name, kind, s.shape, s.dtype, False, math.inf, note=f"OUT has shape {o.shape}"
             )
         elif kind == "target":
-            row = _check_target(s, o, ad, targets[name])
+            if name in quantized:
+                row = _check_quantized(s, o, ad, targets[name], quantized[name])
+            else:
+                row = _check_target(s, o, ad, targets[name])
         else:
             row = _check_copy(s, o)
         result.rows.append(row)
         bar.update(s.nbytes)
     bar.close()
     return result
+
+
+def _quantized_rows(out: Path) -> dict[str, dict]:
+    """For a QPiSSA output (decompose --quantize): tensor name -> its quantization record."""
+    try:
+        report = json.loads((out / REPORT_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(report, dict) or not report.get("quantize"):
+        return {}
+    return {r["name"]: r["quantization"] for r in report.get("matrices", []) if "quantization" in r}
+
+
+def _check_quantized(s: TensorInfo, o: TensorInfo, ad, module: str, record: dict) -> TensorCheck:
+    """A QPiSSA residual is not W - s B@A: it is that, quantized. It must be a fixed point of
+    the quantizer (what a 4/8-bit loader stores is then exactly it), and its error
+    ||W - (W_res + s B@A)||_F must be the one decompose chose and recorded."""
+    from .quant import fake_quantize
+
+    row = TensorCheck(s.name, "target", s.shape, f"{s.dtype}->{o.dtype} {record['scheme']}", True)
+    W, R = read_tensor(s), read_tensor(o)
+    if not torch.equal(fake_quantize(R, record["scheme"]), R):
+        row.ok, row.ratio, row.note = False, math.inf, f"not a {record['scheme']} fixed point"
+        return row
+    work = torch.float64 if W.dtype == torch.float64 else torch.float32
+    delta = ad.delta(module, work)
+    err = float(
+        torch.linalg.matrix_norm(
+            W.to(work) - R.to(work) - (delta.mT if ad.fan_in_fan_out else delta)
+        )
+    )
+    want = record["errors"][record["best_iter"] - 1]
+    row.ratio = abs(err - want) / (1e-3 * want + 1e-12)  # 1 = off by 0.1% of the recorded error
+    row.rel = err / max(float(torch.linalg.matrix_norm(W.double())), 1e-30)
+    row.ok = record.get("norm") != "fro" or row.ratio <= 1.0
+    if not row.ok:
+        row.note = f"quantization error {err:.4g}, decompose recorded {want:.4g}"
+    return row
 
 
 def _check_copy(s: TensorInfo, o: TensorInfo) -> TensorCheck:

@@ -87,6 +87,8 @@ class Options:
     batch_memory: int | None = None  # bytes of working-precision matrices per batch
     processes: int | None = None  # for --dry-run: the torchrun process count to plan for
     resume: bool = False  # continue the interrupted run staged in .OUT.partial
+    quantize: str | None = None  # QPiSSA: "nf4" or "int8" residual
+    quant_iters: int = 5
     overwrite: bool = False
     quiet: bool = False
 
@@ -259,6 +261,10 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
         raise InputError(f"--method must be one of {', '.join(METHODS)}, got {o.method!r}")
     if o.backend not in BACKENDS:
         raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {o.backend!r}")
+    if o.quantize is not None and o.quantize not in ("nf4", "int8"):
+        raise InputError(f"--quantize must be nf4 or int8, got {o.quantize!r}")
+    if isinstance(o.quant_iters, bool) or not isinstance(o.quant_iters, int) or o.quant_iters < 1:
+        raise InputError(f"--quant-iters must be an integer >= 1, got {o.quant_iters!r}")
     if o.processes is not None and o.processes < 1:
         raise InputError(f"--processes must be >= 1, got {o.processes}")
     if o.batch_memory is not None and o.batch_memory < 0:
@@ -331,6 +337,11 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
         )
     alpha = float(o.alpha) if o.alpha is not None else float(o.rank)
     config = ckpt.read_json("config.json") if src_path.is_dir() else None
+    if o.quantize and (config or {}).get("quantization_config"):
+        raise InputError(
+            f"{src_path} is already quantized ({config['quantization_config'].get('quant_method', 'quantization_config')}"
+            " in config.json); --quantize needs the full-precision checkpoint"
+        )
     budget = default_batch_memory(device) if o.batch_memory is None else o.batch_memory
     return Plan(
         ckpt=ckpt,
@@ -453,6 +464,8 @@ def _write_all(plan: Plan, tmp: Path, team: Team, done: dict[str, dict] | None) 
         "oversample": plan.oversample,
         "method": o.method,
         "seed": o.seed,
+        "quantize": o.quantize,
+        "quant_iters": o.quant_iters if o.quantize else None,
         "device": plan.device,
         "fan_in_fan_out": plan.fan_in_fan_out,
         "totals": {
@@ -690,26 +703,26 @@ def _decompose_batch(plan: Plan, batch: list[Target], scratch: _Scratch):
         Wf[i].copy_(read_tensor(t.info, scratch.get("read", t.info.nbytes)))
     w_norms = torch.linalg.vector_norm(Wf, dim=(-2, -1)).tolist()
     seeds = [derive_seed(t.name, o.seed) for t in batch]
-    U, S, Vh = svd_lowrank(
-        Wf.mT if t0.transposed else Wf,
-        t0.rank,
-        niter=o.niter,
-        oversample=plan.oversample,
-        method=t0.method,
-        seed=seeds,
-        backend=plan.backend,
+    svd_kwargs = dict(
+        niter=o.niter, oversample=plan.oversample, method=t0.method, backend=plan.backend
     )
-    t_svd = (time.perf_counter() - start) / len(batch)
-    A, B, W_res = pissa_factors(
-        Wf,
-        t0.rank,
-        scaling=plan.scaling,
-        fan_in_fan_out=t0.transposed,
-        adapter_dtype=dtype_to_torch(t0.adapter_dtype),
-        residual_dtype=Wf.dtype,
-        svd=(U, S, Vh),
-        inplace=True,
-    )
+    quant_info: list[dict | None] = [None] * len(batch)
+    if o.quantize:
+        A, B, W_res, S, quant_info = _qpissa_batch(plan, batch, Wf, seeds, svd_kwargs)
+        t_svd = (time.perf_counter() - start) / len(batch)
+    else:
+        U, S, Vh = svd_lowrank(Wf.mT if t0.transposed else Wf, t0.rank, seed=seeds, **svd_kwargs)
+        t_svd = (time.perf_counter() - start) / len(batch)
+        A, B, W_res = pissa_factors(
+            Wf,
+            t0.rank,
+            scaling=plan.scaling,
+            fan_in_fan_out=t0.transposed,
+            adapter_dtype=dtype_to_torch(t0.adapter_dtype),
+            residual_dtype=Wf.dtype,
+            svd=(U, S, Vh),
+            inplace=True,
+        )
     res_norms = torch.linalg.vector_norm(W_res, dim=(-2, -1)).tolist()
     energy = (S.double() ** 2).sum(-1).tolist()
     seconds = (time.perf_counter() - start) / len(batch)
@@ -736,8 +749,49 @@ def _decompose_batch(plan: Plan, batch: list[Target], scratch: _Scratch):
             "svd_seconds": round(t_svd, 4),
             "seconds": round(seconds, 4),
         }
+        if quant_info[i] is not None:
+            row["quantization"] = quant_info[i]
         out.append((row, A[i].cpu(), B[i].cpu(), W_res[i].cpu()))
     return out
+
+
+def _qpissa_batch(plan: Plan, batch: list[Target], Wf: torch.Tensor, seeds, svd_kwargs):
+    """QPiSSA, one matrix at a time (each alternates its own SVD and quantization).
+
+    Returns batched A, B, the quantization-ready residuals (already in the output dtype), the
+    adapter's singular values (S_i = s ||A_i|| ||B_i||) and each matrix's quantization info.
+    """
+    from .quant import qpissa_factors
+
+    o, t0 = plan.options, batch[0]
+    out = [
+        qpissa_factors(
+            Wf[i],
+            t0.rank,
+            scheme=o.quantize,
+            iters=o.quant_iters,
+            scaling=plan.scaling,
+            fan_in_fan_out=t0.transposed,
+            adapter_dtype=dtype_to_torch(t0.adapter_dtype),
+            residual_dtype=dtype_to_torch(t0.residual_dtype),
+            seed=seeds[i],
+            **svd_kwargs,
+        )
+        for i in range(len(batch))
+    ]
+    A = torch.stack([f.A for f in out])
+    B = torch.stack([f.B for f in out])
+    S = plan.scaling * (
+        torch.linalg.vector_norm(A.double(), dim=-1) * torch.linalg.vector_norm(B.double(), dim=-2)
+    )
+    info = [
+        {
+            k: f.info[k]
+            for k in ("scheme", "norm", "errors", "best_iter", "qlora_error", "error_reduction")
+        }
+        for f in out
+    ]
+    return A, B, torch.stack([f.W_res for f in out]), S, info
 
 
 class _Scratch:

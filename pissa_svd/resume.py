@@ -47,6 +47,8 @@ def fingerprint(plan) -> dict:
             plan.alpha,
             plan.backend,
             torch.device(plan.device).type,
+            o.quantize,
+            o.quant_iters,
         ],
         "batches": [
             [[t.name, t.method, t.adapter_dtype, t.residual_dtype] for t in b] for b in plan.batches
