@@ -33,7 +33,7 @@ idle, and it records how many cores other processes kept busy while each run tra
 
 Run
 ---
-    python bench/train_pissa_vs_lora.py                      # the recorded run (~10 min, 2 cores)
+    python bench/train_pissa_vs_lora.py                      # the recorded run (~22 min, 2 cores)
     python bench/train_pissa_vs_lora.py --steps 3 --eval-size 8 --out-json /tmp/t.json \\
         --png /tmp/t.png --no-md                             # a smoke run
 
@@ -698,7 +698,7 @@ def markdown(result: dict) -> str:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--batch", type=int, default=8)
