@@ -108,6 +108,11 @@ class LoraAdapter:
         """(out, in) of the weight this module's update applies to."""
         return int(self.B[module].shape[0]), int(self.A[module].shape[1])
 
+    def stored_shape(self, module: str) -> tuple[int, int]:
+        """The weight's shape as stored: (out, in), or (in, out) for ``fan_in_fan_out``."""
+        out_f, in_f = self.shape(module)
+        return (in_f, out_f) if self.fan_in_fan_out else (out_f, in_f)
+
     def config_rank(self, module: str) -> int | None:
         r = _pattern_value(self.config.get("rank_pattern") or {}, module, self.config.get("r"))
         return None if r is None else int(r)
@@ -126,6 +131,11 @@ class LoraAdapter:
         """s * B @ A in the (out, in) layout, computed in ``dtype``."""
         B, A = self.B[module].to(dtype), self.A[module].to(dtype)
         return (B * self.scaling(module)) @ A
+
+    def stored_delta(self, module: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """:meth:`delta` in the weight's stored layout (transposed for ``fan_in_fan_out``)."""
+        d = self.delta(module, dtype)
+        return d.mT if self.fan_in_fan_out else d
 
     def save(self, dest: Path) -> None:
         """Write ``dest/adapter_config.json`` and ``dest/adapter_model.safetensors``."""

@@ -33,7 +33,7 @@ from .checkpoint import (
     read_tensor,
 )
 from .errors import InputError
-from .output import check_out, copy_files, progress, staged, write_json
+from .output import check_out, copy_files, plain_number, progress, staged, write_json
 from .pipeline import ADAPTER_DIR, REPORT_FILE
 
 _CHUNK_ELEMENTS = 1 << 22  # verify works on row blocks of ~4M elements: fp64 temporaries stay small
@@ -166,11 +166,13 @@ def _doubled_config(config: dict) -> dict:
     rslora = bool(out.get("use_rslora"))
     alpha_factor = math.sqrt(2) if rslora else 2  # s = alpha / sqrt(r) with rslora
     out["r"] = 2 * int(out["r"])
-    out["lora_alpha"] = _num(out.get("lora_alpha", config["r"]) * alpha_factor)
+    out["lora_alpha"] = plain_number(out.get("lora_alpha", config["r"]) * alpha_factor)
     if out.get("rank_pattern"):
         out["rank_pattern"] = {k: 2 * v for k, v in out["rank_pattern"].items()}
     if out.get("alpha_pattern"):
-        out["alpha_pattern"] = {k: _num(v * alpha_factor) for k, v in out["alpha_pattern"].items()}
+        out["alpha_pattern"] = {
+            k: plain_number(v * alpha_factor) for k, v in out["alpha_pattern"].items()
+        }
     # True, not "pissa": PEFT would run an SVD on load instead of using these weights.
     out["init_lora_weights"] = True
     out["inference_mode"] = True
@@ -188,10 +190,6 @@ def _original_model(init_root: Path) -> str | None:
         return None
     p = Path(source)
     return str(p.parent if p.suffix == ".safetensors" else p)
-
-
-def _num(x: float) -> float | int:
-    return int(x) if float(x).is_integer() else x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,8 +213,9 @@ def merge(
     ck = Checkpoint.open(base_path)
     ad = LoraAdapter.load(adapter, "adapter")
     check_out(out, overwrite, {"the base checkpoint": base_path, "the adapter": ad.root})
-    targets = _match_targets(ck, ad, str(base_path))
-    replaced = _match_extra(ck, ad, str(base_path))
+    infos = {t.name: t for t in ck.tensors()}
+    targets = _match_targets(infos, ad, str(base_path))
+    replaced = _match_extra(infos, ad, str(base_path))
     bar = progress(ck.total_bytes, "merge", quiet)
     with staged(out, overwrite) as tmp:
         for shard in ck.shards:
@@ -230,9 +229,8 @@ def merge(
     return {"out": str(out), "merged": len(targets), "replaced": len(replaced)}
 
 
-def _match_targets(ck: Checkpoint, ad: LoraAdapter, where: str) -> dict[str, str]:
+def _match_targets(infos: dict[str, TensorInfo], ad: LoraAdapter, where: str) -> dict[str, str]:
     """tensor name -> adapter module, checking that every module's weight exists and fits."""
-    infos = {t.name: t for t in ck.tensors()}
     targets = {}
     for m in ad.modules:
         info = infos.get(f"{m}.weight")
@@ -241,8 +239,7 @@ def _match_targets(ck: Checkpoint, ad: LoraAdapter, where: str) -> dict[str, str
                 f"the adapter adapts {m}, but {where} has no tensor {m}.weight; "
                 "the adapter belongs to a different model"
             )
-        out_f, in_f = ad.shape(m)
-        expected = (in_f, out_f) if ad.fan_in_fan_out else (out_f, in_f)
+        expected = ad.stored_shape(m)
         if info.shape != expected:
             raise InputError(
                 f"{info.name} in {where} has shape {info.shape} but the adapter's update is "
@@ -257,9 +254,10 @@ def _match_targets(ck: Checkpoint, ad: LoraAdapter, where: str) -> dict[str, str
     return targets
 
 
-def _match_extra(ck: Checkpoint, ad: LoraAdapter, where: str) -> dict[str, torch.Tensor]:
+def _match_extra(
+    infos: dict[str, TensorInfo], ad: LoraAdapter, where: str
+) -> dict[str, torch.Tensor]:
     """Non-LoRA adapter tensors (modules_to_save) replace the base tensor of the same name."""
-    infos = {t.name: t for t in ck.tensors()}
     replaced = {}
     for key, t in ad.extra.items():
         name = key.removeprefix("base_model.model.")
@@ -290,8 +288,7 @@ def _merge_shard(sf: SafetensorsFile, dest: Path, ad, targets, replaced, bar) ->
                 w.write(info.name, replaced[info.name].to(W.dtype))
             else:
                 work = torch.float64 if W.dtype == torch.float64 else torch.float32
-                delta = ad.delta(targets[info.name], work)
-                merged = W.to(work) + (delta.mT if ad.fan_in_fan_out else delta)
+                merged = W.to(work) + ad.stored_delta(targets[info.name], work)
                 w.write(info.name, merged.to(W.dtype))
             bar.update(info.nbytes)
         w.copy(run)
@@ -410,12 +407,7 @@ def _check_quantized(s: TensorInfo, o: TensorInfo, ad, module: str, record: dict
         row.ok, row.ratio, row.note = False, math.inf, f"not a {record['scheme']} fixed point"
         return row
     work = torch.float64 if W.dtype == torch.float64 else torch.float32
-    delta = ad.delta(module, work)
-    err = float(
-        torch.linalg.matrix_norm(
-            W.to(work) - R.to(work) - (delta.mT if ad.fan_in_fan_out else delta)
-        )
-    )
+    err = float(torch.linalg.matrix_norm(W.to(work) - R.to(work) - ad.stored_delta(module, work)))
     want = record["errors"][record["best_iter"] - 1]
     row.ratio = abs(err - want) / (1e-3 * want + 1e-12)  # 1 = off by 0.1% of the recorded error
     row.rel = err / max(float(torch.linalg.matrix_norm(W.double())), 1e-30)
@@ -445,8 +437,7 @@ def _same_bytes(a: TensorInfo, b: TensorInfo, chunk: int = 16 << 20) -> bool:
 
 def _check_target(s: TensorInfo, o: TensorInfo, ad: LoraAdapter, module: str) -> TensorCheck:
     row = TensorCheck(s.name, "target", s.shape, f"{s.dtype}->{o.dtype}", True)
-    out_f, in_f = ad.shape(module)
-    expected = (in_f, out_f) if ad.fan_in_fan_out else (out_f, in_f)
+    expected = ad.stored_shape(module)
     if s.shape != expected:
         row.ok, row.ratio, row.note = False, math.inf, f"adapter expects {expected}"
         return row

@@ -116,6 +116,11 @@ def progress(total: int, desc: str, quiet: bool, postfix: str | None = None):
     )
 
 
+def plain_number(x: float) -> float | int:
+    """64.0 -> 64 (for JSON configs and messages), other values unchanged."""
+    return int(x) if float(x).is_integer() else x
+
+
 def human(n: float) -> str:
     """Bytes for people: 1.23 GB."""
     for unit in ("B", "KB", "MB", "GB", "TB"):

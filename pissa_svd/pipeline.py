@@ -47,7 +47,7 @@ from .linalg import (
     resolve_method,
     svd_lowrank,
 )
-from .output import check_out, copy_files, human, move_into_place, write_json
+from .output import check_out, copy_files, human, move_into_place, plain_number, write_json
 from .output import progress as _progress
 from .pissa import pissa_factors
 from .targets import select, task_type
@@ -190,7 +190,7 @@ class Plan:
             f"  source       {ck.root if ck.index is not None else ck.files[ck.shards[0]].path}"
             f"  ({len(ck.shards)} shard(s), {n_tensors} tensors, {human(ck.total_bytes)})",
             f"  output       {self.out}  (residual model) + {self.out / ADAPTER_DIR}  (adapter)",
-            f"  adapter      r={o.rank}, lora_alpha={_num(self.alpha)} (scaling {_num(self.scaling)}),"
+            f"  adapter      r={o.rank}, lora_alpha={plain_number(self.alpha)} (scaling {plain_number(self.scaling)}),"
             f" task_type={self.task_type}, fan_in_fan_out={self.fan_in_fan_out}",
             f"  svd          niter={o.niter}, oversample={self.oversample}, seed={o.seed},"
             f" device={self.device}, backend={self.backend}",
@@ -830,7 +830,7 @@ def _adapter_config(plan: Plan) -> dict:
         # The adapter belongs on the residual model, never on the original weights.
         "base_model_name_or_path": str(plan.out.resolve()),
         "r": plan.options.rank,
-        "lora_alpha": _num(plan.alpha),
+        "lora_alpha": plain_number(plan.alpha),
         "target_modules": sorted(t.module for t in plan.targets),
         # True, not "pissa": PEFT would otherwise run the SVD again, on the residual.
         "init_lora_weights": True,
@@ -897,10 +897,6 @@ def _compile_patterns(patterns: list[str] | None) -> list[str] | None:
 def _rss_bytes() -> int:
     """Peak resident set size of this process so far."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _num(x: float) -> float | int:
-    return int(x) if float(x).is_integer() else x
 
 
 __all__ = ["Options", "Plan", "Target", "decompose", "execute", "make_plan"]

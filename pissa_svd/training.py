@@ -241,7 +241,7 @@ def apply_pissa(
             )
         stored = tuple(layer.weight.shape)
         out_f, in_f = stored[::-1] if fan else stored
-        if adapter.shape(name) != (out_f, in_f):
+        if adapter.stored_shape(name) != stored:
             A, B = adapter.A[name], adapter.B[name]
             raise InputError(
                 f"{adapter_file}: {name!r} has lora_A {tuple(A.shape)} / lora_B "
