@@ -187,7 +187,7 @@ def _torch_svd(X, rank, niter, width, method, seeds):
         Xs = X.mT if flip else X
         omega = _gaussian(seeds, Xs.shape[-1], width, X)
         run = _halko if method == "halko" else _block_krylov
-        U, S, Vh = run(Xs, omega, niter)
+        U, S, Vh = run(Xs, omega, niter, rank)
         if flip:
             U, Vh = Vh.mT, U.mT
     return U[..., :rank], S[..., :rank], Vh[..., :rank, :]
@@ -254,30 +254,54 @@ def _cholesky_qr(Y: torch.Tensor, check_identity: bool = False) -> torch.Tensor 
     return Y @ torch.linalg.solve_triangular(L, eye, upper=False).mT
 
 
-def _small_svd(Bt: torch.Tensor, Q: torch.Tensor):
-    """Rayleigh-Ritz: SVD of the projection B = Q^T X (l, n), given ``Bt = X^T Q`` (n, l).
+def _small_svd(Bt: torch.Tensor, Q: torch.Tensor, rank: int):
+    """Rayleigh-Ritz: top-``rank`` SVD of the projection B = Qᵀ X (L, n), given ``Bt = Xᵀ Q``.
 
-    The wide (l, n) SVD goes through a thin QR of its transpose, Bᵀ = Qb R, so LAPACK only sees
-    an (l, l) matrix: B = Rᵀ Qbᵀ = Ur S (Vr Qbᵀ). An order of magnitude cheaper than a direct
-    gesdd on (l, n) and as accurate, since Qb is orthonormal to working precision.
+    B Bᵀ = Btᵀ Bt is only (L, L): its eigendecomposition (in fp64), B Bᵀ = Ur S² Urᵀ, gives
+    the left vectors and the values, and the right vectors follow from one thin GEMM,
+    V = Bt Ur S⁻¹, for the top ``rank`` only. The Gram matrix squares B's condition number,
+    which only costs accuracy in values far below the largest: measured on spectra decaying
+    like i^-2 (s_1 / s_64 = 4096) it is as accurate as the QR route, with V orthonormal to
+    3e-6 in fp32. V's orthonormality is checked, and a matrix where it fails (a numerically
+    rank-deficient B) is redone by ``_small_svd_qr``, which is stable for any B. For the
+    5-block Krylov basis of a 2048 x 5632 matrix this is ~6x cheaper than the QR route.
     """
+    G = (Bt.mT @ Bt).double()
+    lam, Ur = torch.linalg.eigh(G)  # ascending
+    lam, Ur = lam.flip(-1)[..., :rank], Ur.flip(-1)[..., :rank]
+    S = lam.clamp_min(0).sqrt()
+    ok = S[..., -1] > 0
+    V = Bt @ (Ur / torch.where(S > 0, S, 1).unsqueeze(-2)).to(Bt.dtype)
+    eye = torch.eye(rank, dtype=V.dtype, device=V.device)
+    tol = 1e-4 if V.dtype == torch.float32 else 1e-10
+    ok &= ((V.mT @ V - eye).abs() <= tol).flatten(-2).all(-1)
+    U, S, Vh = Q @ Ur.to(Q.dtype), S.to(Q.dtype), V.mT
+    bad = (~ok).nonzero().flatten()
+    if bad.numel():
+        U[bad], S[bad], Vh[bad] = _small_svd_qr(Bt[bad], Q[bad], rank)
+    return U, S, Vh
+
+
+def _small_svd_qr(Bt: torch.Tensor, Q: torch.Tensor, rank: int):
+    """Rayleigh-Ritz for any B, however ill-conditioned: thin QR Bᵀ = Qb R, then the SVD of
+    the (L, L) factor, B = Rᵀ Qbᵀ = Ur S (Vr Qbᵀ)."""
     Qb = orthonormalize(Bt)
     R = Qb.mT @ Bt  # (b, l, l)
     Ur, S, Vhr = torch.linalg.svd(R.mT)
-    return Q @ Ur, S, Vhr @ Qb.mT
+    return Q @ Ur[..., :rank], S[..., :rank], Vhr[..., :rank, :] @ Qb.mT
 
 
-def _halko(X: torch.Tensor, omega: torch.Tensor, niter: int):
+def _halko(X: torch.Tensor, omega: torch.Tensor, niter: int, rank: int):
     """Range finder with power iterations, re-orthonormalized after every product (stable)."""
     # One CholeskyQR round keeps the intermediate bases well conditioned; the last gets two.
     Q = orthonormalize(X @ omega, rounds=2 if niter == 0 else 1)
     for i in range(niter):
         Z = orthonormalize(X.mT @ Q, rounds=1)
         Q = orthonormalize(X @ Z, rounds=2 if i == niter - 1 else 1)
-    return _small_svd(X.mT @ Q, Q)  # the last pass over W
+    return _small_svd(X.mT @ Q, Q, rank)  # the last pass over W
 
 
-def _block_krylov(X: torch.Tensor, omega: torch.Tensor, niter: int):
+def _block_krylov(X: torch.Tensor, omega: torch.Tensor, niter: int, rank: int):
     """Block Krylov subspace [XΩ, (XXᵀ)XΩ, ..., (XXᵀ)^q XΩ] with full re-orthogonalization.
 
     Rayleigh-Ritz needs Xᵀ K for the whole basis K = [Q_0 ... Q_q]. The power iteration already
@@ -285,20 +309,24 @@ def _block_krylov(X: torch.Tensor, omega: torch.Tensor, niter: int):
     keeping those products leaves one thin pass: 2q + 2 passes in all, as many as ``_halko``.
     """
     # resolve_method guarantees (niter + 1) blocks fit in R^m, so the space never fills up.
-    K = orthonormalize(X @ omega)
-    P = []  # P[i] = Xᵀ Q_i, (b, n, l)
+    b, m, n = X.shape
+    w = omega.shape[-1]  # block width
+    K = X.new_empty((b, m, (niter + 1) * w))  # the basis, block by block
+    P = X.new_empty((b, n, (niter + 1) * w))  # P[..., block i] = Xᵀ Q_i
+    K[..., :w] = orthonormalize(X @ omega)
     tol = 1000 * torch.finfo(X.dtype).eps
-    for _ in range(niter):
-        P.append(X.mT @ K[..., -omega.shape[-1] :])
-        Y = X @ orthonormalize(P[-1])
+    for i in range(1, niter + 1):
+        Ki, prev = K[..., : i * w], K[..., (i - 1) * w : i * w]
+        torch.matmul(X.mT, prev, out=P[..., (i - 1) * w : i * w])
+        Y = X @ orthonormalize(P[..., (i - 1) * w : i * w])
         # Block Gram-Schmidt against the basis so far, twice ("twice is enough").
         for _ in range(2):
-            Y = Y - K @ (K.mT @ Y)
+            Y = Y - Ki @ (Ki.mT @ Y)
         Qn = orthonormalize(Y)
-        if float((K.mT @ Qn).abs().amax()) > tol:
+        if float((Ki.mT @ Qn).abs().amax()) > tol:
             # The new block collapsed into the old space (exact low rank): extend K with an
             # orthonormal complement instead; Householder keeps it orthonormal whatever Y is.
-            Qn = torch.linalg.qr(torch.cat([K, Y], dim=-1), mode="reduced").Q[..., K.shape[-1] :]
-        K = torch.cat([K, Qn], dim=-1)
-    P.append(X.mT @ K[..., -omega.shape[-1] :])  # the last pass over W
-    return _small_svd(torch.cat(P, dim=-1), K)
+            Qn = torch.linalg.qr(torch.cat([Ki, Y], dim=-1), mode="reduced").Q[..., i * w :]
+        K[..., i * w : (i + 1) * w] = Qn
+    torch.matmul(X.mT, K[..., niter * w :], out=P[..., niter * w :])  # the last pass over W
+    return _small_svd(P, K, rank)

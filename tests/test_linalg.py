@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pissa_svd.linalg import orthonormalize, svd_lowrank
+from pissa_svd.linalg import _small_svd, _small_svd_qr, orthonormalize, svd_lowrank
 
 
 def known(m: int, n: int, decay: float = 0.5, seed: int = 0, rank: int | None = None):
@@ -104,6 +104,27 @@ def test_orthonormalize_falls_back_on_ill_conditioned_input():
     Y[:, 10:] = Y[:, :10] * 1.0 + 1e-7 * torch.randn(500, 10, generator=g)  # cond ~ 1e7
     Q = orthonormalize(Y)
     torch.testing.assert_close(Q.T @ Q, torch.eye(20), atol=1e-5, rtol=0)
+
+
+def test_rayleigh_ritz_gram_route_matches_qr_route_and_falls_back():
+    """The fast Rayleigh-Ritz (fp64 eigh of BBᵀ) agrees with the QR route on a well-conditioned
+    B, and hands a batch member whose B is rank-deficient to the QR route (orthonormal V)."""
+    g = torch.Generator().manual_seed(0)
+    W, _ = known(300, 500, decay=2.0)  # s_1 / s_24 = 576: the Gram matrix squares that
+    Q = torch.linalg.qr(W.float() @ torch.randn(500, 24, generator=g)).Q
+    good = W.float().T @ Q  # Bt = Xᵀ Q, (n, L)
+    bad = good.clone()
+    bad[:, 12:] = 0  # B of rank 12 < the 16 asked for
+    Bt, Qs = torch.stack([good, bad]), torch.stack([Q, Q])
+    U, S, Vh = _small_svd(Bt, Qs, 16)
+    Uq, Sq, Vhq = _small_svd_qr(Bt, Qs, 16)
+    eye = torch.eye(16)
+    for i in range(2):
+        torch.testing.assert_close(S[i], Sq[i], rtol=1e-5, atol=1e-6 * float(Sq[i, 0]))
+        torch.testing.assert_close(Vh[i] @ Vh[i].T, eye, atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            U[i] * S[i] @ Vh[i], Uq[i] * Sq[i] @ Vhq[i], atol=1e-5 * float(Sq[i, 0]), rtol=0
+        )
 
 
 @pytest.mark.parametrize(

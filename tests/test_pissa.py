@@ -14,13 +14,15 @@ def _w(out=96, inp=160, dtype=torch.float32, seed=0):
 
 
 def rounding_bound(W_res, W, A, B, s, residual_dtype):
-    """Elementwise bound on |W_res + s B A - W| (fp64): half an ulp of the stored residual plus
-    fp32 accumulation error of the residual computation."""
-    eps_res = torch.finfo(residual_dtype).eps
+    """Elementwise bound on |W_res + s B A - W| (fp64): half an ulp of the stored residual (at
+    least half the subnormal spacing, which is fp16's below 6e-5) plus fp32 accumulation error
+    of the residual computation."""
+    eps_res, tiny = torch.finfo(residual_dtype).eps, torch.finfo(residual_dtype).tiny
     eps32 = torch.finfo(torch.float32).eps
     r = A.shape[0]
     acc = (W.abs() + s * (B.abs() @ A.abs())) * (r + 2) * eps32
-    return 0.5 * eps_res * W_res.abs() * (1 + eps_res) + acc
+    half_ulp = (0.5 * eps_res * W_res.abs() * (1 + eps_res)).clamp_min(0.5 * tiny * eps_res)
+    return half_ulp + acc
 
 
 @pytest.mark.parametrize(
