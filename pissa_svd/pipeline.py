@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, resume
+from . import __version__, costmodel, resume
 from .adapter import ADAPTER_CONFIG, ADAPTER_FILE, peft_key
 from .checkpoint import (
     FLOAT_DTYPES,
@@ -110,18 +110,20 @@ class Target:
         return self.info.name
 
     def flops(self, niter: int, oversample: int) -> float:
-        m, n, r = self.out_features, self.in_features, self.rank
-        small, big = min(m, n), max(m, n)
-        residual = 2.0 * m * n * r
-        if self.method == "exact":
-            return 4.0 * m * n * small + 8.0 * small**3 + residual
-        block = min(r + oversample, small)
-        passes = 2 * niter + 2  # thin passes over W (krylov reuses the power iteration's)
-        orth = (2 * niter + 1) * 6.0 * big * block**2  # CholeskyQR2, two rounds, both sides
-        if self.method == "krylov":
-            width = (niter + 1) * block  # Gram-Schmidt against the basis, QR of X^T K
-            orth += 4.0 * small * width**2 + 8.0 * big * width**2
-        return passes * 2.0 * m * n * block + orth + residual
+        f = self.features(niter, oversample)
+        return f["gemm_flop"] + f["dense_flop"] + f["svd_flop"]
+
+    def features(self, niter: int, oversample: int, batch: int = 1) -> dict[str, float]:
+        """The cost model's terms for a batch of ``batch`` matrices of this shape."""
+        return costmodel.features(
+            self.out_features,
+            self.in_features,
+            self.rank,
+            method=self.method,
+            niter=niter,
+            oversample=oversample,
+            batch=batch,
+        )
 
     @property
     def work_bytes(self) -> int:
@@ -143,15 +145,14 @@ class Target:
     def working_bytes(self, oversample: int, batch: int = 1) -> int:
         """Peak bytes held while a batch of this target's shape is processed."""
         m, n = self.out_features, self.in_features
-        block = min(self.rank + oversample, min(m, n))
-        # read buffer (one member at a time) + the batch in the working dtype (overwritten by
-        # the residuals) + output buffer (one member) + the thin sketch blocks and their
-        # Gram/QR temporaries, per member.
-        return (
-            self.info.nbytes
-            + batch * self.work_bytes
-            + dtype_nbytes(self.residual_dtype, (m, n))
-            + batch * 8 * (m + n) * block * self.work_bytes // (m * n)
+        return costmodel.working_bytes(
+            m,
+            n,
+            min(self.rank + oversample, min(m, n)),
+            batch,
+            dtype_nbytes(self.info.dtype, (1,)),
+            8 if self.info.dtype == "F64" else 4,
+            dtype_nbytes(self.residual_dtype, (1,)),
         )
 
 
@@ -225,11 +226,13 @@ class Plan:
         k = o.processes or int(os.environ.get("WORLD_SIZE", "1"))
         costs = [_batch_cost(self, b) for b in self.batches]
         owner = assign(costs, k)
-        lines.append(
-            f"  processes    {k}; estimated seconds per rank ({_COST_NOTE[self.device_kind]}):"
-        )
+        coef, note = costmodel.coefficients(self.device_kind)
+        targets = {t.name for t in self.targets}
+        copied = sum(i.nbytes for i in ck.tensors() if i.name not in targets)
+        lines.append(f"  processes    {k}; estimated seconds per rank ({note}):")
         for r in range(k):
             mine = [i for i, o_ in enumerate(owner) if o_ == r]
+            seconds = sum(costs[i] for i in mine) + (coef["io_bytes"] * copied if r == 0 else 0)
             peak = max(
                 (
                     self.batches[i][0].working_bytes(self.oversample, len(self.batches[i]))
@@ -238,7 +241,7 @@ class Plan:
                 default=0,
             )
             lines.append(
-                f"    rank {r:<4} {len(mine):>4} batches  ~{sum(costs[i] for i in mine):8.1f} s"
+                f"    rank {r:<4} {len(mine):>4} batches  ~{seconds:8.1f} s"
                 f"  peak ~{human(rss + peak)}"
             )
         return "\n".join(lines)
@@ -525,22 +528,16 @@ def _from_leader(team: Team):
     return value
 
 
-# Throughput (FLOP/s, bytes/s read + written) behind the per-batch time estimates. CPU: the
-# 1.1B-parameter benchmark on 2 cores (1,550 GFLOP of SVD in 18.2 s; 4.4 GB of IO in ~4 s,
-# bench/RESULTS.md). CUDA: not measured yet, a guess for one H100/H200-class GPU.
-_THROUGHPUT = {"cpu": (85e9, 1e9), "cuda": (50e12, 5e9)}
-_COST_NOTE = {
-    "cpu": "calibrated on 2 CPU cores; scales with cores",
-    "cuda": "CUDA throughput not measured yet: rough",
-}
-
-
 def _batch_cost(plan: Plan, batch: list[Target]) -> float:
-    """Estimated seconds of a batch, for balancing ranks: FLOPs plus bytes read and written."""
-    flop_rate, byte_rate = _THROUGHPUT[plan.device_kind]
-    flops = sum(t.flops(plan.options.niter, plan.oversample) for t in batch)
-    nbytes = sum(2 * t.info.nbytes for t in batch)
-    return flops / flop_rate + nbytes / byte_rate
+    """Estimated seconds of a batch (cost model), for balancing ranks and for --dry-run."""
+    t = batch[0]
+    written = sum(
+        dtype_nbytes(t.residual_dtype, t.info.shape)
+        + dtype_nbytes(t.adapter_dtype, (t.rank, t.in_features + t.out_features))
+        for t in batch
+    )
+    feats = t.features(plan.options.niter, plan.oversample, len(batch))
+    return costmodel.seconds(feats, plan.device_kind, io_bytes=written)
 
 
 def _attempt(fn, team: Team):

@@ -1,0 +1,436 @@
+"""Fit the planning cost model (pissa_svd/costmodel.py) to measured per-batch costs.
+
+1. Compute points: a synthetic bf16 checkpoint holding matrices of many shapes (square, wide,
+   tall, thin KV-like; some repeated so that they batch) is decomposed batch by batch with the
+   pipeline's own ``_decompose_batch`` (read from the page cache, bf16 -> fp32, SVD, residual,
+   norms), at ranks 16/64/128, methods auto (halko or exact) and krylov, niter 2 and 4. Each
+   point is the minimum of ``--repeats`` timed runs after a warm-up.
+2. The compute coefficients (seconds per GEMM FLOP, dense FLOP, LAPACK SVD FLOP, matrix element
+   and call) are a non-negative least-squares fit minimizing relative error over the points.
+3. IO points: whole ``decompose`` runs of random-init Llama checkpoints (hidden 2048, the
+   decompose benchmark's shapes) with 2 and 11 layers; what their reports do not account to
+   batches is IO (copying the untouched tensors, writing residuals and adapter), fitted as
+   seconds per byte written. The 22-layer checkpoint is held out: its whole run is predicted
+   from the fitted model and compared with a measured run.
+4. The coefficients and every point go to ``pissa_svd/cost_model.json`` (under this device kind;
+   other kinds are kept), and a table of estimates for 7B, 70B and 405B Llama shapes to
+   ``bench/RESULTS.md``.
+
+Run: ``python bench/cost_model.py`` (CPU, ~5 min here) or ``--device cuda`` on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accuracy_vs_speed import update_results_md
+from safetensors.torch import save_file
+from scipy.optimize import nnls
+
+from pissa_svd import costmodel, pipeline
+from pissa_svd.distributed import assign
+from pissa_svd.output import human
+
+BENCH_DIR = Path(__file__).resolve().parent
+WORK = BENCH_DIR / "_work"
+DEFAULT_JSON = BENCH_DIR / "results" / "cost_model.json"
+MARK_BEGIN, MARK_END = "<!-- cost_model:begin -->", "<!-- cost_model:end -->"
+
+# (out, in, copies): copies > 1 share a shape and are batched together when small enough.
+SHAPES = [
+    (256, 1024, 4),
+    (1024, 256, 4),
+    (512, 512, 4),
+    (1024, 1024, 2),
+    (2048, 2048, 1),
+    (1024, 2816, 2),
+    (2816, 1024, 1),
+    (2048, 5632, 1),
+    (5632, 2048, 1),
+    (256, 2048, 2),
+    (512, 4096, 1),
+    (4096, 4096, 1),
+    (4096, 11008, 1),
+]
+CONFIGS = [  # (rank, method, niter)
+    (16, "auto", 4),
+    (64, "auto", 4),
+    (64, "krylov", 4),
+    (128, "auto", 2),
+    (16, "krylov", 2),
+]
+LLAMA_IO = (2, 11)  # layers of the checkpoints whose whole runs calibrate IO
+LLAMA_HELD_OUT = 22
+
+# Llama shapes for the estimate table: hidden, intermediate, layers, kv heads, head dim, vocab.
+MODELS = {
+    "Llama-2-7B": (4096, 11008, 32, 32, 128, 32000),
+    "Llama-3-70B": (8192, 28672, 80, 8, 128, 128256),
+    "Llama-3.1-405B": (16384, 53248, 126, 8, 128, 128256),
+}
+
+
+def build_checkpoint(path: Path) -> None:
+    if path.exists():
+        return
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for m, n, copies in SHAPES:
+        for c in range(copies):
+            w = torch.randn(m, n, generator=g) * 0.02
+            tensors[f"m.s{m}x{n}_{c}.weight"] = w.to(torch.bfloat16)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+    tmp.rename(path)
+
+
+def compute_points(src: Path, device: str, repeats: int) -> list[dict]:
+    points = []
+    for rank, method, niter in CONFIGS:
+        opts = pipeline.Options(
+            rank=rank, niter=niter, method=method, targets=[r"^m\."], device=device, quiet=True
+        )
+        plan = pipeline.make_plan(src, WORK / "cost_model_unused_out", opts)
+        scratch = pipeline._Scratch()
+        for batch in plan.batches:
+            t0 = batch[0]
+            pipeline._decompose_batch(plan, batch, scratch)  # warm-up
+            times = []
+            for _ in range(repeats):
+                _sync(device)
+                start = time.perf_counter()
+                pipeline._decompose_batch(plan, batch, scratch)
+                _sync(device)
+                times.append(time.perf_counter() - start)
+            m, n = t0.out_features, t0.in_features
+            feats = costmodel.features(
+                m,
+                n,
+                rank,
+                method=t0.method,
+                niter=niter,
+                oversample=plan.oversample,
+                batch=len(batch),
+            )
+            points.append(
+                {
+                    "shape": [m, n],
+                    "batch": len(batch),
+                    "rank": rank,
+                    "niter": niter,
+                    "oversample": plan.oversample,
+                    "method": t0.method,
+                    "seconds": min(times),
+                    "features": feats,
+                }
+            )
+            print(
+                f"  {m}x{n} x{len(batch)} r={rank} {t0.method} niter={niter}: "
+                f"{min(times) * 1e3:.1f} ms",
+                flush=True,
+            )
+    return points
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def fit(points: list[dict]) -> tuple[dict[str, float], float]:
+    """NNLS on relative error: minimize sum((pred - t) / t)^2 with coefficients >= 0."""
+    X = np.array([[p["features"][k] for k in costmodel.FEATURES] for p in points], dtype=float)
+    t = np.array([p["seconds"] for p in points])
+    A = X / t[:, None]
+    scale = A.max(axis=0)
+    scale[scale == 0] = 1
+    coef, _ = nnls(A / scale, np.ones(len(t)))
+    coef = coef / scale
+    pred = X @ coef
+    for p, y in zip(points, pred, strict=True):
+        p["predicted"] = float(y)
+    return dict(zip(costmodel.FEATURES, coef.tolist(), strict=True)), float(
+        np.max(np.abs(pred - t) / t)
+    )
+
+
+def llama_checkpoint(layers: int) -> Path:
+    path = WORK / f"llama-bf16-L{layers}"
+    if not path.exists():
+        subprocess.run(
+            [sys.executable, str(BENCH_DIR / "decompose_vs_peft.py"), "_child", "build",
+             str(layers), str(path)],
+            check=True,
+        )  # fmt: skip
+    return path
+
+
+def run_decompose(src: Path, device: str) -> dict:
+    out = WORK / f"cost_model_out_{src.name}"
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    report = pipeline.decompose(src, out, rank=64, niter=4, device=device, quiet=True)
+    wall = time.perf_counter() - start
+    written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    shutil.rmtree(out)
+    batch_s = sum(r["seconds"] for r in report["matrices"])
+    return {
+        "checkpoint": src.name,
+        "wall_s": wall,
+        "batch_seconds": batch_s,
+        "io_seconds": wall - batch_s,
+        "bytes_written": written,
+        "matrices": len(report["matrices"]),
+    }
+
+
+def predict_run(src: Path, device: str, coef: dict[str, float]) -> float:
+    plan = pipeline.make_plan(
+        src, WORK / "cost_model_unused_out", pipeline.Options(rank=64, niter=4, device=device)
+    )
+    return sum(_batch_seconds(plan, b, coef) for b in plan.batches) + coef["io_bytes"] * (
+        plan.ckpt.total_bytes + _adapter_bytes(plan.targets)
+    )
+
+
+def _batch_seconds(plan, batch, coef) -> float:
+    t = batch[0]
+    f = costmodel.features(
+        t.out_features,
+        t.in_features,
+        t.rank,
+        method=t.method,
+        niter=plan.options.niter,
+        oversample=plan.oversample,
+        batch=len(batch),
+    )
+    return sum(coef[k] * f[k] for k in costmodel.FEATURES)
+
+
+def _adapter_bytes(targets) -> int:
+    return sum(2 * t.rank * (t.in_features + t.out_features) for t in targets)
+
+
+def estimates(coef: dict[str, float], device: str, processes: list[int]) -> list[dict]:
+    """Whole-model estimates for the MODELS shapes at r=64, niter 4, method auto, bf16."""
+    rows = []
+    for name, (h, inter, layers, kv, hd, vocab) in MODELS.items():
+        shapes = [(h, h), (kv * hd, h), (kv * hd, h), (h, h), (inter, h), (inter, h), (h, inter)]
+        jobs = []
+        for m, n in shapes:
+            method = pipeline.resolve_method("auto", m, n, 64, 16, 4)
+            f = costmodel.features(m, n, 64, method=method, niter=4, oversample=16)
+            io = coef["io_bytes"] * (2 * m * n + 2 * 64 * (m + n))  # residual + adapter, bf16
+            jobs += [sum(coef[k] * f[k] for k in costmodel.FEATURES) + io] * layers
+        other_bytes = 2 * (2 * vocab * h) + 2 * h * (2 * layers + 1)  # embeddings, lm_head, norms
+        params = layers * sum(m * n for m, n in shapes) + other_bytes // 2
+        peak = max(costmodel.working_bytes(m, n, 80, 1, 2, 4, 2) for m, n in shapes)
+        row = {
+            "model": name,
+            "params_b": params / 1e9,
+            "checkpoint_bytes": 2 * params,
+            "peak_working_bytes": peak,
+            "per_process": {},
+        }
+        for k in processes:
+            owner = assign(jobs, k)
+            load = [sum(c for c, o in zip(jobs, owner, strict=True) if o == r) for r in range(k)]
+            load[0] += coef["io_bytes"] * other_bytes  # rank 0 copies the untouched tensors
+            row["per_process"][str(k)] = max(load)
+        rows.append(row)
+    return rows
+
+
+def markdown(result: dict) -> str:
+    kind = result["device_kind"]
+    lines = [
+        MARK_BEGIN,
+        f"## Planning cost model ({kind})",
+        "",
+        f"- Date: {result['date']}",
+        f"- Machine: {result['machine']}",
+        f"- Command: `{result['command']}`",
+        "- Model: seconds of a batch = gemm_flop/gemm_rate + dense_flop/dense_rate + "
+        "svd_flop/svd_rate + elements x per-element + per-call; IO not part of a batch = bytes "
+        "written / io_rate (features counted in `pissa_svd/costmodel.py`). Fitted by "
+        "non-negative least squares on relative error; coefficients and points are in "
+        "`pissa_svd/cost_model.json`, which `--dry-run` and the torchrun work split read.",
+        "",
+    ]
+    c = result["coef"]
+    rate = {
+        k: (1 / c[k] if c[k] > 0 else float("inf"))
+        for k in ("gemm_flop", "dense_flop", "svd_flop", "io_bytes")
+    }
+    lines += [
+        f"Fitted: GEMM {rate['gemm_flop'] / 1e9:.0f} GFLOP/s, dense (orthonormalization, "
+        f"Rayleigh-Ritz) {rate['dense_flop'] / 1e9:.0f} GFLOP/s, LAPACK SVD "
+        f"{rate['svd_flop'] / 1e9:.1f} GFLOP/s, {c['elements'] * 1e9:.2f} ns per matrix element,"
+        f" {c['calls'] * 1e3:.2f} ms per call, IO {rate['io_bytes'] / 1e9:.2f} GB/s written. "
+        f"Worst relative error over the {len(result['points'])} compute points: "
+        f"{result['max_rel_err']:.0%}.",
+        "",
+        "| shape (out x in) | batch | rank | method | niter | measured ms | model ms | error |",
+        "|---|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for p in result["points"]:
+        err = p["predicted"] / p["seconds"] - 1
+        lines.append(
+            f"| {p['shape'][0]} x {p['shape'][1]} | {p['batch']} | {p['rank']} | {p['method']} |"
+            f" {p['niter']} | {p['seconds'] * 1e3:.1f} | {p['predicted'] * 1e3:.1f} |"
+            f" {err:+.0%} |"
+        )
+    lines += [
+        "",
+        "Whole runs (rank 64, niter 4; random-init bf16 Llama, hidden 2048, MLP 5632):",
+        "",
+        "| checkpoint | role | matrices | measured s | batches s | IO s | bytes written |"
+        " model s | error |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["io_points"] + [result["held_out"]]:
+        model = r.get("predicted")
+        err = "" if model is None else f"{model / r['wall_s'] - 1:+.0%}"
+        lines.append(
+            f"| {r['checkpoint']} | {r['role']} | {r['matrices']} | {r['wall_s']:.1f} |"
+            f" {r['batch_seconds']:.1f} | {r['io_seconds']:.1f} | {human(r['bytes_written'])} |"
+            f" {'' if model is None else f'{model:.1f}'} |"
+            f" {err} |"
+        )
+    procs = list(result["estimates"][0]["per_process"])
+    lines += [
+        "",
+        f"Estimates on this {kind} machine (r=64, niter 4, method auto, bf16, all 7 projections;"
+        " per process, one device each, the work split as torchrun runs it):",
+        "",
+        "| model | parameters | checkpoint | peak working memory per process | "
+        + " | ".join(f"{k} process{'es' if k != '1' else ''}" for k in procs)
+        + " |",
+        "|---|---:|---:|---:|" + "---:|" * len(procs),
+    ]
+    for e in result["estimates"]:
+        lines.append(
+            f"| {e['model']} | {e['params_b']:.1f} B | {human(e['checkpoint_bytes'])} |"
+            f" {human(e['peak_working_bytes'])} + runtime | "
+            + " | ".join(_duration(e["per_process"][k]) for k in procs)
+            + " |"
+        )
+    lines += ["", MARK_END]
+    return "\n".join(lines) + "\n"
+
+
+def machine_description(device: str) -> str:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown CPU",
+    )
+    what = f"{torch.get_num_threads()} CPU threads ({cpu})"
+    if device.startswith("cuda"):
+        what = f"{torch.cuda.get_device_name(device)} + {what}"
+    return f"{what}; torch {torch.__version__}, Python {sys.version.split()[0]}"
+
+
+def _duration(s: float) -> str:
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 2 * 3600:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def save_model(kind: str, result: dict) -> None:
+    try:
+        data = json.loads(costmodel.MODEL_FILE.read_text())
+    except (OSError, ValueError):
+        data = {}
+    data.setdefault("devices", {})[kind] = {
+        "coef": result["coef"],
+        "machine": result["machine_short"],
+        "date": result["date"],
+        "command": result["command"],
+        "max_rel_err": result["max_rel_err"],
+        "points": [
+            {
+                k: p[k]
+                for k in ("shape", "batch", "rank", "niter", "oversample", "method", "seconds")
+            }
+            for p in result["points"]
+        ],
+        "io_points": result["io_points"],
+    }
+    data["note"] = "written by bench/cost_model.py; see bench/RESULTS.md (Planning cost model)"
+    costmodel.MODEL_FILE.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--processes", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    ap.add_argument("--no-md", action="store_true", help="do not update bench/RESULTS.md")
+    ap.add_argument("--no-save", action="store_true", help="do not write cost_model.json")
+    args = ap.parse_args(argv)
+    kind = torch.device(args.device).type
+    WORK.mkdir(parents=True, exist_ok=True)
+    src = WORK / "cost_model_shapes"
+    build_checkpoint(src)
+
+    print("[compute points]", flush=True)
+    points = compute_points(src, args.device, args.repeats)
+    coef, max_err = fit(points)
+    print(f"[fit] {coef}; worst relative error {max_err:.0%}", flush=True)
+
+    print("[io points]", flush=True)
+    io_points = []
+    for layers in LLAMA_IO:
+        r = run_decompose(llama_checkpoint(layers), args.device)
+        r["role"] = "fits IO"
+        io_points.append(r)
+        print(f"  {r}", flush=True)
+    coef["io_bytes"] = sum(r["io_seconds"] for r in io_points) / sum(
+        r["bytes_written"] for r in io_points
+    )
+    held = run_decompose(llama_checkpoint(LLAMA_HELD_OUT), args.device)
+    held["role"] = "held out"
+    held["predicted"] = predict_run(llama_checkpoint(LLAMA_HELD_OUT), args.device, coef)
+    print(f"  held out: {held}", flush=True)
+
+    result = {
+        "device_kind": kind,
+        "date": datetime.date.today().isoformat(),
+        "machine": machine_description(args.device),
+        "machine_short": machine_description(args.device).split(";")[0],
+        "command": "python bench/cost_model.py" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
+        "coef": coef,
+        "max_rel_err": max_err,
+        "points": points,
+        "io_points": io_points,
+        "held_out": held,
+        "estimates": estimates(coef, args.device, args.processes),
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    if not args.no_save:
+        save_model(kind, result)
+    if not args.no_md:
+        update_results_md(markdown(result), MARK_BEGIN, MARK_END)
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Time estimates for planning (``--dry-run``, balancing torchrun ranks).
+
+A batch of same-shape matrices costs, on one device kind,
+
+    seconds = gemm_flop / gemm_rate + dense_flop / dense_rate + svd_flop / svd_rate
+              + elements * per_element + calls * per_call,
+
+and the IO that is not part of a batch (copying the untouched tensors, writing the residuals)
+costs ``bytes / io_rate``. The features are counted from the algorithms in linalg.py; the
+coefficients are fitted by ``bench/cost_model.py`` to per-batch times it measures on the device,
+and kept, with the measured points, in ``cost_model.json`` next to this file. A device kind
+without measured points falls back to rough nominal rates and says so.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+MODEL_FILE = Path(__file__).with_name("cost_model.json")
+FEATURES = ("gemm_flop", "dense_flop", "svd_flop", "elements", "calls")
+
+# Nominal rates for a device kind with no measured points: a guess, and labelled as one.
+_NOMINAL = {
+    "cpu": {"gemm_flop": 1 / 85e9, "dense_flop": 1 / 40e9, "svd_flop": 1 / 10e9,
+            "elements": 5e-9, "calls": 1e-3, "io_bytes": 1 / 1e9},
+    "cuda": {"gemm_flop": 1 / 40e12, "dense_flop": 1 / 10e12, "svd_flop": 1 / 0.5e12,
+             "elements": 2e-11, "calls": 2e-3, "io_bytes": 1 / 3e9},
+}  # fmt: skip
+
+
+def features(
+    m: int,
+    n: int,
+    rank: int,
+    *,
+    method: str,
+    niter: int,
+    oversample: int,
+    batch: int = 1,
+) -> dict[str, float]:
+    """What a batch of ``batch`` (m, n) matrices costs, counted per term of the model."""
+    small, big = min(m, n), max(m, n)
+    residual = 2.0 * m * n * rank  # W_res = W - B A
+    f = dict.fromkeys(FEATURES, 0.0)
+    f["elements"] = float(m * n)  # bf16 -> fp32, norms, residual -> bf16, copies
+    f["calls"] = 1.0 / batch
+    if method == "exact":
+        f["svd_flop"] = 4.0 * m * n * small + 8.0 * small**3
+        f["gemm_flop"] = residual
+    else:
+        k = min(rank + oversample, small)
+        q = niter
+        f["gemm_flop"] = (2 * q + 2) * 2.0 * m * n * k + residual
+        # CholeskyQR rounds: 4 rows k^2 each (Gram, then the GEMM with the inverted factor).
+        if method == "krylov":
+            width = (q + 1) * k
+            blocks = q * (4.0 * big + 8.0 * small) * k**2 + 8.0 * small * k**2
+            gram_schmidt = 10.0 * small * k**2 * q * (q + 1) / 2
+            ritz = 2.0 * big * width**2 + 2.0 * (big + small) * width * rank + 20.0 * width**3
+            f["dense_flop"] = blocks + gram_schmidt + ritz
+        else:  # halko and gesvdr
+            rounds = (q + 1) * small + q * big + small
+            ritz = 2.0 * big * k**2 + 2.0 * (big + small) * k * rank + 20.0 * k**3
+            f["dense_flop"] = 4.0 * rounds * k**2 + ritz
+    return {key: v * batch for key, v in f.items()}
+
+
+def working_bytes(
+    m: int,
+    n: int,
+    block: int,
+    batch: int,
+    src_itemsize: int,
+    work_itemsize: int,
+    res_itemsize: int,
+) -> int:
+    """Peak bytes held while a batch of ``batch`` (m, n) matrices is decomposed: the read
+    buffer (one member at a time), the batch in the working dtype (overwritten by the
+    residuals), the output buffer (one member), and per member the thin sketch blocks with
+    their Gram/QR temporaries (``block`` columns on both sides, ~8 such blocks)."""
+    return (
+        m * n * src_itemsize
+        + batch * m * n * work_itemsize
+        + m * n * res_itemsize
+        + batch * 8 * (m + n) * block * work_itemsize
+    )  # fmt: skip
+
+
+@cache
+def _fitted() -> dict:
+    try:
+        return json.loads(MODEL_FILE.read_text())["devices"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def coefficients(device_kind: str) -> tuple[dict[str, float], str]:
+    """Seconds per unit of each feature (and ``io_bytes``) on ``device_kind``, and a note
+    saying where they come from."""
+    fit = _fitted().get(device_kind)
+    if fit:
+        note = (
+            f"cost model fitted to {len(fit['points'])} measured batches on {fit['machine']}"
+            f" ({fit['date']}; max error {fit['max_rel_err']:.0%})"
+        )
+        return fit["coef"], note
+    nominal = _NOMINAL.get(device_kind, _NOMINAL["cpu"])
+    return nominal, f"no measured points for {device_kind}: nominal rates, a rough guess"
+
+
+def seconds(feats: dict[str, float], device_kind: str, io_bytes: float = 0.0) -> float:
+    coef, _ = coefficients(device_kind)
+    return sum(coef[k] * feats[k] for k in FEATURES) + coef["io_bytes"] * io_bytes
+
+
+__all__ = ["FEATURES", "MODEL_FILE", "coefficients", "features", "seconds", "working_bytes"]

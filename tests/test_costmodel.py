@@ -1,0 +1,70 @@
+"""The planning cost model: its terms, the fitted file, and what --dry-run prints from it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pissa_svd import costmodel
+from pissa_svd.pipeline import Options, make_plan
+
+
+def test_terms_follow_the_algorithms():
+    halko = costmodel.features(2048, 5632, 64, method="halko", niter=4, oversample=16)
+    krylov = costmodel.features(2048, 5632, 64, method="krylov", niter=4, oversample=16)
+    exact = costmodel.features(2048, 5632, 64, method="exact", niter=4, oversample=16)
+    # 2q + 2 = 10 thin passes with 80 columns, plus the residual's GEMM with 64.
+    assert halko["gemm_flop"] == 10 * 2 * 2048 * 5632 * 80 + 2 * 2048 * 5632 * 64
+    assert krylov["gemm_flop"] == halko["gemm_flop"]  # the same passes over W ...
+    assert krylov["dense_flop"] > 3 * halko["dense_flop"]  # ... and a 5x wider basis
+    assert exact["svd_flop"] > 0 and halko["svd_flop"] == krylov["svd_flop"] == 0
+    assert (
+        costmodel.features(2048, 5632, 64, method="halko", niter=2, oversample=16)["gemm_flop"]
+        < halko["gemm_flop"]
+    )
+    four = costmodel.features(512, 512, 16, method="halko", niter=4, oversample=16, batch=4)
+    one = costmodel.features(512, 512, 16, method="halko", niter=4, oversample=16)
+    assert four["calls"] == one["calls"] == 1  # one batched call
+    assert four["gemm_flop"] == 4 * one["gemm_flop"] and four["elements"] == 4 * one["elements"]
+
+
+def test_fitted_file_is_complete_and_positive():
+    data = json.loads(costmodel.MODEL_FILE.read_text())
+    assert "cpu" in data["devices"]
+    for fit in data["devices"].values():
+        assert set(fit["coef"]) == {*costmodel.FEATURES, "io_bytes"}
+        assert all(v >= 0 for v in fit["coef"].values()) and fit["coef"]["io_bytes"] > 0
+        assert len(fit["points"]) >= 10 and all(p["seconds"] > 0 for p in fit["points"])
+        # The fit explains its own points within its stated worst error.
+        for p in fit["points"]:
+            m, n = p["shape"]
+            f = costmodel.features(
+                m, n, p["rank"], method=p["method"], niter=p["niter"], oversample=p["oversample"],
+                batch=p["batch"],
+            )  # fmt: skip
+            pred = sum(fit["coef"][k] * f[k] for k in costmodel.FEATURES)
+            assert abs(pred / p["seconds"] - 1) <= fit["max_rel_err"] + 1e-9
+
+
+def test_seconds_grow_with_work():
+    small = costmodel.features(1024, 1024, 16, method="halko", niter=4, oversample=16)
+    big = costmodel.features(4096, 11008, 64, method="halko", niter=4, oversample=16)
+    assert costmodel.seconds(big, "cpu") > 10 * costmodel.seconds(small, "cpu") > 0
+    assert costmodel.seconds(small, "cpu", io_bytes=1e9) > costmodel.seconds(small, "cpu")
+
+
+def test_unmeasured_device_says_its_rates_are_a_guess(monkeypatch):
+    monkeypatch.setattr(costmodel, "_fitted", lambda: {})
+    coef, note = costmodel.coefficients("cuda")
+    assert "no measured points" in note and set(coef) >= set(costmodel.FEATURES)
+
+
+@pytest.mark.parametrize("processes", [1, 3])
+def test_dry_run_prints_per_rank_estimates_from_the_model(tiny_llama, tmp_path, processes):
+    plan = make_plan(tiny_llama, tmp_path / "out", Options(rank=8, processes=processes))
+    text = plan.describe()
+    _, note = costmodel.coefficients("cpu")
+    assert note in text and "fitted to" in note
+    ranks = [line for line in text.splitlines() if line.strip().startswith("rank ")]
+    assert len(ranks) == processes
