@@ -2,7 +2,8 @@
 # GPU check, run from the repository root on a machine with a CUDA GPU (about 5 minutes on one
 # H200): build the native extension with its CUDA backend, run the CUDA tests, then time all 224
 # projection matrices of a LLaMA-2-7B-shaped model (bench/native_vs_torch.py --llama7b).
-# Results: bench/results/native_vs_torch_gpu.json (also copied to $OUT when set).
+# Results: bench/results/native_vs_torch_gpu.json, bench/results/cost_model.json and the
+# fitted pissa_svd/cost_model.json (all copied to $OUT when set).
 # Without nvcc on the machine, a _native_cuda module built elsewhere for the same Python is used.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,8 +21,13 @@ python -m pissa_svd env || status=1
 timeout 240 python -m pytest -q -p no:cacheprovider tests/test_native.py -k "cuda or matches" \
     || status=1
 timeout 300 python bench/native_vs_torch.py --llama7b --repeats 3 || status=1
+# The planning cost model's CUDA coefficients (pissa_svd/cost_model.json, "cuda" entry).
+(cd bench && timeout 300 python cost_model.py --device cuda --no-md) || status=1
 
-if [ -n "${OUT:-}" ] && [ -f bench/results/native_vs_torch_gpu.json ]; then
-    cp bench/results/native_vs_torch_gpu.json "$OUT/"
+if [ -n "${OUT:-}" ]; then
+    for f in bench/results/native_vs_torch_gpu.json bench/results/cost_model.json \
+        pissa_svd/cost_model.json; do
+        [ -f "$f" ] && cp "$f" "$OUT/$(basename "$(dirname "$f")")_$(basename "$f")"
+    done
 fi
 exit $status
