@@ -108,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --quantize: SVD + quantization rounds, the best kept (default 5)",
     )
     d.add_argument(
+        "--overlap",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="read the next batch and write the previous one on background threads while one "
+        "computes (default auto: on for CUDA; on a few CPU cores it competes with the BLAS)",
+    )
+    d.add_argument(
         "--resume",
         action="store_true",
         help="continue an interrupted run: reuse (after checking them) the tensors it finished",
@@ -246,6 +253,7 @@ def _decompose(args: argparse.Namespace) -> int:
         resume=args.resume,
         quantize=args.quantize,
         quant_iters=args.quant_iters,
+        overlap=args.overlap,
         overwrite=args.overwrite,
         quiet=args.quiet,
     )

@@ -75,15 +75,20 @@ def working_bytes(
     src_itemsize: int,
     work_itemsize: int,
     res_itemsize: int,
+    overlap: bool = False,
 ) -> int:
     """Peak bytes held while a batch of ``batch`` (m, n) matrices is decomposed: the read
-    buffer (one member at a time), the batch in the working dtype (overwritten by the
-    residuals), the output buffer (one member), and per member the thin sketch blocks with
-    their Gram/QR temporaries (``block`` columns on both sides, ~8 such blocks)."""
+    buffer (one member at a time; with ``overlap``, two whole batches: the one computing and
+    the next), the batch in the working dtype (overwritten by the residuals), the residuals
+    rounded to their output dtype (two batches with ``overlap``: one being written), and per
+    member the thin sketch blocks with their Gram/QR temporaries (~8 blocks of ``block``
+    columns on both sides)."""
+    buffers = 2 if overlap else 1
+    read = buffers * batch * m * n * src_itemsize if overlap else m * n * src_itemsize
     return (
-        m * n * src_itemsize
+        read
         + batch * m * n * work_itemsize
-        + m * n * res_itemsize
+        + buffers * batch * m * n * res_itemsize
         + batch * 8 * (m + n) * block * work_itemsize
     )  # fmt: skip
 

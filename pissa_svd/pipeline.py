@@ -18,6 +18,7 @@ import shutil
 import sys
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,6 +90,7 @@ class Options:
     resume: bool = False  # continue the interrupted run staged in .OUT.partial
     quantize: str | None = None  # QPiSSA: "nf4" or "int8" residual
     quant_iters: int = 5
+    overlap: str = "auto"  # background read/write threads: auto (on for CUDA), on, off
     overwrite: bool = False
     quiet: bool = False
 
@@ -142,7 +144,7 @@ class Target:
             self.residual_dtype,
         )
 
-    def working_bytes(self, oversample: int, batch: int = 1) -> int:
+    def working_bytes(self, oversample: int, batch: int = 1, overlap: bool = False) -> int:
         """Peak bytes held while a batch of this target's shape is processed."""
         m, n = self.out_features, self.in_features
         return costmodel.working_bytes(
@@ -153,6 +155,7 @@ class Target:
             dtype_nbytes(self.info.dtype, (1,)),
             8 if self.info.dtype == "F64" else 4,
             dtype_nbytes(self.residual_dtype, (1,)),
+            overlap,
         )
 
 
@@ -169,6 +172,7 @@ class Plan:
     fan_in_fan_out: bool
     task_type: str | None
     backend: str = "torch"
+    overlap: bool = False
     batch_memory: int = 0
     batches: list[list[Target]] = field(default_factory=list)
     config: dict | None = field(default=None, repr=False)
@@ -179,7 +183,7 @@ class Plan:
 
     @property
     def working_bytes(self) -> int:
-        return max(b[0].working_bytes(self.oversample, len(b)) for b in self.batches)
+        return max(b[0].working_bytes(self.oversample, len(b), self.overlap) for b in self.batches)
 
     def describe(self) -> str:
         """The human-readable plan that ``--dry-run`` prints."""
@@ -235,7 +239,9 @@ class Plan:
             seconds = sum(costs[i] for i in mine) + (coef["io_bytes"] * copied if r == 0 else 0)
             peak = max(
                 (
-                    self.batches[i][0].working_bytes(self.oversample, len(self.batches[i]))
+                    self.batches[i][0].working_bytes(
+                        self.oversample, len(self.batches[i]), self.overlap
+                    )
                     for i in mine
                 ),
                 default=0,
@@ -268,6 +274,8 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
         raise InputError(f"--quantize must be nf4 or int8, got {o.quantize!r}")
     if isinstance(o.quant_iters, bool) or not isinstance(o.quant_iters, int) or o.quant_iters < 1:
         raise InputError(f"--quant-iters must be an integer >= 1, got {o.quant_iters!r}")
+    if o.overlap not in ("auto", "on", "off"):
+        raise InputError(f"--overlap must be auto, on or off, got {o.overlap!r}")
     if o.processes is not None and o.processes < 1:
         raise InputError(f"--processes must be >= 1, got {o.processes}")
     if o.batch_memory is not None and o.batch_memory < 0:
@@ -358,6 +366,8 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
         fan_in_fan_out=layouts.pop(),
         task_type=task_type(config),
         backend=backend,
+        # On a GPU the host threads are free to read and write; on CPU cores they are not.
+        overlap=o.overlap == "on" or (o.overlap == "auto" and torch.device(device).type == "cuda"),
         batch_memory=budget,
         batches=_batches(targets, budget),
         config=config,
@@ -631,9 +641,12 @@ def _decompose_share(
 ) -> None:
     """Decompose ``batches`` (file order) and write each result at its place in OUT.
 
-    Strictly sequential on purpose: on a few cores the BLAS threads own every core, and
-    reader/writer threads measurably slowed the GEMMs (and raised peak RSS) more than the
-    overlap saved (bench/RESULTS.md).
+    With ``plan.overlap``, one background thread reads the next batch (into pinned memory for
+    a GPU) and another writes the previous batch's results while the current one computes;
+    ``pread``/``pwrite`` release the GIL, and at most three batches are in flight, so memory
+    stays bounded. Without, every step runs in turn: on a few CPU cores the BLAS threads own
+    every core, and the kernel's page-cache copies compete with them (bench/RESULTS.md).
+    A batch enters the resume journal only once its bytes are written.
     """
     shard_of = {i.name: s for s in plan.ckpt.shards for i in plan.ckpt.files[s].tensors.values()}
     mine = [t for b in batches for t in b]
@@ -646,6 +659,36 @@ def _decompose_share(
         owned=[peft_key(t.module, w) for t in mine for w in "AB"],
     )
     journal = resume.Journal(tmp, rank)
+    scratch = _Scratch(pin=plan.overlap and plan.device_kind == "cuda")
+
+    def compute(batch: list[Target], host: list[torch.Tensor] | None, slot: int):
+        """Decompose, then round the residuals into output buffer ``slot`` (the working
+        buffer is reused by the next batch, so this happens before that starts)."""
+        try:
+            results = _decompose_batch(plan, batch, scratch, host)
+            t0 = batch[0]
+            scratch.get(f"out{slot}", len(batch) * dtype_nbytes(t0.residual_dtype, t0.info.shape))
+            return [
+                (t, row, A, B, scratch.cast(f"out{slot}", W_res, t.residual_dtype, index=i))
+                for i, (t, (row, A, B, W_res)) in enumerate(zip(batch, results, strict=True))
+            ]
+        except Exception as exc:
+            # For the message every rank prints.
+            more = f" (batch of {len(batch)})" if len(batch) > 1 else ""
+            exc.pissa_tensor = f"{batch[0].name}{more}"
+            raise
+
+    def write(done: list) -> None:
+        for t, row, A, B, W_res in done:
+            aw.write(peft_key(t.module, "A"), A)
+            aw.write(peft_key(t.module, "B"), B)
+            writers[shard_of[t.name]].write(t.name, W_res)
+            rows.append(row)
+            bar.update(t.info.nbytes)
+        for _, row, *_ in done:  # its bytes are in place: a resume may reuse it
+            journal.record(row)
+        bar.set_postfix_str(f"tensors {len(rows)}/{len(mine)}")
+
     try:
         for shard in dict.fromkeys(shard_of[t.name] for t in mine):
             names = [t.name for t in mine if shard_of[t.name] == shard]
@@ -656,26 +699,11 @@ def _decompose_share(
                 create=False,
                 owned=names,
             )
-        scratch = _Scratch()
-        for batch in batches:
-            try:
-                results = _decompose_batch(plan, batch, scratch)
-            except Exception as exc:
-                # For the message every rank prints.
-                more = f" (batch of {len(batch)})" if len(batch) > 1 else ""
-                exc.pissa_tensor = f"{batch[0].name}{more}"
-                raise
-            for t, (row, A, B, W_res) in zip(batch, results, strict=True):
-                aw.write(peft_key(t.module, "A"), A)
-                aw.write(peft_key(t.module, "B"), B)
-                writers[shard_of[t.name]].write(
-                    t.name, scratch.cast("out", W_res, t.residual_dtype)
-                )
-                rows.append(row)
-                bar.update(t.info.nbytes)
-            for row in rows[-len(batch) :]:  # its bytes are in place: a resume may reuse it
-                journal.record(row)
-            bar.set_postfix_str(f"tensors {len(rows)}/{len(mine)}")
+        if plan.overlap:
+            _overlapped(batches, scratch, compute, write)
+        else:
+            for batch in batches:
+                write(compute(batch, None, 0))
         for w in [aw, *writers.values()]:
             w.close()
     except BaseException:
@@ -686,19 +714,65 @@ def _decompose_share(
         journal.close()
 
 
-def _decompose_batch(plan: Plan, batch: list[Target], scratch: _Scratch):
-    """Read and decompose same-shape targets in one batched call.
+def _overlapped(batches: list[list[Target]], scratch: _Scratch, compute, write) -> None:
+    """Read batch i+1 and write batch i-1 on background threads while batch i computes.
 
-    Returns one (report row, A, B, W_res in the working dtype) per member. One conversion to
-    the working dtype serves the SVD, the norms and, in place, the residual; the caller rounds
-    each residual to its output dtype as it writes it.
+    Two read buffers and two output buffers alternate: batch i reads into ``read{i % 2}`` and
+    rounds its residuals into ``out{i % 2}``, each free again by then (batch i-2's read was
+    consumed by its compute, and its write finished before batch i-1's write was queued).
+    """
+    if not batches:
+        return
+
+    def read(i: int) -> list[torch.Tensor]:
+        batch = batches[i]
+        buf = scratch.get(f"read{i % 2}", sum(t.info.nbytes for t in batch))
+        out, pos = [], 0
+        for t in batch:
+            out.append(read_tensor(t.info, buf[pos : pos + t.info.nbytes]))
+            pos += t.info.nbytes
+        return out
+
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="pissa-read") as reader,
+        ThreadPoolExecutor(1, thread_name_prefix="pissa-write") as writer,
+    ):
+        pending_read = reader.submit(read, 0)
+        pending_write = None
+        try:
+            for i, batch in enumerate(batches):
+                host = pending_read.result()
+                if i + 1 < len(batches):
+                    pending_read = reader.submit(read, i + 1)
+                done = compute(batch, host, i % 2)
+                if pending_write is not None:
+                    pending_write.result()
+                pending_write = writer.submit(write, done)
+            pending_write.result()
+        except BaseException:
+            for f in (pending_read, pending_write):
+                if f is not None:
+                    f.cancel()
+            raise
+
+
+def _decompose_batch(
+    plan: Plan, batch: list[Target], scratch: _Scratch, host: list[torch.Tensor] | None = None
+):
+    """Decompose same-shape targets in one batched call.
+
+    ``host``: the members as already read (overlapped pipeline); None: read them here, one at
+    a time through one buffer. Returns one (report row, A, B, W_res in the working dtype) per
+    member. One conversion to the working dtype serves the SVD, the norms and, in place, the
+    residual; the caller rounds each residual to its output dtype.
     """
     o, t0 = plan.options, batch[0]
     start = time.perf_counter()
     work = "F64" if t0.info.dtype == "F64" else "F32"
     Wf = scratch.tensor("work", work, (len(batch), *t0.info.shape), plan.device)
     for i, t in enumerate(batch):
-        Wf[i].copy_(read_tensor(t.info, scratch.get("read", t.info.nbytes)))
+        x = host[i] if host is not None else read_tensor(t.info, scratch.get("read", t.info.nbytes))
+        Wf[i].copy_(x)
     w_norms = torch.linalg.vector_norm(Wf, dim=(-2, -1)).tolist()
     seeds = [derive_seed(t.name, o.seed) for t in batch]
     svd_kwargs = dict(
@@ -807,15 +881,18 @@ class _Scratch:
 
     A fresh 50 MB tensor costs ~12k page faults (each zeroing a page) on every use, which took
     longer than the copy itself; reusing a few buffers sized for the largest target avoids that.
+    ``pin``: page-locked buffers, for fast asynchronous copies to and from a GPU.
     """
 
-    def __init__(self):
+    def __init__(self, pin: bool = False):
         self._bufs: dict[str, torch.Tensor] = {}
+        self._pin = pin
 
     def get(self, key: str, nbytes: int) -> torch.Tensor:
         buf = self._bufs.get(key)
         if buf is None or buf.numel() < nbytes:
-            buf = self._bufs[key] = torch.empty(nbytes, dtype=torch.uint8)
+            self._bufs.pop(key, None)  # free the old one first
+            buf = self._bufs[key] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self._pin)
         return buf[:nbytes]
 
     def tensor(self, key: str, st_dtype: str, shape: tuple[int, ...], device: str = "cpu"):
@@ -826,9 +903,12 @@ class _Scratch:
             return torch.empty(shape, dtype=dtype, device=device)
         return self.get(key, dtype_nbytes(st_dtype, shape)).view(dtype).view(shape)
 
-    def cast(self, key: str, x: torch.Tensor, st_dtype: str) -> torch.Tensor:
-        """``x`` converted to ``st_dtype``, on the CPU, in buffer ``key``."""
-        return self.tensor(key, st_dtype, tuple(x.shape)).copy_(x)
+    def cast(self, key: str, x: torch.Tensor, st_dtype: str, index: int = 0) -> torch.Tensor:
+        """``x`` converted to ``st_dtype``, on the CPU, in slot ``index`` of buffer ``key``
+        (slots of ``x``'s size, so the members of a batch can share one buffer)."""
+        n = dtype_nbytes(st_dtype, tuple(x.shape))
+        buf = self.get(key, n * (index + 1))[n * index :]
+        return buf.view(dtype_to_torch(st_dtype)).view(tuple(x.shape)).copy_(x)
 
 
 def _adapter_config(plan: Plan) -> dict:

@@ -223,15 +223,21 @@ def test_dry_run_writes_nothing(ckpt, tmp_path, run_cli):
     assert not out.exists() and leftovers(tmp_path) == []
 
 
-def test_disk_full_is_one_line(ckpt, tmp_path, run_cli, monkeypatch):
+@pytest.mark.parametrize("overlap", ["off", "on"])
+def test_disk_full_is_one_line(ckpt, tmp_path, run_cli, monkeypatch, overlap):
     from pissa_svd import checkpoint
 
+    real = checkpoint._pwrite_all
+
     def full(fd, mv, offset):
-        raise OSError(errno.ENOSPC, "No space left on device")
+        if offset > 0:  # the headers (at offset 0) fit; the first tensor written does not
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, mv, offset)
 
     monkeypatch.setattr(checkpoint, "_pwrite_all", full)
     out = tmp_path / "out"
-    assert_bad_input(run_cli, ["decompose", ckpt, "--rank", "4", "--out", out], "disk full", out)
+    args = ["decompose", ckpt, "--rank", "4", "--out", out, "--overlap", overlap]
+    assert_bad_input(run_cli, args, "disk full", out)
 
 
 def test_success_summary(ckpt, tmp_path, run_cli):
@@ -283,7 +289,7 @@ def slow_ckpt(tmp_path) -> Path:
     return root
 
 
-def _start(src: Path, out: Path) -> subprocess.Popen:
+def _start(src: Path, out: Path, *extra: str) -> subprocess.Popen:
     cmd = [
         PYTHON,
         "-m",
@@ -296,6 +302,7 @@ def _start(src: Path, out: Path) -> subprocess.Popen:
         "exact",
         "--out",
         out,
+        *extra,
     ]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -317,9 +324,10 @@ def _decompose_cli(src: Path, out: Path, *extra: str) -> subprocess.CompletedPro
     return subprocess.run([*cmd, "--out", out, *extra], capture_output=True, text=True)
 
 
-def test_killed_run_leaves_no_out_and_resumes_to_the_same_bytes(slow_ckpt, tmp_path):
+@pytest.mark.parametrize("overlap", ["off", "on"])
+def test_killed_run_leaves_no_out_and_resumes_to_the_same_bytes(slow_ckpt, tmp_path, overlap):
     out = tmp_path / "out"
-    proc = _start(slow_ckpt, out)
+    proc = _start(slow_ckpt, out, "--overlap", overlap)
     _wait_for_partial_output(tmp_path, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

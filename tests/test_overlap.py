@@ -1,0 +1,78 @@
+"""The overlapped pipeline (background read and write threads): same bytes, same failures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pissa_svd import pipeline
+from pissa_svd.pipeline import Options, decompose, make_plan
+
+from .conftest import save_tiny_llama
+
+
+def _files(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*.safetensors"))}
+
+
+@pytest.fixture(scope="module")
+def bf16_shards(tmp_path_factory):
+    """A bf16 tiny Llama in several shards: batches of 2-4 same-shape matrices per shard."""
+    return save_tiny_llama(
+        tmp_path_factory.mktemp("ovl") / "ckpt", torch.bfloat16, num_hidden_layers=4
+    )
+
+
+def test_auto_overlaps_only_on_gpus(bf16_shards, tmp_path):
+    assert not make_plan(bf16_shards, tmp_path / "o", Options(rank=4)).overlap  # CPU
+    assert make_plan(bf16_shards, tmp_path / "o", Options(rank=4, overlap="on")).overlap
+    plan = make_plan(bf16_shards, tmp_path / "o", Options(rank=4, overlap="on"))
+    seq = make_plan(bf16_shards, tmp_path / "o", Options(rank=4, overlap="off"))
+    assert plan.working_bytes > seq.working_bytes  # two read and two output buffers
+
+
+@pytest.mark.parametrize("batch_memory", [None, 0])
+def test_overlap_writes_the_same_bytes(bf16_shards, tmp_path, batch_memory):
+    off, on = tmp_path / "off", tmp_path / "on"
+    kw = dict(rank=4, batch_memory=batch_memory, quiet=True)
+    decompose(bf16_shards, off, overlap="off", **kw)
+    report = decompose(bf16_shards, on, overlap="on", **kw)
+    assert len(report["matrices"]) == 28
+    if batch_memory is None:
+        assert max(r["batch"] for r in report["matrices"]) >= 2
+    a, b = _files(off), _files(on)
+    assert a.keys() == b.keys() and len(a) >= 3
+    for k in a:
+        assert a[k] == b[k], k
+
+
+def test_failure_while_a_write_is_in_flight_keeps_only_written_tensors(
+    bf16_shards, tmp_path, monkeypatch
+):
+    """Batch 4's SVD fails while batch 3 is being written: the error surfaces, the journal
+    holds exactly the batches whose bytes are in place, and --resume completes them to the
+    bytes of an uninterrupted run."""
+    real, calls = pipeline.svd_lowrank, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("injected failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "svd_lowrank", failing)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="injected failure"):
+        decompose(bf16_shards, out, rank=4, overlap="on", batch_memory=0, quiet=True)
+    assert not out.exists()
+    journal = tmp_path / ".out.partial" / ".pissa_progress" / "rank-0.jsonl"
+    assert journal.read_text().count("\n") == 3  # batches 1-3, one matrix each
+
+    monkeypatch.setattr(pipeline, "svd_lowrank", real)
+    report = decompose(
+        bf16_shards, out, rank=4, overlap="on", batch_memory=0, resume=True, quiet=True
+    )
+    assert report["totals"]["resumed"] == 3
+    clean = tmp_path / "clean"
+    decompose(bf16_shards, clean, rank=4, overlap="off", batch_memory=0, quiet=True)
+    assert _files(clean) == _files(out)
