@@ -441,14 +441,13 @@ def check_targets(results: list[dict]) -> list[str]:
             if route in runs:
                 med = statistics.median(x["report"]["compute_seconds"] for x in runs[route])
                 parts.append(f"{label} {median_ratio(route, route):.2f}x (compute {med:.1f} s)")
-        best = min(
-            median_ratio(route, route) for route in ("ours", "ours-overlap") if route in runs
-        )
+        # The verdict counts the compute as the sequential runs measured it: compute that the
+        # background threads slow down is not IO hidden.
+        best = median_ratio("ours", "ours")
         if "ours-overlap" in runs:
-            parts.append(
-                f"--overlap on over the sequential runs' compute "
-                f"{median_ratio('ours-overlap', 'ours'):.2f}x"
-            )
+            hidden = median_ratio("ours-overlap", "ours")
+            best = min(best, hidden)
+            parts.append(f"--overlap on over the sequential runs' compute {hidden:.2f}x")
         lines.append(
             f"Decompose time <= {TARGET_OVERHEAD}x the engine's compute ({r['checkpoint']['layers']}"
             f" layers; report seconds / compute_seconds, median over runs): "
@@ -561,7 +560,7 @@ def timing_lines(results: list[dict]) -> list[str]:
             f"- {r['checkpoint']['layers']} layers: pissa-svd's `pissa_report.json` has "
             f"`totals.seconds` = {rep['seconds']:.1f} s, `totals.compute_seconds` = "
             f"{rep['compute_seconds']:.1f} s (of which `svd_seconds` {rep['svd_seconds']:.1f} s),"
-            " self-reported peak RSS {rep['peak_rss_bytes'] / 1e9:.2f} GB"
+            f" self-reported peak RSS {rep['peak_rss_bytes'] / 1e9:.2f} GB"
         )
         if "peft" in r["runs"]:
             phases = r["runs"]["peft"][0]["phases_s"]
@@ -679,7 +678,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.markdown_from:
-        write_results_md(markdown_section(json.loads(args.markdown_from.read_text())))
+        doc = json.loads(args.markdown_from.read_text())
+        for r in doc["results"]:  # the verdicts follow this file's rules, not the saved ones
+            r["summary"] = summarize(r)
+        doc["targets"] = check_targets(doc["results"])
+        args.markdown_from.write_text(json.dumps(doc, indent=2) + "\n")
+        write_results_md(markdown_section(doc))
         print(f"summary: {RESULTS_MD}")
         return 0
     work = args.work.resolve()

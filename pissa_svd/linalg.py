@@ -12,9 +12,9 @@ power iterations, exactly as PEFT's ``pissa_niter_q`` counts them:
   iteration and extracts the answer by Rayleigh-Ritz over all of them (Musco & Musco 2015),
   which converges much faster on slowly decaying spectra. The products with Wᵀ that the power
   iteration computes anyway are kept for the Rayleigh-Ritz step, so the extra cost is only
-  small dense work on the ``(q + 1) * (rank + oversample)``-column basis (orthogonalization and
-  a QR of that width), no extra pass over W. When those columns would fill the smaller side,
-  it runs ``exact`` instead (cheaper, and exact).
+  small dense work on the ``(q + 1) * (rank + oversample)``-column basis (orthogonalization,
+  and the Gram matrix of that width for Rayleigh-Ritz), no extra pass over W. When those
+  columns would fill the smaller side, it runs ``exact`` instead (cheaper, and exact).
 - ``exact``: LAPACK/cuSOLVER via ``torch.linalg.svd``; O(m n min(m, n)).
 - ``gesvdr``: cuSOLVER's own randomized SVD (``cusolverDnXgesvdr``), native CUDA backend only.
 
