@@ -311,7 +311,8 @@ def markdown(result: dict) -> str:
     lines += [
         "",
         f"Estimates on this {kind} machine (r=64, niter 4, method auto, bf16, all 7 projections;"
-        " per process, one device each, the work split as torchrun runs it):",
+        " per process, one device each, the work split as torchrun runs it; reads at the page"
+        " cache's speed, as measured, so a checkpoint larger than RAM adds its disk read time):",
         "",
         "| model | parameters | checkpoint | peak working memory per process | "
         + " | ".join(f"{k} process{'es' if k != '1' else ''}" for k in procs)
