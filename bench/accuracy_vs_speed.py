@@ -62,6 +62,7 @@ import datetime
 import functools
 import importlib.util
 import json
+import math
 import os
 import platform
 import shlex
@@ -85,6 +86,7 @@ DEFAULT_JSON = BENCH_DIR / "results" / "accuracy_vs_speed.json"
 DEFAULT_PNG = BENCH_DIR / "accuracy_vs_speed.png"
 SMOLLM2_DIR = BENCH_DIR / "_work" / "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MIN_TIME = 0.5  # seconds: shorter sets are repeated within one timed sample
 MARK_BEGIN = "<!-- accuracy_vs_speed:begin -->"
 MARK_END = "<!-- accuracy_vs_speed:end -->"
 
@@ -325,20 +327,39 @@ def timed(fn: Callable[[], object]) -> tuple[float, float]:
 
 
 def time_methods(
-    methods: list[Method], mats: list[Matrix], r: int, repeats: int, retries: int
+    methods: list[Method],
+    mats: list[Matrix],
+    r: int,
+    repeats: int,
+    retries: int,
+    min_time: float = MIN_TIME,
 ) -> tuple[dict[str, list[float]], int]:
-    """Round-robin timing of every method; returns wall-time samples per label and #discarded."""
+    """Round-robin timing of every method; returns wall-time samples per label and #discarded.
+
+    Like ``timeit``'s autorange, a method that runs the set in less than ``min_time`` seconds
+    repeats it within one sample (the same count in every sample, from one calibration run),
+    so that ~100 ms sets are not timed by a single noisy run; a sample is the time per set.
+    """
     samples: dict[str, list[float]] = {m.label: [] for m in methods}
+    number = {}
+    for m in methods:
+        once, _ = timed(functools.partial(m.run, mats, r))
+        number[m.label] = max(1, math.ceil(min_time / max(once, 1e-6)))
+
+    def run_n(m: Method) -> None:
+        for _ in range(number[m.label]):
+            m.run(mats, r)
+
     discarded = 0
     for _ in range(repeats):
         for m in methods:
             for attempt in range(retries + 1):
-                wall, others = timed(functools.partial(m.run, mats, r))
+                wall, others = timed(functools.partial(run_n, m))
                 if others <= DISTURBED_CORES or attempt == retries:
                     break
                 discarded += 1
                 print(f"  [disturbed] {m.label}: others {others:.2f} cores; repeating", flush=True)
-            samples[m.label].append(wall)
+            samples[m.label].append(wall / number[m.label])
     return samples, discarded
 
 
@@ -702,7 +723,9 @@ def markdown(result: dict) -> str:
         "- Excess error = `||W - U S Vh||_F / ||W - W_r*||_F - 1` (optimal error from exact fp64 "
         "singular values); worst/median over the matrices of the set. Error ratio = worst excess "
         "/ PEFT's worst excess. Time = min over "
-        f"{meta['repeats']} timed runs of the whole set (after one warm-up), ratio to PEFT's "
+        f"{meta['repeats']} timed runs of the whole set (after one warm-up; a set faster than "
+        f"{meta.get('min_time', MIN_TIME)} s is repeated within each run, the same number of "
+        "times in each, and the time is per set), ratio to PEFT's "
         "(`torch.svd_lowrank(W, q=r, niter=4)`, looped). Ours: one batched call per shape group.",
         f"- Grid: {meta['grid']}",
         f"- Plot: `bench/{DEFAULT_PNG.name}`; raw numbers: `bench/results/{DEFAULT_JSON.name}`.",
@@ -866,6 +889,7 @@ def main(argv: list[str]) -> None:
             "machine": machine_description(),
             "command": "python " + shlex.join(["bench/accuracy_vs_speed.py", *argv]),
             "repeats": args.repeats,
+            "min_time": MIN_TIME,
             "work": (
                 f"all-MiniLM-L6-v2: {len(sets['all-MiniLM-L6-v2'])} matrices (6 layers); "
                 f"SmolLM2-135M: {len(sets['SmolLM2-135M'])} matrices (layers "
