@@ -548,6 +548,8 @@ def _batch_cost(plan: Plan, batch: list[Target]) -> float:
         for t in batch
     )
     feats = t.features(plan.options.niter, plan.oversample, len(batch))
+    if plan.options.quantize:  # QPiSSA: one SVD and residual per round (quantizing not modelled)
+        feats = {k: v * plan.options.quant_iters for k, v in feats.items()}
     return costmodel.seconds(feats, plan.device_kind, io_bytes=written)
 
 
@@ -729,7 +731,11 @@ def _overlapped(batches: list[list[Target]], scratch: _Scratch, compute, write) 
         buf = scratch.get(f"read{i % 2}", sum(t.info.nbytes for t in batch))
         out, pos = [], 0
         for t in batch:
-            out.append(read_tensor(t.info, buf[pos : pos + t.info.nbytes]))
+            try:
+                out.append(read_tensor(t.info, buf[pos : pos + t.info.nbytes]))
+            except Exception as exc:
+                exc.pissa_tensor = t.name  # for the message every rank prints
+                raise
             pos += t.info.nbytes
         return out
 
