@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# GPU check, run from the repository root on a machine with a CUDA GPU (about 5 minutes on one
-# H200): build the native extension with its CUDA backend, run the CUDA tests, then time all 224
-# projection matrices of a LLaMA-2-7B-shaped model (bench/native_vs_torch.py --llama7b).
+# GPU check, run from the repository root on a machine with a CUDA GPU (5-10 minutes on one
+# H200): build the native extension with its CUDA backend, run the CUDA tests, time all 224
+# projection matrices of a LLaMA-2-7B-shaped model (bench/native_vs_torch.py --llama7b), and fit
+# the planning cost model on the GPU. PART=tests|native|cost runs one part only (each part
+# builds first), so the check can be split across commands with a per-command time limit.
 # Results: bench/results/native_vs_torch_gpu.json, bench/results/cost_model.json and the
 # fitted pissa_svd/cost_model.json (all copied to $OUT when set).
 # Without nvcc on the machine, a _native_cuda module built elsewhere for the same Python is used.
@@ -18,11 +20,18 @@ else
 fi
 python -m pissa_svd env || status=1
 
-timeout 240 python -m pytest -q -p no:cacheprovider tests/test_native.py -k "cuda or matches" \
-    || status=1
-timeout 300 python bench/native_vs_torch.py --llama7b --repeats 3 || status=1
-# The planning cost model's CUDA coefficients (pissa_svd/cost_model.json, "cuda" entry).
-(cd bench && timeout 300 python cost_model.py --device cuda --no-md) || status=1
+part="${PART:-all}"
+if [ "$part" = all ] || [ "$part" = tests ]; then
+    timeout 240 python -m pytest -q -p no:cacheprovider tests/test_native.py tests/test_overlap.py \
+        -k "cuda or matches" || status=1
+fi
+if [ "$part" = all ] || [ "$part" = native ]; then
+    timeout 300 python bench/native_vs_torch.py --llama7b --repeats 3 || status=1
+fi
+if [ "$part" = all ] || [ "$part" = cost ]; then
+    # The planning cost model's CUDA coefficients (pissa_svd/cost_model.json, "cuda" entry).
+    (cd bench && timeout 300 python cost_model.py --device cuda --no-md) || status=1
+fi
 
 if [ -n "${OUT:-}" ]; then
     for f in bench/results/native_vs_torch_gpu.json bench/results/cost_model.json \
