@@ -88,18 +88,24 @@ DISTURBED_CORES = 0.2
 # --------------------------------------------------------------------------------------------
 
 
-def child_build(layers: int, dest: Path) -> None:
-    """Write a random-init bf16 Llama checkpoint to ``dest`` (atomically: tmp dir, then rename)."""
+def child_build(layers: int, dest: Path, shard_size: str = MAX_SHARD_SIZE, **shape) -> None:
+    """Write a random-init bf16 Llama checkpoint to ``dest`` (atomically: tmp dir, then rename).
+
+    ``shape``: LlamaConfig overrides (default: hidden 2048, MLP 5632, 32/4 heads, vocab 32000).
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        hidden_size=2048,
-        intermediate_size=5632,
+        **{
+            "hidden_size": 2048,
+            "intermediate_size": 5632,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 4,
+            "vocab_size": 32000,
+            **shape,
+        },
         num_hidden_layers=layers,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        vocab_size=32000,
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
@@ -108,12 +114,12 @@ def child_build(layers: int, dest: Path) -> None:
     torch.set_default_dtype(torch.float32)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
+    model.save_pretrained(tmp, max_shard_size=shard_size)
     tmp.chmod(0o755)  # mkdtemp makes it private
     os.rename(tmp, dest)
 
 
-def child_peft(ckpt: Path, out: Path, phases_json: Path) -> None:
+def child_peft(ckpt: Path, out: Path, phases_json: Path, device: str = "cpu") -> None:
     """PEFT's in-memory PiSSA route, as a user would write it; phase timings go to a JSON file."""
     t0 = time.perf_counter()
     import torch
@@ -128,7 +134,7 @@ def child_peft(ckpt: Path, out: Path, phases_json: Path) -> None:
         return now
 
     t = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).to(device)
     t = mark("load", t)
     config = LoraConfig(
         r=RANK,
@@ -138,6 +144,8 @@ def child_peft(ckpt: Path, out: Path, phases_json: Path) -> None:
         target_modules=TARGET_MODULES,
     )
     peft_model = get_peft_model(model, config)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     t = mark("get_peft_model (SVD)", t)
     peft_model.peft_config["default"].init_lora_weights = True
     peft_model.save_pretrained(out / "pissa_init")
@@ -154,7 +162,7 @@ def run_child_command(argv: list[str]) -> None:
     if kind == "build":
         child_build(int(rest[0]), Path(rest[1]))
     elif kind == "peft":
-        child_peft(Path(rest[0]), Path(rest[1]), Path(rest[2]))
+        child_peft(Path(rest[0]), Path(rest[1]), Path(rest[2]), *rest[3:])
     else:
         raise SystemExit(f"unknown child kind {kind!r}")
 

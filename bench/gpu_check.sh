@@ -2,8 +2,10 @@
 # GPU check, run from the repository root on a machine with a CUDA GPU (5-10 minutes on one
 # H200): build the native extension with its CUDA backend, run the CUDA tests, time all 224
 # projection matrices of a LLaMA-2-7B-shaped model (bench/native_vs_torch.py --llama7b), and fit
-# the planning cost model on the GPU. PART=tests|native|cost runs one part only (each part
-# builds first), so the check can be split across commands with a per-command time limit.
+# the planning cost model on the GPU; PART=pipeline (not part of "all": ~5 min alone) times an
+# end-to-end decompose of a LLaMA-2-7B-shaped checkpoint against cp -r and PEFT
+# (bench/gpu_pipeline.py). PART=tests|native|cost|pipeline runs one part only (each part builds
+# first), so the check can be split across commands with a per-command time limit.
 # Results: bench/results/native_vs_torch_gpu.json, bench/results/cost_model.json and the
 # fitted pissa_svd/cost_model.json (all copied to $OUT when set).
 # Without nvcc on the machine, a _native_cuda module built elsewhere for the same Python is used.
@@ -32,10 +34,13 @@ if [ "$part" = all ] || [ "$part" = cost ]; then
     # The planning cost model's CUDA coefficients (pissa_svd/cost_model.json, "cuda" entry).
     (cd bench && timeout 300 python cost_model.py --device cuda --no-md) || status=1
 fi
+if [ "$part" = pipeline ]; then
+    (cd bench && timeout 570 python gpu_pipeline.py --device cuda) || status=1
+fi
 
 if [ -n "${OUT:-}" ]; then
     for f in bench/results/native_vs_torch_gpu.json bench/results/cost_model.json \
-        pissa_svd/cost_model.json; do
+        bench/results/gpu_pipeline.json pissa_svd/cost_model.json; do
         [ -f "$f" ] && cp "$f" "$OUT/$(basename "$(dirname "$f")")_$(basename "$f")"
     done
 fi

@@ -1,0 +1,140 @@
+"""End-to-end decompose on one GPU against copying the checkpoint and against PEFT's route.
+
+Builds a random-init bf16 Llama checkpoint with transformers on this machine's disk (default:
+LLaMA-2-7B-shaped, 32 layers, hidden 4096, MLP 11008, 32/32 heads, vocab 32000), then times,
+each in a fresh child process and side by side:
+
+1. ``cp -r`` of the checkpoint folder (the IO floor: read and write every byte once);
+2. ``pissa-svd decompose CKPT --rank 64 --niter 4 --device cuda`` (overlap on: the default for
+   CUDA);
+3. PEFT's in-memory route on the same GPU (load bf16 -> ``get_peft_model`` with
+   ``pissa_niter_4`` -> save adapter -> unload -> save), as in bench/decompose_vs_peft.py.
+
+Targets (issue "Scale"): ours <= 1.3x the copy, and >= 5x faster than PEFT. Results go to
+``bench/results/gpu_pipeline.json`` (and ``$OUT`` when set); the markdown lines it prints go into
+bench/RESULTS.md by hand, with the date.
+
+Smoke test on CPU: ``python bench/gpu_pipeline.py --small --device cpu``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from decompose_vs_peft import NITER, RANK, child_build, measure, peft_command
+
+BENCH_DIR = Path(__file__).resolve().parent
+LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                num_key_value_heads=32, vocab_size=32000)  # fmt: skip
+SMALL = dict(hidden_size=256, intermediate_size=688, num_attention_heads=8,
+             num_key_value_heads=8, vocab_size=1000)  # fmt: skip
+TARGET_VS_COPY = 1.3
+TARGET_VS_PEFT = 5.0
+
+
+def build(dest: Path, layers: int, shape: dict) -> float:
+    if (dest / "config.json").exists():
+        return 0.0
+    start = time.perf_counter()
+    child_build(layers, dest, shard_size="5GB", **shape)
+    return time.perf_counter() - start
+
+
+def timed_copy(src: Path, dest: Path) -> float:
+    shutil.rmtree(dest, ignore_errors=True)
+    os.sync()
+    start = time.perf_counter()
+    subprocess.run(["cp", "-r", str(src), str(dest)], check=True)
+    wall = time.perf_counter() - start
+    shutil.rmtree(dest)
+    return wall
+
+
+def timed_ours(src: Path, out: Path, device: str, logs: Path) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    os.sync()
+    cmd = [
+        sys.executable, "-m", "pissa_svd", "decompose", str(src), "--rank", str(RANK),
+        "--niter", str(NITER), "--device", device, "--out", str(out), "--quiet",
+    ]  # fmt: skip
+    m = measure(cmd, logs / "ours.log")
+    totals = json.loads((out / "pissa_report.json").read_text())["totals"]
+    shutil.rmtree(out)
+    return {**m, "report": {k: totals[k] for k in ("seconds", "compute_seconds", "svd_seconds")}}
+
+
+def timed_peft(src: Path, out: Path, device: str, logs: Path) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    os.sync()
+    phases = logs / "peft_phases.json"
+    m = measure(peft_command(src, out, phases) + [device], logs / "peft.log")
+    shutil.rmtree(out, ignore_errors=True)
+    return {**m, "phases_s": json.loads(phases.read_text())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--small", action="store_true", help="tiny shapes, for a smoke test")
+    ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--work", type=Path, default=BENCH_DIR / "_work" / "gpu_pipeline")
+    ap.add_argument("--json", type=Path, default=BENCH_DIR / "results" / "gpu_pipeline.json")
+    args = ap.parse_args(argv)
+    shape = SMALL if args.small else LLAMA_7B
+    layers = 2 if args.small else args.layers
+    work, logs = args.work.resolve(), args.work.resolve() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    src = work / f"llama-bf16-h{shape['hidden_size']}-L{layers}"
+
+    build_s = build(src, layers, shape)
+    size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    print(f"[build] {src} ({size / 1e9:.2f} GB) in {build_s:.0f} s", flush=True)
+    for p in src.glob("*.safetensors"):  # warm the page cache for every route alike
+        with open(p, "rb") as f:
+            while f.read(1 << 26):
+                pass
+
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "device": args.device,
+        "checkpoint": {"path": str(src), "layers": layers, **shape, "bytes": size},
+        "copy_s": timed_copy(src, work / "copy"),
+    }
+    print(f"[cp -r] {result['copy_s']:.1f} s", flush=True)
+    result["ours"] = timed_ours(src, work / "out-ours", args.device, logs)
+    print(f"[ours] {result['ours']['wall_s']:.1f} s {result['ours']['report']}", flush=True)
+    if not args.skip_peft:
+        result["peft"] = timed_peft(src, work / "out-peft", args.device, logs)
+        print(f"[peft] {result['peft']['wall_s']:.1f} s {result['peft']['phases_s']}", flush=True)
+
+    ours = result["ours"]["wall_s"]
+    lines = [
+        f"- ours / cp -r: {ours / result['copy_s']:.2f}x (target <= {TARGET_VS_COPY}x): "
+        f"{'met' if ours <= TARGET_VS_COPY * result['copy_s'] else 'NOT met'}"
+    ]
+    if "peft" in result:
+        speedup = result["peft"]["wall_s"] / ours
+        lines.append(
+            f"- PEFT / ours: {speedup:.1f}x (target >= {TARGET_VS_PEFT}x): "
+            f"{'met' if speedup >= TARGET_VS_PEFT else 'NOT met'}"
+        )
+    result["verdicts"] = lines
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if os.environ.get("OUT"):
+        shutil.copy(args.json, Path(os.environ["OUT"]) / args.json.name)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
