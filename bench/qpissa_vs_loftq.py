@@ -277,8 +277,8 @@ def markdown(result: dict) -> str:
         f"- Machine: {meta['machine']}",
         f"- Versions: {meta['versions']}",
         f"- Command: `{meta['command']}` ({meta['runtime_s'] / 60:.1f} min with "
-        f"{meta['threads']} torch thread(s); the machine was shared with other work, so the "
-        "seconds below are indicative only)",
+        f"{meta['threads']} torch thread(s); the seconds below are from single runs on a noisy "
+        "machine: indicative only, the reductions are exact)",
         f"- Work: {meta['work']}",
         "- Metric (both methods): reduction = 1 - ||W - (deq(Q(residual)) + B@A)||_* / "
         "||W - deq(Q(W))||_*, nuclear norm from fp64 `torch.linalg.svdvals`, averaged "
