@@ -10,11 +10,14 @@ spectrum so that accuracy differences show.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
+from pissa_svd import checkpoint
 from pissa_svd.checkpoint import StreamingWriter
-from pissa_svd.linalg import orthonormalize, svd_lowrank
+from pissa_svd.linalg import _small_svd, _small_svd_qr, orthonormalize, svd_lowrank
 
 M, N, RANK = 2048, 5632, 64
 
@@ -59,7 +62,25 @@ def test_householder_qr(benchmark):
     torch.testing.assert_close(Q.T @ Q, torch.eye(RANK + 16), atol=1e-5, rtol=0)
 
 
-def test_streaming_write(benchmark, tmp_path, weight):
+@pytest.mark.parametrize("route", ["eigh", "qr"])
+def test_rayleigh_ritz(benchmark, weight, route):
+    """The Rayleigh-Ritz step of krylov niter 4 on this matrix: a 5-block (320-column) basis."""
+    W, s = weight
+    g = torch.Generator().manual_seed(2)
+    Q = torch.linalg.qr(W @ torch.randn(N, 5 * (RANK + 0), generator=g)).Q.unsqueeze(0)
+    Bt = W.T @ Q[0]
+    fn = _small_svd if route == "eigh" else _small_svd_qr
+    U, S, Vh = benchmark(fn, Bt.unsqueeze(0), Q, RANK)
+    ref = torch.linalg.svdvals(Bt.double())[:RANK]
+    torch.testing.assert_close(S[0].double(), ref, rtol=1e-4, atol=0)
+    torch.testing.assert_close(Vh[0] @ Vh[0].T, torch.eye(RANK), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("allocate", ["fallocate", "sparse"])
+def test_streaming_write(benchmark, tmp_path, weight, allocate, monkeypatch):
+    """``sparse``: the file sized by ftruncate instead of allocated up front (the old way)."""
+    if allocate == "sparse":
+        monkeypatch.setattr(checkpoint, "_reserve", lambda fd, size: os.ftruncate(fd, size))
     W = weight[0].bfloat16()
     path = tmp_path / "w.safetensors"
 

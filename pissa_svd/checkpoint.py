@@ -371,9 +371,10 @@ def build_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict
 def _reserve(fd: int, size: int) -> None:
     """Give the file its final size with its blocks allocated up front.
 
-    Writing into allocated blocks measured 3-7x faster than into a sparse (ftruncate'd) file on
-    ext4 (3.8 vs 0.5-1.2 GB/s: no block allocation per page), and a full disk is reported
-    before any work is done. Filesystems without fallocate get a sparse file.
+    Writing a 23 MB tensor into allocated blocks measured 2.5x faster than into a sparse
+    (ftruncate'd) file on ext4 (median 11.5 vs 29.4 ms, bench/test_hotpaths.py: no block
+    allocation per page), and a full disk is reported before any work is done. Filesystems
+    without fallocate get a sparse file.
     """
     if size == 0:
         return

@@ -84,7 +84,7 @@ def working_bytes(
     member the thin sketch blocks with their Gram/QR temporaries (~8 blocks of ``block``
     columns on both sides)."""
     buffers = 2 if overlap else 1
-    read = buffers * batch * m * n * src_itemsize if overlap else m * n * src_itemsize
+    read = (buffers * batch if overlap else 1) * m * n * src_itemsize
     return (
         read
         + batch * m * n * work_itemsize

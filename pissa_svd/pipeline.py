@@ -541,11 +541,10 @@ def _from_leader(team: Team):
 
 def _batch_cost(plan: Plan, batch: list[Target]) -> float:
     """Estimated seconds of a batch (cost model), for balancing ranks and for --dry-run."""
-    t = batch[0]
-    written = sum(
+    t = batch[0]  # the members share shape and dtypes
+    written = len(batch) * (
         dtype_nbytes(t.residual_dtype, t.info.shape)
         + dtype_nbytes(t.adapter_dtype, (t.rank, t.in_features + t.out_features))
-        for t in batch
     )
     feats = t.features(plan.options.niter, plan.oversample, len(batch))
     if plan.options.quantize:  # QPiSSA: one SVD and residual per round (quantizing not modelled)
@@ -669,9 +668,9 @@ def _decompose_share(
         try:
             results = _decompose_batch(plan, batch, scratch, host)
             t0 = batch[0]
-            scratch.get(f"out{slot}", len(batch) * dtype_nbytes(t0.residual_dtype, t0.info.shape))
+            out = scratch.tensor(f"out{slot}", t0.residual_dtype, (len(batch), *t0.info.shape))
             return [
-                (t, row, A, B, scratch.cast(f"out{slot}", W_res, t.residual_dtype, index=i))
+                (t, row, A, B, out[i].copy_(W_res))
                 for i, (t, (row, A, B, W_res)) in enumerate(zip(batch, results, strict=True))
             ]
         except Exception as exc:
@@ -908,13 +907,6 @@ class _Scratch:
         if device != "cpu":
             return torch.empty(shape, dtype=dtype, device=device)
         return self.get(key, dtype_nbytes(st_dtype, shape)).view(dtype).view(shape)
-
-    def cast(self, key: str, x: torch.Tensor, st_dtype: str, index: int = 0) -> torch.Tensor:
-        """``x`` converted to ``st_dtype``, on the CPU, in slot ``index`` of buffer ``key``
-        (slots of ``x``'s size, so the members of a batch can share one buffer)."""
-        n = dtype_nbytes(st_dtype, tuple(x.shape))
-        buf = self.get(key, n * (index + 1))[n * index :]
-        return buf.view(dtype_to_torch(st_dtype)).view(tuple(x.shape)).copy_(x)
 
 
 def _adapter_config(plan: Plan) -> dict:
