@@ -386,6 +386,27 @@ def _reserve(fd: int, size: int) -> None:
         os.ftruncate(fd, size)
 
 
+# O_DIRECT needs the file offset, the memory address and the length aligned to the device's
+# logical block size; 4096 satisfies every common one (512 or 4096).
+DIRECT_ALIGN = 4096
+# Below this a direct write saves too little to be worth its extra system calls.
+DIRECT_MIN_BYTES = 1 << 20
+
+
+def direct_view(
+    buf: torch.Tensor, start: int, offset: int, dtype: torch.dtype, shape: tuple[int, ...]
+) -> tuple[torch.Tensor, int]:
+    """A ``dtype`` view of ``shape`` into byte buffer ``buf`` at or after position ``start``,
+    at an address congruent to file offset ``offset`` modulo ``DIRECT_ALIGN`` (what lets
+    ``StreamingWriter(direct=True)`` send it to the disk without a copy), and the position
+    after it. ``buf`` needs ``DIRECT_ALIGN + dtype.itemsize`` bytes of slack per view.
+    """
+    pos = start + (offset - buf.data_ptr() - start) % DIRECT_ALIGN
+    pos += -pos % dtype.itemsize  # a file offset not aligned to the dtype: no direct write
+    end = pos + math.prod(shape) * dtype.itemsize
+    return buf[pos:end].view(dtype).view(shape), end
+
+
 class StreamingWriter:
     """Write a safetensors file whose header is known up front, one tensor at a time.
 
@@ -393,6 +414,15 @@ class StreamingWriter:
     matrices is written as soon as it is done), and from several writers (processes) at once;
     each tensor is written exactly once with ``pwrite``. Use as a context manager; closing
     checks that every tensor this writer owns was written.
+
+    ``direct``: write the whole pages of large tensors with ``O_DIRECT``, straight from the
+    caller's memory to the disk, and only their partial first and last pages through the page
+    cache. A buffered write is a CPU copy into the page cache: on the 2-core benchmark machine
+    it cost 1.9 s of CPU per GB (0.55-0.8 GB/s), a direct one 0.1 s per GB at the disk's
+    0.42 GB/s (bench/test_hotpaths.py). Worth it when a background thread writes while the
+    CPU computes; a tensor is written directly only when its memory address is congruent to
+    its file offset modulo ``DIRECT_ALIGN`` (:func:`direct_view`), else as usual. Filesystems
+    without O_DIRECT (tmpfs) are written through the page cache.
     """
 
     def __init__(
@@ -403,6 +433,7 @@ class StreamingWriter:
         *,
         create: bool = True,
         owned: Iterable[str] | None = None,
+        direct: bool = False,
     ):
         """``create``: write the header and size the file (else open a file another writer
         created with the same entries: several processes may fill one file, each its own
@@ -425,6 +456,9 @@ class StreamingWriter:
         if create:
             self._guard(lambda: _reserve(self._fd, self.size))
             self._guard(lambda: _pwrite_all(self._fd, memoryview(header), 0))
+        self._direct_fd: int | None = (
+            self._guard(lambda: _open_direct(self.path)) if direct else None
+        )
 
     def _guard(self, fn):
         try:
@@ -451,6 +485,10 @@ class StreamingWriter:
         self._done.add(name)
         return slot
 
+    def offset(self, name: str) -> int:
+        """Where ``name``'s bytes start in the file."""
+        return self._slot(name)[3]
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
         _, dtype, shape, begin, _ = self._slot(name)
         if torch_to_dtype(tensor.dtype) != dtype or tuple(tensor.shape) != shape:
@@ -462,7 +500,30 @@ class StreamingWriter:
         if t.numel():
             # uint8 view: numpy has no bfloat16, but bytes are bytes.
             mv = memoryview(t.view(torch.uint8).reshape(-1).numpy())
-            self._guard(lambda: _pwrite_all(self._fd, mv, begin))
+            self._guard(lambda: self._write_bytes(mv, t.data_ptr(), begin))
+
+    def _write_bytes(self, mv: memoryview, address: int, begin: int) -> None:
+        """Write ``mv`` (whose data starts at ``address``) at ``begin``; see ``direct``."""
+        head = -begin % DIRECT_ALIGN  # bytes up to the first page boundary
+        body = (len(mv) - head) // DIRECT_ALIGN * DIRECT_ALIGN if len(mv) > head else 0
+        if (
+            self._direct_fd is None
+            or body < DIRECT_MIN_BYTES
+            or (address + head) % DIRECT_ALIGN  # memory not congruent to the file offset
+        ):
+            _pwrite_all(self._fd, mv, begin)
+            return
+        _pwrite_all(self._fd, mv[:head], begin)
+        try:
+            _pwrite_all(self._direct_fd, mv[head : head + body], begin + head)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            # Alignment this filesystem rejects after all: the page cache from now on.
+            os.close(self._direct_fd)
+            self._direct_fd = None
+            _pwrite_all(self._fd, mv[head : head + body], begin + head)
+        _pwrite_all(self._fd, mv[head + body :], begin + head + body)
 
     def copy(self, infos: list[TensorInfo]) -> None:
         """Copy the bytes of consecutive source tensors unchanged (no trip through memory).
@@ -485,6 +546,7 @@ class StreamingWriter:
     def close(self) -> None:
         if self._fd is None:
             return
+        self._close_direct()
         fd, self._fd = self._fd, None
         # No fsync: completeness is guaranteed by renaming OUT into place only after every file
         # is closed, which survives a killed process; forcing 2 GB/shard to disk would cost more
@@ -498,8 +560,14 @@ class StreamingWriter:
             raise RuntimeError(f"{self.path}: size {self.path.stat().st_size} != {self.size}")
 
     def abort(self) -> None:
+        self._close_direct()
         if self._fd is not None:
             fd, self._fd = self._fd, None
+            os.close(fd)
+
+    def _close_direct(self) -> None:
+        if self._direct_fd is not None:
+            fd, self._direct_fd = self._direct_fd, None
             os.close(fd)
 
     def __enter__(self) -> StreamingWriter:
@@ -510,6 +578,19 @@ class StreamingWriter:
             self.close()
         else:
             self.abort()
+
+
+def _open_direct(path: Path) -> int | None:
+    """A second, O_DIRECT descriptor on ``path``; None where the filesystem has no O_DIRECT."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | flag)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return None
+        raise
 
 
 def _pwrite_all(fd: int, mv: memoryview, offset: int) -> None:

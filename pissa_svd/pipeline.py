@@ -27,11 +27,13 @@ import torch
 from . import __version__, costmodel, resume
 from .adapter import ADAPTER_CONFIG, ADAPTER_FILE, peft_key
 from .checkpoint import (
+    DIRECT_ALIGN,
     FLOAT_DTYPES,
     INDEX_NAME,
     Checkpoint,
     StreamingWriter,
     TensorInfo,
+    direct_view,
     dtype_nbytes,
     dtype_to_torch,
     read_tensor,
@@ -90,7 +92,7 @@ class Options:
     resume: bool = False  # continue the interrupted run staged in .OUT.partial
     quantize: str | None = None  # QPiSSA: "nf4" or "int8" residual
     quant_iters: int = 5
-    overlap: str = "auto"  # background read/write threads: auto (on for CUDA), on, off
+    overlap: str = "on"  # read and write on background threads while batches compute: on, off
     overwrite: bool = False
     quiet: bool = False
 
@@ -180,6 +182,12 @@ class Plan:
     @property
     def flops(self) -> float:
         return sum(t.flops(self.options.niter, self.oversample) for t in self.targets)
+
+    @property
+    def direct_io(self) -> bool:
+        """Write residuals with O_DIRECT: when a background thread writes (``overlap``) on a
+        CPU run, where a page-cache copy would take CPU from the compute (StreamingWriter)."""
+        return self.overlap and self.device_kind == "cpu"
 
     @property
     def working_bytes(self) -> int:
@@ -274,8 +282,8 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
         raise InputError(f"--quantize must be nf4 or int8, got {o.quantize!r}")
     if isinstance(o.quant_iters, bool) or not isinstance(o.quant_iters, int) or o.quant_iters < 1:
         raise InputError(f"--quant-iters must be an integer >= 1, got {o.quant_iters!r}")
-    if o.overlap not in ("auto", "on", "off"):
-        raise InputError(f"--overlap must be auto, on or off, got {o.overlap!r}")
+    if o.overlap not in ("on", "off"):
+        raise InputError(f"--overlap must be on or off, got {o.overlap!r}")
     if o.processes is not None and o.processes < 1:
         raise InputError(f"--processes must be >= 1, got {o.processes}")
     if o.batch_memory is not None and o.batch_memory < 0:
@@ -366,8 +374,7 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
         fan_in_fan_out=layouts.pop(),
         task_type=task_type(config),
         backend=backend,
-        # On a GPU the host threads are free to read and write; on CPU cores they are not.
-        overlap=o.overlap == "on" or (o.overlap == "auto" and torch.device(device).type == "cuda"),
+        overlap=o.overlap == "on",
         batch_memory=budget,
         batches=_batches(targets, budget),
         config=config,
@@ -667,8 +674,8 @@ def _decompose_share(
         buffer is reused by the next batch, so this happens before that starts)."""
         try:
             results = _decompose_batch(plan, batch, scratch, host)
-            t0 = batch[0]
-            out = scratch.tensor(f"out{slot}", t0.residual_dtype, (len(batch), *t0.info.shape))
+            offsets = [writers[shard_of[t.name]].offset(t.name) for t in batch]
+            out = _staging(scratch, f"out{slot}", batch, offsets)
             return [
                 (t, row, A, B, out[i].copy_(W_res))
                 for i, (t, (row, A, B, W_res)) in enumerate(zip(batch, results, strict=True))
@@ -699,6 +706,7 @@ def _decompose_share(
                 _shard_meta(plan, shard),
                 create=False,
                 owned=names,
+                direct=plan.direct_io,
             )
         if plan.overlap:
             _overlapped(batches, scratch, compute, write)
@@ -834,6 +842,22 @@ def _decompose_batch(
             row["quantization"] = quant_info[i]
         out.append((row, A[i].cpu(), B[i].cpu(), W_res[i].cpu()))
     return out
+
+
+def _staging(
+    scratch: _Scratch, key: str, batch: list[Target], offsets: list[int]
+) -> list[torch.Tensor]:
+    """One output view per member of ``batch`` in scratch buffer ``key``, each aligned to its
+    file offset for a direct write (:func:`~pissa_svd.checkpoint.direct_view`)."""
+    t0 = batch[0]
+    dtype = dtype_to_torch(t0.residual_dtype)
+    nbytes = dtype_nbytes(t0.residual_dtype, t0.info.shape)
+    buf = scratch.get(key, len(batch) * (nbytes + DIRECT_ALIGN + dtype.itemsize))
+    views, pos = [], 0
+    for offset in offsets:
+        view, pos = direct_view(buf, pos, offset, dtype, t0.info.shape)
+        views.append(view)
+    return views
 
 
 def _sync(x: torch.Tensor) -> None:

@@ -9,6 +9,7 @@ the README's install command:
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 import sys
@@ -127,3 +128,19 @@ def run_cli(capsys):
 
 
 PYTHON = sys.executable
+
+
+def direct_write_spy(monkeypatch) -> list[int]:
+    """Record the byte count of every write made through an O_DIRECT descriptor."""
+    from pissa_svd import checkpoint
+
+    real, direct = checkpoint._pwrite_all, []
+
+    def spy(fd, mv, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            assert offset % checkpoint.DIRECT_ALIGN == 0 and len(mv) % checkpoint.DIRECT_ALIGN == 0
+            direct.append(len(mv))
+        real(fd, mv, offset)
+
+    monkeypatch.setattr(checkpoint, "_pwrite_all", spy)
+    return direct

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import os
 import struct
 
 import pytest
@@ -10,8 +13,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from pissa_svd import checkpoint
 from pissa_svd.checkpoint import Checkpoint, SafetensorsFile, StreamingWriter, read_tensor
 from pissa_svd.errors import InputError
+
+from .conftest import direct_write_spy
 
 
 def _tensors():
@@ -77,6 +83,57 @@ def test_writer_any_order_same_bytes_and_rejects_misuse(tmp_path):
     w.write("y", y), w.write("z", z), w.write("x", x)
     w.close()
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+def _aligned_copy(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """A copy of ``t`` staged for a direct write at file ``offset``."""
+    buf = torch.empty(t.nbytes + 2 * checkpoint.DIRECT_ALIGN, dtype=torch.uint8)
+    return checkpoint.direct_view(buf, 0, offset, t.dtype, tuple(t.shape))[0].copy_(t)
+
+
+def test_direct_writes_give_the_same_bytes_and_fall_back(tmp_path, monkeypatch):
+    """Large tensors at unaligned offsets: O_DIRECT writes the whole pages of those whose
+    memory is congruent to their offset, the page cache the rest; the bytes never differ."""
+    monkeypatch.setattr(checkpoint, "DIRECT_MIN_BYTES", 4 * checkpoint.DIRECT_ALIGN)
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a": torch.randn(3, 5, generator=g),  # small: page cache
+        "b": torch.randn(61, 173, generator=g),  # odd sizes: offsets off the page boundaries
+        "c": torch.randn(97, 211, generator=g).bfloat16(),
+        "d": torch.randn(45, 133, generator=g).half(),
+    }
+    entries = [(k, checkpoint.torch_to_dtype(v.dtype), tuple(v.shape)) for k, v in tensors.items()]
+    with StreamingWriter(tmp_path / "ref.safetensors", entries) as w:
+        for k, v in tensors.items():
+            w.write(k, v)
+    ref = (tmp_path / "ref.safetensors").read_bytes()
+
+    direct = direct_write_spy(monkeypatch)
+    with StreamingWriter(tmp_path / "d.safetensors", entries, direct=True) as w:
+        assert any(w.offset(k) % checkpoint.DIRECT_ALIGN for k in "bcd")
+        for k in "abc":
+            w.write(k, _aligned_copy(tensors[k], w.offset(k)))
+        w.write("d", _aligned_copy(tensors["d"], w.offset("d") + 2))  # not congruent
+    assert (tmp_path / "d.safetensors").read_bytes() == ref
+    al = checkpoint.DIRECT_ALIGN
+    pages = [(tensors[k].nbytes - (-w.offset(k) % al)) // al * al for k in "bc"]
+    assert direct == pages  # exactly b's and c's whole pages went straight to the disk
+
+    # A filesystem that rejects the direct write itself: the page cache from then on.
+    real, rejected = checkpoint._pwrite_all, []
+
+    def rejecting(fd, mv, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            rejected.append(len(mv))
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real(fd, mv, offset)
+
+    monkeypatch.setattr(checkpoint, "_pwrite_all", rejecting)
+    with StreamingWriter(tmp_path / "e.safetensors", entries, direct=True) as w:
+        for k in "dcba":
+            w.write(k, _aligned_copy(tensors[k], w.offset(k)))
+    assert len(rejected) == 1  # tried once, then never again
+    assert (tmp_path / "e.safetensors").read_bytes() == ref
 
 
 def _write_raw(path, header: dict, data: bytes, pad=True, length=None):

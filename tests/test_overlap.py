@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from pissa_svd import pipeline
+from pissa_svd import checkpoint, pipeline
 from pissa_svd.pipeline import Options, decompose, make_plan
 
-from .conftest import save_tiny_llama
+from .conftest import direct_write_spy, save_tiny_llama
 
 
 def _files(root):
@@ -23,20 +25,27 @@ def bf16_shards(tmp_path_factory):
     )
 
 
-def test_auto_overlaps_only_on_gpus(bf16_shards, tmp_path):
-    assert not make_plan(bf16_shards, tmp_path / "o", Options(rank=4)).overlap  # CPU
-    assert make_plan(bf16_shards, tmp_path / "o", Options(rank=4, overlap="on")).overlap
-    plan = make_plan(bf16_shards, tmp_path / "o", Options(rank=4, overlap="on"))
+def test_overlap_is_the_default_and_costs_two_buffers(bf16_shards, tmp_path):
+    plan = make_plan(bf16_shards, tmp_path / "o", Options(rank=4))
+    assert plan.overlap and plan.direct_io  # CPU: direct writes
     seq = make_plan(bf16_shards, tmp_path / "o", Options(rank=4, overlap="off"))
+    assert not seq.overlap and not seq.direct_io
     assert plan.working_bytes > seq.working_bytes  # two read and two output buffers
 
 
 @pytest.mark.parametrize("batch_memory", [None, 0])
-def test_overlap_writes_the_same_bytes(bf16_shards, tmp_path, batch_memory):
+def test_overlap_writes_the_same_bytes(bf16_shards, tmp_path, batch_memory, monkeypatch):
+    """Overlapped on CPU, the residuals' whole pages go to the disk with O_DIRECT, from
+    staging buffers aligned to their file offsets: the files are byte-identical."""
     off, on = tmp_path / "off", tmp_path / "on"
     kw = dict(rank=4, batch_memory=batch_memory, quiet=True)
     decompose(bf16_shards, off, overlap="off", **kw)
+    assert make_plan(bf16_shards, on, Options(rank=4, overlap="on")).direct_io
+    monkeypatch.setattr(checkpoint, "DIRECT_MIN_BYTES", 4096)  # the tiny model's matrices
+    direct = direct_write_spy(monkeypatch)
     report = decompose(bf16_shards, on, overlap="on", **kw)
+    big = [r for r in report["matrices"] if math.prod(r["shape"]) * 2 >= 3 * 4096]
+    assert len(direct) >= len(big) > 0  # every such matrix has >= 1 whole page in the file
     assert len(report["matrices"]) == 28
     if batch_memory is None:
         assert max(r["batch"] for r in report["matrices"]) >= 2
@@ -80,7 +89,7 @@ def test_failure_while_a_write_is_in_flight_keeps_only_written_tensors(
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_overlap_matches_sequential_and_verifies(bf16_shards, tmp_path):
-    """On a GPU, auto overlaps (pinned read buffers, H2D/D2H around the batched SVD): the bytes
+    """On a GPU the default overlaps (pinned read buffers, H2D/D2H around the batched SVD): the bytes
     equal a sequential CUDA run's, and verify() accepts the output against the source."""
     from pissa_svd.convert import verify
 
