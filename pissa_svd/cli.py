@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=5,
         metavar="T",
-        help="with --quantize: SVD + quantization rounds, the best kept (default 5)",
+        help="with --quantize: SVD + quantization rounds; the best residual/adapter pair is "
+        "kept, the adapter possibly refitted to the quantized residual (default 5)",
     )
     d.add_argument(
         "--overlap",

@@ -554,8 +554,8 @@ def _batch_cost(plan: Plan, batch: list[Target]) -> float:
         + dtype_nbytes(t.adapter_dtype, (t.rank, t.in_features + t.out_features))
     )
     feats = t.features(plan.options.niter, plan.oversample, len(batch))
-    if plan.options.quantize:  # QPiSSA: one SVD and residual per round (quantizing not modelled)
-        feats = {k: v * plan.options.quant_iters for k, v in feats.items()}
+    if plan.options.quantize:  # QPiSSA: T + 1 SVDs and residuals (quantizing not modelled)
+        feats = {k: v * (plan.options.quant_iters + 1) for k, v in feats.items()}
     return costmodel.seconds(feats, plan.device_kind, io_bytes=written)
 
 
@@ -898,7 +898,17 @@ def _qpissa_batch(plan: Plan, batch: list[Target], Wf: torch.Tensor, seeds, svd_
     info = [
         {
             k: f.info[k]
-            for k in ("scheme", "norm", "errors", "best_iter", "qlora_error", "error_reduction")
+            for k in (
+                "scheme",
+                "norm",
+                "errors",
+                "refit_errors",
+                "best_iter",
+                "best_refit",
+                "best_error",
+                "qlora_error",
+                "error_reduction",
+            )
         }
         for f in out
     ]

@@ -349,36 +349,46 @@ def qpissa_factors(
 ) -> QPissaFactors:
     """PiSSA adapter plus a quantization-ready residual, alternating SVD and quantization.
 
-    Iteration 1 is PiSSA: (A, B) from the SVD of W, W_res = W - s * B @ A. Iteration t >= 2
-    takes (A, B) from the SVD of ``W - deq(Q(W_res_{t-1}))`` (the low-rank part that the
-    previous quantized residual misses) and sets W_res = W - s * B @ A again (SVD first, then
-    quantize, as in the PiSSA paper; LoftQ starts by quantizing W itself). Every iterate is
-    scored by ``||W - (deq(Q(W_res)) + s * B @ A)||`` with A and B as stored (after rounding to
-    ``adapter_dtype``) and the best one is returned: quantization after each SVD step can make
-    the error go up, so the last iterate is not always the best, and the best error over
-    ``iters`` rounds never increases with ``iters`` (the iterates do not depend on ``iters``).
+    Round 1 is PiSSA: (A_1, B_1) from the SVD of W, Q_1 = deq(Q(W - s * B_1 @ A_1)). Round
+    t >= 2 takes (A_t, B_t) from the SVD of ``W - Q_{t-1}`` (the low-rank part that the
+    previous quantized residual misses) and quantizes W - s * B_t @ A_t again (SVD first, then
+    quantize, as in the PiSSA paper; LoftQ starts by quantizing W itself). Two pairings of a
+    quantized residual with an adapter are scored by ``||W - (Q + s * B @ A)||``, with A and B
+    as stored (after rounding to ``adapter_dtype``):
+
+    - ``errors[t-1]``: Q_t with the adapter it was quantized against, (A_t, B_t);
+    - ``refit_errors[t-1]``: Q_t with (A_{t+1}, B_{t+1}), the top-r SVD of ``W - Q_t``: the
+      adapter refitted to the quantized residual it ships with (LoftQ's pairing). It is the
+      first step of round t + 1 anyway, so it only costs one extra SVD, after round T.
+
+    Each step of the alternation lowers the same error, so refit t is usually the best of
+    round t; but quantization after an SVD step can make the error go up, so the last
+    candidate is not always the best. The best of all 2T is returned, and its error never
+    increases with ``iters`` (the iterates do not depend on ``iters``).
 
     The score uses the Frobenius norm by default (``select="fro"``): one pass over the matrix,
-    where the nuclear norm of the paper needs a full SVD per iterate (tens of seconds for a
+    where the nuclear norm of the paper needs a full SVD per candidate (tens of seconds for a
     4096 x 11008 matrix on a CPU). ``select="nuc"`` scores with the nuclear norm instead.
 
     Args:
         W: (out, in), or (in, out) with ``fan_in_fan_out``; bf16/fp16/fp32/fp64.
         rank: adapter rank r.
         scheme: ``nf4`` or ``int8`` (see the module docstring).
-        iters: number of SVD + quantization rounds T >= 1 (the paper uses up to 5).
+        iters: number of quantization rounds T >= 1 (the paper uses up to 5); T + 1 SVDs.
         scaling: lora_alpha / r.
         adapter_dtype / residual_dtype: output dtypes (default: W's dtype).
-        select: ``fro`` or ``nuc``, the norm that picks the best iterate.
+        select: ``fro`` or ``nuc``, the norm that picks the best candidate.
         svd_kwargs: passed to :func:`pissa_svd.svd_lowrank` (niter, method, seed, ...).
 
     Returns:
         (A (r, in) adapter dtype, B (out, r) adapter dtype, W_res, info). W_res is in the
-        stored layout and ``residual_dtype``, equal to deq(Q(W_res_best)) up to rounding to
-        that dtype and a fixed point of quantization in it (see the module docstring).
-        ``info``: ``scheme``, ``norm``, ``errors`` (one per iteration, in that norm),
-        ``best_iter`` (1-based), ``qlora_error`` (``||W - deq(Q(W))||``), ``error_reduction``
-        (``1 - errors[best_iter - 1] / qlora_error``) and ``settle_rounds``.
+        stored layout and ``residual_dtype``, equal to the chosen Q_t up to rounding to that
+        dtype and a fixed point of quantization in it (see the module docstring).
+        ``info``: ``scheme``, ``norm``, ``errors`` and ``refit_errors`` (one per round, in that
+        norm), ``best_iter`` (the round t of the chosen Q_t, 1-based), ``best_refit`` (whether
+        the adapter is the refitted one), ``best_error``, ``qlora_error``
+        (``||W - deq(Q(W))||``), ``error_reduction`` (``1 - best_error / qlora_error``) and
+        ``settle_rounds``.
     """
     _check_scheme(scheme)
     _check_norm(select)
@@ -410,9 +420,12 @@ def qpissa_factors(
 
     qlora_error = _norm(W32 - quant(W32), select)
     errors: list[float] = []
+    refit_errors: list[float] = []
+    # The best candidate so far: (error, t, refit, adapter Q_t was quantized against, adapter).
     best = None
     Q = None
-    for t in range(1, iters + 1):
+    prev = None  # (A_{t-1}, B_{t-1}), which Q_{t-1} was quantized against
+    for t in range(1, iters + 2):
         target = W32 if Q is None else W32 - Q
         A, B, res = pissa_factors(
             target,
@@ -424,6 +437,13 @@ def qpissa_factors(
             **svd_kwargs,
         )
         del target
+        if Q is not None:
+            # res = (W - Q_{t-1}) - s * B_t @ A_t: the refit candidate of round t - 1.
+            refit_errors.append(_norm(res, select))
+            if refit_errors[-1] < best[0]:
+                best = (refit_errors[-1], t - 1, True, prev, (A, B))
+        if t > iters:
+            break
         # For t = 1, pissa_factors' residual is W - s * B @ A already.
         W_res = res if t == 1 else residual(A, B)
         del res
@@ -431,14 +451,15 @@ def qpissa_factors(
         # W - (Q + s * B @ A) = W_res - Q.
         errors.append(_norm(W_res - Q, select))
         del W_res
-        if best is None or errors[-1] < errors[best[0] - 1]:
-            best = (t, A, B)
+        if best is None or errors[-1] < best[0]:
+            best = (errors[-1], t, False, (A, B), (A, B))
+        prev = (A, B)
 
-    # Only the best adapter is kept, not its quantized residual (one (out, in) buffer less);
-    # rebuilding it is deterministic, so it is the very residual that was scored.
-    t_best, A, B = best
-    if t_best != iters:
-        Q = quant(residual(A, B))
+    # Only the best adapters are kept, not their quantized residual (one (out, in) buffer
+    # less); rebuilding it is deterministic, so it is the very residual that was scored.
+    best_error, t_best, refit, (Aq, Bq), (A, B) = best
+    if t_best != iters:  # Q holds Q_T
+        Q = quant(residual(Aq, Bq))
     R, rounds = _settle(Q, scheme, residual_dtype)
     if fan_in_fan_out:
         R = R.mT.contiguous()
@@ -446,9 +467,12 @@ def qpissa_factors(
         "scheme": scheme,
         "norm": select,
         "errors": errors,
+        "refit_errors": refit_errors,
         "best_iter": t_best,
+        "best_refit": refit,
+        "best_error": best_error,
         "qlora_error": qlora_error,
-        "error_reduction": _reduction(errors[t_best - 1], qlora_error),
+        "error_reduction": _reduction(best_error, qlora_error),
         "settle_rounds": rounds,
     }
     return QPissaFactors(A, B, R, info)

@@ -32,7 +32,11 @@ def test_residuals_are_nf4_fixed_points_and_the_report_says_so(tiny_llama, qout,
     report = json.loads((qout / "pissa_report.json").read_text())
     assert report["quantize"] == "nf4" and report["quant_iters"] == 3
     rows = report["matrices"]
-    assert len(rows) == 21 and all(len(r["quantization"]["errors"]) == 3 for r in rows)
+    assert len(rows) == 21
+    for r in rows:
+        q = r["quantization"]
+        assert len(q["errors"]) == len(q["refit_errors"]) == 3
+        assert q["best_error"] == min(q["errors"] + q["refit_errors"])
     # QPiSSA's point: on average the adapter takes a good share of the quantization error.
     mean = sum(r["quantization"]["error_reduction"] for r in rows) / len(rows)
     assert mean > 0.1

@@ -237,46 +237,62 @@ def _weight(out=128, inp=192, seed=0, dtype=torch.float32) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(("adapter", "scaling"), [(torch.float32, 1.0), (torch.bfloat16, 2.0)])
-def test_first_iteration_is_pissa_with_a_quantized_residual(adapter, scaling):
+def test_one_round_is_pissa_with_a_quantized_residual_and_its_refit(adapter, scaling):
+    """T = 1: Q_1 is the quantized PiSSA residual; it ships with the PiSSA adapter or with the
+    adapter refitted to it (the top-r SVD of W - Q_1), whichever error is smaller."""
     W = _weight()
     A, B, R, info = qpissa_factors(W, 8, iters=1, scaling=scaling, adapter_dtype=adapter)
     A0, B0, R0 = pissa_factors(W, 8, scaling=scaling, adapter_dtype=adapter)
-    assert torch.equal(A, A0) and torch.equal(B, B0)
     assert A.dtype == B.dtype == adapter and R.dtype == W.dtype
-    # R0 was computed from the stored (rounded) A, B; the residual is its NF4 image.
+    # R0 was computed from the stored (rounded) A0, B0; the residual is its NF4 image.
     assert torch.equal(R, fake_quantize(R0, "nf4"))
-    assert info["best_iter"] == 1 and len(info["errors"]) == 1
+    A1, B1, res1 = pissa_factors(W - R, 8, scaling=scaling, adapter_dtype=adapter)
+    assert info["best_iter"] == 1 and len(info["errors"]) == len(info["refit_errors"]) == 1
+    assert info["refit_errors"][0] == torch.linalg.matrix_norm(res1).item()
+    # Refitting the adapter to the quantized residual it ships with can only help here.
+    assert info["refit_errors"][0] < info["errors"][0]
+    assert info["best_refit"] and info["best_error"] == info["refit_errors"][0]
+    assert torch.equal(A, A1) and torch.equal(B, B1)
     fro = error_reduction(W, R, A, B, scaling, norm="fro", dtype=torch.float32)
     assert info["error_reduction"] == pytest.approx(fro, abs=1e-5)
+    assert info["error_reduction"] > error_reduction(W, R, A0, B0, scaling, norm="fro")
+
+
+def _candidates(info: dict) -> list[float]:
+    """Every scored pair, in the order computed: round t, then its refit."""
+    return [e for pair in zip(info["errors"], info["refit_errors"], strict=True) for e in pair]
 
 
 @pytest.mark.parametrize("select", ["fro", "nuc"])
 def test_best_error_never_increases_with_iterations(select):
     W = _weight(seed=4)
     runs = [qpissa_factors(W, 8, iters=T, select=select).info for T in range(1, 6)]
-    best = [min(info["errors"]) for info in runs]
+    best = [min(_candidates(info)) for info in runs]
     for T, info in enumerate(runs, start=1):
-        assert info["errors"] == runs[-1]["errors"][:T]  # the iterates do not depend on T
-        assert info["errors"][info["best_iter"] - 1] == best[T - 1]
+        # The candidates do not depend on T.
+        assert _candidates(info) == _candidates(runs[-1])[: 2 * T]
+        assert info["best_error"] == best[T - 1]
         assert info["error_reduction"] == pytest.approx(1 - best[T - 1] / info["qlora_error"])
     assert all(b1 >= b2 for b1, b2 in zip(best, best[1:], strict=False))
     assert best[-1] < 0.97 * best[0]  # the alternation pays off on this weight
     assert runs[0]["error_reduction"] > 0  # and already one PiSSA round beats QLoRA
 
 
-def test_the_best_iterate_is_returned_not_the_last():
-    """Re-quantizing can make the error go up again (here after round 5 of 6)."""
+def test_the_best_candidate_is_returned_not_the_last():
+    """Re-quantizing can make the error go up again (here after round 5 of 6): the returned
+    residual and adapter are the best pair's, and score exactly its error."""
     g = _gen(0)
     U = torch.linalg.qr(torch.randn(64, 64, generator=g))[0]
     V = torch.linalg.qr(torch.randn(96, 96, generator=g))[0]
     W = (U * (1.0 / torch.arange(1, 65).float() ** 0.3)) @ V[:, :64].T  # slow decay
     A, B, R, info = qpissa_factors(W, 32, iters=6)
-    errors = info["errors"]
-    assert info["best_iter"] == 5 and errors[5] > errors[4] == min(errors)
-    # R is deq(Q(W - B @ A)) for the returned (best) A, B, and scores errors[4].
-    W_res = W.clone().addmm_(B, A, alpha=-1.0)
-    assert torch.equal(R, fake_quantize(W_res, "nf4"))
-    assert torch.linalg.matrix_norm(W_res - R).item() == errors[4]
+    errors = _candidates(info)
+    best = errors.index(min(errors))
+    assert best < len(errors) - 1 and min(errors) < errors[-1]
+    assert (info["best_iter"], info["best_refit"]) == (best // 2 + 1, best % 2 == 1)
+    assert torch.equal(fake_quantize(R, "nf4"), R)
+    err = torch.linalg.matrix_norm(W.clone().addmm_(B, A, alpha=-1.0) - R).item()
+    assert err == pytest.approx(min(errors), rel=1e-6)
 
 
 def test_nuclear_selection_reports_the_paper_metric():
@@ -329,7 +345,7 @@ def test_fan_in_fan_out_quantizes_the_out_in_orientation():
     At, Bt, Rt, info_t = qpissa_factors(Wt, 8, iters=3, fan_in_fan_out=True)
     assert Rt.shape == Wt.shape and At.shape == (8, 160) and Bt.shape == (96, 8)
     assert torch.equal(Rt, R.T) and torch.equal(At, A) and torch.equal(Bt, B)
-    assert info_t["errors"] == info["errors"]
+    assert _candidates(info_t) == _candidates(info)
     # Blocks run along "in", as after transformers transposes a Conv1D weight to quantize it.
     assert torch.equal(fake_quantize(Rt.T, "nf4"), Rt.T)
     assert not torch.equal(fake_quantize(Rt, "nf4"), Rt)
