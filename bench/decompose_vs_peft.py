@@ -310,11 +310,12 @@ def run_ours_sequential(work: Path, ckpt: Path, tag: str) -> dict:
     return run_ours(work, ckpt, tag, "--overlap", "off", name="ours-sequential")
 
 
-def run_peft(work: Path, ckpt: Path, tag: str) -> dict:
+def run_peft(work: Path, ckpt: Path, tag: str, *extra: str) -> dict:
+    """``extra``: arguments for the child after the phases file (the device)."""
     out = fresh_out(work, f"{tag}-peft")
     phases = work / "logs" / f"{tag}-peft-phases.json"
     os.sync()
-    m = measure(peft_command(ckpt, out, phases), work / "logs" / f"{tag}-peft.log")
+    m = measure([*peft_command(ckpt, out, phases), *extra], work / "logs" / f"{tag}-peft.log")
     m["phases_s"] = json.loads(phases.read_text())
     return m
 

@@ -25,11 +25,10 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from decompose_vs_peft import NITER, RANK, child_build, measure, peft_command
+from decompose_vs_peft import child_build, run_ours, run_peft
 
 BENCH_DIR = Path(__file__).resolve().parent
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
@@ -56,28 +55,6 @@ def timed_copy(src: Path, dest: Path) -> float:
     wall = time.perf_counter() - start
     shutil.rmtree(dest)
     return wall
-
-
-def timed_ours(src: Path, out: Path, device: str, logs: Path) -> dict:
-    shutil.rmtree(out, ignore_errors=True)
-    os.sync()
-    cmd = [
-        sys.executable, "-m", "pissa_svd", "decompose", str(src), "--rank", str(RANK),
-        "--niter", str(NITER), "--device", device, "--out", str(out), "--quiet",
-    ]  # fmt: skip
-    m = measure(cmd, logs / "ours.log")
-    totals = json.loads((out / "pissa_report.json").read_text())["totals"]
-    shutil.rmtree(out)
-    return {**m, "report": {k: totals[k] for k in ("seconds", "compute_seconds", "svd_seconds")}}
-
-
-def timed_peft(src: Path, out: Path, device: str, logs: Path) -> dict:
-    shutil.rmtree(out, ignore_errors=True)
-    os.sync()
-    phases = logs / "peft_phases.json"
-    m = measure(peft_command(src, out, phases) + [device], logs / "peft.log")
-    shutil.rmtree(out, ignore_errors=True)
-    return {**m, "phases_s": json.loads(phases.read_text())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,10 +87,13 @@ def main(argv: list[str] | None = None) -> int:
         "copy_s": timed_copy(src, work / "copy"),
     }
     print(f"[cp -r] {result['copy_s']:.1f} s", flush=True)
-    result["ours"] = timed_ours(src, work / "out-ours", args.device, logs)
+    # The routes of decompose_vs_peft.py, on the device; outputs deleted after each (disk).
+    result["ours"] = run_ours(work, src, "gpu", "--device", args.device)
+    shutil.rmtree(work / "out")
     print(f"[ours] {result['ours']['wall_s']:.1f} s {result['ours']['report']}", flush=True)
     if not args.skip_peft:
-        result["peft"] = timed_peft(src, work / "out-peft", args.device, logs)
+        result["peft"] = run_peft(work, src, "gpu", args.device)
+        shutil.rmtree(work / "out")
         print(f"[peft] {result['peft']['wall_s']:.1f} s {result['peft']['phases_s']}", flush=True)
 
     ours = result["ours"]["wall_s"]
