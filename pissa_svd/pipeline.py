@@ -210,6 +210,13 @@ class Plan:
             f"  batching     {len(self.targets)} matrices in {len(self.batches)} calls"
             f" (same-shape matrices of a shard, up to {human(self.batch_memory)} each,"
             f" largest batch {max(len(b) for b in self.batches)})",
+            "  io           "
+            + (
+                "overlapped: the next batch read and the previous one written on background"
+                " threads" + (", residuals with O_DIRECT" if self.direct_io else "")
+                if self.overlap
+                else "sequential (--overlap off)"
+            ),
             f"  targets      {len(self.targets)} matrices:",
             f"    {'module':<18} {'count':>5}  {'shape (out x in)':<18} {'rank':>5}  {'method':<7}"
             f" {'dtype':<5} {'GFLOP':>9}",

@@ -220,7 +220,12 @@ def test_dry_run_writes_nothing(ckpt, tmp_path, run_cli):
     assert "21 matrices" in stdout and "GFLOP" in stdout and "peak" in stdout
     assert "q_proj" in stdout and "64 x 64" in stdout
     assert "21 matrices in" in stdout and "calls" in stdout  # the batching line
+    assert "overlapped" in stdout and "O_DIRECT" in stdout  # the default on CPU
     assert not out.exists() and leftovers(tmp_path) == []
+    code, stdout, _ = run_cli(
+        "decompose", ckpt, "--rank", "8", "--out", out, "--dry-run", "--overlap", "off"
+    )
+    assert code == 0 and "sequential (--overlap off)" in stdout
 
 
 @pytest.mark.parametrize("overlap", ["off", "on"])

@@ -59,8 +59,10 @@ def test_failure_while_a_write_is_in_flight_keeps_only_written_tensors(
     bf16_shards, tmp_path, monkeypatch
 ):
     """Batch 4's SVD fails while batch 3 is being written: the error surfaces, the journal
-    holds exactly the batches whose bytes are in place, and --resume completes them to the
-    bytes of an uninterrupted run."""
+    holds exactly the batches whose bytes are in place, and --resume (which re-reads and
+    checks them) completes them to the bytes of an uninterrupted run. Written directly."""
+    monkeypatch.setattr(checkpoint, "DIRECT_MIN_BYTES", 4096)
+    direct = direct_write_spy(monkeypatch)
     real, calls = pipeline.svd_lowrank, []
 
     def failing(*args, **kwargs):
@@ -76,6 +78,7 @@ def test_failure_while_a_write_is_in_flight_keeps_only_written_tensors(
     assert not out.exists()
     journal = tmp_path / ".out.partial" / ".pissa_progress" / "rank-0.jsonl"
     assert journal.read_text().count("\n") == 3  # batches 1-3, one matrix each
+    assert direct  # the journaled tensors went to the disk with O_DIRECT
 
     monkeypatch.setattr(pipeline, "svd_lowrank", real)
     report = decompose(
