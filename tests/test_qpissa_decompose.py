@@ -48,6 +48,25 @@ def test_residuals_are_nf4_fixed_points_and_the_report_says_so(tiny_llama, qout,
     assert code == 0 and "quantization error" in stdout
 
 
+def test_verify_reads_reports_without_refit_fields(tiny_llama, qout, run_cli, tmp_path):
+    """A report from before refitted adapters were scored records the chosen error only in
+    ``errors[best_iter - 1]``: verify checks against it, and still catches a wrong one."""
+    old = Path(shutil.copytree(qout, tmp_path / "old"))
+    report = json.loads((old / "pissa_report.json").read_text())
+    for r in report["matrices"]:
+        q = r["quantization"]
+        q["errors"][q["best_iter"] - 1] = q.pop("best_error")
+        del q["refit_errors"], q["best_refit"]
+    (old / "pissa_report.json").write_text(json.dumps(report))
+    code, stdout, _ = run_cli("verify", tiny_llama, old, "--quiet")
+    assert code == 0, stdout
+    q = report["matrices"][0]["quantization"]
+    q["errors"][q["best_iter"] - 1] *= 1.01
+    (old / "pissa_report.json").write_text(json.dumps(report))
+    code, stdout, _ = run_cli("verify", tiny_llama, old, "--quiet")
+    assert code == 1 and "decompose recorded" in stdout
+
+
 def test_loads_in_4_bits_with_exactly_the_stored_residual(tiny_llama, qout):
     import bitsandbytes.functional as bnbf  # in the test extra: runs on CPU
     from peft import PeftModel
