@@ -659,9 +659,10 @@ def _decompose_share(
     With ``plan.overlap``, one background thread reads the next batch (into pinned memory for
     a GPU) and another writes the previous batch's results while the current one computes;
     ``pread``/``pwrite`` release the GIL, and at most three batches are in flight, so memory
-    stays bounded. Without, every step runs in turn: on a few CPU cores the BLAS threads own
-    every core, and the kernel's page-cache copies compete with them (bench/RESULTS.md).
-    A batch enters the resume journal only once its bytes are written.
+    stays bounded. On CPU the residuals are written with O_DIRECT (``plan.direct_io``): the
+    BLAS threads own every core, and page-cache copies would take their time from the GEMMs
+    (bench/RESULTS.md). Without the overlap, every step runs in turn. A batch enters the
+    resume journal only once its bytes are written.
     """
     shard_of = {i.name: s for s in plan.ckpt.shards for i in plan.ckpt.files[s].tensors.values()}
     mine = [t for b in batches for t in b]
