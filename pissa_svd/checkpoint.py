@@ -420,9 +420,10 @@ class StreamingWriter:
     cache. A buffered write is a CPU copy into the page cache: a 23 MB tensor took 7.5 ms of
     CPU that way on the 2-core benchmark machine, and 1.8 ms written directly (whose 24 ms of
     wall time are the disk's; bench/test_hotpaths.py). Worth it when a background thread
-    writes while the CPU computes; a tensor is written directly only when its memory address is congruent to
-    its file offset modulo ``DIRECT_ALIGN`` (:func:`direct_view`), else as usual. Filesystems
-    without O_DIRECT (tmpfs) are written through the page cache.
+    writes while the CPU computes. A tensor is written directly only when its memory address
+    is congruent to its file offset modulo ``DIRECT_ALIGN`` (:func:`direct_view`), else as
+    usual; filesystems without O_DIRECT (older tmpfs, some network filesystems) are written
+    through the page cache.
     """
 
     def __init__(
