@@ -5,8 +5,8 @@ LLaMA-2-7B-shaped, 32 layers, hidden 4096, MLP 11008, 32/32 heads, vocab 32000),
 each in a fresh child process and side by side:
 
 1. ``cp -r`` of the checkpoint folder (the IO floor: read and write every byte once);
-2. ``pissa-svd decompose CKPT --rank 64 --niter 4 --device cuda`` (overlap on: the default for
-   CUDA);
+2. ``pissa-svd decompose CKPT --rank 64 --niter 4 --device cuda`` (reads and writes overlapped
+   with the compute, the default);
 3. PEFT's in-memory route on the same GPU (load bf16 -> ``get_peft_model`` with
    ``pissa_niter_4`` -> save adapter -> unload -> save), as in bench/decompose_vs_peft.py.
 
@@ -28,7 +28,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from decompose_vs_peft import child_build, run_ours, run_peft
+from decompose_vs_peft import child_build, run_ours, run_peft, shard_files, warm_page_cache
 
 BENCH_DIR = Path(__file__).resolve().parent
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
@@ -68,17 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     shape = SMALL if args.small else LLAMA_7B
     layers = 2 if args.small else args.layers
-    work, logs = args.work.resolve(), args.work.resolve() / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
     src = work / f"llama-bf16-h{shape['hidden_size']}-L{layers}"
 
     build_s = build(src, layers, shape)
-    size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    size = sum(p.stat().st_size for p in shard_files(src))
     print(f"[build] {src} ({size / 1e9:.2f} GB) in {build_s:.0f} s", flush=True)
-    for p in src.glob("*.safetensors"):  # warm the page cache for every route alike
-        with open(p, "rb") as f:
-            while f.read(1 << 26):
-                pass
+    warm_page_cache(src)  # for every route alike
 
     result = {
         "date": datetime.date.today().isoformat(),

@@ -84,9 +84,9 @@ WRITES = 40  # tensors per file: 920 MB of bf16, like a shard
 @pytest.mark.parametrize("mode", ["fallocate", "sparse", "direct"])
 def test_streaming_write(benchmark, tmp_path, weight, mode, monkeypatch):
     """One round writes a fresh file of ``WRITES`` 23 MB bf16 tensors, as decompose fills a
-    shard (wall time per round; ``cpu_ms``: CPU time per tensor). ``fallocate``: through the page cache, the file
-    allocated up front (the sequential pipeline); ``sparse``: the same into an ftruncate'd file
-    (the old way); ``direct``: whole pages with O_DIRECT from a staging buffer aligned to each
+    shard (wall time per round; ``cpu_ms``: CPU time per tensor). ``fallocate``: through the
+    page cache, the file allocated up front (the sequential pipeline); ``sparse``: the same
+    into an ftruncate'd file (the old way); ``direct``: whole pages with O_DIRECT from a staging buffer aligned to each
     tensor's file offset (the overlapped CPU pipeline). A direct write's wall time is the
     disk's, which the background writer hides; CPU time would be taken from the compute."""
     if mode == "sparse":
@@ -101,21 +101,21 @@ def test_streaming_write(benchmark, tmp_path, weight, mode, monkeypatch):
         path.unlink(missing_ok=True)
         os.sync()  # the previous round's dirty pages are not this round's work
 
+    staged = []  # each tensor's view, aligned to its file offset (the same in every round)
+    with StreamingWriter(path, entries, {"format": "pt"}) as w:
+        pos = 0
+        for name, *_ in entries:
+            view, pos = checkpoint.direct_view(buf, pos, w.offset(name), W.dtype, W.shape)
+            staged.append(view.copy_(W))
+            w.write(name, view)
+
     def write():
         c0 = time.process_time()
         with StreamingWriter(path, entries, {"format": "pt"}, direct=mode == "direct") as w:
-            pos = 0
-            for name, *_ in entries:
-                staged, pos = checkpoint.direct_view(buf, pos, w.offset(name), W.dtype, W.shape)
-                w.write(name, staged)
+            for (name, *_), view in zip(entries, staged, strict=True):
+                w.write(name, view)
         cpu.append((time.process_time() - c0) / WRITES)
 
-    with StreamingWriter(path, entries, {"format": "pt"}) as w:  # fill the staging buffer
-        pos = 0
-        for name, *_ in entries:
-            staged, pos = checkpoint.direct_view(buf, pos, w.offset(name), W.dtype, W.shape)
-            staged.copy_(W)
-            w.write(name, staged)
     benchmark.pedantic(write, setup=fresh, rounds=5, warmup_rounds=1)
     benchmark.extra_info["cpu_ms"] = round(1e3 * statistics.median(cpu), 2)
     benchmark.extra_info["tensors_per_round"] = WRITES

@@ -155,7 +155,7 @@ class Target:
             min(self.rank + oversample, min(m, n)),
             batch,
             dtype_nbytes(self.info.dtype, (1,)),
-            8 if self.info.dtype == "F64" else 4,
+            self.work_bytes // (m * n),
             dtype_nbytes(self.residual_dtype, (1,)),
             overlap,
         )
