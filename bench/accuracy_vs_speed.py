@@ -24,7 +24,7 @@ Methods:
 * ``torch q=r+10``: ``torch.svd_lowrank(W, q=r+10, niter=4)`` truncated to r.
 * ``sklearn``: ``sklearn.utils.extmath.randomized_svd(W, r, n_iter=4, random_state=0)``.
 * ``exact``: ``torch.linalg.svd`` in fp32, looped.
-* ours: ``pissa_svd.svd_lowrank`` with ``method`` halko / krylov over ``--niters`` x
+* ours: ``pissa_svd.svd_lowrank`` with ``method`` halko / krylov / krylov2 over ``--niters`` x
   ``--oversamples``, and with its defaults (``method="auto"``, niter 4). Ours are called the way
   a batched decompose would: one ``(b, m, n)`` call per shape group, one seed per matrix
   (``derive_seed(name, 0)``).
@@ -39,8 +39,8 @@ repeated, up to ``--retries`` times.
 
 A second part times LLM-shaped fp32 matrices (4096x4096, 4096x11008, 11008x4096) whose
 spectrum is a real SmolLM2 gate_proj spectrum, interpolated to the needed length, with random
-orthonormal factors (QR of Gaussian matrices): ours default, ours krylov niter 4, and PEFT at
-rank 64. Their optimal error comes from the known spectrum.
+orthonormal factors (QR of Gaussian matrices): ours default, ours halko and krylov niter 4
+(p=16), and PEFT at rank 64. Their optimal error comes from the known spectrum.
 
 Run
 ---
@@ -77,7 +77,7 @@ from pathlib import Path
 import torch
 
 import pissa_svd
-from pissa_svd.linalg import DEFAULT_OVERSAMPLE, derive_seed, resolve_method
+from pissa_svd.linalg import DEFAULT_OVERSAMPLE, default_oversample, derive_seed, resolve_method
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -261,7 +261,8 @@ def sklearn_available() -> bool:
 
 
 def build_methods(niters: list[int], oversamples: list[int], full_grid_niters: list[int]):
-    """The method list; oversamples other than the default are run only for full_grid_niters."""
+    """The method list; oversamples other than a family's default are run only for
+    full_grid_niters."""
     methods = [
         Method("PEFT (torch q=r)", "peft", run_peft, PEFT_NITER),
         Method("torch q=r+10", "torch", lambda m, r: run_peft(m, r, 10), PEFT_NITER),
@@ -270,10 +271,10 @@ def build_methods(niters: list[int], oversamples: list[int], full_grid_niters: l
         methods.append(Method("sklearn randomized_svd", "sklearn", run_sklearn, PEFT_NITER))
     methods.append(Method("exact torch.linalg.svd", "exact", run_exact))
     methods.append(Method("ours default (auto, niter 4)", "default", ours("auto", 4, None), 4))
-    for family in ("halko", "krylov"):
+    for family in ("halko", "krylov", "krylov2"):
         for niter in niters:
             for p in oversamples:
-                if p != DEFAULT_OVERSAMPLE and niter not in full_grid_niters:
+                if p != default_oversample(family) and niter not in full_grid_niters:
                     continue
                 label = f"ours {family} niter={niter} p={p}"
                 methods.append(Method(label, family, ours(family, niter, p), niter, p))
@@ -451,6 +452,13 @@ def bench_llm_shapes(args: argparse.Namespace) -> dict:
         Method("PEFT (torch q=r)", "peft", run_peft, PEFT_NITER),
         Method("ours default (auto, niter 4)", "default", ours("auto", 4, None), 4),
         Method(
+            f"ours halko niter=4 p={DEFAULT_OVERSAMPLE}",
+            "halko",
+            ours("halko", 4, DEFAULT_OVERSAMPLE),
+            4,
+            DEFAULT_OVERSAMPLE,
+        ),
+        Method(
             f"ours krylov niter=4 p={DEFAULT_OVERSAMPLE}",
             "krylov",
             ours("krylov", 4, DEFAULT_OVERSAMPLE),
@@ -552,7 +560,7 @@ def plot(cells: list[dict], path: Path) -> None:
     for c in cells:
         ax = axes[sets.index(c["model_set"])][ranks.index(c["rank"])]
         rows = c["methods"]
-        for family, ls, mk in (("halko", "-", "o"), ("krylov", "--", "x")):
+        for family, ls, mk in (("halko", "-", "o"), ("krylov", "--", "x"), ("krylov2", ":", "s")):
             for p in sorted({r["oversample"] for r in rows.values() if r["family"] == family}):
                 pts = sorted(
                     (r["niter"], r["time_ratio"], max(r["excess_worst"], ERR_FLOOR))
@@ -686,20 +694,22 @@ def llm_checks(llm: dict, label: str, target: tuple[float, float]) -> list[dict]
 
 
 def timing_noise_line(cells: list[dict]) -> str | None:
-    """Where ``auto`` resolves to halko p=8 everywhere, default and halko niter 4 p 8 are the same
-    computation timed twice: the spread of their times is a direct measure of timing noise."""
-    same = f"ours halko niter=4 p={DEFAULT_OVERSAMPLE}"
+    """Where ``auto`` resolves to krylov2 everywhere, default and krylov2 niter 4 (its default
+    oversample) are the same computation timed twice: the spread of their times is a direct
+    measure of timing noise."""
+    p = default_oversample("auto")
+    same = f"ours krylov2 niter=4 p={p}"
     spreads = []
     for c in cells:
         shapes = [tuple(map(int, s.split("x"))) for s in c["shapes"]]
-        auto = {resolve_method("auto", m, n, c["rank"], DEFAULT_OVERSAMPLE, 4) for m, n in shapes}
-        if auto != {"halko"} or same not in c["methods"]:
+        auto = {resolve_method("auto", m, n, c["rank"], p, 4) for m, n in shapes}
+        if auto != {"krylov2"} or same not in c["methods"]:
             return None
         a = c["methods"]["ours default (auto, niter 4)"]["time_s_min"]
         b = c["methods"][same]["time_s_min"]
         spreads.append(abs(a - b) / min(a, b))
     return (
-        f"- Timing noise: here `method=auto` resolves to halko with p={DEFAULT_OVERSAMPLE} for "
+        f"- Timing noise: here `method=auto` resolves to krylov2 with p={p} for "
         f"every matrix, so 'ours default' and '{same}' are the same computation timed "
         f"separately; their min times differ by {min(spreads):.0%}-{max(spreads):.0%} "
         f"(median {statistics.median(spreads):.0%}) across cells. Time ratios closer to a bound "
@@ -829,7 +839,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         nargs="+",
         default=None,
         help="niters for which every oversample is run (default: all --niters); "
-        f"the others run only p={DEFAULT_OVERSAMPLE}",
+        "the others run only with each method's default oversample",
     )
     ap.add_argument("--smollm-layers", type=int, nargs="+", default=[0, 10, 20, 29])
     ap.add_argument("--repeats", type=int, default=3)
@@ -897,8 +907,9 @@ def main(argv: list[str]) -> None:
                 "upcast to fp32); ranks " + ", ".join(map(str, args.ranks))
             ),
             "grid": (
-                f"halko and krylov with niter {args.niters} x oversample {args.oversamples}"
-                + (f"; niter {reduced} only with p={DEFAULT_OVERSAMPLE}" if reduced else "")
+                f"halko, krylov and krylov2 with niter {args.niters} x oversample "
+                f"{args.oversamples}"
+                + (f"; niter {reduced} only with each method's default p" if reduced else "")
                 + "; sklearn "
                 + ("included" if sklearn_available() else "skipped")
             ),

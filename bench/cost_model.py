@@ -3,8 +3,8 @@
 1. Compute points: a synthetic bf16 checkpoint holding matrices of many shapes (square, wide,
    tall, thin KV-like; some repeated so that they batch) is decomposed batch by batch with the
    pipeline's own ``_decompose_batch`` (read from the page cache, bf16 -> fp32, SVD, residual,
-   norms), at ranks 16/64/128, methods auto (halko or exact) and krylov, niter 2 and 4. Each
-   point is the minimum of ``--repeats`` timed runs after a warm-up.
+   norms), at ranks 16/64/128, methods auto (krylov2 or exact), halko and krylov, niter 2 and
+   4. Each point is the minimum of ``--repeats`` timed runs after a warm-up.
 2. The compute coefficients (seconds per GEMM FLOP, dense FLOP, LAPACK SVD FLOP, matrix element
    and call) are a non-negative least-squares fit minimizing relative error over the points.
 3. IO points: whole ``decompose`` runs of random-init Llama checkpoints (hidden 2048, the
@@ -64,6 +64,7 @@ SHAPES = [
 CONFIGS = [  # (rank, method, niter)
     (16, "auto", 4),
     (64, "auto", 4),
+    (64, "halko", 4),
     (64, "krylov", 4),
     (128, "auto", 2),
     (16, "krylov", 2),
@@ -218,19 +219,22 @@ def _adapter_bytes(targets) -> int:
 def estimates(coef: dict[str, float], device: str, processes: list[int]) -> list[dict]:
     """Whole-model estimates for the MODELS shapes at r=64, niter 4, method auto, bf16."""
     rows = []
+    p = pipeline.default_oversample("auto")
     for name, (h, inter, layers, kv, hd, vocab) in MODELS.items():
         shapes = [(h, h), (kv * hd, h), (kv * hd, h), (h, h), (inter, h), (inter, h), (h, inter)]
         jobs = []
         for m, n in shapes:
-            method = pipeline.resolve_method("auto", m, n, 64, 16, 4)
-            f = costmodel.features(m, n, 64, method=method, niter=4, oversample=16)
+            method = pipeline.resolve_method("auto", m, n, 64, p, 4)
+            f = costmodel.features(m, n, 64, method=method, niter=4, oversample=p)
             io = coef["io_bytes"] * (2 * m * n + 2 * 64 * (m + n))  # residual + adapter, bf16
             jobs += [sum(coef[k] * f[k] for k in costmodel.FEATURES) + io] * layers
         other_bytes = 2 * (2 * vocab * h) + 2 * h * (2 * layers + 1)  # embeddings, lm_head, norms
         params = layers * sum(m * n for m, n in shapes) + other_bytes // 2
         # decompose's default pipeline overlaps IO: two read and two output buffers.
-        peak = max(costmodel.working_bytes(m, n, 80, 1, 2, 4, 2, overlap=True) for m, n in shapes)
-        peak_seq = max(costmodel.working_bytes(m, n, 80, 1, 2, 4, 2) for m, n in shapes)
+        peak = max(
+            costmodel.working_bytes(m, n, 64 + p, 1, 2, 4, 2, overlap=True) for m, n in shapes
+        )
+        peak_seq = max(costmodel.working_bytes(m, n, 64 + p, 1, 2, 4, 2) for m, n in shapes)
         row = {
             "model": name,
             "params_b": params / 1e9,

@@ -105,8 +105,10 @@ class StatusBuffer {
 Method parse_method(const std::string& m) {
   if (m == "halko") return Method::halko;
   if (m == "krylov") return Method::krylov;
+  if (m == "krylov2") return Method::krylov2;
   if (m == "exact") return Method::exact;
-  throw py::value_error("method: expected 'halko', 'krylov' or 'exact', got '" + m + "'");
+  throw py::value_error("method: expected 'halko', 'krylov', 'krylov2' or 'exact', got '" + m +
+                        "'");
 }
 
 template <typename T>
@@ -147,8 +149,8 @@ std::vector<int> run(const View& W, const View& omega, const View& U, const View
       throw py::value_error("all tensors must be on W's device");
   if (method != Method::exact && omega.dim(2) > std::min(m, n))
     throw py::value_error("omega: more columns than min(m, n)");
-  if (method == Method::krylov && (niter + 1) * omega.dim(2) > std::min(m, n))
-    throw py::value_error("krylov: (niter + 1) * omega columns exceeds min(m, n); use exact");
+  if (method != Method::exact && krylov_depth(method, niter) * omega.dim(2) > std::min(m, n))
+    throw py::value_error("krylov: depth * omega columns exceeds min(m, n); use exact");
 
   auto be = backend_for<T>(W, stream);  // may import SciPy: needs the GIL
   py::gil_scoped_release nogil;

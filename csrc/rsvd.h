@@ -1,8 +1,10 @@
 // Randomized truncated SVD written once, over the Backend primitives (backend.h).
 //
-// Halko, Martinsson & Tropp (2011) range finder with `niter` power iterations, and block Krylov
-// (Musco & Musco 2015) with the same passes over W; both finish with Rayleigh-Ritz through a thin
-// QR of B^T, as pissa_svd/linalg.py does, so the two implementations are comparable step by step.
+// One power iteration from a Gaussian sketch, `niter` rounds, then Rayleigh-Ritz over its last
+// `depth` blocks, as pissa_svd/linalg.py does, so the two implementations are comparable step by
+// step: depth 1 is the Halko, Martinsson & Tropp (2011) range finder, depth niter + 1 the block
+// Krylov subspace of Musco & Musco (2015), depth 2 is krylov2. Every depth makes the same passes
+// over W.
 //
 // Orthonormalization is CholeskyQR, made unconditional for GPUs: a first *shifted* round
 // (Fukaya et al. 2020: G + s I, s ~ 11 (m k + k^2) u ||Y||_F^2) cannot fail for a full-rank block
@@ -22,7 +24,14 @@
 
 namespace pissa {
 
-enum class Method { halko, krylov, exact };
+enum class Method { halko, krylov, krylov2, exact };
+
+// How many of the power iteration's niter + 1 blocks Rayleigh-Ritz keeps (linalg.krylov_depth).
+inline int krylov_depth(Method method, int niter) {
+  if (method == Method::halko) return 1;
+  if (method == Method::krylov2) return std::min(2, niter + 1);
+  return niter + 1;
+}
 
 enum Status : int { kCholesky = 1, kSmallSvd = 2, kExactSvd = 4 };
 
@@ -130,33 +139,25 @@ void rsvd(Backend<T>& be, int64_t b, const Mat<T>& W, const Mat<T>& omega, int64
   if (l < rank || l > m) throw std::invalid_argument("omega needs rank <= columns <= min(m, n)");
   Mat<T> Z = ws.mat(b, n, l), G = ws.mat(b, l, l);
 
-  if (method == Method::halko) {
-    Mat<T> Q = ws.mat(b, m, l);
-    be.gemm(b, T(1), X, omega, T(0), Q);
-    orthonormalize(be, b, Q, G, niter == 0, status);
-    for (int i = 0; i < niter; ++i) {
-      be.gemm(b, T(1), X.tr(), Q, T(0), Z);
-      orthonormalize(be, b, Z, G, false, status);
-      be.gemm(b, T(1), X, Z, T(0), Q);
-      orthonormalize(be, b, Q, G, i == niter - 1, status);
-    }
-    Mat<T> Bt = ws.mat(b, n, l);
-    be.gemm(b, T(1), X.tr(), Q, T(0), Bt);  // the last pass over W
-    rayleigh_ritz(be, ws, b, Bt, Q, rank, Ux, S, Vhx, status);
-    return;
-  }
-
-  // Block Krylov: K = [Q0 Q1 ... Qq], each new block X (X^T Q_prev) orthogonalized against
-  // all previous ones (block Gram-Schmidt, twice), then Rayleigh-Ritz over all of K. The
-  // products P_i = X^T Q_i are kept as the blocks of Bt = X^T K, so Rayleigh-Ritz needs only
-  // the last block's: 2q + 2 passes over W, as for halko.
-  const int64_t L = (niter + 1) * l;
-  if (L > m) throw std::invalid_argument("krylov space (niter + 1) * l exceeds min(m, n)");
+  // K = [Q_lead ... Q_niter]: the first `lead` blocks only power the sketch up (one CholeskyQR
+  // round keeps them well conditioned); each kept block is X (X^T Q_prev) orthogonalized against
+  // the kept ones before it (block Gram-Schmidt, twice). The products P_i = X^T Q_i that the
+  // iteration computes anyway are kept as the blocks of Bt = X^T K, so Rayleigh-Ritz needs only
+  // the last block's: 2q + 2 passes over W whatever the depth.
+  const int d = krylov_depth(method, niter), lead = niter + 1 - d;
+  const int64_t L = d * l;
+  if (L > m) throw std::invalid_argument("krylov space depth * l exceeds min(m, n)");
   Mat<T> K = ws.mat(b, m, L), C = ws.mat(b, L, l), Bt = ws.mat(b, n, L);
   Mat<T> Q0 = K.col_block(0, l);
   be.gemm(b, T(1), X, omega, T(0), Q0);
-  orthonormalize(be, b, Q0, G, true, status);
-  for (int i = 1; i <= niter; ++i) {
+  orthonormalize(be, b, Q0, G, lead == 0, status);
+  for (int i = 0; i < lead; ++i) {
+    be.gemm(b, T(1), X.tr(), Q0, T(0), Z);
+    orthonormalize(be, b, Z, G, false, status);
+    be.gemm(b, T(1), X, Z, T(0), Q0);
+    orthonormalize(be, b, Q0, G, i == lead - 1, status);
+  }
+  for (int i = 1; i < d; ++i) {
     const Mat<T> prev = K.col_block((i - 1) * l, l), done = K.col_block(0, i * l);
     const Mat<T> Y = K.col_block(i * l, l);
     const Mat<T> Ci{C.p, i * l, l, i * l, false, C.bs};
@@ -171,7 +172,7 @@ void rsvd(Backend<T>& be, int64_t b, const Mat<T>& W, const Mat<T>& omega, int64
     }
     orthonormalize(be, b, Y, G, true, status);
   }
-  be.gemm(b, T(1), X.tr(), K.col_block(niter * l, l), T(0), Bt.col_block(niter * l, l));
+  be.gemm(b, T(1), X.tr(), K.col_block((d - 1) * l, l), T(0), Bt.col_block((d - 1) * l, l));
   rayleigh_ritz(be, ws, b, Bt, K, rank, Ux, S, Vhx, status);
 }
 

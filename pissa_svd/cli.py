@@ -10,6 +10,7 @@ import threading
 
 from . import __version__
 from .errors import InputError, RankFailure
+from .linalg import METHODS
 
 EXIT_BAD_INPUT = 2
 
@@ -45,12 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--niter", type=int, default=4, help="power iterations, as PEFT's pissa_niter_N (default 4)"
     )
-    d.add_argument("--oversample", type=int, default=None, help="extra sketch columns (default 16)")
+    d.add_argument(
+        "--oversample",
+        type=int,
+        default=None,
+        help="extra sketch columns (default 0 for auto and krylov2, else 16)",
+    )
     d.add_argument(
         "--method",
-        choices=("auto", "halko", "krylov", "exact", "gesvdr"),
+        choices=METHODS,
         default="auto",
-        help="SVD method (default auto: exact for small matrices, else halko); gesvdr = "
+        help="SVD method (default auto: exact for small matrices, else krylov2); gesvdr = "
         "cuSOLVER's randomized SVD (native CUDA backend)",
     )
     d.add_argument(

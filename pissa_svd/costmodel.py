@@ -18,6 +18,8 @@ import json
 from functools import cache
 from pathlib import Path
 
+from .linalg import krylov_depth
+
 MODEL_FILE = Path(__file__).with_name("cost_model.json")
 FEATURES = ("gemm_flop", "dense_flop", "svd_flop", "elements", "calls")
 
@@ -49,21 +51,19 @@ def features(
     if method == "exact":
         f["svd_flop"] = 4.0 * m * n * small + 8.0 * small**3
         f["gemm_flop"] = residual
-    else:
+    else:  # the power iteration of linalg._block_krylov, keeping the last d blocks
         k = min(rank + oversample, small)
-        q = niter
+        q, d = niter, krylov_depth(method, niter)
+        lead = q + 1 - d  # blocks that are only powered up
         f["gemm_flop"] = (2 * q + 2) * 2.0 * m * n * k + residual
         # CholeskyQR rounds: 4 rows k^2 each (Gram, then the GEMM with the inverted factor).
-        if method == "krylov":
-            width = (q + 1) * k
-            blocks = q * (4.0 * big + 8.0 * small) * k**2 + 8.0 * small * k**2
-            gram_schmidt = 10.0 * small * k**2 * q * (q + 1) / 2
-            ritz = 2.0 * big * width**2 + 2.0 * (big + small) * width * rank + 20.0 * width**3
-            f["dense_flop"] = blocks + gram_schmidt + ritz
-        else:  # halko and gesvdr
-            rounds = (q + 1) * small + q * big + small
-            ritz = 2.0 * big * k**2 + 2.0 * (big + small) * k * rank + 20.0 * k**3
-            f["dense_flop"] = 4.0 * rounds * k**2 + ritz
+        small_rounds = (1 + lead + 1 if lead else 2) + 2 * (d - 1)
+        big_rounds = lead + 2 * (d - 1)
+        gram_schmidt = 10.0 * small * k**2 * (d - 1) * d / 2
+        width = d * k
+        ritz = 2.0 * big * width**2 + 2.0 * (big + small) * width * rank + 20.0 * width**3
+        f["dense_flop"] = 4.0 * (small_rounds * small + big_rounds * big) * k**2
+        f["dense_flop"] += gram_schmidt + ritz
     return {key: v * batch for key, v in f.items()}
 
 

@@ -5,16 +5,21 @@ Shapes: ``W`` is ``(m, n)`` or a batch ``(b, m, n)``; results are ``U (..., m, k
 Everything is computed in fp32, or fp64 when ``W`` is fp64, on ``W``'s device.
 
 Cost in passes over W (one pass = one GEMM of W or W^T with a thin block), for ``niter`` = q
-power iterations, exactly as PEFT's ``pissa_niter_q`` counts them:
+power iterations, exactly as PEFT's ``pissa_niter_q`` counts them. The randomized methods are
+one algorithm, a power iteration from a Gaussian sketch followed by Rayleigh-Ritz, and differ
+only in how many of its q + 1 blocks the Rayleigh-Ritz step keeps (``krylov_depth``):
 
-- ``halko``: 2q + 2 passes with a block of ``rank + oversample`` columns.
-- ``krylov``: the same 2q + 2 passes with the same block. It keeps every block of the power
-  iteration and extracts the answer by Rayleigh-Ritz over all of them (Musco & Musco 2015),
-  which converges much faster on slowly decaying spectra. The products with Wᵀ that the power
-  iteration computes anyway are kept for the Rayleigh-Ritz step, so the extra cost is only
-  small dense work on the ``(q + 1) * (rank + oversample)``-column basis (orthogonalization,
-  and the Gram matrix of that width for Rayleigh-Ritz), no extra pass over W. When those
-  columns would fill the smaller side, it runs ``exact`` instead (cheaper, and exact).
+- ``halko``: the last block (Halko, Martinsson & Tropp 2011): 2q + 2 passes with a block of
+  ``rank + oversample`` columns (default oversample 16).
+- ``krylov``: every block, the block Krylov subspace of Musco & Musco (2015), which converges
+  much faster on slowly decaying spectra. The products with Wᵀ that the power iteration
+  computes anyway are kept for the Rayleigh-Ritz step, so it still makes 2q + 2 passes; the
+  extra cost is only small dense work on the ``(q + 1) * (rank + oversample)``-column basis
+  (orthogonalization, and the Gram matrix of that width). When those columns would fill the
+  smaller side, it runs ``exact`` instead (cheaper, and exact).
+- ``krylov2``: the last two blocks, with no oversampling by default: PEFT's passes exactly
+  (2q + 2 with ``rank`` columns) and a third to a half of its error on real weights, for a
+  little dense work on ``2 * rank`` columns (bench/RESULTS.md). What ``auto`` runs.
 - ``exact``: LAPACK/cuSOLVER via ``torch.linalg.svd``; O(m n min(m, n)).
 - ``gesvdr``: cuSOLVER's own randomized SVD (``cusolverDnXgesvdr``), native CUDA backend only.
 
@@ -29,9 +34,12 @@ from collections.abc import Sequence
 
 import torch
 
-METHODS = ("auto", "halko", "krylov", "exact", "gesvdr")
+METHODS = ("auto", "halko", "krylov", "krylov2", "exact", "gesvdr")
 BACKENDS = ("auto", "native", "torch")
-DEFAULT_OVERSAMPLE = 16
+DEFAULT_OVERSAMPLE = 16  # halko, krylov and gesvdr
+# krylov2 (and so auto) gets its accuracy from its second block rather than from oversampling:
+# extra columns cost every pass (bench/RESULTS.md, accuracy vs speed).
+OVERSAMPLE = {"auto": 0, "krylov2": 0}
 # backend="auto", per device: the backend bench/RESULTS.md measured faster at equal accuracy
 # ("native vs torch"). CUDA stays on torch until the native CUDA path has been measured.
 AUTO_BACKEND = {"cpu": "torch", "cuda": "torch"}
@@ -56,6 +64,16 @@ def derive_seed(name: str, seed: int) -> int:
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
+def default_oversample(method: str) -> int:
+    """The oversampling ``method`` runs with when none is given."""
+    return OVERSAMPLE.get(method, DEFAULT_OVERSAMPLE)
+
+
+def krylov_depth(method: str, niter: int) -> int:
+    """How many of the power iteration's ``niter + 1`` blocks Rayleigh-Ritz keeps."""
+    return {"halko": 1, "gesvdr": 1, "krylov2": min(2, niter + 1)}.get(method, niter + 1)
+
+
 def resolve_method(method: str, m: int, n: int, rank: int, oversample: int, niter: int) -> str:
     """The method that actually runs for an (m, n) matrix (what plans and reports show)."""
     if method not in METHODS:
@@ -63,15 +81,15 @@ def resolve_method(method: str, m: int, n: int, rank: int, oversample: int, nite
     small = min(m, n)
     if method == "gesvdr" and rank + oversample >= small:
         return "exact"  # cuSOLVER requires rank + oversample < min(m, n)
-    if method == "krylov" and (niter + 1) * (rank + oversample) >= small:
+    if method == "krylov" and krylov_depth(method, niter) * (rank + oversample) >= small:
         # The Krylov space would fill all of R^min(m,n): an exact SVD is then cheaper and exact.
         return "exact"
-    if method != "auto":
+    if method not in ("auto", "krylov2"):
         return method
-    # When the sketch would span half the smaller side, randomization saves little: be exact.
+    # When the basis would span half the smaller side, randomization saves little: be exact.
     if 2 * (rank + oversample) >= small:
         return "exact"
-    return "halko"
+    return "krylov2"
 
 
 def svd_lowrank(
@@ -90,9 +108,10 @@ def svd_lowrank(
         W: (m, n) or (b, m, n), bf16/fp16/fp32/fp64, any device.
         rank: number of triplets, 1 <= rank <= min(m, n).
         niter: power iterations (PEFT's ``pissa_niter_N``).
-        oversample: extra sketch columns (default ``DEFAULT_OVERSAMPLE``), capped so the sketch
-            never exceeds min(m, n).
-        method: ``auto`` | ``halko`` | ``krylov`` | ``exact`` | ``gesvdr`` (native CUDA only).
+        oversample: extra sketch columns (default: ``default_oversample(method)``, 0 for auto
+            and krylov2, 16 otherwise), capped so the sketch never exceeds min(m, n).
+        method: ``auto`` (krylov2, or exact where the basis would span half the smaller side)
+            | ``halko`` | ``krylov`` | ``krylov2`` | ``exact`` | ``gesvdr`` (native CUDA only).
         seed: int, or one int per batch element. Matrix ``i`` of a batch uses exactly the
             random sketch a single call with ``seed[i]`` would use, so batched == looped.
         backend: ``torch``, ``native`` (the compiled engine; raises
@@ -111,7 +130,7 @@ def svd_lowrank(
         raise ValueError(f"rank must be an int in [1, min(m, n) = {min(m, n)}], got {rank!r}")
     if niter < 0:
         raise ValueError(f"niter must be >= 0, got {niter}")
-    p = DEFAULT_OVERSAMPLE if oversample is None else oversample
+    p = default_oversample(method) if oversample is None else oversample
     if p < 0:
         raise ValueError(f"oversample must be >= 0, got {p}")
     method = resolve_method(method, m, n, rank, p, niter)
@@ -162,7 +181,7 @@ def _native_svd(X, rank, niter, width, method, seeds):
 
     m, n = X.shape[-2:]
     omega = None
-    if method in ("halko", "krylov"):
+    if method in ("halko", "krylov", "krylov2"):
         omega = _gaussian(seeds, max(m, n), width, X)
     U, S, Vh, bad = native.svd(X.contiguous(), rank, niter, method, omega, width - rank)
     if bad:
@@ -186,8 +205,7 @@ def _torch_svd(X, rank, niter, width, method, seeds):
         flip = m > n
         Xs = X.mT if flip else X
         omega = _gaussian(seeds, Xs.shape[-1], width, X)
-        run = _halko if method == "halko" else _block_krylov
-        U, S, Vh = run(Xs, omega, niter, rank)
+        U, S, Vh = _block_krylov(Xs, omega, niter, rank, krylov_depth(method, niter))
         if flip:
             U, Vh = Vh.mT, U.mT
     return U[..., :rank], S[..., :rank], Vh[..., :rank, :]
@@ -292,31 +310,33 @@ def _small_svd_qr(Bt: torch.Tensor, Q: torch.Tensor, rank: int):
     return Q @ Ur[..., :rank], S[..., :rank], Vhr[..., :rank, :] @ Qb.mT
 
 
-def _halko(X: torch.Tensor, omega: torch.Tensor, niter: int, rank: int):
-    """Range finder with power iterations, re-orthonormalized after every product (stable)."""
-    # One CholeskyQR round keeps the intermediate bases well conditioned; the last gets two.
-    Q = orthonormalize(X @ omega, rounds=2 if niter == 0 else 1)
-    for i in range(niter):
-        Z = orthonormalize(X.mT @ Q, rounds=1)
-        Q = orthonormalize(X @ Z, rounds=2 if i == niter - 1 else 1)
-    return _small_svd(X.mT @ Q, Q, rank)  # the last pass over W
+def _block_krylov(X: torch.Tensor, omega: torch.Tensor, niter: int, rank: int, depth: int):
+    """Power iteration from XΩ; Rayleigh-Ritz over its last ``depth`` blocks.
 
-
-def _block_krylov(X: torch.Tensor, omega: torch.Tensor, niter: int, rank: int):
-    """Block Krylov subspace [XΩ, (XXᵀ)XΩ, ..., (XXᵀ)^q XΩ] with full re-orthogonalization.
-
-    Rayleigh-Ritz needs Xᵀ K for the whole basis K = [Q_0 ... Q_q]. The power iteration already
-    computes Xᵀ Q_i for every block but the last (it is the next block's starting point), so
-    keeping those products leaves one thin pass: 2q + 2 passes in all, as many as ``_halko``.
+    The blocks are Q_i = orth((XXᵀ)^i XΩ), i = 0..q. ``depth = q + 1`` is the block Krylov
+    subspace [Q_0 ... Q_q] of Musco & Musco (2015); ``depth = 1`` is Halko's range finder;
+    ``depth = 2`` (krylov2) adds the previous block to it, which on real weights removes most
+    of Halko's excess error at the same block width.
+    Rayleigh-Ritz needs Xᵀ K for the kept basis K: the power iteration already computes Xᵀ Q_i
+    for every block but the last (it is the next block's starting point), so keeping those
+    products leaves one thin pass: 2q + 2 passes whatever the depth. Kept blocks are fully
+    orthogonalized against each other; the blocks before them only need to stay well
+    conditioned (one CholeskyQR round).
     """
-    # resolve_method guarantees (niter + 1) blocks fit in R^m, so the space never fills up.
     b, m, n = X.shape
     w = omega.shape[-1]  # block width
-    K = X.new_empty((b, m, (niter + 1) * w))  # the basis, block by block
-    P = X.new_empty((b, n, (niter + 1) * w))  # P[..., block i] = Xᵀ Q_i
-    K[..., :w] = orthonormalize(X @ omega)
+    d = min(depth, niter + 1)
+    lead = niter + 1 - d  # blocks before the kept ones
+    Q = orthonormalize(X @ omega, rounds=1 if lead else 2)
+    for i in range(lead):
+        Z = orthonormalize(X.mT @ Q, rounds=1)
+        Q = orthonormalize(X @ Z, rounds=2 if i == lead - 1 else 1)
+    # resolve_method guarantees the d blocks fit in R^m, so the space never fills up.
+    K = X.new_empty((b, m, d * w))  # the kept basis, block by block
+    P = X.new_empty((b, n, d * w))  # P[..., block i] = Xᵀ K_i
+    K[..., :w] = Q
     tol = 1000 * torch.finfo(X.dtype).eps
-    for i in range(1, niter + 1):
+    for i in range(1, d):
         Ki, prev = K[..., : i * w], K[..., (i - 1) * w : i * w]
         torch.matmul(X.mT, prev, out=P[..., (i - 1) * w : i * w])
         Y = X @ orthonormalize(P[..., (i - 1) * w : i * w])
@@ -329,5 +349,5 @@ def _block_krylov(X: torch.Tensor, omega: torch.Tensor, niter: int, rank: int):
             # orthonormal complement instead; Householder keeps it orthonormal whatever Y is.
             Qn = torch.linalg.qr(torch.cat([Ki, Y], dim=-1), mode="reduced").Q[..., i * w :]
         K[..., i * w : (i + 1) * w] = Qn
-    torch.matmul(X.mT, K[..., niter * w :], out=P[..., niter * w :])  # the last pass over W
+    torch.matmul(X.mT, K[..., (d - 1) * w :], out=P[..., (d - 1) * w :])  # the last pass over W
     return _small_svd(P, K, rank)

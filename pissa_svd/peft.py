@@ -31,9 +31,9 @@ from transformers.pytorch_utils import Conv1D
 from .errors import InputError
 from .linalg import (
     BACKENDS,
-    DEFAULT_OVERSAMPLE,
     METHODS,
     default_batch_memory,
+    default_oversample,
     derive_seed,
     resolve_backend,
     resolve_method,
@@ -162,7 +162,7 @@ def initialize(
             stacklevel=2,
         )
     _check_devices(targets, method, backend)
-    p = DEFAULT_OVERSAMPLE if oversample is None else oversample
+    p = default_oversample(method) if oversample is None else oversample
     rows: dict[str, dict] = {}
     groups = _groups(targets, name, batch)
     for group in groups:

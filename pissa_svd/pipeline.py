@@ -42,9 +42,9 @@ from .distributed import Team, assign, team_from_env
 from .errors import InputError, RankFailure
 from .linalg import (
     BACKENDS,
-    DEFAULT_OVERSAMPLE,
     METHODS,
     default_batch_memory,
+    default_oversample,
     derive_seed,
     resolve_backend,
     resolve_method,
@@ -316,7 +316,7 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
     check_out(out_path, o.overwrite, {"the source checkpoint": src_path})
 
     targets = []
-    oversample = DEFAULT_OVERSAMPLE if o.oversample is None else o.oversample
+    oversample = default_oversample(o.method) if o.oversample is None else o.oversample
     for info in ckpt.tensors():
         hit = select(info.name, info.shape, patterns)
         if hit is None:

@@ -88,6 +88,9 @@ def lm_logits(model, ids):
         return model(input_ids=ids).logits.float()
 
 
+PEFT_DRAWS = 3  # draws of PEFT's unseeded init whose worst error bounds ours
+
+
 def assert_reload_faithful(src, out, rank, auto_cls, dtype, targets, inputs, fan_in_fan_out=False):
     """Loading OUT reproduces the original outputs at least as well as PEFT's own route.
 
@@ -96,10 +99,14 @@ def assert_reload_faithful(src, out, rank, auto_cls, dtype, targets, inputs, fan
     Weights are loaded in their storage ``dtype`` and the forward runs in fp32, so what is
     compared is how faithfully each route's stored weights reproduce W, not bf16 matmul noise.
 
-    Tolerance: PEFT's own error on the same model and inputs. The mean |output - original| must
-    not exceed PEFT's; the max, an extreme-value statistic of one rounding realization, must stay
-    within 2x PEFT's. For fp32 models both routes are exact up to fp32 rounding, so errors below
-    32 eps * max|output| are noise and pass.
+    Tolerance: PEFT's own error on the same model and inputs. PEFT's init is unseeded, so its
+    error is a distribution, not a number: on all-MiniLM-L6-v2 (fp32) its max error ranged
+    7.6e-6 to 2.8e-5 over 8 draws of its sketch, ours 1.1e-5 to 4.5e-5 over 8 seeds, with the
+    same mean (3e-7 to 4e-7): rounding noise, whose max over the outputs is an extreme-value
+    statistic. So PEFT runs ``PEFT_DRAWS`` times and the bound is the worst it showed: the mean
+    |output - original| must not exceed PEFT's, and the max must stay within 2x PEFT's. For fp32
+    models both routes are exact up to fp32 rounding, so errors below 32 eps * max|output| are
+    noise and pass.
     """
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -114,7 +121,6 @@ def assert_reload_faithful(src, out, rank, auto_cls, dtype, targets, inputs, fan
     assert sum(p.requires_grad for n, p in ours.named_parameters() if "lora_" in n) > 0
     assert not any(p.requires_grad for n, p in ours.named_parameters() if "lora_" not in n)
     got = forward(ours)
-    torch.manual_seed(0)  # PEFT's init is unseeded
     cfg = LoraConfig(
         r=rank,
         lora_alpha=rank,
@@ -123,13 +129,17 @@ def assert_reload_faithful(src, out, rank, auto_cls, dtype, targets, inputs, fan
         lora_dropout=0.0,
         fan_in_fan_out=fan_in_fan_out,
     )
-    peft = forward(get_peft_model(auto_cls.from_pretrained(src, dtype=dtype), cfg))
-    d_ours, d_peft = (got - ref).abs(), (peft - ref).abs()
+    d_peft = []
+    for draw in range(PEFT_DRAWS):
+        torch.manual_seed(draw)  # PEFT draws its sketch from the global generator
+        peft = forward(get_peft_model(auto_cls.from_pretrained(src, dtype=dtype), cfg))
+        d_peft.append((peft - ref).abs())
+    d_ours = (got - ref).abs()
     floor = 0.0
     if dtype == torch.float32:
         floor = 32 * torch.finfo(torch.float32).eps * float(ref.abs().max())
     ours = (float(d_ours.max()), float(d_ours.mean()))
-    theirs = (float(d_peft.max()), float(d_peft.mean()))
+    theirs = (max(float(d.max()) for d in d_peft), max(float(d.mean()) for d in d_peft))
     assert ours[1] <= max(theirs[1], floor), f"mean error {ours[1]:.3g} vs PEFT {theirs[1]:.3g}"
     assert ours[0] <= max(2 * theirs[0], floor), f"max error {ours[0]:.3g} vs PEFT {theirs[0]:.3g}"
     return ours, theirs

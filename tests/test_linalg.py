@@ -38,10 +38,15 @@ def test_methods_beat_peft_on_slow_decay(shape):
     peft = excess_error(W, s, U, S, V.mT)
     halko = excess_error(W, s, *svd_lowrank(W.float(), r, method="halko"))
     krylov = excess_error(W, s, *svd_lowrank(W.float(), r, method="krylov"))
+    krylov2 = excess_error(W, s, *svd_lowrank(W.float(), r, method="krylov2"))
+    auto = excess_error(W, s, *svd_lowrank(W.float(), r))
     exact = excess_error(W, s, *svd_lowrank(W.float(), r, method="exact"))
     assert abs(exact) < 1e-5
     assert 0 <= halko < 0.6 * peft
     assert 0 <= krylov < 0.1 * peft
+    # The previous block makes up for oversampling: below halko's error with 16 fewer columns.
+    assert 0 <= krylov2 < min(0.5 * peft, halko)
+    assert auto == krylov2  # auto runs krylov2 (with its default, no oversampling) here
 
 
 def test_singular_values_and_subspaces_are_accurate():
@@ -62,7 +67,7 @@ def test_exact_matches_torch():
     torch.testing.assert_close(U * S @ Vh, (U0[:, :10] * S0[:10]) @ Vh0[:10])
 
 
-@pytest.mark.parametrize("method", ["halko", "krylov", "exact"])
+@pytest.mark.parametrize("method", ["halko", "krylov", "krylov2", "exact"])
 def test_batched_equals_looped(method):
     Ws = torch.stack([known(200, 150, seed=i)[0] for i in range(3)]).float()
     seeds = [11, 22, 33]
@@ -73,7 +78,7 @@ def test_batched_equals_looped(method):
         torch.testing.assert_close(Ub[i] * Sb[i] @ Vb[i], U * S @ Vh, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["halko", "krylov", "exact"])
+@pytest.mark.parametrize("method", ["halko", "krylov", "krylov2", "exact"])
 def test_full_rank_deficient_and_zero(method):
     W, s = known(60, 40)
     U, S, Vh = svd_lowrank(W.float(), 40, method=method)  # rank == min(m, n)
@@ -84,6 +89,33 @@ def test_full_rank_deficient_and_zero(method):
     torch.testing.assert_close(U * S @ Vh, low.float(), atol=1e-5, rtol=0)
     U, S, Vh = svd_lowrank(torch.zeros(70, 30), 10, method=method)
     assert torch.isfinite(U).all() and torch.isfinite(Vh).all() and float(S.abs().max()) == 0
+
+
+def test_krylov2_keeps_the_last_two_blocks_of_halkos_iteration():
+    """krylov2's basis holds halko's (same sketch, no oversampling on either), so its
+    Rayleigh-Ritz can only do better; with one power iteration it is the whole Krylov space."""
+    W, s = known(300, 500, decay=0.3)
+    for niter in (0, 1, 3):
+        halko = excess_error(W, s, *svd_lowrank(W, 20, niter=niter, method="halko", oversample=0))
+        two = excess_error(W, s, *svd_lowrank(W, 20, niter=niter, method="krylov2"))
+        assert two <= halko + 1e-12
+        if niter == 0:
+            assert two == pytest.approx(halko, abs=1e-12)  # one block: the same method
+    full = svd_lowrank(W, 20, niter=1, method="krylov", oversample=0)
+    two = svd_lowrank(W, 20, niter=1, method="krylov2")
+    torch.testing.assert_close(two[1], full[1], rtol=1e-10, atol=0)
+
+
+def test_default_oversample_per_method():
+    from pissa_svd.linalg import default_oversample, resolve_method
+
+    assert default_oversample("auto") == default_oversample("krylov2") == 0
+    assert default_oversample("halko") == default_oversample("krylov") == 16
+    assert resolve_method("auto", 4096, 11008, 64, 0, 4) == "krylov2"
+    # The two-block basis would span half the smaller side: exact instead.
+    assert resolve_method("auto", 256, 2048, 64, 0, 4) == "krylov2"
+    assert resolve_method("auto", 128, 2048, 64, 0, 4) == "exact"
+    assert resolve_method("krylov2", 100, 90, 45, 0, 4) == "exact"
 
 
 def test_bf16_input_and_seed_determinism():

@@ -148,8 +148,10 @@ def test_matches_peft_pissa_niter_4():
     The weights get a decaying spectrum (s_{i+1} / s_i = e^-1/2, as in trained models), so the
     top-8 subspace is well defined and both SVDs can find it. PEFT's torch.svd_lowrank sketches
     exactly r columns (no oversampling), so its error varies from draw to draw: over 8 seeds its
-    worst layer was 0.07%-1.4% of ||W_r||; 5% leaves room for that spread. Ours (16 extra
-    columns) lands within fp32 rounding of the exact truncation, hence the 1e-5.
+    worst layer was 0.07%-1.4% of ||W_r||; 5% leaves room for that spread. Ours (krylov2, the
+    same r columns per block) was within 7e-5 of ||W_r|| over 3 seeds, hence the 2e-4. (On a
+    spectrum this steep, halko's 16 extra columns do better still, 3e-7; on real weights,
+    whose spectra decay slowly, krylov2 is the more accurate: bench/RESULTS.md.)
     """
     base = make_llama(decay=2.0)
     ids = input_ids()
@@ -170,7 +172,7 @@ def test_matches_peft_pissa_niter_4():
         BA_ours, BA_peft = product(mine[name]), product(peft[name])
         scale = float(Wr.norm())
         assert float((BA_ours - BA_peft).norm()) <= 0.05 * scale, name
-        assert float((BA_ours - Wr).norm()) <= 1e-5 * scale, name
+        assert float((BA_ours - Wr).norm()) <= 2e-4 * scale, name
         # At least as accurate: excess over the optimal rank-8 error, ours <= PEFT's.
         excess_ours = float((W - BA_ours).norm()) - optimum
         excess_peft = float((W - BA_peft).norm()) - optimum
