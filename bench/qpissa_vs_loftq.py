@@ -23,7 +23,7 @@ mean over the matrices of a model (min and max in the JSON).
 The two methods
 ---------------
 * QPiSSA: ``pissa_svd.quant.qpissa_factors(W, r, iters=T)`` with its defaults (SVD by
-  ``pissa_svd.svd_lowrank``: method auto, niter 4, oversample 16, seeded per matrix with
+  ``pissa_svd.svd_lowrank``: method auto, niter 4, its default oversample, seeded per matrix with
   ``derive_seed(name, 0)``; T quantization rounds, T + 1 SVDs, the best of its 2T
   candidates by Frobenius error), fp32 adapter and residual.
   NF4 by pissa-svd's own torch quantizer.
@@ -72,7 +72,7 @@ from accuracy_vs_speed import (
     update_results_md,
 )
 
-from pissa_svd.linalg import derive_seed
+from pissa_svd.linalg import default_oversample, derive_seed
 from pissa_svd.quant import fake_quantize, qpissa_factors, quantization_error
 
 DEFAULT_JSON = BENCH_DIR / "results" / "qpissa_vs_loftq.json"
@@ -292,7 +292,8 @@ def markdown(result: dict) -> str:
         "(unweighted) over the matrices of a model. NF4 blocksize 64, fp32 absmax, no double "
         "quantization; scaling 1.",
         "- QPiSSA: `pissa_svd.quant.qpissa_factors` (SVD: `svd_lowrank` method "
-        f"{meta['qpissa_svd_method']}, niter 4, oversample 16; T quantization rounds and T + 1 "
+        f"{meta['qpissa_svd_method']}, niter 4, oversample "
+        f"{default_oversample(meta['qpissa_svd_method'])}; T quantization rounds and T + 1 "
         "SVDs; the best of 2T candidates by Frobenius error: round t's quantized residual with "
         "the adapter it was quantized against (t) or with the adapter refitted to it (tr)), "
         "NF4 by pissa-svd's torch quantizer. "
