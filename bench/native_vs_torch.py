@@ -1,8 +1,8 @@
 """Benchmark: the native engine (csrc/) against the torch path, same algorithm, same sketch.
 
 CPU part (default): real SmolLM2-135M weights, the 7 projections of layers ``--layers``, called
-batched by shape exactly as decompose calls them, at ranks ``--ranks``, for ``halko`` and
-``krylov`` at niter 4; plus LLM-shaped matrices (4096x4096, 4096x11008, 11008x4096 with a real
+batched by shape exactly as decompose calls them, at ranks ``--ranks``, for ``halko``,
+``krylov`` and ``krylov2`` at niter 4; plus LLM-shaped matrices (4096x4096, 4096x11008, 11008x4096 with a real
 layer's spectrum, as in accuracy_vs_speed.py) at rank 64. Both backends run side by side in
 this process, round-robin, ``--repeats`` times; the table shows the minimum wall time, the time
 ratio native / torch and the worst excess error ``||W - U S Vh||_F / ||W - W_r*||_F - 1``.
@@ -64,7 +64,7 @@ def cpu_part(args) -> dict:
     rows = []
     for set_name, mats in sets.items():
         for r in [64] if set_name == "LLM-shaped" else args.ranks:
-            for method in ("halko", "krylov"):
+            for method in ("halko", "krylov", "krylov2"):
                 runs = {b: ours(method, 4, None, backend=b) for b in ("torch", "native")}
                 errs = {}
                 for b, run in runs.items():
@@ -117,7 +117,7 @@ def llama7b_part(args) -> dict:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    def ours_batched(backend, method="halko"):
+    def ours_batched(backend, method="auto"):  # auto: what decompose runs
         return {
             k: pissa_svd.svd_lowrank(
                 W, r, niter=4, method=method, seed=list(range(len(W))), backend=backend

@@ -38,7 +38,7 @@ def excess(W, s, U, S, Vh) -> float:
     return float(torch.linalg.matrix_norm(W.double() - (U * S) @ Vh) / opt - 1)
 
 
-@pytest.mark.parametrize("method", ["halko", "krylov"])
+@pytest.mark.parametrize("method", ["halko", "krylov", "krylov2"])
 def test_svd_lowrank(benchmark, weight, method):
     W, s = weight
     U, S, Vh = benchmark(svd_lowrank, W, RANK, niter=4, method=method)

@@ -395,5 +395,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0  # pragma: no cover (argparse requires a command)
 
 
+def run() -> None:
+    """The console entry point: :func:`main`, then exit without the interpreter's teardown.
+
+    Unloading torch at exit (module teardown, its thread pools) costs 0.6-1.2 s on a 2-core
+    machine (`python -c "import torch"`: 2.9-3.5 s, 2.3-2.7 s ending in ``os._exit``), a
+    second of every run spent after the work is done. By the time main() returns, every file
+    is closed and OUT is in place, so only the standard streams need flushing. An exception
+    main() does not handle (``--help``, ``--version``, a bug) exits the normal way.
+    """
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

@@ -255,6 +255,17 @@ def test_success_summary(ckpt, tmp_path, run_cli):
     assert "tensors 21/21" in stderr  # the progress bar
 
 
+def test_subprocess_success_keeps_its_output(ckpt, tmp_path):
+    """The entry point ends with os._exit (no interpreter teardown): what it printed must still
+    arrive, through a pipe too, and the exit code and the output folder must be intact."""
+    out = tmp_path / "out"
+    cmd = [PYTHON, "-m", "pissa_svd", "decompose", ckpt, "--rank", "4", "--out", out]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "21 matrices decomposed" in proc.stdout and proc.stdout.endswith("\n")
+    assert json.loads((out / "pissa_report.json").read_text())["totals"]["matrices"] == 21
+
+
 def test_subprocess_bad_input_has_no_traceback(tmp_path):
     proc = subprocess.run(
         [
@@ -389,7 +400,8 @@ def test_interrupted_run_keeps_finished_tensors_for_resume(slow_ckpt, tmp_path, 
 
 
 def test_library_and_cli_agree_on_entry_point():
-    """`pissa-svd` is installed as a console script pointing at the same main()."""
+    """`pissa-svd` is installed as a console script running the same main() (through run(),
+    which skips the interpreter's teardown)."""
     exe = shutil.which("pissa-svd", path=os.path.dirname(sys.executable))
     assert exe is not None
     proc = subprocess.run([exe, "--version"], capture_output=True, text=True)
