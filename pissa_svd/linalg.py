@@ -18,7 +18,7 @@ only in how many of its q + 1 blocks the Rayleigh-Ritz step keeps (``krylov_dept
   (orthogonalization, and the Gram matrix of that width). When those columns would fill the
   smaller side, it runs ``exact`` instead (cheaper, and exact).
 - ``krylov2``: the last two blocks, with no oversampling by default: PEFT's passes exactly
-  (2q + 2 with ``rank`` columns) and a third to a half of its error on real weights, for a
+  (2q + 2 with ``rank`` columns) and 0.17-0.38x its worst error on real weights, for a
   little dense work on ``2 * rank`` columns (bench/RESULTS.md). What ``auto`` runs.
 - ``exact``: LAPACK/cuSOLVER via ``torch.linalg.svd``; O(m n min(m, n)).
 - ``gesvdr``: cuSOLVER's own randomized SVD (``cusolverDnXgesvdr``), native CUDA backend only.
