@@ -2,10 +2,10 @@
 
 CPU part (default): real SmolLM2-135M weights, the 7 projections of layers ``--layers``, called
 batched by shape exactly as decompose calls them, at ranks ``--ranks``, for ``halko``,
-``krylov`` and ``krylov2`` at niter 4; plus LLM-shaped matrices (4096x4096, 4096x11008, 11008x4096 with a real
-layer's spectrum, as in accuracy_vs_speed.py) at rank 64. Both backends run side by side in
-this process, round-robin, ``--repeats`` times; the table shows the minimum wall time, the time
-ratio native / torch and the worst excess error ``||W - U S Vh||_F / ||W - W_r*||_F - 1``.
+``krylov`` and ``krylov2`` at niter 4; plus LLM-shaped matrices (4096x4096, 4096x11008,
+11008x4096 with a real layer's spectrum, as in accuracy_vs_speed.py) at rank 64. Both backends
+run side by side in this process, round-robin, ``--repeats`` times; the table shows the minimum
+wall time, the time ratio native / torch and the worst excess error ``||W - U S Vh||_F / ||W - W_r*||_F - 1``.
 
 GPU part (``--llama7b``, needs CUDA): all 224 projection matrices of a LLaMA-2-7B-shaped model
 (32 layers; q/k/v/o 4096x4096, gate/up 11008x4096, down 4096x11008), fp32, created on the GPU

@@ -86,8 +86,8 @@ def test_streaming_write(benchmark, tmp_path, weight, mode, monkeypatch):
     """One round writes a fresh file of ``WRITES`` 23 MB bf16 tensors, as decompose fills a
     shard (wall time per round; ``cpu_ms``: CPU time per tensor). ``fallocate``: through the
     page cache, the file allocated up front (the sequential pipeline); ``sparse``: the same
-    into an ftruncate'd file (the old way); ``direct``: whole pages with O_DIRECT from a staging buffer aligned to each
-    tensor's file offset (the overlapped CPU pipeline). A direct write's wall time is the
+    into an ftruncate'd file (the old way); ``direct``: whole pages with O_DIRECT from a
+    staging buffer aligned to each tensor's file offset (the overlapped CPU pipeline). A direct write's wall time is the
     disk's, which the background writer hides; CPU time would be taken from the compute."""
     if mode == "sparse":
         monkeypatch.setattr(checkpoint, "_reserve", lambda fd, size: os.ftruncate(fd, size))

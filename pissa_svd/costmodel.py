@@ -57,7 +57,10 @@ def features(
         lead = q + 1 - d  # blocks that are only powered up
         f["gemm_flop"] = (2 * q + 2) * 2.0 * m * n * k + residual
         # CholeskyQR rounds: 4 rows k^2 each (Gram, then the GEMM with the inverted factor).
-        small_rounds = (1 + lead + 1 if lead else 2) + 2 * (d - 1)
+        # Short side: the sketch and each powered-up block one round, the first kept block one
+        # more (two in all when nothing is powered up), each further kept block two. Long side:
+        # one per powered-up block, two per further kept block.
+        small_rounds = lead + 2 + 2 * (d - 1)
         big_rounds = lead + 2 * (d - 1)
         gram_schmidt = 10.0 * small * k**2 * (d - 1) * d / 2
         width = d * k

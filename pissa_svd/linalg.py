@@ -64,9 +64,9 @@ def derive_seed(name: str, seed: int) -> int:
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
-def default_oversample(method: str) -> int:
-    """The oversampling ``method`` runs with when none is given."""
-    return OVERSAMPLE.get(method, DEFAULT_OVERSAMPLE)
+def default_oversample(method: str, oversample: int | None = None) -> int:
+    """``oversample``, or when it is None the oversampling ``method`` runs with by default."""
+    return OVERSAMPLE.get(method, DEFAULT_OVERSAMPLE) if oversample is None else oversample
 
 
 def krylov_depth(method: str, niter: int) -> int:
@@ -130,7 +130,7 @@ def svd_lowrank(
         raise ValueError(f"rank must be an int in [1, min(m, n) = {min(m, n)}], got {rank!r}")
     if niter < 0:
         raise ValueError(f"niter must be >= 0, got {niter}")
-    p = default_oversample(method) if oversample is None else oversample
+    p = default_oversample(method, oversample)
     if p < 0:
         raise ValueError(f"oversample must be >= 0, got {p}")
     method = resolve_method(method, m, n, rank, p, niter)

@@ -163,7 +163,7 @@ def initialize(
             stacklevel=2,
         )
     _check_devices(targets, method, backend)
-    p = default_oversample(method) if oversample is None else oversample
+    p = default_oversample(method, oversample)
     rows: dict[str, dict] = {}
     groups = _groups(targets, name, batch)
     for group in groups:

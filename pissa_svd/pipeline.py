@@ -316,7 +316,7 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
     check_out(out_path, o.overwrite, {"the source checkpoint": src_path})
 
     targets = []
-    oversample = default_oversample(o.method) if o.oversample is None else o.oversample
+    oversample = default_oversample(o.method, o.oversample)
     for info in ckpt.tensors():
         hit = select(info.name, info.shape, patterns)
         if hit is None:
