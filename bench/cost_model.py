@@ -105,12 +105,13 @@ def compute_points(src: Path, device: str, repeats: int) -> list[dict]:
         scratch = pipeline._Scratch()
         for batch in plan.batches:
             t0 = batch[0]
-            pipeline._decompose_batch(plan, batch, scratch)  # warm-up
+            out = pipeline._staging(scratch, "out", batch, [0] * len(batch))
+            pipeline._decompose_batch(plan, batch, scratch, out)  # warm-up
             times = []
             for _ in range(repeats):
                 # It returns host copies of its results: the device is idle when it returns.
                 start = time.perf_counter()
-                pipeline._decompose_batch(plan, batch, scratch)
+                pipeline._decompose_batch(plan, batch, scratch, out)
                 times.append(time.perf_counter() - start)
             m, n = t0.out_features, t0.in_features
             feats = costmodel.features(

@@ -141,7 +141,8 @@ void rsvd(Backend<T>& be, int64_t b, const Mat<T>& W, const Mat<T>& omega, int64
 
   // K = [Q_lead ... Q_niter]: the first `lead` blocks only power the sketch up (one CholeskyQR
   // round keeps them well conditioned); each kept block is X (X^T Q_prev) orthogonalized against
-  // the kept ones before it (block Gram-Schmidt, twice). The products P_i = X^T Q_i that the
+  // the kept ones before it (block Gram-Schmidt, twice). X^T Q_prev is used as it comes: any
+  // basis of its span gives the same next block, at a squared condition number (linalg.py). The products P_i = X^T Q_i that the
   // iteration computes anyway are kept as the blocks of Bt = X^T K, so Rayleigh-Ritz needs only
   // the last block's: 2q + 2 passes over W whatever the depth.
   const int d = krylov_depth(method, niter), lead = niter + 1 - d;
@@ -153,7 +154,6 @@ void rsvd(Backend<T>& be, int64_t b, const Mat<T>& W, const Mat<T>& omega, int64
   orthonormalize(be, b, Q0, G, lead == 0, status);
   for (int i = 0; i < lead; ++i) {
     be.gemm(b, T(1), X.tr(), Q0, T(0), Z);
-    orthonormalize(be, b, Z, G, false, status);
     be.gemm(b, T(1), X, Z, T(0), Q0);
     orthonormalize(be, b, Q0, G, i == lead - 1, status);
   }
@@ -163,9 +163,7 @@ void rsvd(Backend<T>& be, int64_t b, const Mat<T>& W, const Mat<T>& omega, int64
     const Mat<T> Ci{C.p, i * l, l, i * l, false, C.bs};
     const Mat<T> P = Bt.col_block((i - 1) * l, l);
     be.gemm(b, T(1), X.tr(), prev, T(0), P);
-    be.copy(b, P, Z);
-    orthonormalize(be, b, Z, G, false, status);
-    be.gemm(b, T(1), X, Z, T(0), Y);
+    be.gemm(b, T(1), X, P, T(0), Y);
     for (int pass = 0; pass < 2; ++pass) {
       be.gemm(b, T(1), done.tr(), Y, T(0), Ci);
       be.gemm(b, T(-1), done, Ci, T(1), Y);

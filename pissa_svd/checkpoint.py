@@ -15,8 +15,10 @@ from __future__ import annotations
 import errno
 import json
 import math
+import mmap
 import os
 import struct
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,6 +167,36 @@ def read_tensor(info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tens
     if got != info.nbytes:
         raise InputError(f"{info.path}: truncated while reading {info.name}; re-download the file")
     return buf.view(dtype_to_torch(info.dtype)).reshape(info.shape)
+
+
+def map_tensor(info: TensorInfo) -> torch.Tensor:
+    """A read-only view of one tensor's bytes in its file, through ``mmap``: no copy.
+
+    On a CPU the consumer (a conversion to fp32) then reads the page cache directly, where
+    ``read_tensor`` first copies the bytes into a buffer: a memory copy of the whole checkpoint
+    saved, on a machine whose every core is busy with GEMMs. The kernel is asked to start
+    reading the range from disk right away (``MADV_WILLNEED``), so mapping the next batch
+    while one computes also prefetches it. The mapping lives as long as the returned tensor.
+    Never write to it (the pages are read-only).
+    """
+    dtype = dtype_to_torch(info.dtype)
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=dtype)
+    start = info.begin - info.begin % mmap.ALLOCATIONGRANULARITY
+    try:
+        with open(info.path, "rb") as f:
+            if os.fstat(f.fileno()).st_size < info.end:
+                raise InputError(
+                    f"{info.path}: truncated while reading {info.name}; re-download the file"
+                )
+            mm = mmap.mmap(f.fileno(), info.end - start, offset=start, access=mmap.ACCESS_READ)
+    except FileNotFoundError:
+        raise InputError(f"{info.path}: file not found (removed during the run?)") from None
+    mm.madvise(mmap.MADV_WILLNEED)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "the given buffer is not writable"
+        flat = torch.frombuffer(mm, dtype=torch.uint8, count=info.nbytes, offset=info.begin - start)
+    return flat.view(dtype).reshape(info.shape)
 
 
 def _parse_entry(path: Path, name: str, spec: object, data_start: int) -> TensorInfo:

@@ -36,6 +36,7 @@ from .checkpoint import (
     direct_view,
     dtype_nbytes,
     dtype_to_torch,
+    map_tensor,
     read_tensor,
 )
 from .distributed import Team, assign, team_from_env
@@ -52,7 +53,7 @@ from .linalg import (
 )
 from .output import check_out, copy_files, human, move_into_place, plain_number, write_json
 from .output import progress as _progress
-from .pissa import pissa_factors
+from .pissa import adapter_factors, block_rows, subtract_adapter_, sum_squares
 from .targets import select, task_type
 
 ADAPTER_DIR = "pissa_init"
@@ -678,16 +679,12 @@ def _decompose_share(
     scratch = _Scratch(pin=plan.overlap and plan.device_kind == "cuda")
 
     def compute(batch: list[Target], host: list[torch.Tensor] | None, slot: int):
-        """Decompose, then round the residuals into output buffer ``slot`` (the working
-        buffer is reused by the next batch, so this happens before that starts)."""
+        """Decompose, rounding the residuals straight into output buffer ``slot``."""
         try:
-            results = _decompose_batch(plan, batch, scratch, host)
             offsets = [writers[shard_of[t.name]].offset(t.name) for t in batch]
             out = _staging(scratch, f"out{slot}", batch, offsets)
-            return [
-                (t, row, A, B, out[i].copy_(W_res))
-                for i, (t, (row, A, B, W_res)) in enumerate(zip(batch, results, strict=True))
-            ]
+            results = _decompose_batch(plan, batch, scratch, out, host)
+            return [(t, *r, out[i]) for i, (t, r) in enumerate(zip(batch, results, strict=True))]
         except Exception as exc:
             # For the message every rank prints.
             more = f" (batch of {len(batch)})" if len(batch) > 1 else ""
@@ -717,7 +714,9 @@ def _decompose_share(
                 direct=plan.direct_io,
             )
         if plan.overlap:
-            _overlapped(batches, scratch, compute, write)
+            _overlapped(
+                batches, lambda i: _load(plan, batches[i], scratch, f"read{i % 2}"), compute, write
+            )
         else:
             for batch in batches:
                 write(compute(batch, None, 0))
@@ -731,40 +730,27 @@ def _decompose_share(
         journal.close()
 
 
-def _overlapped(batches: list[list[Target]], scratch: _Scratch, compute, write) -> None:
-    """Read batch i+1 and write batch i-1 on background threads while batch i computes.
+def _overlapped(batches: list[list[Target]], load, compute, write) -> None:
+    """Load batch i+1 and write batch i-1 on background threads while batch i computes.
 
-    Two read buffers and two output buffers alternate: batch i reads into ``read{i % 2}`` and
-    rounds its residuals into ``out{i % 2}``, each free again by then (batch i-2's read was
-    consumed by its compute, and its write finished before batch i-1's write was queued).
+    ``load(i)`` returns batch i's tensors as stored, on the CPU (a GPU run reads them into
+    scratch buffer ``read{i % 2}``, free again by then: batch i-2 was consumed by its compute).
+    ``compute(batch, host, slot)`` rounds its residuals into output buffer ``slot`` = i % 2,
+    also free by then (batch i-2's write finished before batch i-1's write was queued).
     """
     if not batches:
         return
-
-    def read(i: int) -> list[torch.Tensor]:
-        batch = batches[i]
-        buf = scratch.get(f"read{i % 2}", sum(t.info.nbytes for t in batch))
-        out, pos = [], 0
-        for t in batch:
-            try:
-                out.append(read_tensor(t.info, buf[pos : pos + t.info.nbytes]))
-            except Exception as exc:
-                exc.pissa_tensor = t.name  # for the message every rank prints
-                raise
-            pos += t.info.nbytes
-        return out
-
     with (
         ThreadPoolExecutor(1, thread_name_prefix="pissa-read") as reader,
         ThreadPoolExecutor(1, thread_name_prefix="pissa-write") as writer,
     ):
-        pending_read = reader.submit(read, 0)
+        pending_read = reader.submit(load, 0)
         pending_write = None
         try:
             for i, batch in enumerate(batches):
                 host = pending_read.result()
                 if i + 1 < len(batches):
-                    pending_read = reader.submit(read, i + 1)
+                    pending_read = reader.submit(load, i + 1)
                 done = compute(batch, host, i % 2)
                 if pending_write is not None:
                     pending_write.result()
@@ -777,24 +763,48 @@ def _overlapped(batches: list[list[Target]], scratch: _Scratch, compute, write) 
             raise
 
 
+def _load(plan: Plan, batch: list[Target], scratch: _Scratch, key: str) -> list[torch.Tensor]:
+    """Batch members as stored, on the CPU: views of the page cache on a CPU run
+    (``map_tensor``, no copy); on a GPU run, read into one (pinned) scratch buffer ``key``,
+    whence they are copied to the device asynchronously."""
+    out, pos = [], 0
+    buf = None if plan.device_kind == "cpu" else scratch.get(key, sum(t.info.nbytes for t in batch))
+    for t in batch:
+        try:
+            if buf is None:
+                out.append(map_tensor(t.info))
+            else:
+                out.append(read_tensor(t.info, buf[pos : pos + t.info.nbytes]))
+        except Exception as exc:
+            exc.pissa_tensor = t.name  # for the message every rank prints
+            raise
+        pos += t.info.nbytes
+    return out
+
+
 def _decompose_batch(
-    plan: Plan, batch: list[Target], scratch: _Scratch, host: list[torch.Tensor] | None = None
+    plan: Plan,
+    batch: list[Target],
+    scratch: _Scratch,
+    out: list[torch.Tensor],
+    host: list[torch.Tensor] | None = None,
 ):
-    """Decompose same-shape targets in one batched call.
+    """Decompose same-shape targets in one batched call; round each residual into ``out``.
 
     ``host``: the members as already read (overlapped pipeline); None: read them here, one at
-    a time through one buffer. Returns one (report row, A, B, W_res in the working dtype) per
-    member. One conversion to the working dtype serves the SVD, the norms and, in place, the
-    residual; the caller rounds each residual to its output dtype.
+    a time through one buffer. ``out``: one output view per member (``_staging``). Returns
+    one (report row, A, B) per member. One conversion to the working dtype serves the SVD, the
+    norms and, in place, the residual.
     """
     o, t0 = plan.options, batch[0]
     start = time.perf_counter()
     work = "F64" if t0.info.dtype == "F64" else "F32"
     Wf = scratch.tensor("work", work, (len(batch), *t0.info.shape), plan.device)
+    w_sq = []
     for i, t in enumerate(batch):
-        x = host[i] if host is not None else read_tensor(t.info, scratch.get("read", t.info.nbytes))
-        Wf[i].copy_(x)
-    w_norms = torch.linalg.vector_norm(Wf, dim=(-2, -1)).tolist()
+        x = host[i] if host is not None else _load(plan, [t], scratch, "read")[0]
+        w_sq.append(_widen_(Wf[i], x))
+    w_norms = torch.stack(w_sq).sqrt().tolist()
     seeds = [derive_seed(t.name, o.seed) for t in batch]
     svd_kwargs = dict(
         niter=o.niter, oversample=plan.oversample, method=t0.method, backend=plan.backend
@@ -804,26 +814,28 @@ def _decompose_batch(
     if o.quantize:
         A, B, W_res, S, quant_info = _qpissa_batch(plan, batch, Wf, seeds, svd_kwargs)
         t_svd = time.perf_counter()
+        res_sq = torch.linalg.vector_norm(W_res, dim=(-2, -1), dtype=torch.float64) ** 2
+        for i in range(len(batch)):
+            out[i].copy_(W_res[i])
     else:
         U, S, Vh = svd_lowrank(Wf.mT if t0.transposed else Wf, t0.rank, seed=seeds, **svd_kwargs)
         t_svd = time.perf_counter()
-        A, B, W_res = pissa_factors(
-            Wf,
-            t0.rank,
-            scaling=plan.scaling,
-            fan_in_fan_out=t0.transposed,
-            adapter_dtype=dtype_to_torch(t0.adapter_dtype),
-            residual_dtype=Wf.dtype,
-            svd=(U, S, Vh),
-            inplace=True,
+        A, B = adapter_factors(
+            U, S, Vh, scaling=plan.scaling, adapter_dtype=dtype_to_torch(t0.adapter_dtype)
+        )
+        # In place in the working buffer, rounded block by block into the output buffers.
+        res_sq = subtract_adapter_(
+            Wf, A, B, scaling=plan.scaling, fan_in_fan_out=t0.transposed, out=out
         )
     _sync(Wf)
-    t_engine = time.perf_counter()  # the engine's work: svd_lowrank + pissa_factors (or QPiSSA)
-    res_norms = torch.linalg.vector_norm(W_res, dim=(-2, -1)).tolist()
+    # The engine's work: svd_lowrank and the residual, with its rounding to the output dtype
+    # and its norm, which run fused with it (or QPiSSA).
+    t_engine = time.perf_counter()
+    res_norms = res_sq.sqrt().tolist()
     energy = (S.double() ** 2).sum(-1).tolist()
     seconds = (time.perf_counter() - start) / len(batch)
     S = S.cpu()
-    out = []
+    rows = []
     for i, t in enumerate(batch):
         row = {
             "name": t.name,
@@ -848,8 +860,20 @@ def _decompose_batch(
         }
         if quant_info[i] is not None:
             row["quantization"] = quant_info[i]
-        out.append((row, A[i].cpu(), B[i].cpu(), W_res[i].cpu()))
-    return out
+        rows.append((row, A[i].cpu(), B[i].cpu()))
+    return rows
+
+
+def _widen_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """dst.copy_(src) (e.g. bf16 to fp32, or to the GPU) and the sum of squares of dst (fp64,
+    0-d), block by block on a CPU so that the norm reads each block from cache."""
+    step = block_rows(dst)
+    sumsq = torch.zeros((), dtype=torch.float64, device=dst.device)
+    for r in range(0, dst.shape[-2], step):
+        block = dst[r : r + step]
+        block.copy_(src[r : r + step])
+        sumsq += sum_squares(block)
+    return sumsq
 
 
 def _staging(

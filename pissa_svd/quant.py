@@ -49,7 +49,7 @@ from typing import NamedTuple
 import torch
 
 from .errors import InputError
-from .pissa import pissa_factors
+from .pissa import pissa_factors, subtract_adapter_
 
 SCHEMES = ("nf4", "int8")
 NORMS = ("fro", "nuc")
@@ -416,7 +416,9 @@ def qpissa_factors(
 
     def residual(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """W - s * B @ A from the stored A, B, computed exactly as pissa_factors does."""
-        return W32.clone().addmm_(B.to(work), A.to(work), alpha=-scaling)
+        W_res = W32.clone()
+        subtract_adapter_(W_res, A, B, scaling=scaling)
+        return W_res
 
     qlora_error = _norm(W32 - quant(W32), select)
     errors: list[float] = []

@@ -69,10 +69,10 @@ def test_a_failing_rank_fails_every_rank_and_leaves_no_out(src, tmp_path):
     fault = textwrap.dedent(
         """
         real = pipeline._decompose_batch
-        def broken(plan, batch, scratch, host=None):
+        def broken(plan, batch, *args):
             if any("layers.2" in t.name for t in batch):
                 raise RuntimeError("injected fault")
-            return real(plan, batch, scratch, host)
+            return real(plan, batch, *args)
         pipeline._decompose_batch = broken
         """
     )
@@ -95,10 +95,10 @@ def test_a_killed_rank_leaves_no_out_and_the_run_resumes(src, tmp_path):
         """
         import signal
         real = pipeline._decompose_batch
-        def dying(plan, batch, scratch, host=None):
+        def dying(plan, batch, *args):
             if any("layers.1" in t.name for t in batch):
                 os.kill(os.getpid(), signal.SIGKILL)
-            return real(plan, batch, scratch, host)
+            return real(plan, batch, *args)
         pipeline._decompose_batch = dying
         """
     )
