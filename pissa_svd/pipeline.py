@@ -657,13 +657,15 @@ def _decompose_share(
 ) -> None:
     """Decompose ``batches`` (file order) and write each result at its place in OUT.
 
-    With ``plan.overlap``, one background thread reads the next batch (into pinned memory for
-    a GPU) and another writes the previous batch's results while the current one computes;
-    ``pread``/``pwrite`` release the GIL, and at most three batches are in flight, so memory
-    stays bounded. On CPU the residuals are written with O_DIRECT (``plan.direct_io``): the
-    BLAS threads own every core, and page-cache copies would take their time from the GEMMs
-    (bench/RESULTS.md). Without the overlap, every step runs in turn. A batch enters the
-    resume journal only once its bytes are written.
+    On a CPU the weights are never copied out of the page cache: ``_load`` maps them and the
+    conversion to fp32 reads the mapping. With ``plan.overlap``, one background thread loads
+    the next batch (on a CPU: maps it and asks the kernel to prefetch it; on a GPU: reads it
+    into pinned memory) and another writes the previous batch's results while the current one
+    computes; ``pread``/``pwrite`` release the GIL, and at most three batches are in flight,
+    so memory stays bounded. On CPU the residuals are written with O_DIRECT
+    (``plan.direct_io``): the BLAS threads own every core, and page-cache copies would take
+    their time from the GEMMs (bench/RESULTS.md). Without the overlap, every step runs in
+    turn. A batch enters the resume journal only once its bytes are written.
     """
     shard_of = {i.name: s for s in plan.ckpt.shards for i in plan.ckpt.files[s].tensors.values()}
     mine = [t for b in batches for t in b]
