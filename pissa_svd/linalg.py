@@ -326,8 +326,9 @@ def _block_krylov(X: torch.Tensor, omega: torch.Tensor, niter: int, rank: int, d
     next block. That only squares the condition number the next CholeskyQR sees, to about
     (s_1 / s_w)²: median 4, at most 225 over SmolLM2's 210 weights at w = 64, where fp32
     CholeskyQR keeps a basis well conditioned up to ~1e3 (and ``orthonormalize`` falls back
-    to Householder QR where it fails). It saves a third of the orthonormalizations: 9% of the
-    SVD time of a layer of the decompose benchmark's shapes on a CPU (bench/test_hotpaths.py).
+    to Householder QR where it fails). It saves a third of the orthonormalizations: 4% and 9%
+    of the SVD time of a layer of the decompose benchmark's shapes on a CPU, in two runs
+    alternating the two variants (bench/test_hotpaths.py::test_layer_svd has both).
     """
     b, m, n = X.shape
     w = omega.shape[-1]  # block width
