@@ -433,7 +433,8 @@ def check_targets(results: list[dict]) -> list[str]:
             f"PEFT {s['peft']['wall_s']:.1f} s = {ratio:.2f}x."
         )
     for r in results:
-        # Per run: the job's own seconds over its engine compute (svd_lowrank + pissa_factors),
+        # Per run: the job's own seconds over its engine compute (svd_lowrank and the residual,
+        # which includes its rounding to the output dtype and its norm, fused with it),
         # both from the run's pissa_report.json; the median over the runs. The default
         # (overlapped) also against the sequential runs' compute: threads that slowed the
         # compute down would hide IO in time they added themselves.

@@ -56,16 +56,15 @@ def features(
         q, d = niter, krylov_depth(method, niter)
         lead = q + 1 - d  # blocks that are only powered up
         f["gemm_flop"] = (2 * q + 2) * 2.0 * m * n * k + residual
-        # CholeskyQR rounds: 4 rows k^2 each (Gram, then the GEMM with the inverted factor).
-        # Short side: the sketch and each powered-up block one round, the first kept block one
-        # more (two in all when nothing is powered up), each further kept block two. Long side:
-        # one per powered-up block, two per further kept block.
+        # CholeskyQR rounds: 4 rows k^2 each (Gram, then the GEMM with the inverted factor),
+        # all on the short side (the long side's Xᵀ Q_i are used as they come): the sketch and
+        # each powered-up block one round, the first kept block one more (two in all when
+        # nothing is powered up), each further kept block two.
         small_rounds = lead + 2 + 2 * (d - 1)
-        big_rounds = lead + 2 * (d - 1)
         gram_schmidt = 10.0 * small * k**2 * (d - 1) * d / 2
         width = d * k
         ritz = 2.0 * big * width**2 + 2.0 * (big + small) * width * rank + 20.0 * width**3
-        f["dense_flop"] = 4.0 * (small_rounds * small + big_rounds * big) * k**2
+        f["dense_flop"] = 4.0 * small_rounds * small * k**2
         f["dense_flop"] += gram_schmidt + ritz
     return {key: v * batch for key, v in f.items()}
 
