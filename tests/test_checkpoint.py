@@ -44,6 +44,25 @@ def test_reads_every_dtype_like_safetensors(tmp_path):
         assert torch.equal(got, t)
 
 
+def test_map_tensor_views_the_file_like_read_tensor(tmp_path):
+    path = tmp_path / "m.safetensors"
+    ref = _tensors()
+    save_file(ref, path, metadata={"format": "pt"})
+    f = SafetensorsFile.open(path)
+    for name, t in ref.items():
+        got = checkpoint.map_tensor(f.tensors[name])  # offsets not page aligned: 8 + header
+        assert got.dtype == t.dtype and got.shape == t.shape
+        assert torch.equal(got, t) and torch.equal(got, read_tensor(f.tensors[name]))
+    # A file cut short after it was opened: an error naming the tensor, not a SIGBUS.
+    info = f.tensors["a.weight"]
+    os.truncate(path, info.end - 1)
+    with pytest.raises(InputError, match=r"truncated while reading a\.weight"):
+        checkpoint.map_tensor(info)
+    path.unlink()
+    with pytest.raises(InputError, match="file not found"):
+        checkpoint.map_tensor(info)
+
+
 def test_streaming_writer_output_loads_in_safetensors(tmp_path):
     src = tmp_path / "src.safetensors"
     ref = _tensors()

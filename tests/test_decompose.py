@@ -80,6 +80,13 @@ def check_output(src: Path, out: Path, rank: int, alpha: float | None = None) ->
     assert len(row["singular_values"]) == rank
     assert row["singular_values"] == sorted(row["singular_values"], reverse=True)
     assert 0 < row["energy_fraction"] <= 1
+    for row in report["matrices"]:  # norms from fused, blocked passes, summed in fp64
+        W64, R64 = original[row["name"]].double(), residual[row["name"]].double()
+        assert row["weight_norm"] == pytest.approx(float(W64.norm()), rel=1e-6), row["name"]
+        # Of the residual before its rounding to the stored dtype.
+        exact = residual[row["name"]].dtype in (torch.float32, torch.float64)
+        rel = 1e-6 if exact else 1e-2
+        assert row["residual_norm"] == pytest.approx(float(R64.norm()), rel=rel), row["name"]
     return config
 
 

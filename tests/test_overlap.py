@@ -33,6 +33,24 @@ def test_overlap_is_the_default_and_costs_two_buffers(bf16_shards, tmp_path):
     assert plan.working_bytes > seq.working_bytes  # two read and two output buffers
 
 
+def test_cpu_loads_map_the_page_cache_and_gpu_loads_read(bf16_shards, tmp_path, monkeypatch):
+    """A CPU run views each weight in its file (no copy); a GPU run reads the batch into one
+    (pinned) scratch buffer. Both give the stored tensors."""
+    plan = make_plan(bf16_shards, tmp_path / "o", Options(rank=4))
+    batch = max(plan.batches, key=len)
+    ref = [checkpoint.read_tensor(t.info) for t in batch]
+    scratch = pipeline._Scratch()
+    mapped = pipeline._load(plan, batch, scratch, "read0")
+    assert all(torch.equal(a, b) for a, b in zip(mapped, ref, strict=True))
+    assert "read0" not in scratch._bufs  # nothing was copied into a buffer
+    monkeypatch.setattr(pipeline.Plan, "device_kind", property(lambda self: "cuda"))
+    read = pipeline._load(plan, batch, scratch, "read0")
+    assert all(torch.equal(a, b) for a, b in zip(read, ref, strict=True))
+    buf = scratch._bufs["read0"]  # one buffer holds the whole batch, members back to back
+    assert buf.numel() == sum(t.info.nbytes for t in batch)
+    assert read[-1].data_ptr() == buf.data_ptr() + buf.numel() - batch[-1].info.nbytes
+
+
 @pytest.mark.parametrize("batch_memory", [None, 0])
 def test_overlap_writes_the_same_bytes(bf16_shards, tmp_path, batch_memory, monkeypatch):
     """Overlapped on CPU, the residuals' whole pages go to the disk with O_DIRECT, from

@@ -84,3 +84,37 @@ def test_batched_factors():
     A, B, R = pissa_factors(Ws, 4, method="exact")
     assert A.shape == (3, 4, 160) and B.shape == (3, 96, 4)
     torch.testing.assert_close(R + B @ A, Ws, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+@pytest.mark.parametrize("block", [7, 1 << 20])  # many blocks (last one short) or one
+def test_subtract_adapter_rounds_into_out_with_exact_norms(monkeypatch, fan_in_fan_out, block):
+    from pissa_svd import pissa
+
+    monkeypatch.setattr(pissa, "BLOCK_ELEMENTS", block * 160)  # rows per block: 7 or all
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(3, 96, 160, generator=g)  # a batch of 3, (out, in)
+    A = torch.randn(3, 8, 160, generator=g).bfloat16()
+    B = torch.randn(3, 96, 8, generator=g).bfloat16()
+    stored = W.mT.contiguous() if fan_in_fan_out else W.clone()
+    out = [torch.empty(stored.shape[1:], dtype=torch.bfloat16) for _ in range(3)]
+    sumsq = pissa.subtract_adapter_(
+        stored, A, B, scaling=0.5, fan_in_fan_out=fan_in_fan_out, out=out
+    )
+    ref = W - 0.5 * B.float() @ A.float()  # the same fp32 GEMM, whole
+    ref = ref.mT if fan_in_fan_out else ref
+    torch.testing.assert_close(stored, ref, rtol=0, atol=1e-5)
+    for i in range(3):
+        assert torch.equal(out[i], stored[i].bfloat16())
+    exact = ref.double().square().sum((-2, -1))
+    assert sumsq.dtype == torch.float64 and sumsq.shape == (3,)
+    torch.testing.assert_close(sumsq, exact, rtol=1e-6, atol=0)
+
+
+def test_block_norms_are_accurate_where_one_fp32_reduction_is_not():
+    from pissa_svd.pissa import sum_squares
+
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(2048, 5632, generator=g) * 0.02 + 0.01  # a mean keeps the error one-sided
+    exact = float(X.double().square().sum())
+    assert abs(float(sum_squares(X)) / exact - 1) < 1e-6
