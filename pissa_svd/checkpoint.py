@@ -192,7 +192,8 @@ def map_tensor(info: TensorInfo) -> torch.Tensor:
             mm = mmap.mmap(f.fileno(), info.end - start, offset=start, access=mmap.ACCESS_READ)
     except FileNotFoundError:
         raise InputError(f"{info.path}: file not found (removed during the run?)") from None
-    mm.madvise(mmap.MADV_WILLNEED)
+    if hasattr(mmap, "MADV_WILLNEED"):  # not on Windows
+        mm.madvise(mmap.MADV_WILLNEED)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "the given buffer is not writable"
         flat = torch.frombuffer(mm, dtype=torch.uint8, count=info.nbytes, offset=info.begin - start)
