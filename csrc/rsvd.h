@@ -142,9 +142,10 @@ void rsvd(Backend<T>& be, int64_t b, const Mat<T>& W, const Mat<T>& omega, int64
   // K = [Q_lead ... Q_niter]: the first `lead` blocks only power the sketch up (one CholeskyQR
   // round keeps them well conditioned); each kept block is X (X^T Q_prev) orthogonalized against
   // the kept ones before it (block Gram-Schmidt, twice). X^T Q_prev is used as it comes: any
-  // basis of its span gives the same next block, at a squared condition number (linalg.py). The products P_i = X^T Q_i that the
-  // iteration computes anyway are kept as the blocks of Bt = X^T K, so Rayleigh-Ritz needs only
-  // the last block's: 2q + 2 passes over W whatever the depth.
+  // basis of its span gives the same next block, at a squared condition number (linalg.py).
+  // The products P_i = X^T Q_i that the iteration computes anyway are kept as the blocks of
+  // Bt = X^T K, so Rayleigh-Ritz needs only the last block's: 2q + 2 passes over W whatever
+  // the depth.
   const int d = krylov_depth(method, niter), lead = niter + 1 - d;
   const int64_t L = d * l;
   if (L > m) throw std::invalid_argument("krylov space depth * l exceeds min(m, n)");

@@ -53,7 +53,7 @@ from .linalg import (
 )
 from .output import check_out, copy_files, human, move_into_place, plain_number, write_json
 from .output import progress as _progress
-from .pissa import adapter_factors, block_rows, subtract_adapter_, sum_squares
+from .pissa import adapter_factors, copy_rows_, subtract_adapter_
 from .targets import select, task_type
 
 ADAPTER_DIR = "pissa_init"
@@ -793,8 +793,8 @@ def _decompose_batch(
 ):
     """Decompose same-shape targets in one batched call; round each residual into ``out``.
 
-    ``host``: the members as already read (overlapped pipeline); None: read them here, one at
-    a time through one buffer. ``out``: one output view per member (``_staging``). Returns
+    ``host``: the members as already loaded (overlapped pipeline); None: load them here, one
+    at a time (``_load``). ``out``: one output view per member (``_staging``). Returns
     one (report row, A, B) per member. One conversion to the working dtype serves the SVD, the
     norms and, in place, the residual.
     """
@@ -869,13 +869,7 @@ def _decompose_batch(
 def _widen_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """dst.copy_(src) (e.g. bf16 to fp32, or to the GPU) and the sum of squares of dst (fp64,
     0-d), block by block on a CPU so that the norm reads each block from cache."""
-    step = block_rows(dst)
-    sumsq = torch.zeros((), dtype=torch.float64, device=dst.device)
-    for r in range(0, dst.shape[-2], step):
-        block = dst[r : r + step]
-        block.copy_(src[r : r + step])
-        sumsq += sum_squares(block)
-    return sumsq
+    return copy_rows_(dst, src, measure="dst")
 
 
 def _staging(

@@ -133,13 +133,22 @@ def subtract_adapter_(
         R.to(W.dtype).reshape(-1, R.shape[-2], cols),
         alpha=-scaling,
     )
-    step = block_rows(W)
-    sumsq = torch.zeros(Wb.shape[0], dtype=torch.float64, device=W.device)
-    for i in range(Wb.shape[0]):
-        dst = None if out is None else (out[i] if lead else out)
-        for r in range(0, rows, step):
-            block = Wb[i, r : r + step]
-            if dst is not None:
-                dst[r : r + step].copy_(block)
-            sumsq[i] += sum_squares(block)
-    return sumsq.reshape(lead)
+    sumsq = [
+        copy_rows_(None if out is None else (out[i] if lead else out), Wb[i], measure="src")
+        for i in range(Wb.shape[0])
+    ]
+    return torch.stack(sumsq).reshape(lead)
+
+
+def copy_rows_(dst: torch.Tensor | None, src: torch.Tensor, *, measure: str) -> torch.Tensor:
+    """``dst.copy_(src)`` for (rows, cols) matrices, row block by row block (:func:`block_rows`),
+    with the sum of squares of the ``measure`` side ("src" or "dst", the wider dtype) taken
+    from each block while it is in cache; fp64, 0-d. ``dst=None``: the sum of squares only."""
+    measured = src if measure == "src" else dst
+    step = block_rows(measured)
+    sumsq = torch.zeros((), dtype=torch.float64, device=measured.device)
+    for r in range(0, src.shape[-2], step):
+        if dst is not None:
+            dst[r : r + step].copy_(src[r : r + step])
+        sumsq += sum_squares(measured[r : r + step])
+    return sumsq
