@@ -324,11 +324,12 @@ def _block_krylov(X: torch.Tensor, omega: torch.Tensor, niter: int, rank: int, d
     conditioned (one CholeskyQR round). Only the blocks Q_i (the short side) are
     orthonormalized: Xᵀ Q_i is used as it comes, since any basis of its span gives the same
     next block. That only squares the condition number the next CholeskyQR sees, to about
-    (s_1 / s_w)²: median 4, at most 225 over SmolLM2's 210 weights at w = 64, where fp32
+    (s_1 / s_w)²: median 4.3, at most 225 over SmolLM2's 210 weights at w = 64
+    (``python bench/profile_decompose.py spectra``), where fp32
     CholeskyQR keeps a basis well conditioned up to ~1e3 (and ``orthonormalize`` falls back
-    to Householder QR where it fails). It saves a third of the orthonormalizations: 4% and 9%
-    of the SVD time of a layer of the decompose benchmark's shapes on a CPU, in two runs
-    alternating the two variants (bench/test_hotpaths.py::test_layer_svd has both).
+    to Householder QR where it fails). It saves a third of the orthonormalizations: 3-4% of
+    the SVD time of a layer of the decompose benchmark's shapes on a CPU
+    (``python bench/profile_decompose.py paired-svd``, which alternates the two variants).
     """
     b, m, n = X.shape
     w = omega.shape[-1]  # block width

@@ -1,0 +1,127 @@
+"""Where a CPU decompose spends its time, and two checks behind the engine's design notes.
+
+    python bench/profile_decompose.py phases [--layers 22]   # one in-process run, by phase
+    python bench/profile_decompose.py paired-svd [--reps 10]  # power iteration variants, paired
+    python bench/profile_decompose.py spectra                 # s_1 / s_64 of SmolLM2's weights
+
+``phases`` wraps the pipeline's steps with timers and runs one overlapped decompose of the
+decompose benchmark's checkpoint (``bench/_work/llama-bf16-L{layers}``, built by
+bench/decompose_vs_peft.py). ``paired-svd`` alternates the current power iteration with the
+previous one (``_power_both_sides`` in bench/test_hotpaths.py) on one layer's shapes, so both
+see the same machine state. ``spectra`` needs ``bench/_work/smollm2`` (bench/accuracy_vs_speed.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+
+def phases(layers: int) -> None:
+    from pissa_svd import pipeline
+
+    spent: dict[str, float] = {}
+    for name in ("_prepare", "_load", "_widen_", "svd_lowrank", "subtract_adapter_"):
+        fn = getattr(pipeline, name)
+
+        def timed(*a, _fn=fn, _name=name, **k):
+            t = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                spent[_name] = spent.get(_name, 0.0) + time.perf_counter() - t
+
+        setattr(pipeline, name, functools.wraps(fn)(timed))
+    src = BENCH / "_work" / f"llama-bf16-L{layers}"
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        report = pipeline.decompose(src, Path(tmp) / "out", rank=64, niter=4, quiet=True)
+        wall = time.perf_counter() - start
+        shutil.rmtree(Path(tmp) / "out")
+    print(f"decompose {src.name} (in process, imports excluded): {wall:.2f} s")
+    for name, s in spent.items():
+        print(f"  {name:<18} {s:6.2f} s")
+    t = report["totals"]
+    print(f"  report: seconds {t['seconds']}, compute_seconds {t['compute_seconds']}")
+
+
+def paired_svd(reps: int) -> None:
+    import test_hotpaths as hot
+
+    from pissa_svd import linalg
+
+    g = torch.Generator().manual_seed(3)
+    mats = [(torch.randn(m, n, generator=g) * 0.02, c) for m, n, c in hot.LAYER]
+
+    def layer() -> float:
+        start = time.perf_counter()
+        for W, c in mats:
+            for _ in range(c):
+                linalg.svd_lowrank(W, 64, niter=4)
+        return time.perf_counter() - start
+
+    now, before = linalg._block_krylov, hot._power_both_sides
+    layer()
+    diffs, t_now, t_before = [], [], []
+    for _ in range(reps):
+        linalg._block_krylov = now
+        a = layer()
+        linalg._block_krylov = before
+        b = layer()
+        t_now.append(a)
+        t_before.append(b)
+        diffs.append(b - a)
+    linalg._block_krylov = now
+    med = statistics.median
+    print(
+        f"one layer's SVDs, {reps} alternations: short side only {1e3 * med(t_now):.0f} ms, "
+        f"both sides {1e3 * med(t_before):.0f} ms, median paired saving {1e3 * med(diffs):.0f} ms"
+        f" ({100 * med(diffs) / med(t_before):.1f}%)"
+    )
+
+
+def spectra() -> None:
+    from safetensors.torch import load_file
+
+    ratios = []
+    for f in sorted((BENCH / "_work" / "smollm2").glob("*.safetensors")):
+        for name, w in load_file(f).items():
+            if w.ndim == 2 and name.endswith("proj.weight"):
+                s = torch.linalg.svdvals(w.float())
+                ratios.append(float(s[0] / s[63]))
+    r = sorted(ratios)
+    print(
+        f"SmolLM2 {len(r)} weights: s_1/s_64 median {statistics.median(r):.2f}, max {r[-1]:.2f};"
+        f" squared: median {statistics.median(r) ** 2:.1f}, max {r[-1] ** 2:.1f}"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="what", required=True)
+    sub.add_parser("phases").add_argument("--layers", type=int, default=22)
+    sub.add_parser("paired-svd").add_argument("--reps", type=int, default=10)
+    sub.add_parser("spectra")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    if args.what == "phases":
+        phases(args.layers)
+    elif args.what == "paired-svd":
+        paired_svd(args.reps)
+    else:
+        spectra()
+
+
+if __name__ == "__main__":
+    main()
