@@ -2,13 +2,15 @@
 
     python bench/profile_decompose.py phases [--layers 22]   # one in-process run, by phase
     python bench/profile_decompose.py paired-svd [--reps 10]  # power iteration variants, paired
+    python bench/profile_decompose.py padded-svd [--reps 10]  # padded vs contiguous rows, paired
     python bench/profile_decompose.py spectra                 # s_1 / s_64 of SmolLM2's weights
 
 ``phases`` wraps the pipeline's steps with timers and runs one overlapped decompose of the
 decompose benchmark's checkpoint (``bench/_work/llama-bf16-L{layers}``, built by
 bench/decompose_vs_peft.py). ``paired-svd`` alternates the current power iteration with the
 previous one (``_power_both_sides`` in bench/test_hotpaths.py) on one layer's shapes, so both
-see the same machine state. ``spectra`` needs ``bench/_work/smollm2`` (bench/accuracy_vs_speed.py).
+see the same machine state; ``padded-svd`` alternates the same SVDs on weights whose rows are
+padded (``pissa_svd.linalg.padded_empty``, as decompose's working buffers) and contiguous. ``spectra`` needs ``bench/_work/smollm2`` (bench/accuracy_vs_speed.py).
 """
 
 from __future__ import annotations
@@ -56,38 +58,76 @@ def phases(layers: int) -> None:
     print(f"  report: seconds {t['seconds']}, compute_seconds {t['compute_seconds']}")
 
 
+def _layer_mats() -> list[torch.Tensor]:
+    """One layer's weights of the decompose benchmark's shapes (fp32, contiguous)."""
+    import test_hotpaths as hot
+
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(m, n, generator=g) * 0.02 for m, n, c in hot.LAYER for _ in range(c)]
+
+
+def _layer_svd(mats: list[torch.Tensor]) -> float:
+    from pissa_svd import linalg
+
+    start = time.perf_counter()
+    for W in mats:
+        linalg.svd_lowrank(W, 64, niter=4)
+    return time.perf_counter() - start
+
+
+def _alternate(what: str, new, old, reps: int) -> None:
+    """Time ``new()`` and ``old()`` alternately (after one warm-up each); print the medians
+    and the median of the paired savings."""
+    new(), old()
+    t_new, t_old, diffs = [], [], []
+    for _ in range(reps):
+        a, b = new(), old()
+        t_new.append(a)
+        t_old.append(b)
+        diffs.append(b - a)
+    med = statistics.median
+    print(
+        f"{what}, {reps} alternations: {1e3 * med(t_new):.0f} ms vs {1e3 * med(t_old):.0f} ms,"
+        f" median paired saving {1e3 * med(diffs):.0f} ms ({100 * med(diffs) / med(t_old):.1f}%)"
+    )
+
+
 def paired_svd(reps: int) -> None:
     import test_hotpaths as hot
 
     from pissa_svd import linalg
 
-    g = torch.Generator().manual_seed(3)
-    mats = [(torch.randn(m, n, generator=g) * 0.02, c) for m, n, c in hot.LAYER]
-
-    def layer() -> float:
-        start = time.perf_counter()
-        for W, c in mats:
-            for _ in range(c):
-                linalg.svd_lowrank(W, 64, niter=4)
-        return time.perf_counter() - start
-
+    mats = _layer_mats()
     now, before = linalg._block_krylov, hot._power_both_sides
-    layer()
-    diffs, t_now, t_before = [], [], []
-    for _ in range(reps):
-        linalg._block_krylov = now
-        a = layer()
-        linalg._block_krylov = before
-        b = layer()
-        t_now.append(a)
-        t_before.append(b)
-        diffs.append(b - a)
-    linalg._block_krylov = now
-    med = statistics.median
-    print(
-        f"one layer's SVDs, {reps} alternations: short side only {1e3 * med(t_now):.0f} ms, "
-        f"both sides {1e3 * med(t_before):.0f} ms, median paired saving {1e3 * med(diffs):.0f} ms"
-        f" ({100 * med(diffs) / med(t_before):.1f}%)"
+
+    def with_krylov(fn):
+        def run() -> float:
+            linalg._block_krylov = fn
+            try:
+                return _layer_svd(mats)
+            finally:
+                linalg._block_krylov = now
+
+        return run
+
+    _alternate(
+        "one layer's SVDs, short side only vs both sides orthonormalized",
+        with_krylov(now),
+        with_krylov(before),
+        reps,
+    )
+
+
+def padded_svd(reps: int) -> None:
+    from pissa_svd import linalg
+
+    mats = _layer_mats()
+    padded = [linalg.padded_empty(W.shape, W.dtype).copy_(W) for W in mats]
+    _alternate(
+        "one layer's SVDs, rows padded (padded_empty) vs contiguous",
+        lambda: _layer_svd(padded),
+        lambda: _layer_svd(mats),
+        reps,
     )
 
 
@@ -112,6 +152,7 @@ def main() -> None:
     sub = ap.add_subparsers(dest="what", required=True)
     sub.add_parser("phases").add_argument("--layers", type=int, default=22)
     sub.add_parser("paired-svd").add_argument("--reps", type=int, default=10)
+    sub.add_parser("padded-svd").add_argument("--reps", type=int, default=10)
     sub.add_parser("spectra")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -119,6 +160,8 @@ def main() -> None:
         phases(args.layers)
     elif args.what == "paired-svd":
         paired_svd(args.reps)
+    elif args.what == "padded-svd":
+        padded_svd(args.reps)
     else:
         spectra()
 

@@ -18,6 +18,7 @@ import math
 import mmap
 import os
 import struct
+import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -174,10 +175,12 @@ def map_tensor(info: TensorInfo) -> torch.Tensor:
 
     On a CPU the consumer (a conversion to fp32) then reads the page cache directly, where
     ``read_tensor`` first copies the bytes into a buffer: a memory copy of the whole checkpoint
-    saved, on a machine whose every core is busy with GEMMs. The kernel is asked to start
-    reading the range from disk right away (``MADV_WILLNEED``), so mapping the next batch
-    while one computes also prefetches it. The mapping lives as long as the returned tensor.
-    Never write to it (the pages are read-only).
+    saved, on a machine whose every core is busy with GEMMs. The pages are faulted in before
+    this returns (``MADV_POPULATE_READ``, Linux 5.14+: read from disk where not cached, mapped,
+    no copy), so mapping the next batch on a background thread while one computes hides the
+    disk: ``MADV_WILLNEED``, the fallback, starts at most one readahead window (read_ahead_kb,
+    often 128 KB) of the range and leaves the rest to page faults in the consumer. The mapping
+    lives as long as the returned tensor. Never write to it (the pages are read-only).
     """
     dtype = dtype_to_torch(info.dtype)
     if info.nbytes == 0:
@@ -192,12 +195,28 @@ def map_tensor(info: TensorInfo) -> torch.Tensor:
             mm = mmap.mmap(f.fileno(), info.end - start, offset=start, access=mmap.ACCESS_READ)
     except FileNotFoundError:
         raise InputError(f"{info.path}: file not found (removed during the run?)") from None
-    if hasattr(mmap, "MADV_WILLNEED"):  # not on Windows
-        mm.madvise(mmap.MADV_WILLNEED)
+    _prefault(mm, info)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "the given buffer is not writable"
         flat = torch.frombuffer(mm, dtype=torch.uint8, count=info.nbytes, offset=info.begin - start)
     return flat.view(dtype).reshape(info.shape)
+
+
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux's value; Python 3.13+
+
+
+def _prefault(mm: mmap.mmap, info: TensorInfo) -> None:
+    """Fault every page of ``mm`` in now (or at least start reading it from disk)."""
+    if sys.platform.startswith("linux"):
+        try:
+            mm.madvise(_MADV_POPULATE_READ)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: a kernel older than 5.14
+                # EFAULT (the file shrank since its size was checked), EIO, ENOMEM
+                raise InputError(f"{info.path}: cannot read {info.name}: {exc.strerror}") from None
+    if hasattr(mmap, "MADV_WILLNEED"):  # not on Windows
+        mm.madvise(mmap.MADV_WILLNEED)
 
 
 def _parse_entry(path: Path, name: str, spec: object, data_start: int) -> TensorInfo:

@@ -47,6 +47,8 @@ from .linalg import (
     default_batch_memory,
     default_oversample,
     derive_seed,
+    padded_empty,
+    padded_nbytes,
     resolve_backend,
     resolve_method,
     svd_lowrank,
@@ -801,7 +803,7 @@ def _decompose_batch(
     o, t0 = plan.options, batch[0]
     start = time.perf_counter()
     work = "F64" if t0.info.dtype == "F64" else "F32"
-    Wf = scratch.tensor("work", work, (len(batch), *t0.info.shape), plan.device)
+    Wf = scratch.matrices("work", work, (len(batch), *t0.info.shape), plan.device)
     w_sq = []
     for i, t in enumerate(batch):
         x = host[i] if host is not None else _load(plan, [t], scratch, "read")[0]
@@ -962,13 +964,14 @@ class _Scratch:
             buf = self._bufs[key] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self._pin)
         return buf[:nbytes]
 
-    def tensor(self, key: str, st_dtype: str, shape: tuple[int, ...], device: str = "cpu"):
-        """An uninitialized ``st_dtype`` tensor of ``shape``: buffer ``key`` on the CPU, a fresh
-        allocation on an accelerator (whose caching allocator already reuses memory)."""
+    def matrices(self, key: str, st_dtype: str, shape: tuple[int, ...], device: str = "cpu"):
+        """An uninitialized ``st_dtype`` batch of matrices ``shape``: on the CPU carved from
+        buffer ``key``, rows padded for the GEMMs (``padded_empty``); on an accelerator a fresh
+        allocation (whose caching allocator already reuses memory)."""
         dtype = dtype_to_torch(st_dtype)
         if device != "cpu":
             return torch.empty(shape, dtype=dtype, device=device)
-        return self.get(key, dtype_nbytes(st_dtype, shape)).view(dtype).view(shape)
+        return padded_empty(shape, dtype, buffer=self.get(key, padded_nbytes(shape, dtype)))
 
 
 def _adapter_config(plan: Plan) -> dict:

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from .linalg import svd_lowrank
+from .linalg import padded_empty, svd_lowrank
 
 
 class PissaFactors(NamedTuple):
@@ -64,8 +64,8 @@ def pissa_factors(
     U, S, Vh = svd
     A, B = adapter_factors(U, S, Vh, scaling=scaling, adapter_dtype=adapter_dtype)
     work = U.dtype
-    inplace = inplace and W.dtype == work and W.is_contiguous()
-    res = W if inplace else W.to(work, memory_format=torch.contiguous_format, copy=True)
+    inplace = inplace and W.dtype == work and _batch_of_rows(W) is not None
+    res = W if inplace else padded_empty(W.shape, work, W.device).copy_(W)
     out = None if residual_dtype == work else torch.empty_like(res, dtype=residual_dtype)
     subtract_adapter_(res, A, B, scaling=scaling, fan_in_fan_out=fan_in_fan_out, out=out)
     return PissaFactors(A, B, res if out is None else out)
@@ -113,8 +113,9 @@ def subtract_adapter_(
     """W -= s * B @ A in place, in W's stored layout, optionally rounding the result into ``out``.
 
     Args:
-        W: contiguous (..., out, in) working copy, or (..., in, out) with ``fan_in_fan_out``;
-            fp32 or fp64. A leading batch dimension is allowed.
+        W: (..., out, in) working copy, or (..., in, out) with ``fan_in_fan_out``; fp32 or
+            fp64, rows contiguous (contiguous, or rows padded as by
+            :func:`~pissa_svd.linalg.padded_empty`). A leading batch dimension is allowed.
         A, B: the adapter as stored, (..., r, in) and (..., out, r); widened to W's dtype, so
             the residual is that of the rounded adapter.
         out: where to round the residual to (a tensor shaped like W, or one per batch
@@ -124,11 +125,11 @@ def subtract_adapter_(
     ``W.shape[:-2]``. The residual is one GEMM per member; the rounding and the norm then go
     in row blocks (:func:`block_rows`), the norm reading each block from cache.
     """
-    if not W.is_contiguous():
-        raise ValueError("subtract_adapter_ needs a contiguous W")
+    Wb = _batch_of_rows(W)
+    if Wb is None:
+        raise ValueError("subtract_adapter_ needs W with contiguous rows (e.g. contiguous)")
     L, R = (A.mT, B.mT) if fan_in_fan_out else (B, A)  # W_stored -= s * L @ R
     lead, (rows, cols) = W.shape[:-2], W.shape[-2:]
-    Wb = W.reshape(-1, rows, cols)
     Wb.baddbmm_(
         L.to(W.dtype).reshape(-1, rows, L.shape[-1]),
         R.to(W.dtype).reshape(-1, R.shape[-2], cols),
@@ -139,6 +140,16 @@ def subtract_adapter_(
         for i in range(Wb.shape[0])
     ]
     return torch.stack(sumsq).reshape(lead)
+
+
+def _batch_of_rows(W: torch.Tensor) -> torch.Tensor | None:
+    """W as a (batch, rows, cols) view (rows contiguous, possibly padded), or None."""
+    if W.ndim < 2 or W.stride(-1) != 1 or (W.shape[-2] > 1 and W.stride(-2) < W.shape[-1]):
+        return None
+    try:
+        return W.view(-1, *W.shape[-2:])
+    except RuntimeError:  # leading dims that do not merge
+        return None
 
 
 def copy_rows_(dst: torch.Tensor | None, src: torch.Tensor, *, measure: str) -> torch.Tensor:

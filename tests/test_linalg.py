@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pissa_svd.linalg import _small_svd, _small_svd_qr, orthonormalize, svd_lowrank
+from pissa_svd.linalg import (
+    _small_svd,
+    _small_svd_qr,
+    orthonormalize,
+    padded_empty,
+    padded_nbytes,
+    padded_stride,
+    svd_lowrank,
+)
 
 
 def known(m: int, n: int, decay: float = 0.5, seed: int = 0, rank: int | None = None):
@@ -128,6 +136,43 @@ def test_bf16_input_and_seed_determinism():
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=False))
     assert not torch.equal(a[0], c[0])
     torch.testing.assert_close(a[1], s[:16].float(), rtol=2e-2, atol=0)  # bf16 input noise
+
+
+def test_padded_rows_are_an_odd_number_of_cache_lines():
+    assert padded_stride(2048, 4) == 2064  # 128 lines (8 KB) -> 129
+    assert padded_stride(5632, 4) == 5648  # 352 lines -> 353
+    assert padded_stride(2048, 2) == 2080  # bf16: 64 lines -> 65
+    assert padded_stride(1040, 4) == 1040  # 65 lines already
+    assert padded_stride(1030, 4) == 1040  # a partial line rounds up
+    assert padded_stride(1000, 4) == 1000  # under a page: left alone
+    x = padded_empty((3, 5, 2048), torch.float32)
+    assert x.shape == (3, 5, 2048) and x.stride() == (5 * 2064, 2064, 1)
+    buf = torch.empty(padded_nbytes((3, 5, 2048), torch.float32), dtype=torch.uint8)
+    y = padded_empty((3, 5, 2048), torch.float32, buffer=buf)
+    assert y.data_ptr() == buf.data_ptr() and y.stride() == x.stride()
+    with pytest.raises(RuntimeError):  # the buffer must be large enough
+        padded_empty((3, 6, 2048), torch.float32, buffer=buf)
+    assert padded_empty((4, 2048), torch.float32, device="meta").is_contiguous()
+
+
+@pytest.mark.parametrize("method", ["auto", "halko", "exact"])
+@pytest.mark.parametrize("stored", ["rows", "transposed"])
+def test_padded_rows_give_the_same_factors(method, stored):
+    W, s = known(300, 1100)
+    W = W.float() if stored == "rows" else W.T.contiguous().float().T
+    P = padded_empty(W.shape, W.dtype).copy_(W) if stored == "rows" else None
+    if P is None:  # a transposed (column-major) layout, padded
+        P = padded_empty(W.T.shape, W.dtype).copy_(W.T).T
+    assert not P.is_contiguous() and torch.equal(P, W)
+    a = svd_lowrank(W, 24, method=method, seed=1)
+    b = svd_lowrank(P, 24, method=method, seed=1)
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    # bf16 input is widened into the padded layout, as stored (rows or transposed)
+    c = svd_lowrank(W.bfloat16(), 24, method=method, seed=1)
+    d = svd_lowrank(P.bfloat16(), 24, method=method, seed=1)
+    assert all(torch.equal(x, y) for x, y in zip(c, d, strict=True))
+    assert excess_error(W.double(), s, *c) < 0.2
 
 
 def test_orthonormalize_falls_back_on_ill_conditioned_input():

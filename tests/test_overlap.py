@@ -51,6 +51,36 @@ def test_cpu_loads_map_the_page_cache_and_gpu_loads_read(bf16_shards, tmp_path, 
     assert read[-1].data_ptr() == buf.data_ptr() + buf.numel() - batch[-1].info.nbytes
 
 
+def test_working_buffers_have_padded_rows_and_are_reused():
+    scratch = pipeline._Scratch()
+    a = scratch.matrices("work", "F32", (2, 8, 2048))
+    assert a.shape == (2, 8, 2048) and a.stride() == (8 * 2064, 2064, 1)
+    b = scratch.matrices("work", "F32", (3, 4, 2048))  # smaller: the same memory
+    assert b.data_ptr() == a.data_ptr() and b.stride(-2) == 2064
+
+
+def test_padded_working_rows_write_the_same_bytes(bf16_shards, tmp_path, monkeypatch):
+    """The tiny model's rows are too short to be padded by default; force a padding and check
+    the SVD sees it and the output does not change by a bit."""
+    from pissa_svd import linalg
+
+    plain, padded = tmp_path / "plain", tmp_path / "padded"
+    decompose(bf16_shards, plain, rank=4, quiet=True)
+    seen = []
+    svd = pipeline.svd_lowrank
+
+    def spy(W, *a, **k):
+        seen.append(W)
+        return svd(W, *a, **k)
+
+    monkeypatch.setattr(linalg, "padded_stride", lambda cols, itemsize: cols + 16)
+    monkeypatch.setattr(pipeline, "svd_lowrank", spy)
+    decompose(bf16_shards, padded, rank=4, quiet=True)
+    assert seen and all(W.stride(-1) == 1 or W.stride(-2) == 1 for W in seen)
+    assert all(max(W.stride()[-2:]) == W.shape[-1 if W.stride(-1) == 1 else -2] + 16 for W in seen)
+    assert _files(plain) == _files(padded)
+
+
 @pytest.mark.parametrize("batch_memory", [None, 0])
 def test_overlap_writes_the_same_bytes(bf16_shards, tmp_path, batch_memory, monkeypatch):
     """Overlapped on CPU, the residuals' whole pages go to the disk with O_DIRECT, from

@@ -86,9 +86,12 @@ def test_batched_factors():
     torch.testing.assert_close(R + B @ A, Ws, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["contiguous", "padded"])
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
 @pytest.mark.parametrize("block", [7, 1 << 20])  # many blocks (last one short) or one
-def test_subtract_adapter_rounds_into_out_with_exact_norms(monkeypatch, fan_in_fan_out, block):
+def test_subtract_adapter_rounds_into_out_with_exact_norms(
+    monkeypatch, fan_in_fan_out, block, padded
+):
     from pissa_svd import pissa
 
     monkeypatch.setattr(pissa, "BLOCK_ELEMENTS", block * 160)  # rows per block: 7 or all
@@ -97,6 +100,10 @@ def test_subtract_adapter_rounds_into_out_with_exact_norms(monkeypatch, fan_in_f
     A = torch.randn(3, 8, 160, generator=g).bfloat16()
     B = torch.randn(3, 96, 8, generator=g).bfloat16()
     stored = W.mT.contiguous() if fan_in_fan_out else W.clone()
+    if padded:  # rows 16 elements apart more than their length, as padded_empty makes them
+        stored = torch.empty(*stored.shape[:-1], stored.shape[-1] + 16)[..., : stored.shape[-1]]
+        stored.copy_(W.mT if fan_in_fan_out else W)
+        assert not stored.is_contiguous()
     out = [torch.empty(stored.shape[1:], dtype=torch.bfloat16) for _ in range(3)]
     sumsq = pissa.subtract_adapter_(
         stored, A, B, scaling=0.5, fan_in_fan_out=fan_in_fan_out, out=out
@@ -109,6 +116,18 @@ def test_subtract_adapter_rounds_into_out_with_exact_norms(monkeypatch, fan_in_f
     exact = ref.double().square().sum((-2, -1))
     assert sumsq.dtype == torch.float64 and sumsq.shape == (3,)
     torch.testing.assert_close(sumsq, exact, rtol=1e-6, atol=0)
+
+
+def test_subtract_adapter_needs_rows_it_can_update_in_place():
+    from pissa_svd.pissa import subtract_adapter_
+
+    A, B = torch.ones(2, 8), torch.ones(6, 2)
+    for W in (torch.zeros(8, 6).mT, torch.zeros(6, 16)[:, ::2]):  # column-major; strided rows
+        with pytest.raises(ValueError, match="contiguous rows"):
+            subtract_adapter_(W, A, B, scaling=1.0)
+    W = torch.zeros(6, 10)[:, :8]  # padded rows are fine, and updated in place
+    subtract_adapter_(W, A, B, scaling=1.0)
+    assert torch.equal(W, torch.full((6, 8), -2.0))
 
 
 def test_block_norms_are_accurate_where_one_fp32_reduction_is_not():
