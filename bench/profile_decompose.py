@@ -1,16 +1,21 @@
-"""Where a CPU decompose spends its time, and two checks behind the engine's design notes.
+"""Where a CPU decompose spends its time, and the checks behind the engine's design notes.
 
-    python bench/profile_decompose.py phases [--layers 22]   # one in-process run, by phase
+    python bench/profile_decompose.py phases [--layers 22] [--fault willneed]  # by phase
     python bench/profile_decompose.py paired-svd [--reps 10]  # power iteration variants, paired
     python bench/profile_decompose.py padded-svd [--reps 10]  # padded vs contiguous rows, paired
+    python bench/profile_decompose.py prefetch                # page cache after mapping a weight
     python bench/profile_decompose.py spectra                 # s_1 / s_64 of SmolLM2's weights
 
 ``phases`` wraps the pipeline's steps with timers and runs one overlapped decompose of the
 decompose benchmark's checkpoint (``bench/_work/llama-bf16-L{layers}``, built by
-bench/decompose_vs_peft.py). ``paired-svd`` alternates the current power iteration with the
-previous one (``_power_both_sides`` in bench/test_hotpaths.py) on one layer's shapes, so both
-see the same machine state; ``padded-svd`` alternates the same SVDs on weights whose rows are
-padded (``pissa_svd.linalg.padded_empty``, as decompose's working buffers) and contiguous. ``spectra`` needs ``bench/_work/smollm2`` (bench/accuracy_vs_speed.py).
+bench/decompose_vs_peft.py); ``--fault willneed`` maps weights with only a prefetch hint, as
+before ``map_tensor`` faulted them in. ``paired-svd`` alternates the current power iteration
+with the previous one (``_power_both_sides`` in bench/test_hotpaths.py) on one layer's shapes,
+so both see the same machine state; ``padded-svd`` alternates the same SVDs on weights whose
+rows are padded (``pissa_svd.linalg.padded_empty``, as decompose's working buffers) and
+contiguous. ``prefetch`` evicts a shard from the page cache and measures (``mincore``) how much
+of one weight is in memory after each way of mapping it. ``spectra`` needs
+``bench/_work/smollm2`` (bench/accuracy_vs_speed.py).
 """
 
 from __future__ import annotations
@@ -30,8 +35,13 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 
-def phases(layers: int) -> None:
-    from pissa_svd import pipeline
+def phases(layers: int, fault: str) -> None:
+    import mmap
+
+    from pissa_svd import checkpoint, pipeline
+
+    if fault == "willneed":  # map_tensor as before it faulted the pages in: a prefetch hint
+        checkpoint._MADV_POPULATE_READ = mmap.MADV_WILLNEED
 
     spent: dict[str, float] = {}
     for name in ("_prepare", "_load", "_widen_", "svd_lowrank", "subtract_adapter_"):
@@ -131,6 +141,64 @@ def padded_svd(reps: int) -> None:
     )
 
 
+def _resident(x: torch.Tensor) -> float:
+    """Fraction of the pages under tensor ``x`` that are in memory (``mincore``, Linux)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    lo = x.data_ptr() - x.data_ptr() % page
+    n = -(-(x.data_ptr() + x.numel() * x.element_size() - lo) // page)
+    vec = (ctypes.c_ubyte * n)()
+    if libc.mincore(ctypes.c_void_p(lo), ctypes.c_size_t(n * page), vec) != 0:
+        raise OSError(ctypes.get_errno(), "mincore failed")
+    return sum(v & 1 for v in vec) / n
+
+
+def prefetch() -> None:
+    """How much of a weight is in memory 1 s after mapping it, the file evicted from the page
+    cache first: ``MADV_WILLNEED`` alone against ``map_tensor`` (which faults the pages in)."""
+    import mmap
+    import os
+    import warnings
+
+    from pissa_svd import checkpoint
+
+    ck = checkpoint.Checkpoint.open(BENCH / "_work" / "llama-bf16-L22")
+    info = next(i for f in ck.files.values() for i in f.tensors.values() if "up_proj" in i.name)
+
+    def evict() -> None:
+        fd = os.open(info.path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+    start = info.begin - info.begin % mmap.ALLOCATIONGRANULARITY
+    evict()
+    with open(info.path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), info.end - start, offset=start, access=mmap.ACCESS_READ)
+    mm.madvise(mmap.MADV_WILLNEED)
+    time.sleep(1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only buffer
+        view = torch.frombuffer(mm, dtype=torch.uint8, count=info.nbytes, offset=info.begin - start)
+    willneed = _resident(view)
+    del view
+    mm.close()
+    evict()
+    t = time.perf_counter()
+    x = checkpoint.map_tensor(info)
+    spent = time.perf_counter() - t
+    time.sleep(1.0)
+    print(
+        f"{info.name} ({info.nbytes / 2**20:.0f} MiB), evicted, 1 s after mapping: "
+        f"MADV_WILLNEED {100 * willneed:.0f}% in memory; map_tensor {100 * _resident(x):.0f}% "
+        f"(the call took {spent:.2f} s)"
+    )
+
+
 def spectra() -> None:
     from safetensors.torch import load_file
 
@@ -150,18 +218,23 @@ def spectra() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="what", required=True)
-    sub.add_parser("phases").add_argument("--layers", type=int, default=22)
+    ph = sub.add_parser("phases")
+    ph.add_argument("--layers", type=int, default=22)
+    ph.add_argument("--fault", choices=("populate", "willneed"), default="populate")
     sub.add_parser("paired-svd").add_argument("--reps", type=int, default=10)
     sub.add_parser("padded-svd").add_argument("--reps", type=int, default=10)
+    sub.add_parser("prefetch")
     sub.add_parser("spectra")
     args = ap.parse_args()
     torch.set_num_threads(2)
     if args.what == "phases":
-        phases(args.layers)
+        phases(args.layers, args.fault)
     elif args.what == "paired-svd":
         paired_svd(args.reps)
     elif args.what == "padded-svd":
         padded_svd(args.reps)
+    elif args.what == "prefetch":
+        prefetch()
     else:
         spectra()
 

@@ -156,7 +156,9 @@ def svd_lowrank(
     """Top-``rank`` singular triplets of ``W``.
 
     Args:
-        W: (m, n) or (b, m, n), bf16/fp16/fp32/fp64, any device.
+        W: (m, n) or (b, m, n), bf16/fp16/fp32/fp64, any device. On a CPU, bf16/fp16 input
+            is widened into rows padded for the GEMMs (:func:`padded_empty`); fp32/fp64 input
+            is used in place, so a caller that owns the copy can lay it out that way.
         rank: number of triplets, 1 <= rank <= min(m, n).
         niter: power iterations (PEFT's ``pissa_niter_N``).
         oversample: extra sketch columns (default: ``default_oversample(method)``, 0 for auto
