@@ -13,7 +13,7 @@ before ``map_tensor`` faulted them in. ``paired-svd`` alternates the current pow
 with the previous one (``_power_both_sides`` in bench/test_hotpaths.py) on one layer's shapes,
 so both see the same machine state; ``padded-svd`` alternates the same SVDs on weights whose
 rows are padded (``pissa_svd.linalg.padded_empty``, as decompose's working buffers) and
-contiguous. ``prefetch`` evicts a shard from the page cache and measures (``mincore``) how much
+contiguous, then with a fresh padded copy made before each SVD. ``prefetch`` evicts a shard from the page cache and measures (``mincore``) how much
 of one weight is in memory after each way of mapping it. ``spectra`` needs
 ``bench/_work/smollm2`` (bench/accuracy_vs_speed.py).
 """
@@ -136,6 +136,19 @@ def padded_svd(reps: int) -> None:
     _alternate(
         "one layer's SVDs, rows padded (padded_empty) vs contiguous",
         lambda: _layer_svd(padded),
+        lambda: _layer_svd(mats),
+        reps,
+    )
+
+    def copied() -> float:  # what svd_lowrank would do to pad fp32 input itself
+        start = time.perf_counter()
+        for W in mats:
+            linalg.svd_lowrank(linalg.padded_empty(W.shape, W.dtype).copy_(W), 64, niter=4)
+        return time.perf_counter() - start
+
+    _alternate(
+        "one layer's SVDs, fp32 copied into fresh padded rows first vs contiguous",
+        copied,
         lambda: _layer_svd(mats),
         reps,
     )

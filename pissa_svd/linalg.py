@@ -158,7 +158,8 @@ def svd_lowrank(
     Args:
         W: (m, n) or (b, m, n), bf16/fp16/fp32/fp64, any device. On a CPU, bf16/fp16 input
             is widened into rows padded for the GEMMs (:func:`padded_empty`); fp32/fp64 input
-            is used in place, so a caller that owns the copy can lay it out that way.
+            is used as it is laid out, so a caller that owns its fp32 copy can allocate it
+            padded (9-12% faster SVDs where rows are an even number of cache lines).
         rank: number of triplets, 1 <= rank <= min(m, n).
         niter: power iterations (PEFT's ``pissa_niter_N``).
         oversample: extra sketch columns (default: ``default_oversample(method)``, 0 for auto
@@ -195,13 +196,7 @@ def svd_lowrank(
 
     work = torch.float64 if W.dtype == torch.float64 else torch.float32
     batched = W.ndim == 3
-    if W.dtype != work and W.device.type == "cpu":  # a copy anyway: make it the fast layout
-        if W.stride(-1) != 1 and W.stride(-2) == 1:  # stored transposed: keep that layout
-            X = padded_empty(W.mT.shape, work).copy_(W.mT).mT
-        else:
-            X = padded_empty(W.shape, work).copy_(W)
-    else:
-        X = W.to(work)
+    X = _working_copy(W, work)
     if not batched:
         X = X.unsqueeze(0)
     seeds = _seeds(seed, X.shape[0])
@@ -214,6 +209,21 @@ def svd_lowrank(
     if not batched:
         U, S, Vh = U[0], S[0], Vh[0]
     return U.contiguous(), S.contiguous(), Vh.contiguous()
+
+
+def _working_copy(W: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+    """W in the working dtype. A cast on a CPU goes into padded rows (:func:`padded_empty`),
+    in the orientation W is stored in. W already in the working dtype is used as it is:
+    copying it only for the layout lost more than the faster GEMMs saved (a fresh buffer is
+    page-faulted in on every call): 5.2% slower on one layer's shapes
+    (``python bench/profile_decompose.py padded-svd``, its second line).
+    """
+    if W.dtype == work or W.device.type != "cpu":
+        return W.to(work)
+    flip = W.stride(-1) != 1 and W.stride(-2) == 1  # stored transposed: keep that layout
+    V = W.mT if flip else W
+    X = padded_empty(V.shape, work).copy_(V)
+    return X.mT if flip else X
 
 
 def resolve_backend(backend: str, device_type: str) -> str:

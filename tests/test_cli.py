@@ -320,7 +320,15 @@ def _start(src: Path, out: Path, *extra: str) -> subprocess.Popen:
         out,
         *extra,
     ]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal delivers it, even where the suite runs in the background (a shell
+    # starts background jobs with SIGINT ignored, and the child would inherit that).
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def _wait_for_partial_output(parent: Path, proc: subprocess.Popen, tensors: int = 3) -> None:

@@ -155,6 +155,20 @@ def test_padded_rows_are_an_odd_number_of_cache_lines():
     assert padded_empty((4, 2048), torch.float32, device="meta").is_contiguous()
 
 
+def test_working_copy_pads_rows_when_it_casts():
+    from pissa_svd.linalg import _working_copy
+
+    f32 = torch.float32
+    W = torch.randn(300, 2048)
+    assert _working_copy(W, f32) is W  # fp32 is used as it is laid out
+    h = _working_copy(W.bfloat16(), f32)  # a cast is a copy anyway: padded rows
+    assert h.dtype == f32 and h.stride() == (2064, 1) and torch.equal(h, W.bfloat16().float())
+    T = _working_copy(W.T.bfloat16(), f32)  # stored transposed: padded in that orientation
+    assert T.shape == (2048, 300) and T.stride() == (1, 2064)
+    b = _working_copy(torch.randn(2, 3, 2048).half(), f32)  # batches too
+    assert b.stride()[-2:] == (2064, 1)
+
+
 @pytest.mark.parametrize("method", ["auto", "halko", "exact"])
 @pytest.mark.parametrize("stored", ["rows", "transposed"])
 def test_padded_rows_give_the_same_factors(method, stored):
