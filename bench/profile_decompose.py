@@ -1,6 +1,6 @@
 """Where a CPU decompose spends its time, and the checks behind the engine's design notes.
 
-    python bench/profile_decompose.py phases [--layers 22] [--fault willneed]  # by phase
+    python bench/profile_decompose.py phases [--layers 22] [--prefetch chunked]  # by phase
     python bench/profile_decompose.py paired-svd [--reps 10]  # power iteration variants, paired
     python bench/profile_decompose.py padded-svd [--reps 10]  # padded vs contiguous rows, paired
     python bench/profile_decompose.py prefetch                # page cache after mapping a weight
@@ -8,14 +8,15 @@
 
 ``phases`` wraps the pipeline's steps with timers and runs one overlapped decompose of the
 decompose benchmark's checkpoint (``bench/_work/llama-bf16-L{layers}``, built by
-bench/decompose_vs_peft.py); ``--fault willneed`` maps weights with only a prefetch hint, as
-before ``map_tensor`` faulted them in. ``paired-svd`` alternates the current power iteration
+bench/decompose_vs_peft.py); ``--prefetch`` swaps ``map_tensor``'s prefetch for another way
+(``PREFETCH``) to compare them. ``paired-svd`` alternates the current power iteration
 with the previous one (``_power_both_sides`` in bench/test_hotpaths.py) on one layer's shapes,
 so both see the same machine state; ``padded-svd`` alternates the same SVDs on weights whose
 rows are padded (``pissa_svd.linalg.padded_empty``, as decompose's working buffers) and
-contiguous, then with a fresh padded copy made before each SVD. ``prefetch`` evicts a shard from the page cache and measures (``mincore``) how much
-of one weight is in memory after each way of mapping it. ``spectra`` needs
-``bench/_work/smollm2`` (bench/accuracy_vs_speed.py).
+contiguous, then with a fresh padded copy made before each SVD. ``prefetch`` evicts a shard
+from the page cache and measures (``mincore``) how much of one weight is in memory 1 s after
+mapping it, for each way. ``spectra`` needs ``bench/_work/smollm2``
+(bench/accuracy_vs_speed.py).
 """
 
 from __future__ import annotations
@@ -35,13 +36,26 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 
-def phases(layers: int, fault: str) -> None:
+def _one_willneed(mm) -> None:
+    """map_tensor's prefetch as it was: one MADV_WILLNEED for the whole range."""
     import mmap
 
+    mm.madvise(mmap.MADV_WILLNEED)
+
+
+def _populate(mm) -> None:
+    """The pages faulted in before map_tensor returns (MADV_POPULATE_READ, Linux 5.14+)."""
+    mm.madvise(22)  # mmap.MADV_POPULATE_READ from Python 3.13
+
+
+PREFETCH = {"chunked": None, "one-willneed": _one_willneed, "populate": _populate}
+
+
+def phases(layers: int, prefetch: str) -> None:
     from pissa_svd import checkpoint, pipeline
 
-    if fault == "willneed":  # map_tensor as before it faulted the pages in: a prefetch hint
-        checkpoint._MADV_POPULATE_READ = mmap.MADV_WILLNEED
+    if PREFETCH[prefetch] is not None:
+        checkpoint._prefetch = PREFETCH[prefetch]
 
     spent: dict[str, float] = {}
     for name in ("_prepare", "_load", "_widen_", "svd_lowrank", "subtract_adapter_"):
@@ -171,45 +185,33 @@ def _resident(x: torch.Tensor) -> float:
 
 def prefetch() -> None:
     """How much of a weight is in memory 1 s after mapping it, the file evicted from the page
-    cache first: ``MADV_WILLNEED`` alone against ``map_tensor`` (which faults the pages in)."""
-    import mmap
+    cache first, for each way of prefetching (``PREFETCH``; "chunked" is ``map_tensor``'s)."""
     import os
-    import warnings
 
     from pissa_svd import checkpoint
 
     ck = checkpoint.Checkpoint.open(BENCH / "_work" / "llama-bf16-L22")
     info = next(i for f in ck.files.values() for i in f.tensors.values() if "up_proj" in i.name)
-
-    def evict() -> None:
+    mine = checkpoint._prefetch
+    for name, fn in PREFETCH.items():
         fd = os.open(info.path, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-
-    start = info.begin - info.begin % mmap.ALLOCATIONGRANULARITY
-    evict()
-    with open(info.path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), info.end - start, offset=start, access=mmap.ACCESS_READ)
-    mm.madvise(mmap.MADV_WILLNEED)
-    time.sleep(1.0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # read-only buffer
-        view = torch.frombuffer(mm, dtype=torch.uint8, count=info.nbytes, offset=info.begin - start)
-    willneed = _resident(view)
-    del view
-    mm.close()
-    evict()
-    t = time.perf_counter()
-    x = checkpoint.map_tensor(info)
-    spent = time.perf_counter() - t
-    time.sleep(1.0)
-    print(
-        f"{info.name} ({info.nbytes / 2**20:.0f} MiB), evicted, 1 s after mapping: "
-        f"MADV_WILLNEED {100 * willneed:.0f}% in memory; map_tensor {100 * _resident(x):.0f}% "
-        f"(the call took {spent:.2f} s)"
-    )
+        checkpoint._prefetch = fn or mine
+        try:
+            t = time.perf_counter()
+            x = checkpoint.map_tensor(info)
+            spent = time.perf_counter() - t
+        finally:
+            checkpoint._prefetch = mine
+        time.sleep(1.0)
+        print(
+            f"{info.name} ({info.nbytes / 2**20:.0f} MiB), evicted: {name}: "
+            f"{100 * _resident(x):.0f}% in memory 1 s after mapping (the call took {spent:.3f} s)"
+        )
+        del x
 
 
 def spectra() -> None:
@@ -233,7 +235,7 @@ def main() -> None:
     sub = ap.add_subparsers(dest="what", required=True)
     ph = sub.add_parser("phases")
     ph.add_argument("--layers", type=int, default=22)
-    ph.add_argument("--fault", choices=("populate", "willneed"), default="populate")
+    ph.add_argument("--prefetch", choices=tuple(PREFETCH), default="chunked")
     sub.add_parser("paired-svd").add_argument("--reps", type=int, default=10)
     sub.add_parser("padded-svd").add_argument("--reps", type=int, default=10)
     sub.add_parser("prefetch")
@@ -241,7 +243,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     if args.what == "phases":
-        phases(args.layers, args.fault)
+        phases(args.layers, args.prefetch)
     elif args.what == "paired-svd":
         paired_svd(args.reps)
     elif args.what == "padded-svd":

@@ -18,7 +18,6 @@ import math
 import mmap
 import os
 import struct
-import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -175,12 +174,11 @@ def map_tensor(info: TensorInfo) -> torch.Tensor:
 
     On a CPU the consumer (a conversion to fp32) then reads the page cache directly, where
     ``read_tensor`` first copies the bytes into a buffer: a memory copy of the whole checkpoint
-    saved, on a machine whose every core is busy with GEMMs. The pages are faulted in before
-    this returns (``MADV_POPULATE_READ``, Linux 5.14+: read from disk where not cached, mapped,
-    no copy), so mapping the next batch on a background thread while one computes hides the
-    disk: ``MADV_WILLNEED``, the fallback, starts at most one readahead window (read_ahead_kb,
-    often 128 KB) of the range and leaves the rest to page faults in the consumer. The mapping
-    lives as long as the returned tensor. Never write to it (the pages are read-only).
+    saved, on a machine whose every core is busy with GEMMs. The kernel is asked to read the
+    whole range from disk right away (``MADV_WILLNEED``, one readahead window at a time:
+    one call for the range starts only the first window), so mapping the next batch while
+    one computes also prefetches it. The mapping lives as long as the returned tensor. Never
+    write to it (the pages are read-only).
     """
     dtype = dtype_to_torch(info.dtype)
     if info.nbytes == 0:
@@ -195,28 +193,26 @@ def map_tensor(info: TensorInfo) -> torch.Tensor:
             mm = mmap.mmap(f.fileno(), info.end - start, offset=start, access=mmap.ACCESS_READ)
     except FileNotFoundError:
         raise InputError(f"{info.path}: file not found (removed during the run?)") from None
-    _prefault(mm, info)
+    _prefetch(mm)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "the given buffer is not writable"
         flat = torch.frombuffer(mm, dtype=torch.uint8, count=info.nbytes, offset=info.begin - start)
     return flat.view(dtype).reshape(info.shape)
 
 
-_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux's value; Python 3.13+
+# Bytes per MADV_WILLNEED call: the kernel starts at most one readahead window per call
+# (max(read_ahead_kb, the device's optimal IO size); read_ahead_kb defaults to 128 KB), so a
+# larger range is hinted window by window.
+PREFETCH_CHUNK = 128 << 10
 
 
-def _prefault(mm: mmap.mmap, info: TensorInfo) -> None:
-    """Fault every page of ``mm`` in now (or at least start reading it from disk)."""
-    if sys.platform.startswith("linux"):
-        try:
-            mm.madvise(_MADV_POPULATE_READ)
-            return
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:  # EINVAL: a kernel older than 5.14
-                # EFAULT (the file shrank since its size was checked), EIO, ENOMEM
-                raise InputError(f"{info.path}: cannot read {info.name}: {exc.strerror}") from None
-    if hasattr(mmap, "MADV_WILLNEED"):  # not on Windows
-        mm.madvise(mmap.MADV_WILLNEED)
+def _prefetch(mm: mmap.mmap) -> None:
+    """Ask the kernel to start reading all of ``mm`` from disk (asynchronously; pages already
+    in the page cache cost a lookup)."""
+    if not hasattr(mmap, "MADV_WILLNEED"):  # Windows
+        return
+    for off in range(0, len(mm), PREFETCH_CHUNK):
+        mm.madvise(mmap.MADV_WILLNEED, off, min(PREFETCH_CHUNK, len(mm) - off))
 
 
 def _parse_entry(path: Path, name: str, spec: object, data_start: int) -> TensorInfo:

@@ -63,6 +63,28 @@ def test_map_tensor_views_the_file_like_read_tensor(tmp_path):
         checkpoint.map_tensor(info)
 
 
+def test_prefetch_hints_the_whole_range_one_readahead_window_at_a_time(monkeypatch):
+    """One MADV_WILLNEED starts at most one readahead window, so map_tensor hints each."""
+    import mmap
+
+    calls = []
+
+    class Mapping:
+        def __len__(self):
+            return 5 * 4096 + 100
+
+        def madvise(self, option, start, length):
+            calls.append((option, start, length))
+
+    monkeypatch.setattr(checkpoint, "PREFETCH_CHUNK", 2 * 4096)
+    checkpoint._prefetch(Mapping())
+    assert calls == [
+        (mmap.MADV_WILLNEED, 0, 8192),
+        (mmap.MADV_WILLNEED, 8192, 8192),
+        (mmap.MADV_WILLNEED, 16384, 4196),
+    ]
+
+
 def test_streaming_writer_output_loads_in_safetensors(tmp_path):
     src = tmp_path / "src.safetensors"
     ref = _tensors()
