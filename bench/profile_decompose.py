@@ -1,6 +1,6 @@
 """Where a CPU decompose spends its time, and the checks behind the engine's design notes.
 
-    python bench/profile_decompose.py phases [--layers 22] [--prefetch chunked]  # by phase
+    python bench/profile_decompose.py phases [--layers 22] [--prefetch windows]  # by phase
     python bench/profile_decompose.py paired-svd [--reps 10]  # power iteration variants, paired
     python bench/profile_decompose.py padded-svd [--reps 10]  # padded vs contiguous rows, paired
     python bench/profile_decompose.py prefetch                # page cache after mapping a weight
@@ -36,19 +36,32 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 
-def _one_willneed(mm) -> None:
+def _one_willneed(mm, window: int) -> None:
     """map_tensor's prefetch as it was: one MADV_WILLNEED for the whole range."""
     import mmap
 
     mm.madvise(mmap.MADV_WILLNEED)
 
 
-def _populate(mm) -> None:
+def _populate(mm, window: int) -> None:
     """The pages faulted in before map_tensor returns (MADV_POPULATE_READ, Linux 5.14+)."""
     mm.madvise(22)  # mmap.MADV_POPULATE_READ from Python 3.13
 
 
-PREFETCH = {"chunked": None, "one-willneed": _one_willneed, "populate": _populate}
+def _per_128k(mm, window: int) -> None:
+    """One hint per 128 KB (the kernel's default window) whatever the device's window."""
+    import mmap
+
+    for off in range(0, len(mm), 128 << 10):
+        mm.madvise(mmap.MADV_WILLNEED, off, min(128 << 10, len(mm) - off))
+
+
+PREFETCH = {
+    "windows": None,  # map_tensor's: one hint per readahead window of the device
+    "per-128k": _per_128k,
+    "one-willneed": _one_willneed,
+    "populate": _populate,
+}
 
 
 def phases(layers: int, prefetch: str) -> None:
@@ -185,7 +198,7 @@ def _resident(x: torch.Tensor) -> float:
 
 def prefetch() -> None:
     """How much of a weight is in memory 1 s after mapping it, the file evicted from the page
-    cache first, for each way of prefetching (``PREFETCH``; "chunked" is ``map_tensor``'s)."""
+    cache first, for each way of prefetching (``PREFETCH``; "windows" is ``map_tensor``'s)."""
     import os
 
     from pissa_svd import checkpoint
@@ -235,7 +248,7 @@ def main() -> None:
     sub = ap.add_subparsers(dest="what", required=True)
     ph = sub.add_parser("phases")
     ph.add_argument("--layers", type=int, default=22)
-    ph.add_argument("--prefetch", choices=tuple(PREFETCH), default="chunked")
+    ph.add_argument("--prefetch", choices=tuple(PREFETCH), default="windows")
     sub.add_parser("paired-svd").add_argument("--reps", type=int, default=10)
     sub.add_parser("padded-svd").add_argument("--reps", type=int, default=10)
     sub.add_parser("prefetch")

@@ -13,6 +13,7 @@ Offsets are relative to the end of the header and must tile the data section exa
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import math
 import mmap
@@ -175,8 +176,8 @@ def map_tensor(info: TensorInfo) -> torch.Tensor:
     On a CPU the consumer (a conversion to fp32) then reads the page cache directly, where
     ``read_tensor`` first copies the bytes into a buffer: a memory copy of the whole checkpoint
     saved, on a machine whose every core is busy with GEMMs. The kernel is asked to read the
-    whole range from disk right away (``MADV_WILLNEED``, one readahead window at a time:
-    one call for the range starts only the first window), so mapping the next batch while
+    whole range from disk right away (``MADV_WILLNEED``, one readahead window per call: one
+    call for the range would start only the first window), so mapping the next batch while
     one computes also prefetches it. The mapping lives as long as the returned tensor. Never
     write to it (the pages are read-only).
     """
@@ -191,28 +192,50 @@ def map_tensor(info: TensorInfo) -> torch.Tensor:
                     f"{info.path}: truncated while reading {info.name}; re-download the file"
                 )
             mm = mmap.mmap(f.fileno(), info.end - start, offset=start, access=mmap.ACCESS_READ)
+            window = readahead_bytes(os.fstat(f.fileno()).st_dev)
     except FileNotFoundError:
         raise InputError(f"{info.path}: file not found (removed during the run?)") from None
-    _prefetch(mm)
+    _prefetch(mm, window)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "the given buffer is not writable"
         flat = torch.frombuffer(mm, dtype=torch.uint8, count=info.nbytes, offset=info.begin - start)
     return flat.view(dtype).reshape(info.shape)
 
 
-# Bytes per MADV_WILLNEED call: the kernel starts at most one readahead window per call
-# (max(read_ahead_kb, the device's optimal IO size); read_ahead_kb defaults to 128 KB), so a
-# larger range is hinted window by window.
-PREFETCH_CHUNK = 128 << 10
+DEFAULT_READAHEAD = 128 << 10  # the kernel's default read_ahead_kb
 
 
-def _prefetch(mm: mmap.mmap) -> None:
+@functools.cache
+def readahead_bytes(dev: int) -> int:
+    """The readahead window of the block device ``dev`` (a file's ``st_dev``): how much one
+    ``MADV_WILLNEED`` starts reading. From sysfs (Linux; a partition uses its disk's), else
+    the kernel's default, 128 KB."""
+    if not hasattr(os, "major"):  # Windows
+        return DEFAULT_READAHEAD
+    block = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"
+    for where in (
+        f"{block}/queue/read_ahead_kb",
+        f"{block}/../queue/read_ahead_kb",  # a partition
+        f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb",
+    ):
+        try:
+            kb = int(Path(where).read_text())
+        except (OSError, ValueError):
+            continue
+        if kb > 0:
+            return kb << 10
+    return DEFAULT_READAHEAD
+
+
+def _prefetch(mm: mmap.mmap, window: int) -> None:
     """Ask the kernel to start reading all of ``mm`` from disk (asynchronously; pages already
-    in the page cache cost a lookup)."""
+    in the page cache cost a lookup). One call starts at most one readahead window (``window``
+    bytes, :func:`readahead_bytes`), so the range is hinted window by window."""
     if not hasattr(mmap, "MADV_WILLNEED"):  # Windows
         return
-    for off in range(0, len(mm), PREFETCH_CHUNK):
-        mm.madvise(mmap.MADV_WILLNEED, off, min(PREFETCH_CHUNK, len(mm) - off))
+    step = max(mmap.PAGESIZE, window - window % mmap.PAGESIZE)
+    for off in range(0, len(mm), step):
+        mm.madvise(mmap.MADV_WILLNEED, off, min(step, len(mm) - off))
 
 
 def _parse_entry(path: Path, name: str, spec: object, data_start: int) -> TensorInfo:

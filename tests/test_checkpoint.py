@@ -63,7 +63,7 @@ def test_map_tensor_views_the_file_like_read_tensor(tmp_path):
         checkpoint.map_tensor(info)
 
 
-def test_prefetch_hints_the_whole_range_one_readahead_window_at_a_time(monkeypatch):
+def test_prefetch_hints_the_whole_range_one_readahead_window_at_a_time():
     """One MADV_WILLNEED starts at most one readahead window, so map_tensor hints each."""
     import mmap
 
@@ -76,13 +76,19 @@ def test_prefetch_hints_the_whole_range_one_readahead_window_at_a_time(monkeypat
         def madvise(self, option, start, length):
             calls.append((option, start, length))
 
-    monkeypatch.setattr(checkpoint, "PREFETCH_CHUNK", 2 * 4096)
-    checkpoint._prefetch(Mapping())
+    checkpoint._prefetch(Mapping(), 2 * 4096 + 5)  # a window is whole pages
     assert calls == [
         (mmap.MADV_WILLNEED, 0, 8192),
         (mmap.MADV_WILLNEED, 8192, 8192),
         (mmap.MADV_WILLNEED, 16384, 4196),
     ]
+
+
+def test_readahead_window_of_a_files_device(tmp_path):
+    (tmp_path / "f").write_bytes(b"x")
+    window = checkpoint.readahead_bytes(os.stat(tmp_path / "f").st_dev)
+    assert window % 1024 == 0 and window >= 4096  # read_ahead_kb, or the 128 KB default
+    assert checkpoint.readahead_bytes(os.makedev(0, 0xFFFFF)) == checkpoint.DEFAULT_READAHEAD
 
 
 def test_streaming_writer_output_loads_in_safetensors(tmp_path):
