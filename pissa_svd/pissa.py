@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from .linalg import padded_empty, svd_lowrank
+from .linalg import svd_lowrank
 
 
 class PissaFactors(NamedTuple):
@@ -65,7 +65,9 @@ def pissa_factors(
     A, B = adapter_factors(U, S, Vh, scaling=scaling, adapter_dtype=adapter_dtype)
     work = U.dtype
     inplace = inplace and W.dtype == work and _batch_of_rows(W) is not None
-    res = W if inplace else padded_empty(W.shape, work, W.device).copy_(W)
+    # Not inplace, the residual is a fresh tensor for the caller: contiguous, as safetensors
+    # and most consumers need (padded rows would only speed up the one GEMM below).
+    res = W if inplace else W.to(work, memory_format=torch.contiguous_format, copy=True)
     out = None if residual_dtype == work else torch.empty_like(res, dtype=residual_dtype)
     subtract_adapter_(res, A, B, scaling=scaling, fan_in_fan_out=fan_in_fan_out, out=out)
     return PissaFactors(A, B, res if out is None else out)

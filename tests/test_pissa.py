@@ -118,6 +118,18 @@ def test_subtract_adapter_rounds_into_out_with_exact_norms(
     torch.testing.assert_close(sumsq, exact, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_residual_is_contiguous_like_the_weight(fan_in_fan_out):
+    """Rows of 8 KB are where working copies get padded; the returned residual must not be
+    (safetensors refuses to save a non-contiguous tensor)."""
+    from safetensors.torch import load, save
+
+    W = _w(96, 2048)
+    A, B, R = pissa_factors(W.T if fan_in_fan_out else W, 8, fan_in_fan_out=fan_in_fan_out)
+    assert R.is_contiguous() and R.shape == (W.T if fan_in_fan_out else W).shape
+    assert torch.equal(load(save({"r": R}))["r"], R)
+
+
 def test_subtract_adapter_needs_rows_it_can_update_in_place():
     from pissa_svd.pissa import subtract_adapter_
 
