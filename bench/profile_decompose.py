@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from pissa_svd import checkpoint
+
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
@@ -49,13 +51,11 @@ def _populate(mm, window: int) -> None:
 
 
 def _per_128k(mm, window: int) -> None:
-    """One hint per 128 KB (the kernel's default window) whatever the device's window."""
-    import mmap
-
-    for off in range(0, len(mm), 128 << 10):
-        mm.madvise(mmap.MADV_WILLNEED, off, min(128 << 10, len(mm) - off))
+    """map_tensor's hints, but per 128 KB (the kernel's default window) whatever the device's."""
+    _WINDOWS(mm, 128 << 10)
 
 
+_WINDOWS = checkpoint._prefetch  # map_tensor's own, kept before any swap
 PREFETCH = {
     "windows": None,  # map_tensor's: one hint per readahead window of the device
     "per-128k": _per_128k,
@@ -65,7 +65,7 @@ PREFETCH = {
 
 
 def phases(layers: int, prefetch: str) -> None:
-    from pissa_svd import checkpoint, pipeline
+    from pissa_svd import pipeline
 
     if PREFETCH[prefetch] is not None:
         checkpoint._prefetch = PREFETCH[prefetch]
@@ -200,8 +200,6 @@ def prefetch() -> None:
     """How much of a weight is in memory 1 s after mapping it, the file evicted from the page
     cache first, for each way of prefetching (``PREFETCH``; "windows" is ``map_tensor``'s)."""
     import os
-
-    from pissa_svd import checkpoint
 
     ck = checkpoint.Checkpoint.open(BENCH / "_work" / "llama-bf16-L22")
     info = next(i for f in ck.files.values() for i in f.tensors.values() if "up_proj" in i.name)

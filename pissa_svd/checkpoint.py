@@ -187,15 +187,15 @@ def map_tensor(info: TensorInfo) -> torch.Tensor:
     start = info.begin - info.begin % mmap.ALLOCATIONGRANULARITY
     try:
         with open(info.path, "rb") as f:
-            if os.fstat(f.fileno()).st_size < info.end:
+            st = os.fstat(f.fileno())
+            if st.st_size < info.end:
                 raise InputError(
                     f"{info.path}: truncated while reading {info.name}; re-download the file"
                 )
             mm = mmap.mmap(f.fileno(), info.end - start, offset=start, access=mmap.ACCESS_READ)
-            window = readahead_bytes(os.fstat(f.fileno()).st_dev)
     except FileNotFoundError:
         raise InputError(f"{info.path}: file not found (removed during the run?)") from None
-    _prefetch(mm, window)
+    _prefetch(mm, readahead_bytes(st.st_dev))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "the given buffer is not writable"
         flat = torch.frombuffer(mm, dtype=torch.uint8, count=info.nbytes, offset=info.begin - start)

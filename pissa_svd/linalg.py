@@ -30,6 +30,7 @@ engine in csrc/, see native.py: BLAS/LAPACK on CPU, cuBLAS/cuSOLVER on CUDA).
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 
 import torch
@@ -79,11 +80,7 @@ def padded_stride(cols: int, itemsize: int) -> int:
 
 def padded_nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
     """Bytes :func:`padded_empty` takes for ``shape`` on a CPU."""
-    itemsize = dtype.itemsize
-    rows = 1
-    for d in shape[:-1]:
-        rows *= d
-    return rows * padded_stride(shape[-1], itemsize) * itemsize if shape else itemsize
+    return math.prod(shape[:-1]) * padded_stride(shape[-1], dtype.itemsize) * dtype.itemsize
 
 
 def padded_empty(
