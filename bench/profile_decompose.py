@@ -3,6 +3,7 @@
     python bench/profile_decompose.py phases [--layers 22] [--prefetch windows]  # by phase
     python bench/profile_decompose.py paired-svd [--reps 10]  # power iteration variants, paired
     python bench/profile_decompose.py padded-svd [--reps 10]  # padded vs contiguous rows, paired
+    python bench/profile_decompose.py row-blocks [--reps 10]  # tall X @ thin in row blocks or not
     python bench/profile_decompose.py prefetch                # page cache after mapping a weight
     python bench/profile_decompose.py spectra                 # s_1 / s_64 of SmolLM2's weights
 
@@ -13,7 +14,10 @@ bench/decompose_vs_peft.py); ``--prefetch`` swaps ``map_tensor``'s prefetch for 
 with the previous one (``_power_both_sides`` in bench/test_hotpaths.py) on one layer's shapes,
 so both see the same machine state; ``padded-svd`` alternates the same SVDs on weights whose
 rows are padded (``pissa_svd.linalg.padded_empty``, as decompose's working buffers) and
-contiguous, then with a fresh padded copy made before each SVD. ``prefetch`` evicts a shard
+contiguous, then with a fresh padded copy made before each SVD. ``row-blocks`` times a
+row-major X times a 64-column block in one GEMM and in row blocks
+(``pissa_svd.linalg.thin_matmul``) for several shapes, then one layer's SVDs (padded rows,
+as decompose runs them) with and without the row blocks, alternated. ``prefetch`` evicts a shard
 from the page cache and measures (``mincore``) how much of one weight is in memory 1 s after
 mapping it, for each way. ``spectra`` needs ``bench/_work/smollm2``
 (bench/accuracy_vs_speed.py).
@@ -181,6 +185,46 @@ def padded_svd(reps: int) -> None:
     )
 
 
+ROW_BLOCK_SHAPES = [(2048, 2048), (3072, 3072), (5632, 2048), (11008, 4096), (14336, 4096)]
+BIG_SHAPES = [(28672, 8192), (8192, 28672)]  # 70B's MLP (0.94 GB each in fp32)
+
+
+def row_blocks(reps: int, big: bool) -> None:
+    from pissa_svd import linalg
+
+    for m, n in ROW_BLOCK_SHAPES + (BIG_SHAPES if big else []):
+        X = linalg.padded_empty((m, n), torch.float32).normal_()
+        B = torch.randn(n, 64)
+        one, blocked = [], []
+        for _ in range(reps):
+            for f, into in ((torch.matmul, one), (linalg.thin_matmul, blocked)):
+                t = time.perf_counter()
+                f(X, B)
+                into.append(time.perf_counter() - t)
+        gf = 2 * m * n * 64 / 1e9
+        print(
+            f"({m} x {n}, padded rows) @ ({n} x 64), {reps} alternations: one GEMM"
+            f" {gf / statistics.median(one):.0f} GF/s, row blocks"
+            f" {gf / statistics.median(blocked):.0f} GF/s"
+        )
+    mats = [linalg.padded_empty(W.shape, W.dtype).copy_(W) for W in _layer_mats()]
+    mine = linalg.thin_matmul
+
+    def plain() -> float:
+        linalg.thin_matmul = torch.matmul
+        try:
+            return _layer_svd(mats)
+        finally:
+            linalg.thin_matmul = mine
+
+    _alternate(
+        "one layer's SVDs (padded rows), tall products in row blocks vs one GEMM each",
+        lambda: _layer_svd(mats),
+        plain,
+        reps,
+    )
+
+
 def _resident(x: torch.Tensor) -> float:
     """Fraction of the pages under tensor ``x`` that are in memory (``mincore``, Linux)."""
     import ctypes
@@ -249,6 +293,9 @@ def main() -> None:
     ph.add_argument("--prefetch", choices=tuple(PREFETCH), default="windows")
     sub.add_parser("paired-svd").add_argument("--reps", type=int, default=10)
     sub.add_parser("padded-svd").add_argument("--reps", type=int, default=10)
+    rb = sub.add_parser("row-blocks")
+    rb.add_argument("--reps", type=int, default=10)
+    rb.add_argument("--big", action="store_true", help="also 70B's MLP shapes (2 GB of RAM)")
     sub.add_parser("prefetch")
     sub.add_parser("spectra")
     args = ap.parse_args()
@@ -259,6 +306,8 @@ def main() -> None:
         paired_svd(args.reps)
     elif args.what == "padded-svd":
         padded_svd(args.reps)
+    elif args.what == "row-blocks":
+        row_blocks(args.reps, args.big)
     elif args.what == "prefetch":
         prefetch()
     else:

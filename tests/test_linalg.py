@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pissa_svd import linalg
 from pissa_svd.linalg import (
     _small_svd,
     _small_svd_qr,
@@ -13,6 +14,7 @@ from pissa_svd.linalg import (
     padded_nbytes,
     padded_stride,
     svd_lowrank,
+    thin_matmul,
 )
 
 
@@ -187,6 +189,37 @@ def test_padded_rows_give_the_same_factors(method, stored):
     d = svd_lowrank(P.bfloat16(), 24, method=method, seed=1)
     assert all(torch.equal(x, y) for x, y in zip(c, d, strict=True))
     assert excess_error(W.double(), s, *c) < 0.2
+
+
+def test_thin_matmul_splits_tall_row_major_products_into_row_blocks(monkeypatch):
+    monkeypatch.setattr(linalg, "ROW_BLOCK", 4)  # 13 rows: blocks of 4, 4, 4 and 1
+    calls = []
+    real = torch.matmul
+
+    def counted(a, b, **kw):
+        calls.append(a.shape[-2])
+        return real(a, b, **kw)
+
+    monkeypatch.setattr(torch, "matmul", counted)
+    g = torch.Generator().manual_seed(0)
+    X = padded_empty((2, 13, 40), torch.float64)
+    X.copy_(torch.randn(X.shape, generator=g, dtype=torch.float64))
+    B = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    Y = thin_matmul(X, B)
+    assert calls == [4, 4, 4, 1] and Y.shape == (2, 13, 3)
+    torch.testing.assert_close(Y, X @ B, rtol=1e-14, atol=1e-14)
+    calls.clear()  # column-major (a transposed view) or short: one product
+    torch.testing.assert_close(thin_matmul(X[0].T.contiguous().T, B), X[0] @ B)
+    torch.testing.assert_close(thin_matmul(X[:, :8], B), X[:, :8] @ B)
+    assert calls == []
+    # and the SVD through it gives the factors of one product per pass
+    monkeypatch.setattr(torch, "matmul", real)
+    W, _ = known(90, 300)
+    a = svd_lowrank(W.float().T.contiguous(), 10, seed=3)
+    monkeypatch.setattr(linalg, "ROW_BLOCK", 1 << 20)
+    b = svd_lowrank(W.float().T.contiguous(), 10, seed=3)
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
 def test_orthonormalize_falls_back_on_ill_conditioned_input():
