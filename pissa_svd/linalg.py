@@ -122,9 +122,14 @@ def thin_matmul(X: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     the same sum as in one call; only MKL's partition of the work changes.
     """
     rows = X.shape[-2]
-    if X.device.type != "cpu" or X.stride(-1) != 1 or rows <= 2 * ROW_BLOCK:
+    if (
+        X.device.type != "cpu"
+        or X.stride(-1) != 1
+        or rows <= 2 * ROW_BLOCK
+        or B.shape[:-2] not in ((), X.shape[:-2])  # (broadcasting other batch shapes: one call)
+    ):
         return X @ B
-    out = X.new_empty((*torch.broadcast_shapes(X.shape[:-2], B.shape[:-2]), rows, B.shape[-1]))
+    out = X.new_empty((*X.shape[:-1], B.shape[-1]))
     blocks = -(-rows // ROW_BLOCK)
     step = -(-rows // blocks)
     for r in range(0, rows, step):
