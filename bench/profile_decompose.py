@@ -4,6 +4,7 @@
     python bench/profile_decompose.py paired-svd [--reps 10]  # power iteration variants, paired
     python bench/profile_decompose.py padded-svd [--reps 10]  # padded vs contiguous rows, paired
     python bench/profile_decompose.py row-blocks [--reps 10]  # tall X @ thin in row blocks or not
+    python bench/profile_decompose.py writes [--reps 3]       # what writing the residuals costs
     python bench/profile_decompose.py prefetch                # page cache after mapping a weight
     python bench/profile_decompose.py spectra                 # s_1 / s_64 of SmolLM2's weights
 
@@ -17,7 +18,12 @@ rows are padded (``pissa_svd.linalg.padded_empty``, as decompose's working buffe
 contiguous, then with a fresh padded copy made before each SVD. ``row-blocks`` times a
 row-major X times a 64-column block in one GEMM and in row blocks
 (``pissa_svd.linalg.thin_matmul``) for several shapes, then one layer's SVDs (padded rows,
-as decompose runs them) with and without the row blocks, alternated. ``prefetch`` evicts a shard
+as decompose runs them) with and without the row blocks, alternated. ``writes`` runs
+decompose in process (22 layers), alternating the overlapped pipeline writing with O_DIRECT
+(the default on CPU), the overlapped pipeline writing through the page cache, and
+``--overlap off``, and reports the machine's CPU time by kind (``/proc/stat``: user, system,
+iowait, and steal, the time a virtual machine's host ran something else) for each run.
+``prefetch`` evicts a shard
 from the page cache and measures (``mincore``) how much of one weight is in memory 1 s after
 mapping it, for each way. ``spectra`` needs ``bench/_work/smollm2``
 (bench/accuracy_vs_speed.py).
@@ -185,6 +191,56 @@ def padded_svd(reps: int) -> None:
     )
 
 
+def _cpu_jiffies() -> dict[str, int]:
+    """The machine's CPU time so far by kind, in clock ticks (first line of /proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    kinds = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+    return dict(zip(kinds, v, strict=True))
+
+
+def writes(layers: int, reps: int) -> None:
+    import os
+
+    from pissa_svd import pipeline
+
+    direct = pipeline.Plan.direct_io
+    ways = {  # name: (--overlap, O_DIRECT for the residuals)
+        "overlapped, O_DIRECT (default)": ("on", direct),
+        "overlapped, page cache": ("on", property(lambda self: False)),
+        "--overlap off (page cache)": ("off", direct),
+    }
+    tick = os.sysconf("SC_CLK_TCK")
+    src = BENCH / "_work" / f"llama-bf16-L{layers}"
+    runs: dict[str, list[dict[str, float]]] = {w: [] for w in ways}
+    for _ in range(reps):
+        for way, (overlap, direct_io) in ways.items():
+            pipeline.Plan.direct_io = direct_io
+            try:
+                with tempfile.TemporaryDirectory(dir=BENCH / "_work") as tmp:
+                    os.sync()
+                    before, start = _cpu_jiffies(), time.perf_counter()
+                    t = pipeline.decompose(
+                        src, Path(tmp) / "out", rank=64, niter=4, quiet=True, overlap=overlap
+                    )["totals"]
+                    wall, after = time.perf_counter() - start, _cpu_jiffies()
+            finally:
+                pipeline.Plan.direct_io = direct
+            cpu = {k: (after[k] - before[k]) / tick for k in ("user", "system", "iowait", "steal")}
+            runs[way].append(
+                {"wall": wall, "compute": t["compute_seconds"], "svd": t["svd_seconds"], **cpu}
+            )
+            print(f"{way}: " + ", ".join(f"{k} {v:.2f}" for k, v in runs[way][-1].items()))
+    print(
+        f"decompose {src.name} in process, medians of {reps} (seconds; CPU time summed over cores):"
+    )
+    for way, rs in runs.items():
+        print(
+            f"  {way}: "
+            + ", ".join(f"{k} {statistics.median(r[k] for r in rs):.2f}" for k in rs[0])
+        )
+
+
 ROW_BLOCK_SHAPES = [(2048, 2048), (3072, 3072), (5632, 2048), (11008, 4096), (14336, 4096)]
 BIG_SHAPES = [(28672, 8192), (8192, 28672)]  # 70B's MLP (0.94 GB each in fp32)
 
@@ -296,6 +352,9 @@ def main() -> None:
     rb = sub.add_parser("row-blocks")
     rb.add_argument("--reps", type=int, default=10)
     rb.add_argument("--big", action="store_true", help="also 70B's MLP shapes (2 GB of RAM)")
+    wr = sub.add_parser("writes")
+    wr.add_argument("--layers", type=int, default=22)
+    wr.add_argument("--reps", type=int, default=3)
     sub.add_parser("prefetch")
     sub.add_parser("spectra")
     args = ap.parse_args()
@@ -308,6 +367,8 @@ def main() -> None:
         padded_svd(args.reps)
     elif args.what == "row-blocks":
         row_blocks(args.reps, args.big)
+    elif args.what == "writes":
+        writes(args.layers, args.reps)
     elif args.what == "prefetch":
         prefetch()
     else:
