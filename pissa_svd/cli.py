@@ -119,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("on", "off"),
         default="on",
         help="read the next batch and write the previous one on background threads while one "
-        "computes; on CPU the residuals go to the disk with O_DIRECT, so writing takes almost "
-        "no CPU from the compute (default on; off saves one read and one output buffer)",
+        "computes; on CPU the residuals go to the disk with O_DIRECT, so writing takes little "
+        "CPU from the compute (default on; off saves one read and one output buffer)",
     )
     d.add_argument(
         "--resume",
