@@ -107,10 +107,10 @@ def padded_empty(
 
 
 # On a CPU, MKL multiplies a row-major (rows contiguous) left operand with many rows by a
-# thin block at ~70 GF/s; the same product split into blocks of about ROW_BLOCK rows runs at
-# 85-115 GF/s (``python bench/profile_decompose.py row-blocks``: 5632 x 2048 up to
-# 28672 x 8192, 64 columns). A column-major operand, or one of at most 2 * ROW_BLOCK rows,
-# gains nothing.
+# thin block at ~70-77 GF/s; the same product split into blocks of about ROW_BLOCK rows runs
+# at 92-110 GF/s (``python bench/profile_decompose.py row-blocks --big``: 5632 x 2048 up to
+# 28672 x 8192, 64 columns). Column-major operands, and row-major ones of up to 3072 rows,
+# gained little or nothing (bench/RESULTS.md).
 ROW_BLOCK = 1024
 
 
@@ -118,8 +118,9 @@ def thin_matmul(X: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """``X @ B`` for a thin ``B`` ((..., k, w), w small), in row blocks of X where that is
     faster (a CPU ``X`` with contiguous rows and more than ``2 * ROW_BLOCK`` of them).
 
-    Each block is one GEMM over the whole inner dimension, so every element of the result is
-    the same sum as in one call; only MKL's partition of the work changes.
+    Each block is one GEMM over the whole inner dimension, so only the BLAS's partition of the
+    rows changes, not what any element sums: with MKL the result was bitwise equal to one
+    call's (5632 x 2048 and 11008 x 4096).
     """
     rows = X.shape[-2]
     if (
