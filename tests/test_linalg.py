@@ -208,6 +208,9 @@ def test_thin_matmul_splits_tall_row_major_products_into_row_blocks(monkeypatch)
     Y = thin_matmul(X, B)
     assert calls == [4, 4, 4, 1] and Y.shape == (2, 13, 3)
     torch.testing.assert_close(Y, X @ B, rtol=1e-14, atol=1e-14)
+    Bb = torch.randn(2, 40, 3, generator=g, dtype=torch.float64)  # one block per member
+    torch.testing.assert_close(thin_matmul(X, Bb), X @ Bb, rtol=1e-14, atol=1e-14)
+    assert len(calls) == 8
     calls.clear()  # column-major (a transposed view) or short: one product
     torch.testing.assert_close(thin_matmul(X[0].T.contiguous().T, B), X[0] @ B)
     torch.testing.assert_close(thin_matmul(X[:, :8], B), X[:, :8] @ B)
