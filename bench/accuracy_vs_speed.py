@@ -305,11 +305,21 @@ def score(W: torch.Tensor, f: Factors, s_exact: torch.Tensor, r: int) -> tuple[f
 # --------------------------------------------------------------------------------------------
 
 
+CPU_KINDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def cpu_seconds_by_kind() -> dict[str, float]:
+    """CPU seconds the whole machine has spent since boot, by kind (all cores, /proc/stat;
+    ``steal``: time a virtual machine's host ran something else on its cores)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    tick = os.sysconf("SC_CLK_TCK")
+    return {k: int(v) / tick for k, v in zip(CPU_KINDS, fields, strict=True)}
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds the whole machine has spent busy since boot (all cores, /proc/stat)."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
-    user, nice, system, idle, iowait, irq, softirq, steal = map(int, fields)
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    t = cpu_seconds_by_kind()
+    return sum(t[k] for k in CPU_KINDS if k not in ("idle", "iowait"))
 
 
 def own_cpu_seconds() -> float:

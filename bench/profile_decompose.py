@@ -15,10 +15,12 @@ bench/decompose_vs_peft.py); ``--prefetch`` swaps ``map_tensor``'s prefetch for 
 with the previous one (``_power_both_sides`` in bench/test_hotpaths.py) on one layer's shapes,
 so both see the same machine state; ``padded-svd`` alternates the same SVDs on weights whose
 rows are padded (``pissa_svd.linalg.padded_empty``, as decompose's working buffers) and
-contiguous, then with a fresh padded copy made before each SVD. ``row-blocks`` times a
-row-major X times a 64-column block in one GEMM and in row blocks
-(``pissa_svd.linalg.thin_matmul``) for several shapes, then one layer's SVDs (padded rows,
-as decompose runs them) with and without the row blocks, alternated. ``writes`` runs
+contiguous, then with a fresh padded copy made before each SVD. ``row-blocks`` times X times a
+64-column block in one GEMM and in row blocks (``pissa_svd.linalg.row_blocks_matmul``, what
+``thin_matmul`` does for a row-major X of many rows), for several shapes and for two
+column-major X (which ``thin_matmul`` leaves whole),
+checks that both give the same bits, then times one layer's SVDs (padded rows, as decompose
+runs them) with and without the row blocks, alternated. ``writes`` runs
 decompose in process (22 layers), alternating the overlapped pipeline writing with O_DIRECT
 (the default on CPU), the overlapped pipeline writing through the page cache, and
 ``--overlap off``, and reports the machine's CPU time by kind (``/proc/stat``: user, system,
@@ -191,16 +193,10 @@ def padded_svd(reps: int) -> None:
     )
 
 
-def _cpu_jiffies() -> dict[str, int]:
-    """The machine's CPU time so far by kind, in clock ticks (first line of /proc/stat)."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:9]]
-    kinds = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
-    return dict(zip(kinds, v, strict=True))
-
-
 def writes(layers: int, reps: int) -> None:
     import os
+
+    from accuracy_vs_speed import cpu_seconds_by_kind
 
     from pissa_svd import pipeline
 
@@ -210,7 +206,6 @@ def writes(layers: int, reps: int) -> None:
         "overlapped, page cache": ("on", property(lambda self: False)),
         "--overlap off (page cache)": ("off", direct),
     }
-    tick = os.sysconf("SC_CLK_TCK")
     src = BENCH / "_work" / f"llama-bf16-L{layers}"
     runs: dict[str, list[dict[str, float]]] = {w: [] for w in ways}
     for _ in range(reps):
@@ -219,14 +214,14 @@ def writes(layers: int, reps: int) -> None:
             try:
                 with tempfile.TemporaryDirectory(dir=BENCH / "_work") as tmp:
                     os.sync()
-                    before, start = _cpu_jiffies(), time.perf_counter()
+                    before, start = cpu_seconds_by_kind(), time.perf_counter()
                     t = pipeline.decompose(
                         src, Path(tmp) / "out", rank=64, niter=4, quiet=True, overlap=overlap
                     )["totals"]
-                    wall, after = time.perf_counter() - start, _cpu_jiffies()
+                    wall, after = time.perf_counter() - start, cpu_seconds_by_kind()
             finally:
                 pipeline.Plan.direct_io = direct
-            cpu = {k: (after[k] - before[k]) / tick for k in ("user", "system", "iowait", "steal")}
+            cpu = {k: after[k] - before[k] for k in ("user", "system", "iowait", "steal")}
             runs[way].append(
                 {"wall": wall, "compute": t["compute_seconds"], "svd": t["svd_seconds"], **cpu}
             )
@@ -243,25 +238,32 @@ def writes(layers: int, reps: int) -> None:
 
 ROW_BLOCK_SHAPES = [(2048, 2048), (3072, 3072), (5632, 2048), (11008, 4096), (14336, 4096)]
 BIG_SHAPES = [(28672, 8192), (8192, 28672)]  # 70B's MLP (0.94 GB each in fp32)
+COLUMN_MAJOR_SHAPES = [(5632, 2048), (14336, 4096)]  # what thin_matmul leaves as one call
 
 
 def row_blocks(reps: int, big: bool) -> None:
     from pissa_svd import linalg
 
-    for m, n in ROW_BLOCK_SHAPES + (BIG_SHAPES if big else []):
-        X = linalg.padded_empty((m, n), torch.float32).normal_()
+    cases = [(m, n, "padded rows") for m, n in ROW_BLOCK_SHAPES + (BIG_SHAPES if big else [])]
+    cases += [(m, n, "column-major") for m, n in COLUMN_MAJOR_SHAPES]
+    for m, n, layout in cases:
+        if layout == "column-major":
+            X = linalg.padded_empty((n, m), torch.float32).normal_().T
+        else:
+            X = linalg.padded_empty((m, n), torch.float32).normal_()
         B = torch.randn(n, 64)
         one, blocked = [], []
         for _ in range(reps):
-            for f, into in ((torch.matmul, one), (linalg.thin_matmul, blocked)):
+            for f, into in ((torch.matmul, one), (linalg.row_blocks_matmul, blocked)):
                 t = time.perf_counter()
                 f(X, B)
                 into.append(time.perf_counter() - t)
         gf = 2 * m * n * 64 / 1e9
+        same = torch.equal(X @ B, linalg.row_blocks_matmul(X, B))
         print(
-            f"({m} x {n}, padded rows) @ ({n} x 64), {reps} alternations: one GEMM"
+            f"({m} x {n}, {layout}) @ ({n} x 64), {reps} alternations: one GEMM"
             f" {gf / statistics.median(one):.0f} GF/s, row blocks"
-            f" {gf / statistics.median(blocked):.0f} GF/s"
+            f" {gf / statistics.median(blocked):.0f} GF/s; bitwise equal: {same}"
         )
     mats = [linalg.padded_empty(W.shape, W.dtype).copy_(W) for W in _layer_mats()]
     mine = linalg.thin_matmul

@@ -107,10 +107,10 @@ def padded_empty(
 
 
 # On a CPU, MKL multiplies a row-major (rows contiguous) left operand with many rows by a
-# thin block at ~70-77 GF/s; the same product split into blocks of about ROW_BLOCK rows runs
-# at 92-110 GF/s (``python bench/profile_decompose.py row-blocks --big``: 5632 x 2048 up to
-# 28672 x 8192, 64 columns). Column-major operands, and row-major ones of up to 3072 rows,
-# gained little or nothing (bench/RESULTS.md).
+# thin block 19-54% faster when the product is split into blocks of about ROW_BLOCK rows
+# (``python bench/profile_decompose.py row-blocks --big``: 5632 x 2048 up to 28672 x 8192,
+# 64 columns, three runs); square ones of up to 3072 rows gain little or nothing
+# (bench/RESULTS.md).
 ROW_BLOCK = 1024
 
 
@@ -120,7 +120,7 @@ def thin_matmul(X: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
     Each block is one GEMM over the whole inner dimension, so only the BLAS's partition of the
     rows changes, not what any element sums: with MKL the result was bitwise equal to one
-    call's (5632 x 2048 and 11008 x 4096).
+    call's for every shape ``row-blocks`` checks.
     """
     rows = X.shape[-2]
     if (
@@ -130,9 +130,15 @@ def thin_matmul(X: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         or B.shape[:-2] not in ((), X.shape[:-2])  # (broadcasting other batch shapes: one call)
     ):
         return X @ B
+    return row_blocks_matmul(X, B)
+
+
+def row_blocks_matmul(X: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``X @ B`` as one GEMM per block of about ``ROW_BLOCK`` rows of X (equal blocks), for
+    any layout; :func:`thin_matmul` decides where that pays. ``B``: (k, w) or X's batch."""
+    rows = X.shape[-2]
     out = X.new_empty((*X.shape[:-1], B.shape[-1]))
-    blocks = -(-rows // ROW_BLOCK)
-    step = -(-rows // blocks)
+    step = -(-rows // -(-rows // ROW_BLOCK))
     for r in range(0, rows, step):
         torch.matmul(X[..., r : r + step, :], B, out=out[..., r : r + step, :])
     return out
