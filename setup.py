@@ -149,6 +149,7 @@ def extensions() -> list:
             depends=headers,
             define_macros=[("PISSA_WITH_CPU", "1"), ("PISSA_MODULE_NAME", "_native")],
             extra_compile_args=flags,
+            libraries=["dl"],  # dlsym (rows.h), in libc itself only from glibc 2.34
             cxx_std=17,
         )
     ]

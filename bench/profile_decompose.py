@@ -5,6 +5,7 @@
     python bench/profile_decompose.py padded-svd [--reps 10]  # padded vs contiguous rows, paired
     python bench/profile_decompose.py row-blocks [--reps 10]  # tall X @ thin in row blocks or not
     python bench/profile_decompose.py writes [--reps 3]       # what writing the residuals costs
+    python bench/profile_decompose.py fused-copies [--reps 3] # compiled widen/round vs torch
     python bench/profile_decompose.py prefetch                # page cache after mapping a weight
     python bench/profile_decompose.py spectra                 # s_1 / s_64 of SmolLM2's weights
 
@@ -25,7 +26,10 @@ decompose in process (22 layers), alternating the overlapped pipeline writing wi
 (the default on CPU), the overlapped pipeline writing through the page cache, and
 ``--overlap off``, and reports the machine's CPU time by kind (``/proc/stat``: user, system,
 iowait, and steal, the time a virtual machine's host ran something else) for each run.
-``prefetch`` evicts a shard
+``fused-copies`` times the compiled widen/round loops
+(``pissa_svd.native.copy_rows``) against torch's copy and norm on one matrix of each of a
+layer's shapes, checking that they write the same bits, then alternates whole in-process
+decompose runs with and without them. ``prefetch`` evicts a shard
 from the page cache and measures (``mincore``) how much of one weight is in memory 1 s after
 mapping it, for each way. ``spectra`` needs ``bench/_work/smollm2``
 (bench/accuracy_vs_speed.py).
@@ -76,14 +80,15 @@ PREFETCH = {
 }
 
 
-def phases(layers: int, prefetch: str) -> None:
+PHASES = ("_prepare", "_load", "_widen_", "svd_lowrank", "subtract_adapter_")
+_spent: dict[str, float] = {}  # seconds per phase of the pipeline, while _time_phases is on
+
+
+def _time_phases() -> None:
+    """Wrap the pipeline's steps (``PHASES``) with timers adding up into ``_spent``."""
     from pissa_svd import pipeline
 
-    if PREFETCH[prefetch] is not None:
-        checkpoint._prefetch = PREFETCH[prefetch]
-
-    spent: dict[str, float] = {}
-    for name in ("_prepare", "_load", "_widen_", "svd_lowrank", "subtract_adapter_"):
+    for name in PHASES:
         fn = getattr(pipeline, name)
 
         def timed(*a, _fn=fn, _name=name, **k):
@@ -91,20 +96,106 @@ def phases(layers: int, prefetch: str) -> None:
             try:
                 return _fn(*a, **k)
             finally:
-                spent[_name] = spent.get(_name, 0.0) + time.perf_counter() - t
+                _spent[_name] = _spent.get(_name, 0.0) + time.perf_counter() - t
 
         setattr(pipeline, name, functools.wraps(fn)(timed))
+
+
+def _decompose(layers: int) -> tuple[float, dict, dict[str, float]]:
+    """One in-process decompose of the benchmark checkpoint: wall s, report, phase seconds."""
+    from pissa_svd import pipeline
+
     src = BENCH / "_work" / f"llama-bf16-L{layers}"
+    _spent.clear()
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         report = pipeline.decompose(src, Path(tmp) / "out", rank=64, niter=4, quiet=True)
         wall = time.perf_counter() - start
         shutil.rmtree(Path(tmp) / "out")
-    print(f"decompose {src.name} (in process, imports excluded): {wall:.2f} s")
+    return wall, report, dict(_spent)
+
+
+def phases(layers: int, prefetch: str) -> None:
+    if PREFETCH[prefetch] is not None:
+        checkpoint._prefetch = PREFETCH[prefetch]
+    _time_phases()
+    wall, report, spent = _decompose(layers)
+    print(f"decompose llama-bf16-L{layers} (in process, imports excluded): {wall:.2f} s")
     for name, s in spent.items():
         print(f"  {name:<18} {s:6.2f} s")
     t = report["totals"]
     print(f"  report: seconds {t['seconds']}, compute_seconds {t['compute_seconds']}")
+
+
+def fused_copies(layers: int, reps: int) -> None:
+    """The compiled widen/round loops (``native.copy_rows``) against torch's copy + norm."""
+    from pissa_svd import native
+    from pissa_svd.linalg import padded_empty
+    from pissa_svd.pissa import copy_rows_
+
+    fused = native.copy_rows
+    if fused(torch.empty(1, 1), torch.zeros(1, 1)) is None:
+        sys.exit("the compiled module is not available here (pip install -e .)")
+
+    def use(on: bool) -> None:
+        native.copy_rows = fused if on else (lambda dst, src: None)
+
+    med = statistics.median
+    print("one matrix (bf16 -> padded fp32 with its norm; back to bf16 with the fp32 norm),")
+    print("ms, median of 15 alternations, fused vs torch; norm error relative to fp64:")
+    g = torch.Generator().manual_seed(0)
+    for shape in ((5632, 2048), (2048, 5632), (2048, 2048), (256, 2048)):
+        src = torch.randn(shape, generator=g).to(torch.bfloat16)
+        wide = padded_empty(shape, torch.float32)
+        out = torch.empty(shape, dtype=torch.bfloat16)
+        exact = float(src.double().square().sum())
+        cells = []
+        for step in ("widen", "round"):
+            times: dict[bool, list[float]] = {True: [], False: []}
+            got: dict[bool, tuple] = {}
+            for i in range(16):
+                for on in (True, False):
+                    use(on)
+                    t = time.perf_counter()
+                    if step == "widen":
+                        sq = copy_rows_(wide, src, measure="dst")
+                    else:
+                        sq = copy_rows_(out, wide, measure="src")
+                    if i:  # the first round is the warm-up
+                        times[on].append(time.perf_counter() - t)
+                    dst = wide if step == "widen" else out
+                    got[on] = (dst.clone(), abs(float(sq) / exact - 1))
+            if not torch.equal(got[True][0], got[False][0]):
+                sys.exit(f"{step} {shape}: the fused loop wrote other bits than torch")
+            cells.append(
+                f"{step} {1e3 * med(times[True]):.2f} vs {1e3 * med(times[False]):.2f}"
+                f" (norm err {got[True][1]:.0e} vs {got[False][1]:.0e})"
+            )
+        print(f"  {shape[0]}x{shape[1]}: " + "; ".join(cells) + "; same bits")
+    use(True)
+
+    _time_phases()
+    print(f"decompose llama-bf16-L{layers} in process, fused vs torch copies alternated:")
+    rows: dict[bool, list] = {True: [], False: []}
+    _decompose(layers)  # warm-up
+    for _ in range(reps):
+        for on in (True, False):
+            use(on)
+            rows[on].append(_decompose(layers))
+    use(True)
+    for on in (True, False):
+        walls = [r[0] for r in rows[on]]
+        part = {k: med([r[2][k] for r in rows[on]]) for k in ("_widen_", "subtract_adapter_")}
+        comp = med([r[1]["totals"]["compute_seconds"] for r in rows[on]])
+        print(
+            f"  {'fused' if on else 'torch'}: wall {' '.join(f'{w:.2f}' for w in walls)} s"
+            f" (median {med(walls):.2f}); widening {part['_widen_']:.2f} s, residual"
+            f" {part['subtract_adapter_']:.2f} s, compute_seconds {comp:.2f} (medians)"
+        )
+    diffs = [b[0] - a[0] for a, b in zip(rows[True], rows[False], strict=True)]
+    print(
+        f"  median paired saving {med(diffs):.2f} s ({100 * med(diffs) / med(r[0] for r in rows[False]):.1f}%)"
+    )
 
 
 def _layer_mats() -> list[torch.Tensor]:
@@ -357,6 +448,9 @@ def main() -> None:
     wr = sub.add_parser("writes")
     wr.add_argument("--layers", type=int, default=22)
     wr.add_argument("--reps", type=int, default=3)
+    fc = sub.add_parser("fused-copies")
+    fc.add_argument("--layers", type=int, default=22)
+    fc.add_argument("--reps", type=int, default=3)
     sub.add_parser("prefetch")
     sub.add_parser("spectra")
     args = ap.parse_args()
@@ -371,6 +465,8 @@ def main() -> None:
         row_blocks(args.reps, args.big)
     elif args.what == "writes":
         writes(args.layers, args.reps)
+    elif args.what == "fused-copies":
+        fused_copies(args.layers, args.reps)
     elif args.what == "prefetch":
         prefetch()
     else:

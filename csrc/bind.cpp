@@ -14,6 +14,7 @@
 #include "rsvd.h"
 #ifdef PISSA_WITH_CPU
 #include "cpu_backend.h"
+#include "rows.h"
 #endif
 #ifdef PISSA_WITH_CUDA
 #include "cuda_backend.h"
@@ -175,6 +176,63 @@ std::vector<int> svd(const py::handle& W, const py::handle& omega, const py::han
   return run<float>(w, om, u, s, vh, rank, niter, meth, stream);
 }
 
+#ifdef PISSA_WITH_CPU
+// A 2-D CPU tensor whose rows are contiguous, possibly padded (leading dimension ld >= cols).
+struct RowsView {
+  void* p;
+  int64_t rows, cols, ld;
+  DLDataType dtype;
+};
+
+RowsView rows_of(const View& v, const char* arg) {
+  const DLTensor& d = v.t();
+  if (d.device.device_type != kDLCPU) throw py::value_error(std::string(arg) + ": must be a CPU tensor");
+  if (d.ndim != 2)
+    throw py::value_error(std::string(arg) + ": expected 2 dimensions (rows, cols), got " +
+                          std::to_string(d.ndim));
+  const int64_t rows = d.shape[0], cols = d.shape[1];
+  int64_t ld = cols;
+  if (d.strides) {
+    if (cols > 1 && d.strides[1] != 1)
+      throw py::value_error(std::string(arg) + ": rows must be contiguous (column stride 1)");
+    if (rows > 1) ld = d.strides[0];
+    if (rows > 1 && ld < cols)
+      throw py::value_error(std::string(arg) + ": row stride " + std::to_string(ld) +
+                            " is shorter than a row (" + std::to_string(cols) + ")");
+  }
+  return {static_cast<char*>(d.data) + d.byte_offset, rows, cols, ld, d.dtype};
+}
+
+bool is(const DLDataType& t, uint8_t code, uint8_t bits) {
+  return t.code == code && t.bits == bits && t.lanes == 1;
+}
+
+// dst = src converted (bf16 -> fp32, fp32 -> bf16 or fp32 -> fp32), returning the fp64 sum of
+// squares of the fp32 side; the GIL is released while it runs.
+double copy_rows(const py::handle& src, const py::handle& dst, int threads) {
+  const View s(src, "src", 0), d(dst, "dst", 0);
+  const RowsView a = rows_of(s, "src"), b = rows_of(d, "dst");
+  if (a.rows != b.rows || a.cols != b.cols)
+    throw py::value_error("dst: shape (" + std::to_string(b.rows) + ", " +
+                          std::to_string(b.cols) + ") differs from src's (" +
+                          std::to_string(a.rows) + ", " + std::to_string(a.cols) + ")");
+  const bool bf16_in = is(a.dtype, kDLBfloat, 16), f32_in = is(a.dtype, kDLFloat, 32);
+  const bool bf16_out = is(b.dtype, kDLBfloat, 16), f32_out = is(b.dtype, kDLFloat, 32);
+  if (!(bf16_in && f32_out) && !(f32_in && (bf16_out || f32_out)))
+    throw py::value_error("src, dst: supported dtypes are bf16 -> fp32, fp32 -> bf16 and "
+                          "fp32 -> fp32");
+  py::gil_scoped_release nogil;
+  if (bf16_in)
+    return convert_rows<Bf16ToF32>(static_cast<const uint16_t*>(a.p), a.ld,
+                                   static_cast<float*>(b.p), b.ld, a.rows, a.cols, threads);
+  if (bf16_out)
+    return convert_rows<F32ToBf16>(static_cast<const float*>(a.p), a.ld,
+                                   static_cast<uint16_t*>(b.p), b.ld, a.rows, a.cols, threads);
+  return convert_rows<F32ToF32>(static_cast<const float*>(a.p), a.ld, static_cast<float*>(b.p),
+                                b.ld, a.rows, a.cols, threads);
+}
+#endif
+
 #ifdef PISSA_WITH_CUDA
 std::vector<int> gesvdr(const py::handle& W, const py::handle& U, const py::handle& S,
                         const py::handle& Vh, int64_t rank, int64_t oversample, int niter,
@@ -221,6 +279,11 @@ PYBIND11_MODULE(PISSA_MODULE_NAME, m) {
         py::arg("stream") = 0,
         "Top-rank SVD of W (b, m, n) into U (b, m, rank), S (b, rank), Vh (b, rank, n); omega is "
         "the (b, max(m, n), l) sketch. Returns one status int per matrix (0 = ok).");
+#ifdef PISSA_WITH_CPU
+  m.def("copy_rows", &pissa::copy_rows, py::arg("src"), py::arg("dst"), py::arg("threads") = 1,
+        "dst (rows, cols) = src converted (bf16 -> fp32, fp32 -> bf16, fp32 -> fp32), rows "
+        "contiguous, possibly padded; returns the fp64 sum of squares of the fp32 side.");
+#endif
 #ifdef PISSA_WITH_CUDA
   m.def("gesvdr", &pissa::gesvdr, py::arg("W"), py::arg("U"), py::arg("S"), py::arg("Vh"),
         py::arg("rank"), py::arg("oversample"), py::arg("niter"), py::arg("stream") = 0,

@@ -96,6 +96,48 @@ def _preload_cuda_libraries() -> list[str]:
     return errors
 
 
+# (src, dst) dtype pairs whose conversion ``copy_rows`` fuses with the sum of squares.
+FUSED_COPIES = {
+    (torch.bfloat16, torch.float32),
+    (torch.float32, torch.bfloat16),
+    (torch.float32, torch.float32),
+}
+
+
+def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor | None:
+    """``dst.copy_(src)`` for (rows, cols) CPU matrices with contiguous (possibly padded) rows,
+    fused with the sum of squares of the fp32 side, as a 0-d fp64 tensor.
+
+    torch converts and then reads the result again for its norm; the compiled loop squares each
+    value as it converts it, on ``torch.get_num_threads()`` threads, with the GIL released.
+    Every bit of ``dst`` is what ``copy_`` writes (bf16 rounding: to nearest, ties to even);
+    the sum is accumulated in fp64. Returns None where it does not apply: no compiled module
+    (or ``PISSA_SVD_NO_EXT=1``), a dtype pair outside ``FUSED_COPIES``, another device or
+    layout; the caller then uses torch.
+    """
+    if (
+        (src.dtype, dst.dtype) not in FUSED_COPIES
+        or src.device.type != "cpu"
+        or dst.device.type != "cpu"
+        or src.ndim != 2
+        or src.shape != dst.shape
+        or not all(_rows_contiguous(t) for t in (src, dst))
+    ):
+        return None
+    try:
+        fused = getattr(module("cpu"), "copy_rows", None)  # None: a module built before it
+    except NativeUnavailable:
+        return None
+    if fused is None:
+        return None
+    return torch.tensor(fused(src, dst, torch.get_num_threads()), dtype=torch.float64)
+
+
+def _rows_contiguous(t: torch.Tensor) -> bool:
+    rows, cols = t.shape
+    return (cols <= 1 or t.stride(1) == 1) and (rows <= 1 or t.stride(0) >= cols)
+
+
 def svd(
     X: torch.Tensor,
     rank: int,

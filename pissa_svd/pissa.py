@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import native
 from .linalg import svd_lowrank
 
 
@@ -155,10 +156,19 @@ def _batch_of_rows(W: torch.Tensor) -> torch.Tensor | None:
 
 
 def copy_rows_(dst: torch.Tensor | None, src: torch.Tensor, *, measure: str) -> torch.Tensor:
-    """``dst.copy_(src)`` for (rows, cols) matrices, row block by row block (:func:`block_rows`),
-    with the sum of squares of the ``measure`` side ("src" or "dst", the wider dtype) taken
-    from each block while it is in cache; fp64, 0-d. ``dst=None``: the sum of squares only."""
+    """``dst.copy_(src)`` for (rows, cols) matrices, with the sum of squares of the ``measure``
+    side ("src" or "dst", the wider dtype); fp64, 0-d. ``dst=None``: the sum of squares only.
+
+    On a CPU, bf16/fp32 pairs go through the compiled module's fused loop
+    (:func:`pissa_svd.native.copy_rows`, one pass over memory); otherwise row block by row block
+    (:func:`block_rows`), the norm reading each block while it is in cache."""
     measured = src if measure == "src" else dst
+    # The compiled loop measures the fp32 side, which is the measured one here or, for an exact
+    # bf16 -> fp32 widening, holds the same values.
+    if dst is not None and (measured.dtype == torch.float32 or src.dtype == torch.bfloat16):
+        fused = native.copy_rows(dst, src)
+        if fused is not None:
+            return fused
     step = block_rows(measured)
     sumsq = torch.zeros((), dtype=torch.float64, device=measured.device)
     for r in range(0, src.shape[-2], step):

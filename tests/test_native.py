@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from pissa_svd import native
+from pissa_svd import linalg, native
 from pissa_svd.linalg import svd_lowrank
 
 from .test_linalg import excess_error, known
@@ -204,3 +204,113 @@ def test_native_error_on_real_smollm2_weights(smollm2):
             n = svd_lowrank(W.float(), 32, method=method, seed=7, backend="native")
             et, en = excess_error(W, s, *t), excess_error(W, s, *n)
             assert abs(en - et) <= 0.2 * et + 1e-6, (name, method, et, en)
+
+
+# --- fused conversion with the sum of squares (native.copy_rows) ---------------------------
+
+
+def special_values(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """fp32 (rows, cols) over many magnitudes, starting with infinities, NaN, the largest finite
+    value, subnormals, signed zeros and exact bf16 rounding ties."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=g) * torch.logspace(-40, 38, cols)
+    special = [float("inf"), -float("inf"), float("nan"), 3.4028235e38, 1e-45, -0.0, 0.0]
+    ties = [1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 1 + 2**-9, 2**-126 * (1 + 2**-8)]
+    values = torch.tensor(special + ties)
+    x.view(-1)[: len(values)] = values  # needs rows * cols >= 12
+    return x
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bits where b is not NaN, NaN where it is."""
+    nan = torch.isnan(b)
+    ints = {2: torch.int16, 4: torch.int32}[a.element_size()]
+    return torch.equal(a.view(ints)[~nan], b.view(ints)[~nan]) and bool(torch.isnan(a[nan]).all())
+
+
+@pytest.mark.parametrize("cols", [1, 7, 8, 77, 2048])
+def test_copy_rows_writes_the_bits_copy_writes(cols):
+    x = special_values(16, cols, seed=cols)
+    rounded = torch.empty(16, cols, dtype=torch.bfloat16)
+    assert native.copy_rows(rounded, x) is not None
+    assert same_bits(rounded, x.to(torch.bfloat16))  # round to nearest, ties to even
+    wide = linalg.padded_empty((16, cols), torch.float32)  # padded rows, as decompose's
+    assert native.copy_rows(wide, rounded) is not None
+    assert same_bits(wide, rounded.float())
+    again = torch.empty(16, cols)
+    assert native.copy_rows(again, wide) is not None and same_bits(again, wide)
+
+
+@pytest.mark.parametrize("pair", ["widen", "round", "copy"])
+def test_copy_rows_sums_squares_exactly_whatever_the_threads(pair):
+    """The sum of squares of the fp32 side is accumulated in fp64 (torch's row norms drift by
+    ~1e-7 to 1e-6 relative at these sizes) and has the same bits on 1, 2 or 3 threads."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1500, 2100, generator=g)  # 3M elements: up to 3 threads
+    src = {"widen": x.to(torch.bfloat16), "round": x, "copy": x}[pair]
+    dst = torch.empty_like(x, dtype=torch.float32 if pair != "round" else torch.bfloat16)
+    fp32 = src.float() if pair == "widen" else x
+    exact = float(fp32.double().square().sum())
+    fused = native.module("cpu").copy_rows
+    sums = {t: fused(src, dst, t) for t in (1, 2, 3)}
+    assert sums[1] == sums[2] == sums[3]
+    assert abs(sums[1] / exact - 1) < 1e-13
+    assert torch.equal(dst, src.to(dst.dtype))
+
+
+def test_copy_rows_declines_what_it_does_not_fuse():
+    """None (the caller then uses torch) for other dtypes, layouts and shapes."""
+    x = torch.randn(6, 8)
+    assert native.copy_rows(torch.empty(6, 8, dtype=torch.float16), x) is None
+    assert native.copy_rows(torch.empty(6, 8, dtype=torch.float64), x) is None
+    assert native.copy_rows(torch.empty(8, 6).mT, x) is None  # column-major destination
+    assert native.copy_rows(torch.empty(6, 8), torch.randn(6, 10)[:, :8]) is not None  # padded
+    assert native.copy_rows(torch.empty(6, 4), x[:, ::2]) is None  # strided columns
+    assert native.copy_rows(torch.empty(2, 6, 8), x.expand(2, 6, 8)) is None
+    assert native.copy_rows(torch.empty(6, 9), x) is None
+
+
+def test_copy_rows_validates_arguments_by_name():
+    fused = native.module("cpu").copy_rows
+    with pytest.raises(ValueError, match="^dst: shape \\(6, 9\\) differs from src's \\(6, 8\\)"):
+        fused(torch.randn(6, 8), torch.empty(6, 9))
+    with pytest.raises(ValueError, match="^src, dst: supported dtypes"):
+        fused(torch.randn(6, 8).half(), torch.empty(6, 8))
+    with pytest.raises(ValueError, match="^src: expected 2 dimensions"):
+        fused(torch.randn(2, 6, 8), torch.empty(6, 8))
+    with pytest.raises(ValueError, match="^dst: rows must be contiguous"):
+        fused(torch.randn(6, 8), torch.empty(8, 6).mT)
+
+
+def test_copy_rows_is_what_the_pipeline_uses_and_changes_no_bit(tmp_path, monkeypatch):
+    """decompose widens and rounds through the fused loop, and writes the same bytes as with
+    torch's copies; the reported norms agree to torch's accuracy."""
+    import json
+
+    from pissa_svd.pipeline import decompose
+
+    from .conftest import save_tiny_llama
+    from .test_overlap import _files
+
+    src = save_tiny_llama(tmp_path / "ckpt", torch.bfloat16, num_hidden_layers=2)
+    calls = []
+    fused = native.copy_rows
+
+    def spy(dst, s):
+        got = fused(dst, s)
+        calls.append((s.dtype, dst.dtype, got is not None))
+        return got
+
+    monkeypatch.setattr(native, "copy_rows", spy)
+    decompose(src, tmp_path / "fused", rank=4, quiet=True)
+    assert (torch.bfloat16, torch.float32, True) in calls  # widening
+    assert (torch.float32, torch.bfloat16, True) in calls  # rounding the residual
+    monkeypatch.setattr(native, "copy_rows", lambda dst, s: None)
+    decompose(src, tmp_path / "torch", rank=4, quiet=True)
+    assert _files(tmp_path / "fused") == _files(tmp_path / "torch")
+    reports = [
+        json.loads((tmp_path / d / "pissa_report.json").read_text()) for d in ("fused", "torch")
+    ]
+    for a, b in zip(reports[0]["matrices"], reports[1]["matrices"], strict=True):
+        for key in ("weight_norm", "residual_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5)
