@@ -461,6 +461,7 @@ def bench_llm_shapes(args: argparse.Namespace) -> dict:
     methods = [
         Method("PEFT (torch q=r)", "peft", run_peft, PEFT_NITER),
         Method("ours default (auto, niter 4)", "default", ours("auto", 4, None), 4),
+        Method("ours krylov2 niter=4 p=0", "krylov2", ours("krylov2", 4, 0), 4, 0),
         Method(
             f"ours halko niter=4 p={DEFAULT_OVERSAMPLE}",
             "halko",
@@ -528,7 +529,7 @@ def configs_meeting(cells: list[dict], target: tuple[float, float]) -> list[dict
     labels = [
         lab
         for lab, row in cells[0]["methods"].items()
-        if row["family"] in ("halko", "krylov", "default")
+        if row["family"] in ("halko", "krylov", "krylov2", "default")
     ]
     out = []
     for lab in labels:

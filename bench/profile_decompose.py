@@ -2,6 +2,7 @@
 
     python bench/profile_decompose.py phases [--layers 22] [--prefetch windows]  # by phase
     python bench/profile_decompose.py paired-svd [--reps 10]  # power iteration variants, paired
+    python bench/profile_decompose.py depth [--reps 8]        # krylov3 vs krylov2: time, error
     python bench/profile_decompose.py padded-svd [--reps 10]  # padded vs contiguous rows, paired
     python bench/profile_decompose.py row-blocks [--reps 10]  # tall X @ thin in row blocks or not
     python bench/profile_decompose.py writes [--reps 3]       # what writing the residuals costs
@@ -26,7 +27,10 @@ decompose in process (22 layers), alternating the overlapped pipeline writing wi
 (the default on CPU), the overlapped pipeline writing through the page cache, and
 ``--overlap off``, and reports the machine's CPU time by kind (``/proc/stat``: user, system,
 iowait, and steal, the time a virtual machine's host ran something else) for each run.
-``fused-copies`` times the compiled widen/round loops
+``depth`` alternates krylov3 and krylov2 (what ``auto`` picks for long and for
+shorter short sides) on one layer's SVDs and on a 4096 x 11008 matrix, then compares their
+excess error with PEFT's on bench/accuracy_vs_speed.py's LLM-shaped matrices (a real layer's
+spectrum), for three sketch seeds. ``fused-copies`` times the compiled widen/round loops
 (``pissa_svd.native.copy_rows``) against torch's copy and norm on one matrix of each of a
 layer's shapes, checking that they write the same bits, then alternates whole in-process
 decompose runs with and without them. ``prefetch`` evicts a shard
@@ -258,6 +262,56 @@ def paired_svd(reps: int) -> None:
     )
 
 
+def depth(reps: int) -> None:
+    """krylov3 against krylov2: time (one layer of the 1.1B shapes; 4096 x 11008) and excess
+    error relative to PEFT's on LLM-shaped matrices with a real layer's spectrum."""
+    import accuracy_vs_speed as avs
+
+    from pissa_svd import linalg
+
+    def timed(mats: list[torch.Tensor], method: str):
+        def run() -> float:
+            start = time.perf_counter()
+            for W in mats:
+                linalg.svd_lowrank(W, 64, niter=4, method=method)
+            return time.perf_counter() - start
+
+        return run
+
+    layer = [linalg.padded_empty(W.shape, W.dtype).copy_(W) for W in _layer_mats()]
+    _alternate(
+        "one layer's SVDs (2048-wide), krylov3 vs krylov2",
+        timed(layer, "krylov3"),
+        timed(layer, "krylov2"),
+        reps,
+    )
+    big = [torch.randn(4096, 11008, generator=torch.Generator().manual_seed(5))]
+    _alternate(
+        "4096 x 11008, krylov3 vs krylov2", timed(big, "krylov3"), timed(big, "krylov2"), reps
+    )
+    del layer, big
+
+    avs.ensure_smollm2()
+    base = avs.real_spectrum()
+    print("excess error / PEFT's (torch.svd_lowrank, q=64, niter=4), sketch seeds 0, 1, 2:")
+    for i, (m, n) in enumerate(avs.LLM_SHAPES):
+        s = avs.stretch(base, min(m, n))
+        W = avs.synthetic(m, n, s, seed=1234 + i)
+        ratios: dict[str, list[float]] = {"krylov2": [], "krylov3": []}
+        for seed in range(3):
+            torch.manual_seed(seed)
+            U, S, V = torch.svd_lowrank(W, q=64, niter=4)
+            peft = avs.score(W, (U, S, V.mT), s, 64)[0]
+            for method, out in ratios.items():
+                f = linalg.svd_lowrank(W, 64, niter=4, method=method, seed=seed)
+                out.append(avs.score(W, f, s, 64)[0] / peft)
+        print(
+            f"  {m}x{n}: "
+            + "; ".join(f"{k} {' '.join(f'{r:.3f}' for r in v)}" for k, v in ratios.items())
+        )
+        del W
+
+
 def padded_svd(reps: int) -> None:
     from pissa_svd import linalg
 
@@ -441,6 +495,7 @@ def main() -> None:
     ph.add_argument("--layers", type=int, default=22)
     ph.add_argument("--prefetch", choices=tuple(PREFETCH), default="windows")
     sub.add_parser("paired-svd").add_argument("--reps", type=int, default=10)
+    sub.add_parser("depth").add_argument("--reps", type=int, default=8)
     sub.add_parser("padded-svd").add_argument("--reps", type=int, default=10)
     rb = sub.add_parser("row-blocks")
     rb.add_argument("--reps", type=int, default=10)
@@ -459,6 +514,8 @@ def main() -> None:
         phases(args.layers, args.prefetch)
     elif args.what == "paired-svd":
         paired_svd(args.reps)
+    elif args.what == "depth":
+        depth(args.reps)
     elif args.what == "padded-svd":
         padded_svd(args.reps)
     elif args.what == "row-blocks":

@@ -107,9 +107,10 @@ Method parse_method(const std::string& m) {
   if (m == "halko") return Method::halko;
   if (m == "krylov") return Method::krylov;
   if (m == "krylov2") return Method::krylov2;
+  if (m == "krylov3") return Method::krylov3;
   if (m == "exact") return Method::exact;
-  throw py::value_error("method: expected 'halko', 'krylov', 'krylov2' or 'exact', got '" + m +
-                        "'");
+  throw py::value_error("method: expected 'halko', 'krylov', 'krylov2', 'krylov3' or 'exact', got '" +
+                        m + "'");
 }
 
 template <typename T>

@@ -3,7 +3,7 @@
 // One power iteration from a Gaussian sketch, `niter` rounds, then Rayleigh-Ritz over its last
 // `depth` blocks, as pissa_svd/linalg.py does, so the two implementations are comparable step by
 // step: depth 1 is the Halko, Martinsson & Tropp (2011) range finder, depth niter + 1 the block
-// Krylov subspace of Musco & Musco (2015), depth 2 is krylov2. Every depth makes the same passes
+// Krylov subspace of Musco & Musco (2015), depths 2 and 3 are krylov2 and krylov3. Every depth makes the same passes
 // over W.
 //
 // Orthonormalization is CholeskyQR, made unconditional for GPUs: a first *shifted* round
@@ -24,12 +24,13 @@
 
 namespace pissa {
 
-enum class Method { halko, krylov, krylov2, exact };
+enum class Method { halko, krylov, krylov2, krylov3, exact };
 
 // How many of the power iteration's niter + 1 blocks Rayleigh-Ritz keeps (linalg.krylov_depth).
 inline int krylov_depth(Method method, int niter) {
   if (method == Method::halko) return 1;
   if (method == Method::krylov2) return std::min(2, niter + 1);
+  if (method == Method::krylov3) return std::min(3, niter + 1);
   return niter + 1;
 }
 

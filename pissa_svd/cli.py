@@ -50,13 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--oversample",
         type=int,
         default=None,
-        help="extra sketch columns (default 0 for auto and krylov2, else 16)",
+        help="extra sketch columns (default 0 for auto, krylov2 and krylov3, else 16)",
     )
     d.add_argument(
         "--method",
         choices=METHODS,
         default="auto",
-        help="SVD method (default auto: exact for small matrices, else krylov2); gesvdr = "
+        help="SVD method (default auto: exact for small matrices, krylov3 where the short side is "
+        "at least 64 block widths, else krylov2); gesvdr = "
         "cuSOLVER's randomized SVD (native CUDA backend)",
     )
     d.add_argument(

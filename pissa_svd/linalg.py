@@ -19,7 +19,10 @@ only in how many of its q + 1 blocks the Rayleigh-Ritz step keeps (``krylov_dept
   smaller side, it runs ``exact`` instead (cheaper, and exact).
 - ``krylov2``: the last two blocks, with no oversampling by default: PEFT's passes exactly
   (2q + 2 with ``rank`` columns) and 0.17-0.38x its worst error on real weights, for a
-  little dense work on ``2 * rank`` columns (bench/RESULTS.md). What ``auto`` runs.
+  little dense work on ``2 * rank`` columns (bench/RESULTS.md).
+- ``krylov3``: the last three blocks, the same passes; its third block costs dense work on
+  ``rank`` more columns, which pays where the short side is long: ``auto`` runs it there
+  (``KRYLOV3_MIN_WIDTHS``) and ``krylov2`` elsewhere.
 - ``exact``: LAPACK/cuSOLVER via ``torch.linalg.svd``; O(m n min(m, n)).
 - ``gesvdr``: cuSOLVER's own randomized SVD (``cusolverDnXgesvdr``), native CUDA backend only.
 
@@ -35,12 +38,17 @@ from collections.abc import Sequence
 
 import torch
 
-METHODS = ("auto", "halko", "krylov", "krylov2", "exact", "gesvdr")
+METHODS = ("auto", "halko", "krylov", "krylov2", "krylov3", "exact", "gesvdr")
 BACKENDS = ("auto", "native", "torch")
 DEFAULT_OVERSAMPLE = 16  # halko, krylov and gesvdr
-# krylov2 (and so auto) gets its accuracy from its second block rather than from oversampling:
-# extra columns cost every pass (bench/RESULTS.md, accuracy vs speed).
-OVERSAMPLE = {"auto": 0, "krylov2": 0}
+# krylov2/krylov3 (and so auto) get their accuracy from the blocks they keep rather than from
+# oversampling: extra columns cost every pass (bench/RESULTS.md, accuracy vs speed).
+OVERSAMPLE = {"auto": 0, "krylov2": 0, "krylov3": 0}
+# auto keeps a third block where the short side is at least this many block widths: there the
+# third block's dense work is about 1% of the SVD's time or less (4096 x 11008 at rank 64),
+# against 5% on the 2048-wide weights of a 1.1B model, and it cuts the excess error by ~40% on
+# matrices with a real layer's spectrum (``python bench/profile_decompose.py depth``).
+KRYLOV3_MIN_WIDTHS = 64
 # backend="auto", per device: the backend bench/RESULTS.md measured faster at equal accuracy
 # ("native vs torch"). CUDA stays on torch until the native CUDA path has been measured.
 AUTO_BACKEND = {"cpu": "torch", "cuda": "torch"}
@@ -157,7 +165,8 @@ def default_oversample(method: str, oversample: int | None = None) -> int:
 
 def krylov_depth(method: str, niter: int) -> int:
     """How many of the power iteration's ``niter + 1`` blocks Rayleigh-Ritz keeps."""
-    return {"halko": 1, "gesvdr": 1, "krylov2": min(2, niter + 1)}.get(method, niter + 1)
+    shallow = {"halko": 1, "gesvdr": 1, "krylov2": 2, "krylov3": 3}
+    return min(shallow.get(method, niter + 1), niter + 1)
 
 
 def resolve_method(method: str, m: int, n: int, rank: int, oversample: int, niter: int) -> str:
@@ -170,12 +179,16 @@ def resolve_method(method: str, m: int, n: int, rank: int, oversample: int, nite
     if method == "krylov" and krylov_depth(method, niter) * (rank + oversample) >= small:
         # The Krylov space would fill all of R^min(m,n): an exact SVD is then cheaper and exact.
         return "exact"
-    if method not in ("auto", "krylov2"):
+    if method not in ("auto", "krylov2", "krylov3"):
         return method
-    # When the basis would span half the smaller side, randomization saves little: be exact.
-    if 2 * (rank + oversample) >= small:
+    width = rank + oversample
+    if method == "auto":
+        method = "krylov3" if small >= KRYLOV3_MIN_WIDTHS * width else "krylov2"
+    # When the basis would span half the smaller side (krylov2; krylov3: two thirds of it),
+    # randomization saves little: be exact.
+    if max(2, krylov_depth(method, niter)) * width >= small:
         return "exact"
-    return "krylov2"
+    return method
 
 
 def svd_lowrank(
@@ -198,9 +211,10 @@ def svd_lowrank(
         rank: number of triplets, 1 <= rank <= min(m, n).
         niter: power iterations (PEFT's ``pissa_niter_N``).
         oversample: extra sketch columns (default: ``default_oversample(method)``, 0 for auto
-            and krylov2, 16 otherwise), capped so the sketch never exceeds min(m, n).
-        method: ``auto`` (krylov2, or exact where the basis would span half the smaller side)
-            | ``halko`` | ``krylov`` | ``krylov2`` | ``exact`` | ``gesvdr`` (native CUDA only).
+            krylov2 and krylov3, 16 otherwise), capped so the sketch never exceeds min(m, n).
+        method: ``auto`` (krylov3 where the short side is long, ``KRYLOV3_MIN_WIDTHS``;
+            exact where a krylov2 basis would span half of it; else krylov2) | ``halko`` |
+            ``krylov`` | ``krylov2`` | ``krylov3`` | ``exact`` | ``gesvdr`` (native CUDA only).
         seed: int, or one int per batch element. Matrix ``i`` of a batch uses exactly the
             random sketch a single call with ``seed[i]`` would use, so batched == looped.
         backend: ``torch``, ``native`` (the compiled engine; raises
@@ -287,7 +301,7 @@ def _native_svd(X, rank, niter, width, method, seeds):
 
     m, n = X.shape[-2:]
     omega = None
-    if method in ("halko", "krylov", "krylov2"):
+    if method in ("halko", "krylov", "krylov2", "krylov3"):
         omega = _gaussian(seeds, max(m, n), width, X)
     U, S, Vh, bad = native.svd(X.contiguous(), rank, niter, method, omega, width - rank)
     if bad:

@@ -148,7 +148,7 @@ def svd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
     """Native SVD of a contiguous fp32/fp64 batch X (b, m, n).
 
-    ``omega`` is the (b, max(m, n), l) sketch of halko/krylov/krylov2 (``oversample`` is
+    ``omega`` is the (b, max(m, n), l) sketch of halko/krylov/krylov2/krylov3 (``oversample`` is
     gesvdr's). Returns U, S, Vh and the
     indices of matrices whose result did not pass the checks (non-zero status from the
     algorithm, non-finite values, or U/Vh not orthonormal to ORTHO_TOL); the caller redoes those.

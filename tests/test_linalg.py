@@ -77,7 +77,7 @@ def test_exact_matches_torch():
     torch.testing.assert_close(U * S @ Vh, (U0[:, :10] * S0[:10]) @ Vh0[:10])
 
 
-@pytest.mark.parametrize("method", ["halko", "krylov", "krylov2", "exact"])
+@pytest.mark.parametrize("method", ["halko", "krylov", "krylov2", "krylov3", "exact"])
 def test_batched_equals_looped(method):
     Ws = torch.stack([known(200, 150, seed=i)[0] for i in range(3)]).float()
     seeds = [11, 22, 33]
@@ -88,7 +88,7 @@ def test_batched_equals_looped(method):
         torch.testing.assert_close(Ub[i] * Sb[i] @ Vb[i], U * S @ Vh, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["halko", "krylov", "krylov2", "exact"])
+@pytest.mark.parametrize("method", ["halko", "krylov", "krylov2", "krylov3", "exact"])
 def test_full_rank_deficient_and_zero(method):
     W, s = known(60, 40)
     U, S, Vh = svd_lowrank(W.float(), 40, method=method)  # rank == min(m, n)
@@ -116,16 +116,39 @@ def test_krylov2_keeps_the_last_two_blocks_of_halkos_iteration():
     torch.testing.assert_close(two[1], full[1], rtol=1e-10, atol=0)
 
 
+def test_krylov3_keeps_one_block_more_than_krylov2():
+    """krylov3's basis holds krylov2's (same sketch), so its error can only be lower; with two
+    power iterations it is the whole Krylov space."""
+    W, s = known(400, 600, decay=0.3)
+    for niter in (2, 4):
+        two = excess_error(W, s, *svd_lowrank(W, 20, niter=niter, method="krylov2"))
+        three = excess_error(W, s, *svd_lowrank(W, 20, niter=niter, method="krylov3"))
+        assert three <= two + 1e-12
+    assert three < 0.8 * two  # and here markedly lower (slow decay, niter 4)
+    full = svd_lowrank(W, 20, niter=2, method="krylov", oversample=0)
+    three = svd_lowrank(W, 20, niter=2, method="krylov3")
+    torch.testing.assert_close(three[1], full[1], rtol=1e-10, atol=0)
+
+
 def test_default_oversample_per_method():
     from pissa_svd.linalg import default_oversample, resolve_method
 
     assert default_oversample("auto") == default_oversample("krylov2") == 0
+    assert default_oversample("krylov3") == 0
     assert default_oversample("halko") == default_oversample("krylov") == 16
-    assert resolve_method("auto", 4096, 11008, 64, 0, 4) == "krylov2"
+    # A third block where the short side is at least 64 block widths (7B-sized weights at
+    # rank 64; the 2048-wide weights of a 1.1B model only from rank 32 down).
+    assert resolve_method("auto", 4096, 11008, 64, 0, 4) == "krylov3"
+    assert resolve_method("auto", 11008, 4096, 64, 0, 4) == "krylov3"
+    assert resolve_method("auto", 2048, 5632, 64, 0, 4) == "krylov2"
+    assert resolve_method("auto", 2048, 5632, 32, 0, 4) == "krylov3"
+    assert resolve_method("auto", 4096, 11008, 64, 8, 4) == "krylov2"  # wider blocks
     # The two-block basis would span half the smaller side: exact instead.
     assert resolve_method("auto", 256, 2048, 64, 0, 4) == "krylov2"
     assert resolve_method("auto", 128, 2048, 64, 0, 4) == "exact"
     assert resolve_method("krylov2", 100, 90, 45, 0, 4) == "exact"
+    assert resolve_method("krylov3", 190, 900, 64, 0, 4) == "exact"  # 3 blocks: 192 columns
+    assert resolve_method("krylov3", 200, 900, 64, 0, 4) == "krylov3"
 
 
 def test_bf16_input_and_seed_determinism():

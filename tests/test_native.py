@@ -21,7 +21,7 @@ from .test_linalg import excess_error, known
 NO_EXT = os.environ.get("PISSA_SVD_NO_EXT") == "1"
 pytestmark = pytest.mark.skipif(NO_EXT, reason="PISSA_SVD_NO_EXT=1: extension not built")
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-METHODS = ["halko", "krylov", "krylov2", "exact"]
+METHODS = ["halko", "krylov", "krylov2", "krylov3", "exact"]
 SHAPES = [(300, 700), (700, 300), (400, 400)]
 
 
