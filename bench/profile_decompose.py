@@ -105,25 +105,31 @@ def _time_phases() -> None:
         setattr(pipeline, name, functools.wraps(fn)(timed))
 
 
-def _decompose(layers: int) -> tuple[float, dict, dict[str, float]]:
-    """One in-process decompose of the benchmark checkpoint: wall s, report, phase seconds."""
+def _decompose(layers: int, overlap: str = "on") -> tuple[float, dict, dict[str, float], dict]:
+    """One in-process decompose of the benchmark checkpoint, written next to it: wall s, the
+    report, seconds per phase (while ``_time_phases`` is on) and the machine's CPU seconds by
+    kind during it (``/proc/stat``)."""
+    from accuracy_vs_speed import cpu_seconds_by_kind
+
     from pissa_svd import pipeline
 
     src = BENCH / "_work" / f"llama-bf16-L{layers}"
     _spent.clear()
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        report = pipeline.decompose(src, Path(tmp) / "out", rank=64, niter=4, quiet=True)
-        wall = time.perf_counter() - start
+    with tempfile.TemporaryDirectory(dir=BENCH / "_work") as tmp:
+        before, start = cpu_seconds_by_kind(), time.perf_counter()
+        report = pipeline.decompose(
+            src, Path(tmp) / "out", rank=64, niter=4, quiet=True, overlap=overlap
+        )
+        wall, after = time.perf_counter() - start, cpu_seconds_by_kind()
         shutil.rmtree(Path(tmp) / "out")
-    return wall, report, dict(_spent)
+    return wall, report, dict(_spent), {k: after[k] - before[k] for k in after}
 
 
 def phases(layers: int, prefetch: str) -> None:
     if PREFETCH[prefetch] is not None:
         checkpoint._prefetch = PREFETCH[prefetch]
     _time_phases()
-    wall, report, spent = _decompose(layers)
+    wall, report, spent, _ = _decompose(layers)
     print(f"decompose llama-bf16-L{layers} (in process, imports excluded): {wall:.2f} s")
     for name, s in spent.items():
         print(f"  {name:<18} {s:6.2f} s")
@@ -197,9 +203,8 @@ def fused_copies(layers: int, reps: int) -> None:
             f" {part['subtract_adapter_']:.2f} s, compute_seconds {comp:.2f} (medians)"
         )
     diffs = [b[0] - a[0] for a, b in zip(rows[True], rows[False], strict=True)]
-    print(
-        f"  median paired saving {med(diffs):.2f} s ({100 * med(diffs) / med(r[0] for r in rows[False]):.1f}%)"
-    )
+    share = 100 * med(diffs) / med(r[0] for r in rows[False])
+    print(f"  median paired saving {med(diffs):.2f} s ({share:.1f}%)")
 
 
 def _layer_mats() -> list[torch.Tensor]:
@@ -210,12 +215,12 @@ def _layer_mats() -> list[torch.Tensor]:
     return [torch.randn(m, n, generator=g) * 0.02 for m, n, c in hot.LAYER for _ in range(c)]
 
 
-def _layer_svd(mats: list[torch.Tensor]) -> float:
+def _layer_svd(mats: list[torch.Tensor], method: str = "auto") -> float:
     from pissa_svd import linalg
 
     start = time.perf_counter()
     for W in mats:
-        linalg.svd_lowrank(W, 64, niter=4)
+        linalg.svd_lowrank(W, 64, niter=4, method=method)
     return time.perf_counter() - start
 
 
@@ -269,26 +274,15 @@ def depth(reps: int) -> None:
 
     from pissa_svd import linalg
 
-    def timed(mats: list[torch.Tensor], method: str):
-        def run() -> float:
-            start = time.perf_counter()
-            for W in mats:
-                linalg.svd_lowrank(W, 64, niter=4, method=method)
-            return time.perf_counter() - start
-
-        return run
-
     layer = [linalg.padded_empty(W.shape, W.dtype).copy_(W) for W in _layer_mats()]
-    _alternate(
-        "one layer's SVDs (2048-wide), krylov3 vs krylov2",
-        timed(layer, "krylov3"),
-        timed(layer, "krylov2"),
-        reps,
-    )
     big = [torch.randn(4096, 11008, generator=torch.Generator().manual_seed(5))]
-    _alternate(
-        "4096 x 11008, krylov3 vs krylov2", timed(big, "krylov3"), timed(big, "krylov2"), reps
-    )
+    for what, mats in (("one layer's SVDs (2048-wide)", layer), ("4096 x 11008", big)):
+        _alternate(
+            f"{what}, krylov3 vs krylov2",
+            lambda mats=mats: _layer_svd(mats, "krylov3"),
+            lambda mats=mats: _layer_svd(mats, "krylov2"),
+            reps,
+        )
     del layer, big
 
     avs.ensure_smollm2()
@@ -341,8 +335,6 @@ def padded_svd(reps: int) -> None:
 def writes(layers: int, reps: int) -> None:
     import os
 
-    from accuracy_vs_speed import cpu_seconds_by_kind
-
     from pissa_svd import pipeline
 
     direct = pipeline.Plan.direct_io
@@ -351,28 +343,24 @@ def writes(layers: int, reps: int) -> None:
         "overlapped, page cache": ("on", property(lambda self: False)),
         "--overlap off (page cache)": ("off", direct),
     }
-    src = BENCH / "_work" / f"llama-bf16-L{layers}"
     runs: dict[str, list[dict[str, float]]] = {w: [] for w in ways}
     for _ in range(reps):
         for way, (overlap, direct_io) in ways.items():
             pipeline.Plan.direct_io = direct_io
             try:
-                with tempfile.TemporaryDirectory(dir=BENCH / "_work") as tmp:
-                    os.sync()
-                    before, start = cpu_seconds_by_kind(), time.perf_counter()
-                    t = pipeline.decompose(
-                        src, Path(tmp) / "out", rank=64, niter=4, quiet=True, overlap=overlap
-                    )["totals"]
-                    wall, after = time.perf_counter() - start, cpu_seconds_by_kind()
+                os.sync()
+                wall, report, _, cpu = _decompose(layers, overlap)
             finally:
                 pipeline.Plan.direct_io = direct
-            cpu = {k: after[k] - before[k] for k in ("user", "system", "iowait", "steal")}
+            t = report["totals"]
             runs[way].append(
-                {"wall": wall, "compute": t["compute_seconds"], "svd": t["svd_seconds"], **cpu}
+                {"wall": wall, "compute": t["compute_seconds"], "svd": t["svd_seconds"]}
+                | {k: cpu[k] for k in ("user", "system", "iowait", "steal")}
             )
             print(f"{way}: " + ", ".join(f"{k} {v:.2f}" for k, v in runs[way][-1].items()))
     print(
-        f"decompose {src.name} in process, medians of {reps} (seconds; CPU time summed over cores):"
+        f"decompose llama-bf16-L{layers} in process, medians of {reps} (seconds; CPU time"
+        " summed over cores):"
     )
     for way, rs in runs.items():
         print(

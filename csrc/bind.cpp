@@ -109,8 +109,8 @@ Method parse_method(const std::string& m) {
   if (m == "krylov2") return Method::krylov2;
   if (m == "krylov3") return Method::krylov3;
   if (m == "exact") return Method::exact;
-  throw py::value_error("method: expected 'halko', 'krylov', 'krylov2', 'krylov3' or 'exact', got '" +
-                        m + "'");
+  throw py::value_error(
+      "method: expected 'halko', 'krylov', 'krylov2', 'krylov3' or 'exact', got '" + m + "'");
 }
 
 template <typename T>
@@ -187,7 +187,8 @@ struct RowsView {
 
 RowsView rows_of(const View& v, const char* arg) {
   const DLTensor& d = v.t();
-  if (d.device.device_type != kDLCPU) throw py::value_error(std::string(arg) + ": must be a CPU tensor");
+  if (d.device.device_type != kDLCPU)
+    throw py::value_error(std::string(arg) + ": must be a CPU tensor");
   if (d.ndim != 2)
     throw py::value_error(std::string(arg) + ": expected 2 dimensions (rows, cols), got " +
                           std::to_string(d.ndim));

@@ -3,8 +3,8 @@
 // One power iteration from a Gaussian sketch, `niter` rounds, then Rayleigh-Ritz over its last
 // `depth` blocks, as pissa_svd/linalg.py does, so the two implementations are comparable step by
 // step: depth 1 is the Halko, Martinsson & Tropp (2011) range finder, depth niter + 1 the block
-// Krylov subspace of Musco & Musco (2015), depths 2 and 3 are krylov2 and krylov3. Every depth makes the same passes
-// over W.
+// Krylov subspace of Musco & Musco (2015), depths 2 and 3 are krylov2 and krylov3. Every depth
+// makes the same passes over W.
 //
 // Orthonormalization is CholeskyQR, made unconditional for GPUs: a first *shifted* round
 // (Fukaya et al. 2020: G + s I, s ~ 11 (m k + k^2) u ||Y||_F^2) cannot fail for a full-rank block

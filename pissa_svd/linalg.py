@@ -45,10 +45,10 @@ DEFAULT_OVERSAMPLE = 16  # halko, krylov and gesvdr
 # oversampling: extra columns cost every pass (bench/RESULTS.md, accuracy vs speed).
 OVERSAMPLE = {"auto": 0, "krylov2": 0, "krylov3": 0}
 # auto keeps a third block where the short side is at least this many block widths: there the
-# third block's dense work costs a few % of the SVD's time (4096 x 11008 at rank 64: 1-3%;
-# the 2048-wide weights of a 1.1B model, which stay on krylov2: 5-8%), and it cuts the excess
-# error by ~40% on matrices with a real layer's spectrum (0.46-0.50x PEFT's -> 0.28-0.30x;
-# ``python bench/profile_decompose.py depth``).
+# third block's dense work costs a few % of the SVD's time (4096 x 11008 at rank 64: 3%; the
+# 2048-wide weights of a 1.1B model, which stay on krylov2: 8%), and it cuts the excess error
+# by ~40% on matrices with a real layer's spectrum (0.46-0.50x PEFT's -> 0.28-0.30x;
+# ``python bench/profile_decompose.py depth``, bench/RESULTS.md).
 KRYLOV3_MIN_WIDTHS = 64
 # backend="auto", per device: the backend bench/RESULTS.md measured faster at equal accuracy
 # ("native vs torch"). CUDA stays on torch until the native CUDA path has been measured.

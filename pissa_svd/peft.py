@@ -6,9 +6,9 @@ the base layer keeps the residual (convention in :mod:`pissa_svd.pissa`). It doe
 ``init_lora_weights="pissa_niter_N"`` does, with three differences:
 
 - the SVD is :func:`pissa_svd.svd_lowrank` (``auto``: krylov2, or krylov3 on long short
-  sides; 0.17-0.38x PEFT's worst error on real weights in the same passes; batched over same-shape weights, with a
-  per-module seed, so results do not depend on grouping or order, and match
-  ``pissa-svd decompose`` on the same checkpoint with the same seed);
+  sides; 0.17-0.38x PEFT's worst error on real weights in the same passes; batched over
+  same-shape weights, with a per-module seed, so results do not depend on grouping or order,
+  and match ``pissa-svd decompose`` on the same checkpoint with the same seed);
 - the residual is computed from A and B as stored (after rounding to the adapter dtype), so
   ``W_res + s * B @ A == W`` up to the rounding of the residual alone;
 - the adapter config keeps ``init_lora_weights=True``, so a saved adapter reloads as is (with
