@@ -123,9 +123,11 @@ def padded_empty(
 ROW_BLOCK = 1024
 
 
-def thin_matmul(X: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+def thin_matmul(X: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``X @ B`` for a thin ``B`` ((..., k, w), w small), in row blocks of X where that is
     faster (a CPU ``X`` with contiguous rows and more than ``2 * ROW_BLOCK`` of them).
+    ``out``: where to write it (any layout whose rows are contiguous, e.g. a column slice of a
+    wider basis), instead of a new tensor.
 
     Each block is one GEMM over the whole inner dimension, so only the BLAS's partition of the
     rows changes, not what any element sums: with MKL the result was bitwise equal to one
@@ -138,15 +140,18 @@ def thin_matmul(X: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         or rows <= 2 * ROW_BLOCK
         or B.shape[:-2] not in ((), X.shape[:-2])  # (broadcasting other batch shapes: one call)
     ):
-        return X @ B
-    return row_blocks_matmul(X, B)
+        return X @ B if out is None else torch.matmul(X, B, out=out)
+    return row_blocks_matmul(X, B, out)
 
 
-def row_blocks_matmul(X: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+def row_blocks_matmul(
+    X: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``X @ B`` as one GEMM per block of about ``ROW_BLOCK`` rows of X (equal blocks), for
     any layout; :func:`thin_matmul` decides where that pays. ``B``: (k, w) or X's batch."""
     rows = X.shape[-2]
-    out = X.new_empty((*X.shape[:-1], B.shape[-1]))
+    if out is None:
+        out = X.new_empty((*X.shape[:-1], B.shape[-1]))
     step = -(-rows // -(-rows // ROW_BLOCK))
     for r in range(0, rows, step):
         torch.matmul(X[..., r : r + step, :], B, out=out[..., r : r + step, :])
@@ -357,6 +362,18 @@ def _gaussian(seeds: list[int], n: int, k: int, like: torch.Tensor) -> torch.Ten
     return out
 
 
+_EYES: dict[tuple, torch.Tensor] = {}
+
+
+def _eye(k: int, like: torch.Tensor) -> torch.Tensor:
+    """The (k, k) identity in ``like``'s dtype and device, made once (read only)."""
+    key = (k, like.dtype, like.device)
+    eye = _EYES.get(key)
+    if eye is None:
+        eye = _EYES[key] = torch.eye(k, dtype=like.dtype, device=like.device)
+    return eye
+
+
 def orthonormalize(Y: torch.Tensor, rounds: int = 2) -> torch.Tensor:
     """Orthonormal basis of the columns of Y (..., m, k), m >= k, by CholeskyQR2.
 
@@ -379,18 +396,16 @@ def orthonormalize(Y: torch.Tensor, rounds: int = 2) -> torch.Tensor:
 
 def _cholesky_qr(Y: torch.Tensor, check_identity: bool = False) -> torch.Tensor | None:
     G = Y.mT @ Y
-    if check_identity:
-        eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
-        # After one good round G ~= I; a large deviation means round one lost orthogonality.
-        if not bool(((G - eye).abs() <= 0.5).all()):  # also false for NaN
-            return None
+    # After one good round G ~= I; a large deviation means round one lost orthogonality
+    # (the test is also false for NaN).
+    if check_identity and not bool(((G - _eye(G.shape[-1], G)).abs() <= 0.5).all()):
+        return None
     L, info = torch.linalg.cholesky_ex(G)
     if bool(info.any()) or not bool(torch.isfinite(L).all()):
         return None
     # Q = Y L^{-T}. Inverting the small (k, k) factor and doing one GEMM is ~5x faster than a
     # triangular solve with the tall Y on CPU; any loss of orthogonality is what round two is for.
-    eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
-    return Y @ torch.linalg.solve_triangular(L, eye, upper=False).mT
+    return Y @ torch.linalg.solve_triangular(L, _eye(L.shape[-1], L), upper=False).mT
 
 
 def _small_svd(Bt: torch.Tensor, Q: torch.Tensor, rank: int):
@@ -412,9 +427,8 @@ def _small_svd(Bt: torch.Tensor, Q: torch.Tensor, rank: int):
     S = lam.clamp_min(0).sqrt()
     ok = S[..., -1] > 0
     V = Bt @ (Ur / torch.where(S > 0, S, 1).unsqueeze(-2)).to(Bt.dtype)
-    eye = torch.eye(rank, dtype=V.dtype, device=V.device)
     tol = 1e-4 if V.dtype == torch.float32 else 1e-10
-    ok &= ((V.mT @ V - eye).abs() <= tol).flatten(-2).all(-1)
+    ok &= ((V.mT @ V - _eye(rank, V)).abs() <= tol).flatten(-2).all(-1)
     U, S, Vh = Q @ Ur.to(Q.dtype), S.to(Q.dtype), V.mT
     bad = (~ok).nonzero().flatten()
     if bad.numel():
@@ -462,13 +476,14 @@ def _block_krylov(X: torch.Tensor, omega: torch.Tensor, niter: int, rank: int, d
         Q = orthonormalize(thin_matmul(X, thin_matmul(Xt, Q)), rounds=2 if i == lead - 1 else 1)
     # resolve_method guarantees the d blocks fit in R^m, so the space never fills up.
     K = X.new_empty((b, m, d * w))  # the kept basis, block by block
-    Ps = []  # Ps[i] = Xᵀ K_i
+    P = X.new_empty((b, n, d * w))  # Xᵀ K, block by block
     K[..., :w] = Q
     tol = 1000 * torch.finfo(X.dtype).eps
     for i in range(1, d):
         Ki = K[..., : i * w]
-        Ps.append(thin_matmul(Xt, K[..., (i - 1) * w : i * w]))
-        Y = thin_matmul(X, Ps[-1])
+        Y = thin_matmul(
+            X, thin_matmul(Xt, K[..., (i - 1) * w : i * w], P[..., (i - 1) * w : i * w])
+        )
         # Block Gram-Schmidt against the basis so far, twice ("twice is enough").
         for _ in range(2):
             Y = Y - Ki @ (Ki.mT @ Y)
@@ -478,6 +493,5 @@ def _block_krylov(X: torch.Tensor, omega: torch.Tensor, niter: int, rank: int, d
             # orthonormal complement instead; Householder keeps it orthonormal whatever Y is.
             Qn = torch.linalg.qr(torch.cat([Ki, Y], dim=-1), mode="reduced").Q[..., i * w :]
         K[..., i * w : (i + 1) * w] = Qn
-    Ps.append(thin_matmul(Xt, K[..., (d - 1) * w :]))  # the last pass over W
-    P = Ps[0] if d == 1 else torch.cat(Ps, dim=-1)
+    thin_matmul(Xt, K[..., (d - 1) * w :], P[..., (d - 1) * w :])  # the last pass over W
     return _small_svd(P, K, rank)

@@ -214,6 +214,21 @@ def test_padded_rows_give_the_same_factors(method, stored):
     assert excess_error(W.double(), s, *c) < 0.2
 
 
+def test_thin_matmul_writes_into_a_column_slice(monkeypatch):
+    # The Krylov basis's products go straight into their block of one wider buffer.
+    monkeypatch.setattr(linalg, "ROW_BLOCK", 4)
+    g = torch.Generator().manual_seed(1)
+    X = padded_empty((13, 40), torch.float64)
+    X.copy_(torch.randn(X.shape, generator=g, dtype=torch.float64))
+    B = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    for A in (X, X[:8], X.T.contiguous().T):  # row blocks, one call (short, column-major)
+        wide = torch.full((A.shape[0], 9), 7.0, dtype=torch.float64)
+        got = thin_matmul(A, B, wide[:, 3:6])
+        assert got.data_ptr() == wide[:, 3:6].data_ptr()
+        torch.testing.assert_close(wide[:, 3:6], A @ B, rtol=1e-14, atol=1e-14)
+        assert (wide[:, :3] == 7).all() and (wide[:, 6:] == 7).all()
+
+
 def test_thin_matmul_splits_tall_row_major_products_into_row_blocks(monkeypatch):
     monkeypatch.setattr(linalg, "ROW_BLOCK", 4)  # 13 rows: blocks of 4, 4, 4 and 1
     calls = []
