@@ -121,7 +121,7 @@ def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor | None:
         or dst.device.type != "cpu"
         or src.ndim != 2
         or src.shape != dst.shape
-        or not all(_rows_contiguous(t) for t in (src, dst))
+        or not all(rows_contiguous(t) for t in (src, dst))
     ):
         return None
     try:
@@ -133,9 +133,14 @@ def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor | None:
     return torch.tensor(fused(src, dst, torch.get_num_threads()), dtype=torch.float64)
 
 
-def _rows_contiguous(t: torch.Tensor) -> bool:
-    rows, cols = t.shape
-    return (cols <= 1 or t.stride(1) == 1) and (rows <= 1 or t.stride(0) >= cols)
+def rows_contiguous(t: torch.Tensor) -> bool:
+    """Whether the matrices of ``t`` (..., rows, cols) have contiguous rows that do not overlap:
+    contiguous, or rows padded apart (``linalg.padded_empty``). The layout BLAS and the
+    compiled loops take as they are."""
+    if t.ndim < 2:
+        return False
+    rows, cols = t.shape[-2:]
+    return (cols <= 1 or t.stride(-1) == 1) and (rows <= 1 or t.stride(-2) >= cols)
 
 
 def svd(

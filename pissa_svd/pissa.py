@@ -147,7 +147,7 @@ def subtract_adapter_(
 
 def _batch_of_rows(W: torch.Tensor) -> torch.Tensor | None:
     """W as a (batch, rows, cols) view (rows contiguous, possibly padded), or None."""
-    if W.ndim < 2 or W.stride(-1) != 1 or (W.shape[-2] > 1 and W.stride(-2) < W.shape[-1]):
+    if not native.rows_contiguous(W):
         return None
     try:
         return W.view(-1, *W.shape[-2:])

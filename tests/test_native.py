@@ -270,6 +270,16 @@ def test_copy_rows_declines_what_it_does_not_fuse():
     assert native.copy_rows(torch.empty(6, 9), x) is None
 
 
+def test_rows_contiguous_is_the_layout_blas_and_the_loops_take():
+    x = torch.zeros(3, 6, 10)
+    assert native.rows_contiguous(x) and native.rows_contiguous(x[:, :, :8])  # padded rows
+    assert not native.rows_contiguous(x.mT)  # column-major
+    assert not native.rows_contiguous(x[:, :, ::2])  # strided columns
+    assert not native.rows_contiguous(x.view(-1).as_strided((6, 8), (4, 1)))  # rows overlap
+    assert not native.rows_contiguous(torch.zeros(8))
+    assert native.rows_contiguous(torch.zeros(1, 8).as_strided((1, 8), (1, 1)))  # one row
+
+
 def test_copy_rows_validates_arguments_by_name():
     fused = native.module("cpu").copy_rows
     with pytest.raises(ValueError, match="^dst: shape \\(6, 9\\) differs from src's \\(6, 8\\)"):
