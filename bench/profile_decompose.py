@@ -7,6 +7,8 @@
     python bench/profile_decompose.py row-blocks [--reps 10]  # tall X @ thin in row blocks or not
     python bench/profile_decompose.py writes [--reps 3]       # what writing the residuals costs
     python bench/profile_decompose.py fused-copies [--reps 3] # compiled widen/round vs torch
+    python bench/profile_decompose.py huge-pages [--reps 6]   # THP scratch buffers or not
+    python bench/profile_decompose.py one-as-2d [--reps 6]    # one matrix as 2-D or batch of 1
     python bench/profile_decompose.py prefetch                # page cache after mapping a weight
     python bench/profile_decompose.py spectra                 # s_1 / s_64 of SmolLM2's weights
 
@@ -33,7 +35,10 @@ excess error with PEFT's on bench/accuracy_vs_speed.py's LLM-shaped matrices (a 
 spectrum), for three sketch seeds. ``fused-copies`` times the compiled widen/round loops
 (``pissa_svd.native.copy_rows``) against torch's copy and norm on one matrix of each of a
 layer's shapes, checking that they write the same bits, then alternates whole in-process
-decompose runs with and without them. ``prefetch`` evicts a shard
+decompose runs with and without them; ``huge-pages`` and ``one-as-2d`` alternate whole runs
+(ABBA) with and without transparent huge pages for the scratch buffers
+(``pissa_svd.pipeline.huge_page_buffer``) and with one matrix's SVD run as 2-D tensors or as
+a batch of one. ``prefetch`` evicts a shard
 from the page cache and measures (``mincore``) how much of one weight is in memory 1 s after
 mapping it, for each way. ``spectra`` needs ``bench/_work/smollm2``
 (bench/accuracy_vs_speed.py).
@@ -184,27 +189,77 @@ def fused_copies(layers: int, reps: int) -> None:
         print(f"  {shape[0]}x{shape[1]}: " + "; ".join(cells) + "; same bits")
     use(True)
 
+    _alternate_runs(layers, reps, use, ("fused", "torch"))
+
+
+def _alternate_runs(layers: int, reps: int, use, names: tuple[str, str]) -> None:
+    """Whole in-process decompose runs with a change on (``use(True)``) and off, alternated
+    ABBA so that the order cancels out; wall, phase and compute seconds, and the median of
+    the paired savings. Leaves the change on."""
+    med = statistics.median
     _time_phases()
-    print(f"decompose llama-bf16-L{layers} in process, fused vs torch copies alternated:")
-    rows: dict[bool, list] = {True: [], False: []}
+    print(f"decompose llama-bf16-L{layers} in process, {names[0]} vs {names[1]} alternated:")
+    use(True)
     _decompose(layers)  # warm-up
-    for _ in range(reps):
-        for on in (True, False):
+    rows: dict[bool, list] = {True: [], False: []}
+    for i in range(reps):
+        for on in (True, False) if i % 2 == 0 else (False, True):
             use(on)
             rows[on].append(_decompose(layers))
     use(True)
     for on in (True, False):
         walls = [r[0] for r in rows[on]]
-        part = {k: med([r[2][k] for r in rows[on]]) for k in ("_widen_", "subtract_adapter_")}
+        part = {k: med([r[2][k] for r in rows[on]]) for k in PHASES[2:]}
         comp = med([r[1]["totals"]["compute_seconds"] for r in rows[on]])
         print(
-            f"  {'fused' if on else 'torch'}: wall {' '.join(f'{w:.2f}' for w in walls)} s"
-            f" (median {med(walls):.2f}); widening {part['_widen_']:.2f} s, residual"
-            f" {part['subtract_adapter_']:.2f} s, compute_seconds {comp:.2f} (medians)"
+            f"  {names[0] if on else names[1]}: wall {' '.join(f'{w:.2f}' for w in walls)} s"
+            f" (median {med(walls):.2f}); widening {part['_widen_']:.2f} s, SVDs"
+            f" {part['svd_lowrank']:.2f} s, residual {part['subtract_adapter_']:.2f} s,"
+            f" compute_seconds {comp:.2f} (medians)"
         )
     diffs = [b[0] - a[0] for a, b in zip(rows[True], rows[False], strict=True)]
     share = 100 * med(diffs) / med(r[0] for r in rows[False])
     print(f"  median paired saving {med(diffs):.2f} s ({share:.1f}%)")
+
+
+def huge_pages(layers: int, reps: int) -> None:
+    """Scratch buffers advised for transparent huge pages (the default) vs plain ones."""
+    from pissa_svd import pipeline
+
+    advised = pipeline.huge_page_buffer
+    print("THP:", Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip())
+
+    def use(on: bool) -> None:
+        pipeline.huge_page_buffer = (
+            advised if on else (lambda nbytes: torch.empty(nbytes, dtype=torch.uint8))
+        )
+
+    _alternate_runs(layers, reps, use, ("huge pages", "small pages"))
+
+
+def one_as_2d(layers: int, reps: int) -> None:
+    """A batch of one matrix decomposed as 2-D tensors (the default) vs as a batch of one."""
+    from pissa_svd import linalg
+
+    flat = linalg._torch_svd
+
+    def as_batch(X, *args):
+        if X.ndim == 3:
+            return flat(X, *args)
+        return tuple(x[0] for x in flat(X[None], *args))
+
+    def use(on: bool) -> None:
+        linalg._torch_svd = flat if on else as_batch
+
+    X = torch.randn(1, 300, 500)
+    a = linalg.svd_lowrank(X, 20, seed=[1])
+    use(False)
+    b = linalg.svd_lowrank(X, 20, seed=[1])
+    use(True)
+    if not all(torch.equal(x, y) for x, y in zip(a, b, strict=True)):
+        sys.exit("the 2-D path changed the SVD's bits")
+    print("same bits either way")
+    _alternate_runs(layers, reps, use, ("2-D", "batch of one"))
 
 
 def _layer_mats() -> list[torch.Tensor]:
@@ -494,6 +549,10 @@ def main() -> None:
     fc = sub.add_parser("fused-copies")
     fc.add_argument("--layers", type=int, default=22)
     fc.add_argument("--reps", type=int, default=3)
+    for name in ("huge-pages", "one-as-2d"):
+        ab = sub.add_parser(name)
+        ab.add_argument("--layers", type=int, default=22)
+        ab.add_argument("--reps", type=int, default=6)
     sub.add_parser("prefetch")
     sub.add_parser("spectra")
     args = ap.parse_args()
@@ -512,6 +571,10 @@ def main() -> None:
         writes(args.layers, args.reps)
     elif args.what == "fused-copies":
         fused_copies(args.layers, args.reps)
+    elif args.what == "huge-pages":
+        huge_pages(args.layers, args.reps)
+    elif args.what == "one-as-2d":
+        one_as_2d(args.layers, args.reps)
     elif args.what == "prefetch":
         prefetch()
     else:

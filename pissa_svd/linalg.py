@@ -259,6 +259,10 @@ def svd_lowrank(
 
     if use_native:
         U, S, Vh = _native_svd(X, rank, niter, width, method, seeds)
+    elif X.shape[0] == 1:
+        # One matrix runs as 2-D: each step is then one plain GEMM or LAPACK call rather than
+        # a batched one over a batch of one (bench/RESULTS.md: ``one-as-2d``).
+        U, S, Vh = (x[None] for x in _torch_svd(X[0], rank, niter, width, method, seeds))
     else:
         U, S, Vh = _torch_svd(X, rank, niter, width, method, seeds)
     if not batched:
@@ -319,6 +323,7 @@ def _native_svd(X, rank, niter, width, method, seeds):
 
 
 def _torch_svd(X, rank, niter, width, method, seeds):
+    """The torch backend on X (b, m, n), or one matrix (m, n) (``seeds`` then has one seed)."""
     m, n = X.shape[-2:]
     if method == "exact":
         if m < n:  # LAPACK is markedly faster on tall than on wide input (measured 1.6x)
@@ -331,6 +336,8 @@ def _torch_svd(X, rank, niter, width, method, seeds):
         flip = m > n
         Xs = X.mT if flip else X
         omega = _gaussian(seeds, Xs.shape[-1], width, X)
+        if X.ndim == 2:
+            omega = omega[0]
         U, S, Vh = _block_krylov(Xs, omega, niter, rank, krylov_depth(method, niter))
         if flip:
             U, Vh = Vh.mT, U.mT
@@ -430,6 +437,8 @@ def _small_svd(Bt: torch.Tensor, Q: torch.Tensor, rank: int):
     tol = 1e-4 if V.dtype == torch.float32 else 1e-10
     ok &= ((V.mT @ V - _eye(rank, V)).abs() <= tol).flatten(-2).all(-1)
     U, S, Vh = Q @ Ur.to(Q.dtype), S.to(Q.dtype), V.mT
+    if U.ndim == 2:  # one matrix
+        return (U, S, Vh) if bool(ok) else _small_svd_qr(Bt, Q, rank)
     bad = (~ok).nonzero().flatten()
     if bad.numel():
         U[bad], S[bad], Vh[bad] = _small_svd_qr(Bt[bad], Q[bad], rank)
@@ -466,7 +475,7 @@ def _block_krylov(X: torch.Tensor, omega: torch.Tensor, niter: int, rank: int, d
     the SVD time of a layer of the decompose benchmark's shapes on a CPU
     (``python bench/profile_decompose.py paired-svd``, which alternates the two variants).
     """
-    b, m, n = X.shape
+    *batch, m, n = X.shape  # (b, m, n), or (m, n) for one matrix
     w = omega.shape[-1]  # block width
     d = min(depth, niter + 1)
     lead = niter + 1 - d  # blocks before the kept ones
@@ -475,8 +484,8 @@ def _block_krylov(X: torch.Tensor, omega: torch.Tensor, niter: int, rank: int, d
     for i in range(lead):
         Q = orthonormalize(thin_matmul(X, thin_matmul(Xt, Q)), rounds=2 if i == lead - 1 else 1)
     # resolve_method guarantees the d blocks fit in R^m, so the space never fills up.
-    K = X.new_empty((b, m, d * w))  # the kept basis, block by block
-    P = X.new_empty((b, n, d * w))  # Xᵀ K, block by block
+    K = X.new_empty((*batch, m, d * w))  # the kept basis, block by block
+    P = X.new_empty((*batch, n, d * w))  # Xᵀ K, block by block
     K[..., :w] = Q
     tol = 1000 * torch.finfo(X.dtype).eps
     for i in range(1, d):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,6 +58,46 @@ def test_working_buffers_have_padded_rows_and_are_reused():
     assert a.shape == (2, 8, 2048) and a.stride() == (8 * 2064, 2064, 1)
     b = scratch.matrices("work", "F32", (3, 4, 2048))  # smaller: the same memory
     assert b.data_ptr() == a.data_ptr() and b.stride(-2) == 2064
+
+
+def _thp_mode() -> str:
+    try:
+        modes = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "none"
+    return modes.split("[")[1].split("]")[0] if "[" in modes else "none"
+
+
+def _mapping_of(addr: int) -> dict[str, str]:
+    """The /proc/self/smaps entry (its fields) of the mapping holding ``addr``."""
+    entry, inside = {}, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            if inside:
+                break
+            inside = lo <= addr < hi
+        elif inside:
+            key, _, value = line.partition(":")
+            entry[key] = value.strip()
+    return entry
+
+
+def test_scratch_buffers_are_advised_for_huge_pages(monkeypatch):
+    scratch = pipeline._Scratch()
+    buf = scratch.get("work", 5 << 20)
+    assert buf.dtype == torch.uint8 and buf.numel() == 5 << 20
+    buf.fill_(7)  # writable, and the mapping lives as long as the tensor
+    assert int(buf.sum()) == 7 * (5 << 20)
+    if _thp_mode() in ("always", "madvise"):
+        # the kernel may back it with 2 MB pages (whether it does depends on free memory)
+        assert _mapping_of(buf.data_ptr()).get("THPeligible") == "1"
+    small = pipeline.huge_page_buffer(4096)  # under one huge page: a plain allocation
+    assert small.numel() == 4096
+    # where the platform has no MADV_HUGEPAGE, it is torch.empty
+    monkeypatch.delattr(pipeline.mmap, "MADV_HUGEPAGE", raising=False)
+    assert pipeline.huge_page_buffer(5 << 20).numel() == 5 << 20
 
 
 def test_padded_working_rows_write_the_same_bytes(bf16_shards, tmp_path, monkeypatch):
