@@ -969,7 +969,8 @@ def huge_page_buffer(nbytes: int) -> torch.Tensor:
 
 
 class _Scratch:
-    """Flat CPU buffers reused from tensor to tensor.
+    """Flat CPU buffers reused from tensor to tensor, in transparent huge pages where the
+    kernel grants them (:func:`huge_page_buffer`).
 
     A fresh 50 MB tensor costs ~12k page faults (each zeroing a page) on every use, which took
     longer than the copy itself; reusing a few buffers sized for the largest target avoids that.
