@@ -13,8 +13,8 @@
     python bench/profile_decompose.py spectra                 # s_1 / s_64 of SmolLM2's weights
 
 ``phases`` wraps the pipeline's steps with timers and runs one overlapped decompose of the
-decompose benchmark's checkpoint (``bench/_work/llama-bf16-L{layers}``, built by
-bench/decompose_vs_peft.py); ``--prefetch`` swaps ``map_tensor``'s prefetch for another way
+decompose benchmark's checkpoint (``bench/_work/llama-bf16-L{layers}``, built as
+bench/decompose_vs_peft.py builds it where it is missing); ``--prefetch`` swaps ``map_tensor``'s prefetch for another way
 (``PREFETCH``) to compare them. ``paired-svd`` alternates the current power iteration
 with the previous one (``_power_both_sides`` in bench/test_hotpaths.py) on one layer's shapes,
 so both see the same machine state; ``padded-svd`` alternates the same SVDs on weights whose
@@ -115,10 +115,11 @@ def _decompose(layers: int, overlap: str = "on") -> tuple[float, dict, dict[str,
     report, seconds per phase (while ``_time_phases`` is on) and the machine's CPU seconds by
     kind during it (``/proc/stat``)."""
     from accuracy_vs_speed import cpu_seconds_by_kind
+    from decompose_vs_peft import ensure_checkpoint
 
     from pissa_svd import pipeline
 
-    src = BENCH / "_work" / f"llama-bf16-L{layers}"
+    src = ensure_checkpoint(BENCH / "_work", layers)
     _spent.clear()
     with tempfile.TemporaryDirectory(dir=BENCH / "_work") as tmp:
         before, start = cpu_seconds_by_kind(), time.perf_counter()
@@ -491,7 +492,9 @@ def prefetch() -> None:
     cache first, for each way of prefetching (``PREFETCH``; "windows" is ``map_tensor``'s)."""
     import os
 
-    ck = checkpoint.Checkpoint.open(BENCH / "_work" / "llama-bf16-L22")
+    from decompose_vs_peft import ensure_checkpoint
+
+    ck = checkpoint.Checkpoint.open(ensure_checkpoint(BENCH / "_work", 22))
     info = next(i for f in ck.files.values() for i in f.tensors.values() if "up_proj" in i.name)
     mine = checkpoint._prefetch
     for name, fn in PREFETCH.items():
