@@ -124,6 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
         "CPU from the compute (default on; off saves one read and one output buffer)",
     )
     d.add_argument(
+        "--sketch-dtype",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="dtype of the SVD's passes over each weight (the power iteration's GEMMs): fp32 "
+        "(default; fp64 for fp64 weights) or bf16, which reads bf16 weights as they are, "
+        "accumulates in fp32 and keeps the rest of the SVD in fp32: as accurate on LLM "
+        "weights and much faster where the hardware multiplies bf16 natively (GPUs, CPUs "
+        "with AMX); torch backend",
+    )
+    d.add_argument(
         "--resume",
         action="store_true",
         help="continue an interrupted run: reuse (after checking them) the tensors it finished",
@@ -263,6 +273,7 @@ def _decompose(args: argparse.Namespace) -> int:
         quantize=args.quantize,
         quant_iters=args.quant_iters,
         overlap=args.overlap,
+        sketch_dtype=args.sketch_dtype,
         overwrite=args.overwrite,
         quiet=args.quiet,
     )

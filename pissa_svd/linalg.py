@@ -136,6 +136,7 @@ def thin_matmul(X: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = Non
     rows = X.shape[-2]
     if (
         X.device.type != "cpu"
+        or X.dtype.itemsize < 4  # measured for MKL's fp32 GEMMs; one bf16 call was faster
         or X.stride(-1) != 1
         or rows <= 2 * ROW_BLOCK
         or B.shape[:-2] not in ((), X.shape[:-2])  # (broadcasting other batch shapes: one call)
@@ -206,6 +207,7 @@ def svd_lowrank(
     method: str = "auto",
     seed: int | Sequence[int] = 0,
     backend: str = "auto",
+    sketch_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` singular triplets of ``W``.
 
@@ -226,6 +228,13 @@ def svd_lowrank(
         backend: ``torch``, ``native`` (the compiled engine; raises
             :class:`pissa_svd.native.NativeUnavailable` saying why if it cannot run), or
             ``auto``: per device, the faster one where it is available (``AUTO_BACKEND``).
+        sketch_dtype: None (the working dtype) or ``torch.bfloat16``: the passes over W (the
+            power iteration's GEMMs) then read W in bf16, summing in fp32, and everything
+            else (orthonormalization, Rayleigh-Ritz, the factors) stays in the working
+            dtype; bf16 input is used as it is, with no fp32 copy. About as accurate as the
+            working dtype (:func:`_block_krylov`), and faster where the hardware multiplies
+            bf16 natively (CPUs with AMX: MKL's bf16 GEMM; GPUs). Randomized methods on the
+            torch backend only; ``exact`` ignores it.
 
     Returns:
         (U (..., m, rank), S (..., rank), Vh (..., rank, n)) in fp32 (fp64 for fp64 input).
@@ -243,7 +252,10 @@ def svd_lowrank(
     if p < 0:
         raise ValueError(f"oversample must be >= 0, got {p}")
     method = resolve_method(method, m, n, rank, p, niter)
-    use_native = resolve_backend(backend, W.device.type) == "native"
+    low = check_sketch_dtype(sketch_dtype) is not None and method != "exact"
+    if low and backend == "native":
+        raise ValueError("sketch_dtype=bfloat16 runs on the torch backend: pass backend='torch'")
+    use_native = not low and resolve_backend(backend, W.device.type) == "native"
     if method == "gesvdr" and not (use_native and W.is_cuda):
         raise ValueError(
             "method='gesvdr' is cuSOLVER's: it needs a CUDA tensor and the native backend"
@@ -251,7 +263,8 @@ def svd_lowrank(
 
     work = torch.float64 if W.dtype == torch.float64 else torch.float32
     batched = W.ndim == 3
-    X = _working_copy(W, work)
+    # A bf16 sketch reads W in bf16 only: no working copy (bf16 input is used as it is).
+    X = W.to(sketch_dtype) if low else _working_copy(W, work)
     if not batched:
         X = X.unsqueeze(0)
     seeds = _seeds(seed, X.shape[0])
@@ -262,12 +275,20 @@ def svd_lowrank(
     elif X.shape[0] == 1:
         # One matrix runs as 2-D: each step is then one plain GEMM or LAPACK call rather than
         # a batched one over a batch of one (bench/RESULTS.md: ``one-as-2d``).
-        U, S, Vh = (x[None] for x in _torch_svd(X[0], rank, niter, width, method, seeds))
+        U, S, Vh = (x[None] for x in _torch_svd(X[0], rank, niter, width, method, seeds, work))
     else:
-        U, S, Vh = _torch_svd(X, rank, niter, width, method, seeds)
+        U, S, Vh = _torch_svd(X, rank, niter, width, method, seeds, work)
     if not batched:
         U, S, Vh = U[0], S[0], Vh[0]
     return U.contiguous(), S.contiguous(), Vh.contiguous()
+
+
+def check_sketch_dtype(sketch_dtype: torch.dtype | None) -> torch.dtype | None:
+    """``sketch_dtype`` if it is one :func:`svd_lowrank` takes (None, or bf16: fp16 could
+    overflow, as the products with XXᵀ grow like s_1²), else ValueError."""
+    if sketch_dtype not in (None, torch.bfloat16):
+        raise ValueError(f"sketch_dtype must be None or torch.bfloat16, got {sketch_dtype!r}")
+    return sketch_dtype
 
 
 def _working_copy(W: torch.Tensor, work: torch.dtype) -> torch.Tensor:
@@ -322,9 +343,12 @@ def _native_svd(X, rank, niter, width, method, seeds):
     return U, S, Vh
 
 
-def _torch_svd(X, rank, niter, width, method, seeds):
-    """The torch backend on X (b, m, n), or one matrix (m, n) (``seeds`` then has one seed)."""
+def _torch_svd(X, rank, niter, width, method, seeds, work=None):
+    """The torch backend on X (b, m, n), or one matrix (m, n) (``seeds`` then has one seed).
+    ``work``: the dtype of the result and of all but the passes over X, when X is a bf16
+    sketch copy (default: X's dtype)."""
     m, n = X.shape[-2:]
+    work = work or X.dtype
     if method == "exact":
         if m < n:  # LAPACK is markedly faster on tall than on wide input (measured 1.6x)
             V, S, Uh = torch.linalg.svd(X.mT, full_matrices=False)
@@ -335,7 +359,7 @@ def _torch_svd(X, rank, niter, width, method, seeds):
         # Work on the short side (m <= n): the orthonormal bases then live in the smaller space.
         flip = m > n
         Xs = X.mT if flip else X
-        omega = _gaussian(seeds, Xs.shape[-1], width, X)
+        omega = _gaussian(seeds, Xs.shape[-1], width, X, work)
         if X.ndim == 2:
             omega = omega[0]
         U, S, Vh = _block_krylov(Xs, omega, niter, rank, krylov_depth(method, niter))
@@ -359,13 +383,17 @@ def _seeds(seed: int | Sequence[int], b: int) -> list[int]:
     return seeds
 
 
-def _gaussian(seeds: list[int], n: int, k: int, like: torch.Tensor) -> torch.Tensor:
-    """(b, n, k) standard normal test matrix; slice i depends only on seeds[i]."""
-    out = torch.empty((len(seeds), n, k), dtype=like.dtype, device=like.device)
+def _gaussian(
+    seeds: list[int], n: int, k: int, like: torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """(b, n, k) standard normal test matrix in ``dtype`` (default ``like``'s) on ``like``'s
+    device; slice i depends only on seeds[i]."""
+    dtype = dtype or like.dtype
+    out = torch.empty((len(seeds), n, k), dtype=dtype, device=like.device)
     gen = torch.Generator(device=like.device)
     for i, s in enumerate(seeds):
         gen.manual_seed(s)
-        torch.randn((n, k), generator=gen, dtype=like.dtype, device=like.device, out=out[i])
+        torch.randn((n, k), generator=gen, dtype=dtype, device=like.device, out=out[i])
     return out
 
 
@@ -474,25 +502,37 @@ def _block_krylov(X: torch.Tensor, omega: torch.Tensor, niter: int, rank: int, d
     to Householder QR where it fails). It saves a third of the orthonormalizations: 3-4% of
     the SVD time of a layer of the decompose benchmark's shapes on a CPU
     (``python bench/profile_decompose.py paired-svd``, which alternates the two variants).
+
+    X may be bf16 (``svd_lowrank(..., sketch_dtype=torch.bfloat16)``) while ``omega`` is in
+    the working dtype, which the basis, its orthonormalization and Rayleigh-Ritz keep
+    (:func:`_pass`). The power iteration's lead passes round their thin operand to bf16
+    (relative error u = 2^-9), which only perturbs iterates that the next pass filters
+    again. The passes that make the kept basis and Rayleigh-Ritz's ``P = Xᵀ K`` split their
+    operand into two bf16 parts (hi + lo, one GEMM of twice the columns), so that they are
+    as exact as the working dtype's for bf16 weights: the next Krylov block is a small
+    difference of large terms (Gram-Schmidt), which rounding would swamp. Measured on a
+    spectrum decaying like i^-0.35: halko and krylov as accurate as in fp32, krylov3 within
+    3%, krylov2 within 10-25% of fp32's excess error (tests/test_linalg.py); on real weights
+    within seed-to-seed noise (bench/RESULTS.md).
     """
     *batch, m, n = X.shape  # (b, m, n), or (m, n) for one matrix
     w = omega.shape[-1]  # block width
     d = min(depth, niter + 1)
     lead = niter + 1 - d  # blocks before the kept ones
     Xt = X.mT
-    Q = orthonormalize(thin_matmul(X, omega), rounds=1 if lead else 2)
+    work = omega.dtype  # X's, or wider where X is a bf16 sketch copy (_pass)
+    Q = orthonormalize(_pass(X, omega, work), rounds=1 if lead else 2)
     for i in range(lead):
-        Q = orthonormalize(thin_matmul(X, thin_matmul(Xt, Q)), rounds=2 if i == lead - 1 else 1)
+        Q = orthonormalize(_pass(X, _pass(Xt, Q), work), rounds=2 if i == lead - 1 else 1)
     # resolve_method guarantees the d blocks fit in R^m, so the space never fills up.
-    K = X.new_empty((*batch, m, d * w))  # the kept basis, block by block
-    P = X.new_empty((*batch, n, d * w))  # Xᵀ K, block by block
+    K = omega.new_empty((*batch, m, d * w))  # the kept basis, block by block
+    P = omega.new_empty((*batch, n, d * w))  # Xᵀ K, block by block
     K[..., :w] = Q
-    tol = 1000 * torch.finfo(X.dtype).eps
+    tol = 1000 * torch.finfo(work).eps
     for i in range(1, d):
         Ki = K[..., : i * w]
-        Y = thin_matmul(
-            X, thin_matmul(Xt, K[..., (i - 1) * w : i * w], P[..., (i - 1) * w : i * w])
-        )
+        Pi = _pass(Xt, K[..., (i - 1) * w : i * w], out=P[..., (i - 1) * w : i * w], exact=True)
+        Y = _pass(X, Pi, work, exact=True)
         # Block Gram-Schmidt against the basis so far, twice ("twice is enough").
         for _ in range(2):
             Y = Y - Ki @ (Ki.mT @ Y)
@@ -502,5 +542,40 @@ def _block_krylov(X: torch.Tensor, omega: torch.Tensor, niter: int, rank: int, d
             # orthonormal complement instead; Householder keeps it orthonormal whatever Y is.
             Qn = torch.linalg.qr(torch.cat([Ki, Y], dim=-1), mode="reduced").Q[..., i * w :]
         K[..., i * w : (i + 1) * w] = Qn
-    thin_matmul(Xt, K[..., (d - 1) * w :], P[..., (d - 1) * w :])  # the last pass over W
+    _pass(Xt, K[..., (d - 1) * w :], out=P[..., (d - 1) * w :], exact=True)  # the last pass
     return _small_svd(P, K, rank)
+
+
+def _pass(
+    X: torch.Tensor,
+    B: torch.Tensor,
+    dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+    exact: bool = False,
+) -> torch.Tensor:
+    """One pass over W: ``X @ B`` (:func:`thin_matmul`), the result in ``dtype`` (default:
+    B's) or written into ``out``.
+
+    Where X is a bf16 sketch copy and B is not, B is rounded to bf16 and the GEMM sums in
+    fp32: on a CPU with MKL's ``cblas_gemm_bf16bf16f32`` (:func:`native.bf16_matmul`) the
+    sums stay fp32; elsewhere torch's bf16 GEMM rounds them to bf16.
+    """
+    if B.dtype == X.dtype:
+        Y = thin_matmul(X, B, out if out is not None and out.dtype == X.dtype else None)
+    else:
+        from . import native
+
+        w = B.shape[-1]
+        Bl = B.to(X.dtype)
+        if exact:  # B = hi + lo, both in bf16 (16 bits of B's 24), in one GEMM of 2w columns
+            Bl = torch.cat([Bl, (B - Bl.to(B.dtype)).to(X.dtype)], dim=-1)
+        Y = out
+        if exact or Y is None or Y.dtype != torch.float32 or not native.rows_contiguous(Y):
+            Y = torch.empty((*X.shape[:-1], Bl.shape[-1]), dtype=torch.float32, device=X.device)
+        if not native.bf16_matmul(X, Bl, Y):
+            Y = X @ Bl
+        if exact:
+            Y = Y[..., :w] + Y[..., w:]
+    if out is not None:
+        return Y if Y is out else out.copy_(Y)
+    return Y.to(dtype or B.dtype)

@@ -177,3 +177,78 @@ def svd(
     ok = torch.isfinite(S).all(-1) & (err <= ORTHO_TOL[X.dtype])
     bad = [i for i, (s, good) in enumerate(zip(status, ok.tolist(), strict=True)) if s or not good]
     return U, S, Vh, bad
+
+
+# MKL's bf16 x bf16 -> fp32 GEMM, from the MKL that torch's CPU library carries (AMX or
+# AVX512-BF16 kernels where the CPU has them). torch's own bf16 matmul on a CPU rounds its
+# output to bf16; this one keeps the fp32 sums (svd_lowrank's bf16 sketch, linalg._pass).
+_CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS, _CBLAS_TRANS = 101, 111, 112
+_bf16_gemm: ctypes._CFuncPtr | None | bool = False  # False: not looked up yet
+
+
+def _bf16_gemm_fn():
+    global _bf16_gemm
+    if _bf16_gemm is False:
+        _bf16_gemm = None
+        lib = Path(torch.__file__).with_name("lib") / "libtorch_cpu.so"
+        if os.environ.get("PISSA_SVD_NO_EXT") != "1" and lib.exists():
+            try:
+                fn = ctypes.CDLL(str(lib)).cblas_gemm_bf16bf16f32
+            except (OSError, AttributeError):  # another BLAS than MKL, or an older MKL
+                fn = None
+            if fn is not None:
+                i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+                fn.argtypes = [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
+                fn.restype = None
+                _bf16_gemm = fn
+    return _bf16_gemm
+
+
+def bf16_matmul(A: torch.Tensor, B: torch.Tensor, out: torch.Tensor) -> bool:
+    """``out = A @ B`` for bf16 CPU matrices (2-D or one batch dimension) with fp32 sums and
+    an fp32 ``out``, by MKL's ``cblas_gemm_bf16bf16f32``. ``A`` may be a transposed view;
+    ``B`` and ``out`` need contiguous rows. Returns False (nothing done) where it does not
+    apply: no such MKL here (or ``PISSA_SVD_NO_EXT=1``), another device, dtype or layout.
+    """
+    if not (
+        A.dtype == B.dtype == torch.bfloat16
+        and out.dtype == torch.float32
+        and A.device.type == B.device.type == out.device.type == "cpu"
+        and A.ndim == B.ndim == out.ndim
+        and A.ndim in (2, 3)
+        and rows_contiguous(B)
+        and rows_contiguous(out)
+        and (rows_contiguous(A) or rows_contiguous(A.mT))
+    ):
+        return False
+    fn = _bf16_gemm_fn()
+    if fn is None:
+        return False
+    if A.ndim == 2:
+        A, B, out = A[None], B[None], out[None]
+    (m, k), n = A.shape[-2:], B.shape[-1]
+    if A.shape[0] != out.shape[0] or B.shape[0] != out.shape[0] or k != B.shape[-2]:
+        return False
+    ld_limit = 2**31 - 1
+    trans = not (k <= 1 or A.stride(-1) == 1)
+    lda = A.stride(-1) if trans else A.stride(-2)
+    if max(m, n, k, lda, B.stride(-2), out.stride(-2)) > ld_limit:
+        return False
+    for a, b, c in zip(A, B, out, strict=True):
+        fn(
+            _CBLAS_ROW_MAJOR,
+            _CBLAS_TRANS if trans else _CBLAS_NO_TRANS,
+            _CBLAS_NO_TRANS,
+            m,
+            n,
+            k,
+            1.0,
+            a.data_ptr(),
+            max(lda, 1),
+            b.data_ptr(),
+            max(b.stride(-2), 1),
+            0.0,
+            c.data_ptr(),
+            max(c.stride(-2), 1),
+        )
+    return True

@@ -75,6 +75,9 @@ DTYPE_ALIASES = {
     "fp64": "F64",
     "float64": "F64",
 }
+# --sketch-dtype: the dtype of the SVD's passes over W (svd_lowrank's sketch_dtype); "fp32"
+# is the working dtype (fp64 for fp64 weights).
+SKETCH_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -98,6 +101,7 @@ class Options:
     quantize: str | None = None  # QPiSSA: "nf4" or "int8" residual
     quant_iters: int = 5
     overlap: str = "on"  # read and write on background threads while batches compute: on, off
+    sketch_dtype: str = "fp32"  # the SVD's passes over W: fp32 (the working dtype) or bf16
     overwrite: bool = False
     quiet: bool = False
 
@@ -211,7 +215,7 @@ class Plan:
             f"  adapter      r={o.rank}, lora_alpha={plain_number(self.alpha)} (scaling {plain_number(self.scaling)}),"
             f" task_type={self.task_type}, fan_in_fan_out={self.fan_in_fan_out}",
             f"  svd          niter={o.niter}, oversample={self.oversample}, seed={o.seed},"
-            f" device={self.device}, backend={self.backend}",
+            f" device={self.device}, backend={self.backend}, sketch {o.sketch_dtype}",
             f"  batching     {len(self.targets)} matrices in {len(self.batches)} calls"
             f" (same-shape matrices of a shard, up to {human(self.batch_memory)} each,"
             f" largest batch {max(len(b) for b in self.batches)})",
@@ -298,6 +302,8 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
         raise InputError(f"--overlap must be on or off, got {o.overlap!r}")
     if o.processes is not None and o.processes < 1:
         raise InputError(f"--processes must be >= 1, got {o.processes}")
+    if o.sketch_dtype not in SKETCH_DTYPES:
+        raise InputError(f"--sketch-dtype must be fp32 or bf16, got {o.sketch_dtype!r}")
     if o.batch_memory is not None and o.batch_memory < 0:
         raise InputError(f"--batch-memory must be >= 0, got {o.batch_memory}")
     if o.alpha is not None and not (o.alpha > 0 and math.isfinite(o.alpha)):
@@ -305,10 +311,14 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
     adapter_dtype = _dtype_option("--adapter-dtype", o.adapter_dtype)
     residual_dtype = _dtype_option("--residual-dtype", o.residual_dtype)
     device = _device(o.device)
+    if SKETCH_DTYPES[o.sketch_dtype] is not None and o.backend == "native":
+        raise InputError("--sketch-dtype bf16 runs on the torch backend: use --backend torch")
     try:
         backend = resolve_backend(o.backend, torch.device(device).type)
     except RuntimeError as exc:  # NativeUnavailable: say why, and what to do
         raise InputError(f"--backend native: {exc}; use --backend torch") from None
+    if SKETCH_DTYPES[o.sketch_dtype] is not None:
+        backend = "torch"
     if o.method == "gesvdr" and not (device.startswith("cuda") and backend == "native"):
         raise InputError(
             "--method gesvdr is cuSOLVER's randomized SVD: it needs --device cuda and the "
@@ -495,6 +505,7 @@ def _write_all(plan: Plan, tmp: Path, team: Team, done: dict[str, dict] | None) 
         "niter": o.niter,
         "oversample": plan.oversample,
         "method": o.method,
+        "sketch_dtype": o.sketch_dtype,
         "seed": o.seed,
         "quantize": o.quantize,
         "quant_iters": o.quant_iters if o.quantize else None,
@@ -805,15 +816,29 @@ def _decompose_batch(
     o, t0 = plan.options, batch[0]
     start = time.perf_counter()
     work = "F64" if t0.info.dtype == "F64" else "F32"
-    Wf = scratch.matrices("work", work, (len(batch), *t0.info.shape), plan.device)
+    shape = (len(batch), *t0.info.shape)
+    Wf = scratch.matrices("work", work, shape, plan.device)
+    sketch_dtype = SKETCH_DTYPES[o.sketch_dtype]
+    # A bf16 sketch of bf16 weights reads the weights themselves (one matrix: as loaded;
+    # several: copied into one batch), not a copy rounded from Wf.
+    low = sketch_dtype is not None and t0.info.dtype == "BF16" and not o.quantize
+    Wl = scratch.matrices("sketch", "BF16", shape, plan.device) if low and len(batch) > 1 else None
     w_sq = []
     for i, t in enumerate(batch):
         x = host[i] if host is not None else _load(plan, [t], scratch, "read")[0]
         w_sq.append(_widen_(Wf[i], x))
+        if low:
+            Wl = x.to(plan.device)[None] if Wl is None else Wl
+            if len(batch) > 1:
+                Wl[i].copy_(x)
     w_norms = torch.stack(w_sq).sqrt().tolist()
     seeds = [derive_seed(t.name, o.seed) for t in batch]
     svd_kwargs = dict(
-        niter=o.niter, oversample=plan.oversample, method=t0.method, backend=plan.backend
+        niter=o.niter,
+        oversample=plan.oversample,
+        method=t0.method,
+        backend=plan.backend,
+        sketch_dtype=sketch_dtype,
     )
     quant_info: list[dict | None] = [None] * len(batch)
     t_read = time.perf_counter()
@@ -824,7 +849,8 @@ def _decompose_batch(
         for i in range(len(batch)):
             out[i].copy_(W_res[i])
     else:
-        U, S, Vh = svd_lowrank(Wf.mT if t0.transposed else Wf, t0.rank, seed=seeds, **svd_kwargs)
+        X = Wl if low else Wf
+        U, S, Vh = svd_lowrank(X.mT if t0.transposed else X, t0.rank, seed=seeds, **svd_kwargs)
         t_svd = time.perf_counter()
         A, B = adapter_factors(
             U, S, Vh, scaling=plan.scaling, adapter_dtype=dtype_to_torch(t0.adapter_dtype)

@@ -49,6 +49,7 @@ def fingerprint(plan) -> dict:
             torch.device(plan.device).type,
             o.quantize,
             o.quant_iters,
+            o.sketch_dtype,
         ],
         "batches": [
             [[t.name, t.method, t.adapter_dtype, t.residual_dtype] for t in b] for b in plan.batches

@@ -178,6 +178,21 @@ def test_tiny_llama_bf16_custom_alpha_and_dtypes(tiny_llama_bf16, tmp_path):
     assert {t.dtype for t in adapter.values()} == {torch.float32}
 
 
+@pytest.mark.parametrize("batch_memory", [None, 0])  # batched (bf16 copies) and one at a time
+def test_bf16_sketch(tiny_llama_bf16, tmp_path, batch_memory):
+    out = tmp_path / "out"
+    report = decompose(
+        tiny_llama_bf16, out, rank=4, sketch_dtype="bf16", batch_memory=batch_memory, quiet=True
+    )
+    check_output(tiny_llama_bf16, out, 4)
+    assert report["sketch_dtype"] == "bf16"
+    assert verify(tiny_llama_bf16, out).passed
+    # As much of each weight's energy as the fp32 sketch captures.
+    full = decompose(tiny_llama_bf16, tmp_path / "full", rank=4, quiet=True)
+    for a, b in zip(report["matrices"], full["matrices"], strict=True):
+        assert a["energy_fraction"] >= b["energy_fraction"] * (1 - 1e-3), a["name"]
+
+
 def test_tiny_gpt2_is_fan_in_fan_out(tiny_gpt2, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -292,6 +292,66 @@ def test_rayleigh_ritz_gram_route_matches_qr_route_and_falls_back():
         )
 
 
+def llm_like(m: int, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bf16 matrix whose spectrum falls off like a real projection's (s_i ~ i^-0.35): most
+    of its norm is in the tail beyond rank 32; W is rounded to bf16 and s is its exact
+    spectrum (fp64)."""
+    W = known(m, n, decay=0.35, seed=seed)[0].to(torch.bfloat16)
+    return W, torch.linalg.svdvals(W.double())
+
+
+@pytest.mark.parametrize("method", ["halko", "krylov", "krylov2", "krylov3"])
+def test_bf16_sketch_is_as_accurate_on_a_flat_tail(method):
+    W, s = llm_like(640, 900)
+    r = 32
+    full = excess_error(W.double(), s, *svd_lowrank(W, r, method=method, seed=5))
+    low = svd_lowrank(W, r, method=method, seed=5, sketch_dtype=torch.bfloat16)
+    assert all(x.dtype == torch.float32 for x in low)
+    half = excess_error(W.double(), s, *low)
+    # linalg._block_krylov: halko/krylov/krylov3 within 3% of the fp32 sketch's excess
+    # error here, krylov2 within 25%; all far below PEFT's (3.5e-3 here).
+    assert 0 <= half <= full * (1.3 if method == "krylov2" else 1.05) + 1e-6
+    torch.testing.assert_close(low[1], s[:r].float(), rtol=2e-2, atol=0)
+    eye = torch.eye(r)
+    torch.testing.assert_close(low[0].mT @ low[0], eye, atol=1e-5, rtol=0)
+    torch.testing.assert_close(low[2] @ low[2].mT, eye, atol=1e-5, rtol=0)
+
+
+def test_bf16_sketch_reads_w_as_it_is_and_is_deterministic(monkeypatch):
+    W, _ = llm_like(300, 500)
+    a = svd_lowrank(W, 16, seed=7, sketch_dtype=torch.bfloat16)
+    b = svd_lowrank(W.float(), 16, seed=7, sketch_dtype=torch.bfloat16)  # rounded to bf16: W
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    # Batched ~= looped (oneDNN's batched and single GEMMs may sum in another order).
+    Ws = torch.stack([llm_like(300, 500, seed=i)[0] for i in range(3)])
+    Ub, Sb, Vb = svd_lowrank(Ws, 16, seed=[1, 2, 3], sketch_dtype=torch.bfloat16)
+    U, S, Vh = svd_lowrank(Ws[1], 16, seed=2, sketch_dtype=torch.bfloat16)
+    torch.testing.assert_close(Sb[1], S, rtol=1e-5, atol=0)
+    torch.testing.assert_close(Ub[1] * Sb[1] @ Vb[1], U * S @ Vh, rtol=1e-4, atol=1e-5)
+    # No fp32 working copy of W is made: every pass multiplies the bf16 W itself.
+    seen = []
+    real = linalg._pass
+
+    def spy(X, B, *args, **kwargs):
+        seen.append(X.dtype)
+        return real(X, B, *args, **kwargs)
+
+    monkeypatch.setattr(linalg, "_pass", spy)
+    monkeypatch.setattr(linalg, "_working_copy", lambda *a: pytest.fail("working copy made"))
+    svd_lowrank(W, 16, method="krylov2", niter=3, seed=7, sketch_dtype=torch.bfloat16)
+    assert seen == [torch.bfloat16] * (2 * 3 + 2)  # 2q + 2 passes, all in bf16
+
+
+def test_bf16_sketch_on_exact_low_rank_stays_finite():
+    W, _ = known(200, 300, rank=5)
+    U, S, Vh = svd_lowrank(W.float(), 20, sketch_dtype=torch.bfloat16, method="krylov2")
+    assert torch.isfinite(U).all() and torch.isfinite(S).all() and torch.isfinite(Vh).all()
+    # The error floor of a bf16 sketch is ~2^-9 of ||W_r|| (the tail here is 0).
+    assert float(torch.linalg.norm(W - (U.double() * S.double()) @ Vh.double())) < 1e-2
+    U, S, Vh = svd_lowrank(torch.zeros(60, 40), 8, sketch_dtype=torch.bfloat16)
+    assert torch.count_nonzero(S) == 0 and torch.isfinite(U).all()
+
+
 @pytest.mark.parametrize(
     ("args", "match"),
     [
@@ -304,3 +364,10 @@ def test_rayleigh_ritz_gram_route_matches_qr_route_and_falls_back():
 def test_bad_arguments_raise_value_error(args, match):
     with pytest.raises(ValueError, match=match):
         svd_lowrank(*args)
+
+
+def test_bad_sketch_dtype_raises_value_error():
+    with pytest.raises(ValueError, match="sketch_dtype must be None or torch.bfloat16"):
+        svd_lowrank(torch.zeros(8, 8), 2, sketch_dtype=torch.float16)
+    with pytest.raises(ValueError, match="torch backend"):
+        svd_lowrank(torch.zeros(8, 8), 2, sketch_dtype=torch.bfloat16, backend="native")

@@ -324,3 +324,24 @@ def test_copy_rows_is_what_the_pipeline_uses_and_changes_no_bit(tmp_path, monkey
     for a, b in zip(reports[0]["matrices"], reports[1]["matrices"], strict=True):
         for key in ("weight_norm", "residual_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-5)
+
+
+def test_bf16_matmul_sums_in_fp32():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2, 300, 500, generator=g).to(torch.bfloat16)
+    B = torch.randn(2, 500, 24, generator=g).to(torch.bfloat16)
+    out = torch.empty(2, 300, 24)
+    if not native.bf16_matmul(X, B, out):  # no MKL bf16 GEMM in this torch build
+        assert native._bf16_gemm_fn() is None
+        return
+    ref = X.double() @ B.double()  # bf16 products are exact in fp32: only the sums round
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-4)
+    # A transposed view (Xᵀ @ Q, as the power iteration runs it), one matrix, padded rows.
+    Q = torch.randn(300, 24, generator=g).to(torch.bfloat16)
+    outT = torch.empty(500, 40)[:, :24]
+    assert native.bf16_matmul(X[0].mT, Q, outT)
+    torch.testing.assert_close(outT.double(), X[0].double().mT @ Q.double(), rtol=0, atol=1e-4)
+    # Not for it: another dtype, a non-unit column stride in B, mismatched shapes.
+    assert not native.bf16_matmul(X.float(), B, out)
+    assert not native.bf16_matmul(X, B.mT.contiguous().mT, out)
+    assert not native.bf16_matmul(X, B[:, :400], out)
