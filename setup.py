@@ -30,7 +30,8 @@ INFO = ROOT / "pissa_svd" / "_build_info.json"
 BUILD_INFO: dict = {"cpu": None, "cuda": None}  # what was built, or why not (pissa-svd env)
 # cuBLAS 13 / cuSOLVER 12 ship versioned sonames only.
 CUDA_LIBS = ["-l:libcublas.so.13", "-l:libcusolver.so.12", "-lcudart"]
-DEFAULT_ARCHS = "80;90"
+# T4 (sm_75, the oldest CUDA 13 supports), A100 (80), H100/H200 (90); PTX of the last for newer.
+DEFAULT_ARCHS = "75;80;90"
 
 
 def log(msg: str) -> None:

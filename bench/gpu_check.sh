@@ -11,21 +11,26 @@
 # Without nvcc on the machine, a _native_cuda module built elsewhere for the same Python is used.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# The package from this tree, also for the scripts run from bench/ (it need not be installed).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 status=0
+stamp="$(mktemp)"  # results written after this are this run's
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 
 if command -v nvcc >/dev/null || [ -n "${CUDA_HOME:-}" ]; then
-    python setup.py -q build_ext --inplace 2>&1 | grep -E "pissa-svd build|error" || true
+    python setup.py -q build_ext --inplace 2>&1 | grep -Ei "pissa-svd build|error" || true
 else
     echo "gpu_check: no nvcc here; using the prebuilt modules in pissa_svd/ if any"
     ls pissa_svd/_native*.so 2>/dev/null || true
 fi
 python -m pissa_svd env || status=1
+python -c "from pissa_svd import native; ok, why = native.available('cuda'); print('native cuda:', ok, why); assert ok" || status=1
 
 part="${PART:-all}"
 if [ "$part" = all ] || [ "$part" = tests ]; then
-    timeout 240 python -m pytest -q -p no:cacheprovider tests/test_native.py tests/test_overlap.py \
-        -k "cuda or matches" || status=1
+    # Launches blocking: a kernel fault is reported at its own call, not at a later sync.
+    CUDA_LAUNCH_BLOCKING=1 timeout 240 python -m pytest -q -p no:cacheprovider \
+        tests/test_native.py tests/test_overlap.py -k "cuda or matches" || status=1
 fi
 if [ "$part" = all ] || [ "$part" = native ]; then
     timeout 300 python bench/native_vs_torch.py --llama7b --repeats 3 || status=1
@@ -41,7 +46,7 @@ fi
 if [ -n "${OUT:-}" ]; then
     for f in bench/results/native_vs_torch_gpu.json bench/results/cost_model.json \
         bench/results/gpu_pipeline.json pissa_svd/cost_model.json; do
-        [ -f "$f" ] && cp "$f" "$OUT/$(basename "$(dirname "$f")")_$(basename "$f")"
+        [ "$f" -nt "$stamp" ] && cp "$f" "$OUT/$(basename "$(dirname "$f")")_$(basename "$f")"
     done
 fi
 exit $status

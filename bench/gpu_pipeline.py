@@ -39,12 +39,21 @@ TARGET_VS_COPY = 1.3
 TARGET_VS_PEFT = 5.0
 
 
-def build(dest: Path, layers: int, shape: dict) -> float:
+def build(dest: Path, layers: int, shape: dict, device: str) -> float:
     if (dest / "config.json").exists():
         return 0.0
     start = time.perf_counter()
-    child_build(layers, dest, shard_size="5GB", **shape)
+    child_build(layers, dest, shard_size="5GB", init_device=device, **shape)
     return time.perf_counter() - start
+
+
+def save(result: dict, path: Path) -> None:
+    """Write what has been measured so far (and copy it to $OUT): a later stage that fails or
+    runs out of time leaves the earlier figures."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    if os.environ.get("OUT"):
+        shutil.copy(path, Path(os.environ["OUT"]) / path.name)
 
 
 def timed_copy(src: Path, dest: Path) -> float:
@@ -72,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     src = work / f"llama-bf16-h{shape['hidden_size']}-L{layers}"
 
-    build_s = build(src, layers, shape)
+    build_s = build(src, layers, shape, args.device)
     size = sum(p.stat().st_size for p in shard_files(src))
     print(f"[build] {src} ({size / 1e9:.2f} GB) in {build_s:.0f} s", flush=True)
     warm_page_cache(src)  # for every route alike
@@ -84,14 +93,20 @@ def main(argv: list[str] | None = None) -> int:
         "copy_s": timed_copy(src, work / "copy"),
     }
     print(f"[cp -r] {result['copy_s']:.1f} s", flush=True)
+    save(result, args.json)
     # The routes of decompose_vs_peft.py, on the device; outputs deleted after each (disk).
     result["ours"] = run_ours(work, src, "gpu", "--device", args.device)
     shutil.rmtree(work / "out")
     print(f"[ours] {result['ours']['wall_s']:.1f} s {result['ours']['report']}", flush=True)
+    save(result, args.json)
     if not args.skip_peft:
-        result["peft"] = run_peft(work, src, "gpu", args.device)
-        shutil.rmtree(work / "out")
-        print(f"[peft] {result['peft']['wall_s']:.1f} s {result['peft']['phases_s']}", flush=True)
+        try:
+            result["peft"] = run_peft(work, src, "gpu", args.device)
+            print(f"[peft] {result['peft']['wall_s']:.1f} s {result['peft']['phases_s']}")
+        except Exception as exc:  # keep ours and the copy
+            result["peft_error"] = f"{type(exc).__name__}: {exc}"
+            print(f"[peft] failed: {result['peft_error']}", flush=True)
+        shutil.rmtree(work / "out", ignore_errors=True)
 
     ours = result["ours"]["wall_s"]
     lines = [
@@ -105,10 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{'met' if speedup >= TARGET_VS_PEFT else 'NOT met'}"
         )
     result["verdicts"] = lines
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    if os.environ.get("OUT"):
-        shutil.copy(args.json, Path(os.environ["OUT"]) / args.json.name)
+    save(result, args.json)
     print("\n".join(lines))
     return 0
 

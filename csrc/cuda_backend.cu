@@ -579,10 +579,11 @@ void cuda_gesvdr(int device, uintptr_t stream, int64_t b, const Mat<T>& A, int64
   const cudaDataType dt = Tr<T>::dt;
   DeviceGuard guard(device);
   Handles& h = bind(device, s);
-  // gesvdr writes into scratch sized for the whole sampled space (rank + oversample vectors,
-  // min(m, n) values), so it cannot overrun the caller's rank-sized outputs; the leading rank
-  // of each are copied out, V (n x rank) transposed into Vt.
-  Scratch us(m * l * sizeof(T), s), vs(n * l * sizeof(T), s), ss(mn * sizeof(T), s);
+  // gesvdr writes into scratch, never into the caller's rank-sized outputs: U and V get
+  // min(m, n) columns (other wrappers of Xgesvdr size them so for jobu = jobv = 'S'; the
+  // sampled space needs only rank + oversample), S min(m, n) values. The leading rank of each
+  // are copied out, V (n x rank) transposed into Vt.
+  Scratch us(m * mn * sizeof(T), s), vs(n * mn * sizeof(T), s), ss(mn * sizeof(T), s);
   Scratch info(b * sizeof(int), s);
   size_t dev_bytes = 0, host_bytes = 0;
   check(cusolverDnXgesvdr_bufferSize(h.solver, h.params, 'S', 'S', m, n, rank, oversample, niter,

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="SIZE",
         help="same-shape matrices are decomposed together up to SIZE of fp32 matrices per call, "
-        "e.g. 512M or 8G; 0 = one at a time (default: 64M on CPU, a quarter of free GPU memory)",
+        "e.g. 512M or 8G; 0 = one at a time (default: 64M on CPU, min(1G, 1/8 of GPU memory))",
     )
     d.add_argument(
         "--processes",
@@ -235,6 +235,10 @@ def _env() -> int:
             lines += [f"    {x}" for x in native.module("cuda").info().splitlines()]
     lines.append("  torch        ok (every device)")
     lines.append("  auto picks   " + ", ".join(f"{d}: {b}" for d, b in AUTO_BACKEND.items()))
+    lines.append("bf16 sketch (--sketch-dtype bf16)")
+    lines.append(f"  cpu          {native.bf16_support()}")
+    if torch.cuda.is_available():
+        lines.append("  cuda         bf16 GEMMs with fp32 output (torch out_dtype)")
     print("\n".join(lines))
     return 0
 

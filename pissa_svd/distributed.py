@@ -89,6 +89,11 @@ def team_from_env(device_type: str) -> Team:
         return Team()
     import torch.distributed as dist
 
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        import torch
+
+        torch.cuda.set_device(local_rank)  # one GPU per local rank, before NCCL starts
     owns = False
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
@@ -97,7 +102,7 @@ def team_from_env(device_type: str) -> Team:
     return Team(
         rank=dist.get_rank(),
         world=dist.get_world_size(),
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        local_rank=local_rank,
         _group=group,
         _owns=owns,
     )

@@ -32,9 +32,10 @@ engine in csrc/, see native.py: BLAS/LAPACK on CPU, cuBLAS/cuSOLVER on CUDA).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -59,12 +60,15 @@ def default_batch_memory(device: str | torch.device) -> int:
     """Bytes of fp32 matrices worth batching into one call on ``device``.
 
     On CPU batching only pays for small matrices (per-call overhead; large ones measured up to
-    1.2x slower batched), so 64 MiB; on a GPU, a quarter of the memory free right now.
+    1.2x slower batched), so 64 MiB; on a GPU, an eighth of its memory, at most 1 GiB (five
+    4096 x 11008 fp32 weights: enough to fill the GPU, and the pipeline keeps pinned host
+    buffers of this size). It depends only on the GPU model, not on what is free at the
+    moment, so every torchrun process plans the same batches.
     """
     device = torch.device(device)
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free // 4
+        total = torch.cuda.get_device_properties(device).total_memory
+        return min(total // 8, 1 << 30)
     return 64 << 20
 
 
@@ -270,17 +274,35 @@ def svd_lowrank(
     seeds = _seeds(seed, X.shape[0])
     width = min(rank + p, min(m, n))  # sketch columns
 
-    if use_native:
-        U, S, Vh = _native_svd(X, rank, niter, width, method, seeds)
-    elif X.shape[0] == 1:
-        # One matrix runs as 2-D: each step is then one plain GEMM or LAPACK call rather than
-        # a batched one over a batch of one (bench/RESULTS.md: ``one-as-2d``).
-        U, S, Vh = (x[None] for x in _torch_svd(X[0], rank, niter, width, method, seeds, work))
-    else:
-        U, S, Vh = _torch_svd(X, rank, niter, width, method, seeds, work)
+    with ieee_matmuls(X.device):
+        if use_native:
+            U, S, Vh = _native_svd(X, rank, niter, width, method, seeds)
+        elif X.shape[0] == 1:
+            # One matrix runs as 2-D: each step is then one plain GEMM or LAPACK call rather
+            # than a batched one over a batch of one (bench/RESULTS.md: ``one-as-2d``).
+            U, S, Vh = (x[None] for x in _torch_svd(X[0], rank, niter, width, method, seeds, work))
+        else:
+            U, S, Vh = _torch_svd(X, rank, niter, width, method, seeds, work)
     if not batched:
         U, S, Vh = U[0], S[0], Vh[0]
     return U.contiguous(), S.contiguous(), Vh.contiguous()
+
+
+@contextlib.contextmanager
+def ieee_matmuls(device: torch.device) -> Iterator[None]:
+    """fp32 GEMMs in full fp32 on a CUDA ``device`` (no TF32) and bf16 GEMMs summing in fp32,
+    whatever the caller's flags (training scripts often turn TF32 on): CholeskyQR and the
+    residual need them. Restores the flags after; a no-op on other devices."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    m = torch.backends.cuda.matmul
+    saved = m.allow_tf32, m.allow_bf16_reduced_precision_reduction
+    m.allow_tf32 = m.allow_bf16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        m.allow_tf32, m.allow_bf16_reduced_precision_reduction = saved
 
 
 def check_sketch_dtype(sketch_dtype: torch.dtype | None) -> torch.dtype | None:
@@ -556,26 +578,41 @@ def _pass(
     """One pass over W: ``X @ B`` (:func:`thin_matmul`), the result in ``dtype`` (default:
     B's) or written into ``out``.
 
-    Where X is a bf16 sketch copy and B is not, B is rounded to bf16 and the GEMM sums in
-    fp32: on a CPU with MKL's ``cblas_gemm_bf16bf16f32`` (:func:`native.bf16_matmul`) the
-    sums stay fp32; elsewhere torch's bf16 GEMM rounds them to bf16.
+    Where X is a bf16 sketch copy and B is not, B is rounded to bf16 (``exact``: split into
+    two bf16 parts, hi + lo, multiplied in one GEMM of twice the columns) and the GEMM sums
+    in fp32 (:func:`_bf16_matmul_f32`).
     """
     if B.dtype == X.dtype:
         Y = thin_matmul(X, B, out if out is not None and out.dtype == X.dtype else None)
+    elif exact:  # B = hi + lo, both in bf16 (16 of B's 24 bits), in one GEMM of 2w columns
+        hi = B.to(X.dtype)
+        Y = _bf16_matmul_f32(X, torch.cat([hi, (B - hi.to(B.dtype)).to(X.dtype)], dim=-1))
+        Y = Y[..., : B.shape[-1]] + Y[..., B.shape[-1] :]
     else:
-        from . import native
-
-        w = B.shape[-1]
-        Bl = B.to(X.dtype)
-        if exact:  # B = hi + lo, both in bf16 (16 bits of B's 24), in one GEMM of 2w columns
-            Bl = torch.cat([Bl, (B - Bl.to(B.dtype)).to(X.dtype)], dim=-1)
-        Y = out
-        if exact or Y is None or Y.dtype != torch.float32 or not native.rows_contiguous(Y):
-            Y = torch.empty((*X.shape[:-1], Bl.shape[-1]), dtype=torch.float32, device=X.device)
-        if not native.bf16_matmul(X, Bl, Y):
-            Y = X @ Bl
-        if exact:
-            Y = Y[..., :w] + Y[..., w:]
+        Y = _bf16_matmul_f32(X, B.to(X.dtype), out)
     if out is not None:
         return Y if Y is out else out.copy_(Y)
     return Y.to(dtype or B.dtype)
+
+
+def _bf16_matmul_f32(
+    X: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``X @ B`` for bf16 X and B as fp32 (into ``out`` where it is an fp32 tensor with
+    contiguous rows): on a CPU with MKL's bf16 GEMM (:func:`native.bf16_matmul`) or on a GPU
+    (``out_dtype``) the fp32 sums themselves; otherwise torch's bf16 GEMM, whose output is
+    rounded to bf16 (each column by itself, so a lo part keeps its own precision)."""
+    from . import native
+
+    Y = out
+    if Y is None or Y.dtype != torch.float32 or not native.rows_contiguous(Y):
+        Y = torch.empty((*X.shape[:-1], B.shape[-1]), dtype=torch.float32, device=X.device)
+    if native.bf16_matmul(X, B, Y):
+        return Y
+    if X.is_cuda and X.ndim == B.ndim:
+        mm = torch.mm if X.ndim == 2 else torch.bmm
+        try:
+            return mm(X, B, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # a torch without it
+            pass
+    return (X @ B).float()

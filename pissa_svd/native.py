@@ -9,6 +9,7 @@ prints it; the torch path always works.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib
 import json
@@ -159,17 +160,20 @@ def svd(
     algorithm, non-finite values, or U/Vh not orthonormal to ORTHO_TOL); the caller redoes those.
     """
     mod = module(X.device.type)
+    # DLPack exports neither tensors that require grad (e.g. a Parameter) nor CUDA tensors
+    # of a device other than the current one.
+    X = X.detach()
+    omega = omega.detach() if omega is not None else X.new_empty((X.shape[0], 0, 0))
     b, m, n = X.shape
     U = torch.empty((b, m, rank), dtype=X.dtype, device=X.device)
     S = torch.empty((b, rank), dtype=X.dtype, device=X.device)
     Vh = torch.empty((b, rank, n), dtype=X.dtype, device=X.device)
-    stream = torch.cuda.current_stream(X.device).cuda_stream if X.is_cuda else 0
-    if method == "gesvdr":
-        status = mod.gesvdr(X, U, S, Vh, rank, oversample, niter, stream)
-    else:
-        if omega is None:
-            omega = X.new_empty((b, 0, 0))
-        status = mod.svd(X, omega, U, S, Vh, rank, niter, method, stream)
+    with torch.cuda.device(X.device) if X.is_cuda else contextlib.nullcontext():
+        stream = torch.cuda.current_stream(X.device).cuda_stream if X.is_cuda else 0
+        if method == "gesvdr":
+            status = mod.gesvdr(X, U, S, Vh, rank, oversample, niter, stream)
+        else:
+            status = mod.svd(X, omega, U, S, Vh, rank, niter, method, stream)
     eye = torch.eye(rank, dtype=X.dtype, device=X.device)
     err = torch.maximum(
         (U.mT @ U - eye).abs().amax(dim=(-2, -1)), (Vh @ Vh.mT - eye).abs().amax(dim=(-2, -1))
@@ -202,6 +206,21 @@ def _bf16_gemm_fn():
                 fn.restype = None
                 _bf16_gemm = fn
     return _bf16_gemm
+
+
+def bf16_support() -> str:
+    """How a CPU bf16 sketch multiplies here, for ``pissa-svd env``."""
+    flags = ""
+    with contextlib.suppress(OSError):
+        flags = Path("/proc/cpuinfo").read_text()
+    hw = [f for f in ("amx_bf16", "avx512_bf16") if f" {f}" in flags]
+    if _bf16_gemm_fn() is None:
+        return "torch's bf16 GEMM (sums rounded to bf16: no MKL bf16 GEMM in this torch)"
+    return "MKL cblas_gemm_bf16bf16f32 (fp32 sums); " + (
+        f"CPU bf16 instructions: {', '.join(hw)}"
+        if hw
+        else "no bf16 instructions: emulated, slower than fp32"
+    )
 
 
 def bf16_matmul(A: torch.Tensor, B: torch.Tensor, out: torch.Tensor) -> bool:

@@ -141,7 +141,7 @@ def initialize(
         adapter_name: the adapter to initialize; default: the active adapter.
         batch: decompose same-shape layers together in one batched call (faster; identical
             results up to fp32 rounding), within the budget ``pissa-svd decompose`` uses
-            (64 MiB of fp32 matrices on CPU, a quarter of free memory on a GPU).
+            (64 MiB of fp32 matrices on CPU, min(1 GiB, 1/8 of its memory) on a GPU).
 
     Returns:
         A JSON-serializable report: ``adapter``; ``modules``: per module ``shape`` [out, in],

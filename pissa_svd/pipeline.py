@@ -1084,6 +1084,15 @@ def _device(device: str) -> str:
             raise InputError(
                 f"--device {device} was asked for but no CUDA device is available; use --device cpu"
             )
+        try:
+            index = torch.device(device).index
+        except RuntimeError:
+            raise InputError(f"--device {device!r} is not a device; use cuda or cuda:N") from None
+        if index is not None and index >= torch.cuda.device_count():
+            raise InputError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA"
+                f" device(s), cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
+            )
         return device
     raise InputError(f"--device must be auto, cpu or cuda, got {device!r}")
 

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 
 from . import native
-from .linalg import svd_lowrank
+from .linalg import ieee_matmuls, svd_lowrank
 
 
 class PissaFactors(NamedTuple):
@@ -133,11 +133,12 @@ def subtract_adapter_(
         raise ValueError("subtract_adapter_ needs W with contiguous rows (e.g. contiguous)")
     L, R = (A.mT, B.mT) if fan_in_fan_out else (B, A)  # W_stored -= s * L @ R
     lead, (rows, cols) = W.shape[:-2], W.shape[-2:]
-    Wb.baddbmm_(
-        L.to(W.dtype).reshape(-1, rows, L.shape[-1]),
-        R.to(W.dtype).reshape(-1, R.shape[-2], cols),
-        alpha=-scaling,
-    )
+    with ieee_matmuls(W.device):
+        Wb.baddbmm_(
+            L.to(W.dtype).reshape(-1, rows, L.shape[-1]),
+            R.to(W.dtype).reshape(-1, R.shape[-2], cols),
+            alpha=-scaling,
+        )
     sumsq = [
         copy_rows_(None if out is None else (out[i] if lead else out), Wb[i], measure="src")
         for i in range(Wb.shape[0])
@@ -163,6 +164,14 @@ def copy_rows_(dst: torch.Tensor | None, src: torch.Tensor, *, measure: str) -> 
     (:func:`pissa_svd.native.copy_rows`, one pass over memory); otherwise row block by row block
     (:func:`block_rows`), the norm reading each block while it is in cache."""
     measured = src if measure == "src" else dst
+    if dst is not None and dst.device != src.device:
+        # Host <-> GPU: move the stored dtype and convert on the GPU. A cross-device copy_
+        # that also converts would convert on the host, into a fresh pageable buffer.
+        if dst.is_cuda:
+            dst.copy_(src.to(dst.device))
+        else:
+            dst.copy_(src.to(dst.dtype))
+        return sum_squares(measured)
     # The compiled loop measures the fp32 side, which is the measured one here or, for an exact
     # bf16 -> fp32 widening, holds the same values.
     if dst is not None and (measured.dtype == torch.float32 or src.dtype == torch.bfloat16):

@@ -371,3 +371,17 @@ def test_bad_sketch_dtype_raises_value_error():
         svd_lowrank(torch.zeros(8, 8), 2, sketch_dtype=torch.float16)
     with pytest.raises(ValueError, match="torch backend"):
         svd_lowrank(torch.zeros(8, 8), 2, sketch_dtype=torch.bfloat16, backend="native")
+
+
+def test_ieee_matmuls_turns_reduced_precision_off_and_restores_it():
+    m = torch.backends.cuda.matmul
+    saved = m.allow_tf32, m.allow_bf16_reduced_precision_reduction
+    try:
+        m.allow_tf32 = m.allow_bf16_reduced_precision_reduction = True  # as a training script may
+        with linalg.ieee_matmuls(torch.device("cuda")):
+            assert not m.allow_tf32 and not m.allow_bf16_reduced_precision_reduction
+        assert m.allow_tf32 and m.allow_bf16_reduced_precision_reduction
+        with linalg.ieee_matmuls(torch.device("cpu")):  # nothing to change on a CPU
+            assert m.allow_tf32
+    finally:
+        m.allow_tf32, m.allow_bf16_reduced_precision_reduction = saved

@@ -173,9 +173,61 @@ def test_cuda_native_matches_torch(method):
 
 
 @CUDA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 600, 1000), (2, 600, 1000), (2, 1000, 600)])
+@pytest.mark.parametrize("method", [*METHODS, "gesvdr"])
+def test_cuda_engine_itself_passes_its_checks(method, shape, dtype):
+    """The CUDA engine's own results, without the torch path's redo of flagged matrices
+    (svd_lowrank would hide a broken engine): every status 0 and every check passed, for
+    one matrix (SYRK Gram) and a batch (batched GEMM Gram), tall and wide (the flip)."""
+    b, m, n = shape
+    # s_i = i^-0.5: the CPU engine passes its checks on these for every method (on s_i = 1/i,
+    # fp32 CholeskyQR fails for halko/krylov2/krylov3 on CPU too, and the torch path redoes
+    # them, by design).
+    W = torch.stack([known(m, n, decay=0.5, seed=i)[0] for i in range(b)]).to("cuda", dtype)
+    r, p = 24, 8
+    omega = None
+    if method != "gesvdr" and method != "exact":
+        omega = linalg._gaussian(list(range(b)), max(m, n), r + p, W)
+    U, S, Vh, bad = native.svd(W.contiguous(), r, 4, method, omega, p)
+    assert bad == [], f"{method} {shape} {dtype}: matrices {bad} failed the engine's checks"
+    ref = torch.linalg.svdvals(W.double())[:, :r]
+    loose = method in ("halko", "gesvdr")  # one block: ~1% on this flat spectrum
+    torch.testing.assert_close(S.double(), ref, rtol=3e-2 if loose else 3e-3, atol=0)
+
+
+@CUDA
+@pytest.mark.parametrize("method", ["krylov2", "krylov3"])
+def test_cuda_bf16_sketch_is_as_accurate(method):
+    """The bf16 sketch on a GPU (bf16 GEMMs with fp32 output, linalg._bf16_matmul_f32): as
+    close to the fp32 sketch's error as on a CPU."""
+    from .test_linalg import llm_like
+
+    W, s = llm_like(640, 900)
+    W = W.cuda()
+    full = excess_error(W.double(), s.cuda(), *svd_lowrank(W, 32, method=method, seed=5))
+    low = svd_lowrank(W, 32, method=method, seed=5, sketch_dtype=torch.bfloat16)
+    half = excess_error(W.double(), s.cuda(), *low)
+    assert 0 <= half <= full * (1.3 if method == "krylov2" else 1.05) + 1e-6
+
+
+@CUDA
+def test_cuda_engine_on_an_llm_shape():
+    """Four 4096 x 11008 fp32 weights (LLaMA-2-7B's MLP) in one call: no matrix flagged."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    W = torch.randn(4, 4096, 11008, device="cuda", generator=g)
+    W[:, :, :64] *= 50  # a dominant block, as real weights have
+    omega = linalg._gaussian([0, 1, 2, 3], 11008, 64, W)
+    U, S, Vh, bad = native.svd(W, 64, 4, "krylov2", omega, 0)
+    assert bad == []
+    assert torch.isfinite(S).all()
+
+
+@CUDA
 def test_cuda_native_runs_on_the_current_stream():
     W = torch.randn(4, 512, 768, device="cuda")
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # W is made on the default stream
     with torch.cuda.stream(stream):
         U, S, Vh = svd_lowrank(W, 16, backend="native", seed=[0, 1, 2, 3])
     stream.synchronize()

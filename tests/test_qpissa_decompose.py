@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pissa_svd.quant import fake_quantize
+from pissa_svd.quant import fake_quantize, nf4_dequantize, nf4_quantize
 
 RANK = 8
 
@@ -67,6 +67,16 @@ def test_verify_reads_reports_without_refit_fields(tiny_llama, qout, run_cli, tm
     assert code == 1 and "decompose recorded" in stdout
 
 
+def _generic_bnb_kernels(model):
+    """bitsandbytes' AVX512-BF16 CPU inference path repacks each 4-bit weight on its first
+    forward and needs out_features % 32 == 0 (the tiny model has 176-wide MLPs): use its
+    generic CPU kernels instead, as on CPUs without AVX512-BF16."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def test_loads_in_4_bits_with_exactly_the_stored_residual(tiny_llama, qout):
     import bitsandbytes.functional as bnbf  # in the test extra: runs on CPU
     from peft import PeftModel
@@ -79,17 +89,36 @@ def test_loads_in_4_bits_with_exactly_the_stored_residual(tiny_llama, qout):
     res = _tensors(qout)
     for name, mod in model.named_modules():
         if hasattr(mod, "weight") and hasattr(mod.weight, "quant_state"):
-            deq = bnbf.dequantize_4bit(mod.weight.data, mod.weight.quant_state)
-            assert torch.equal(deq.to(res[f"{name}.weight"].dtype), res[f"{name}.weight"]), name
+            data, state = mod.weight.data, mod.weight.quant_state
+            if getattr(state, "packing_format_for_cpu", False):
+                # On CPUs with AVX512-BF16, bitsandbytes repacks the codes for its own GEMM
+                # after loading; undo that (as its state_dict saving does) to read them.
+                data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, state)
+            # What bitsandbytes stored (two codes per byte, high nibble first, and the fp32
+            # absmax per block of 64) is exactly our quantization of the stored residual,
+            # whose dequantization is that residual, bit for bit. (Its own AVX512 CPU
+            # dequantize kernel misreads blocks that straddle rows, e.g. 176 columns, so
+            # the codes are compared rather than its dequantized output.)
+            stored = res[f"{name}.weight"]
+            codes, absmax = nf4_quantize(stored)
+            packed = data.view(torch.uint8).flatten()
+            bnb_codes = torch.stack([packed >> 4, packed & 15], dim=-1).flatten()
+            assert torch.equal(bnb_codes[: codes.numel()], codes), name
+            assert torch.equal(state.absmax.float(), absmax), name
+            assert state.blocksize == 64
+            deq = nf4_dequantize(codes, absmax, stored.shape, stored.dtype)
+            assert torch.equal(deq, stored), name
 
     # QPiSSA (4-bit residual + adapter) is closer to the original model than QLoRA (4-bit W).
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = AutoModelForCausalLM.from_pretrained(tiny_llama)(input_ids=ids).logits
-        qlora = AutoModelForCausalLM.from_pretrained(
-            tiny_llama, quantization_config=cfg, device_map="cpu"
+        qlora = _generic_bnb_kernels(
+            AutoModelForCausalLM.from_pretrained(
+                tiny_llama, quantization_config=cfg, device_map="cpu"
+            )
         )(input_ids=ids).logits
-        peft = PeftModel.from_pretrained(model, qout, subfolder="pissa_init")
+        peft = PeftModel.from_pretrained(_generic_bnb_kernels(model), qout, subfolder="pissa_init")
         ours = peft(input_ids=ids).logits
     assert float((ours - want).norm()) < float((qlora - want).norm())
 
