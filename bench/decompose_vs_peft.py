@@ -8,6 +8,7 @@ residual model plus a rank-64 PiSSA adapter over every attention and MLP project
 
 * ours: ``python -m pissa_svd decompose CKPT --rank 64 --niter 4 --out OUT --quiet`` (the
   default: reads and writes overlapped with the compute), and the same with ``--overlap off``
+  and with ``--sketch-dtype bf16``
 * PEFT: ``AutoModelForCausalLM.from_pretrained(CKPT, dtype=bfloat16)`` ->
   ``get_peft_model(model, LoraConfig(r=64, lora_alpha=64, init_lora_weights="pissa_niter_4",
   ...))`` -> ``save_pretrained(OUT/pissa_init)`` (with ``init_lora_weights=True``) ->
@@ -333,7 +334,23 @@ def run_peft(work: Path, ckpt: Path, tag: str, *extra: str) -> dict:
     return m
 
 
-ROUTES = {"ours": run_ours, "ours-sequential": run_ours_sequential, "peft": run_peft}
+def run_ours_bf16(work: Path, ckpt: Path, tag: str) -> dict:
+    return run_ours(work, ckpt, tag, "--sketch-dtype", "bf16", name="ours-bf16")
+
+
+ROUTES = {
+    "ours": run_ours,
+    "ours-sequential": run_ours_sequential,
+    "ours-bf16": run_ours_bf16,
+    "peft": run_peft,
+}
+# Rows of the table, in order: route, label.
+ROUTE_LABELS = (
+    ("ours", "pissa-svd (default)"),
+    ("ours-sequential", "pissa-svd --overlap off"),
+    ("ours-bf16", "pissa-svd --sketch-dtype bf16"),
+    ("peft", "PEFT in-memory"),
+)
 
 
 def timed_run(route: str, work: Path, ck: dict, i: int, args: argparse.Namespace) -> dict:
@@ -360,7 +377,7 @@ def timed_run(route: str, work: Path, ck: dict, i: int, args: argparse.Namespace
 
 
 def bench_checkpoint(work: Path, ck: dict, args: argparse.Namespace) -> dict:
-    routes = ["ours", "ours-sequential"] + ([] if args.skip_peft else ["peft"])
+    routes = ["ours", "ours-sequential", "ours-bf16"] + ([] if args.skip_peft else ["peft"])
     runs: dict[str, list[dict]] = {route: [] for route in routes}
     warm_page_cache(Path(ck["path"]))
     for i in range(args.repeats):
@@ -409,7 +426,7 @@ def summarize(result: dict) -> dict:
             "rss_fraction": rss / size,
         }
     if "peft" in summary:
-        for route in ("ours", "ours-sequential"):
+        for route in ("ours", "ours-sequential", "ours-bf16"):
             if route in summary:
                 summary[route]["time_ratio"] = summary[route]["wall_s"] / summary["peft"]["wall_s"]
         summary["time_ratio"] = summary["ours"]["time_ratio"]
@@ -563,11 +580,7 @@ def table_rows(results: list[dict]) -> list[str]:
     for r in results:
         ck, s = r["checkpoint"], r["summary"]
         label = f"{ck['layers']} layers, {ck['size_bytes'] / 1e9:.2f} GB, {ck['shards']} shard(s)"
-        for route, name in (
-            ("ours", "pissa-svd (default)"),
-            ("ours-sequential", "pissa-svd --overlap off"),
-            ("peft", "PEFT in-memory"),
-        ):
+        for route, name in ROUTE_LABELS:
             if route not in s:
                 continue
             ratio = f"{s[route]['time_ratio']:.2f}x" if "time_ratio" in s[route] else ""

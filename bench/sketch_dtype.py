@@ -1,6 +1,6 @@
 """Benchmark: the bf16 sketch (``--sketch-dtype bf16``) against the fp32 one and PEFT's init.
 
-Three parts, each side by side in one run:
+Two parts, each side by side in one run:
 
 1. **Accuracy and SVD time on real weights** (as bench/accuracy_vs_speed.py scores them):
    the 7 projections of SmolLM2-135M layers ``--smollm-layers`` (bf16 weights) and all 36
@@ -15,13 +15,11 @@ Three parts, each side by side in one run:
 2. **LLM-shaped matrices** (4096 x 4096, 4096 x 11008, 11008 x 4096, rank 64) with a real
    SmolLM2 layer's spectrum and random orthonormal factors, rounded to bf16 (then exact in
    both sketches); the same three routes.
-3. **Whole decompose runs**: ``pissa-svd decompose`` of the decompose benchmark's 1.1B bf16
-   checkpoint (bench/decompose_vs_peft.py builds it) with ``--sketch-dtype fp32`` and
-   ``bf16``, each in a fresh child process, alternated ABBA (``--pairs`` pairs): wall time,
-   the report's SVD and compute seconds, and peak RSS.
+Whole decompose runs with ``--sketch-dtype bf16``, side by side with the default and PEFT:
+bench/decompose_vs_peft.py (its ``ours-bf16`` route).
 
-    python bench/sketch_dtype.py              # ~10 min on 2 cores
-    python bench/sketch_dtype.py --quick      # one layer, rank 64, one decompose pair
+    python bench/sketch_dtype.py              # ~5 min on 2 cores
+    python bench/sketch_dtype.py --quick      # one layer, rank 64, one LLM shape
 
 It prints markdown for bench/RESULTS.md and writes ``bench/results/sketch_dtype.json``. The
 speed-up depends on the hardware: MKL's bf16 GEMM uses AMX or AVX512-BF16 where the CPU has
@@ -34,7 +32,6 @@ import argparse
 import datetime
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -45,7 +42,6 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import accuracy_vs_speed as avs  # noqa: E402
-import decompose_vs_peft as dvp  # noqa: E402
 
 import pissa_svd  # noqa: E402
 from pissa_svd.linalg import derive_seed  # noqa: E402
@@ -159,32 +155,6 @@ def print_row(row: dict) -> None:
     )
 
 
-def decompose_part(args) -> dict:
-    work = args.work.resolve()
-    ckpt = dvp.ensure_checkpoint(work, args.layers)
-    runs: dict[str, list] = {"fp32": [], "bf16": []}
-    for i in range(args.pairs):
-        for dt in ("fp32", "bf16") if i % 2 == 0 else ("bf16", "fp32"):
-            m = dvp.run_ours(work, ckpt, f"L{args.layers}", "--sketch-dtype", dt, name=f"sk-{dt}")
-            runs[dt].append(m)
-            print(
-                f"[decompose {dt}] wall {m['wall_s']:.1f} s, SVD {m['report']['svd_seconds']:.1f} s,"
-                f" peak RSS {m['peak_rss_bytes'] / 1e9:.2f} GB",
-                flush=True,
-            )
-    med = statistics.median
-    summary = {
-        dt: {
-            "wall_s": med(x["wall_s"] for x in rs),
-            "svd_s": med(x["report"]["svd_seconds"] for x in rs),
-            "compute_s": med(x["report"]["compute_seconds"] for x in rs),
-            "peak_rss_gb": max(x["peak_rss_bytes"] for x in rs) / 1e9,
-        }
-        for dt, rs in runs.items()
-    }
-    return {"layers": args.layers, "checkpoint": str(ckpt), "runs": runs, "summary": summary}
-
-
 def markdown(doc: dict) -> str:
     lines = [
         "| set | r | PEFT err | fp32 err | bf16 err | PEFT sv err | fp32 sv err | bf16 sv err"
@@ -200,22 +170,6 @@ def markdown(doc: dict) -> str:
             f" {b['worst_sv_err']:.1e} | {p['s']:.3f} | {f['s']:.3f} | {b['s']:.3f} |"
             f" {b['s'] / f['s']:.2f}x |"
         )
-    if doc.get("decompose"):
-        d = doc["decompose"]["summary"]
-        lines += [
-            "",
-            f"Whole decompose runs ({doc['decompose']['layers']} layers, medians of"
-            f" {len(doc['decompose']['runs']['fp32'])} alternated runs each):",
-            "",
-            "| --sketch-dtype | wall s | SVD s | compute s | peak RSS GB |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for dt in ("fp32", "bf16"):
-            x = d[dt]
-            lines.append(
-                f"| {dt} | {x['wall_s']:.1f} | {x['svd_s']:.1f} | {x['compute_s']:.1f} |"
-                f" {x['peak_rss_gb']:.2f} |"
-            )
     return "\n".join(lines)
 
 
@@ -224,14 +178,11 @@ def main() -> int:
     ap.add_argument("--smollm-layers", type=int, nargs="+", default=[0, 10, 20, 29])
     ap.add_argument("--ranks", type=int, nargs="+", default=[16, 32, 64])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--layers", type=int, default=22, help="decompose checkpoint layers")
-    ap.add_argument("--pairs", type=int, default=2, help="alternated decompose pairs (0: none)")
-    ap.add_argument("--work", type=Path, default=dvp.DEFAULT_WORK)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", type=Path, default=BENCH / "results" / "sketch_dtype.json")
     args = ap.parse_args()
     if args.quick:
-        args.smollm_layers, args.ranks, args.pairs = [10], [64], min(args.pairs, 1)
+        args.smollm_layers, args.ranks = [10], [64]
     torch.manual_seed(0)
     doc = {
         "command": "python bench/sketch_dtype.py " + " ".join(sys.argv[1:]),
@@ -240,8 +191,6 @@ def main() -> int:
         "real": real_part(args),
         "llm": llm_part(args),
     }
-    if args.pairs:
-        doc["decompose"] = decompose_part(args)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"\n{doc['date']}, `{doc['command']}`, {doc['machine']}\n")
