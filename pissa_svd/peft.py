@@ -33,6 +33,7 @@ from .errors import InputError
 from .linalg import (
     BACKENDS,
     METHODS,
+    check_sketch_dtype,
     default_batch_memory,
     default_oversample,
     derive_seed,
@@ -107,6 +108,7 @@ def initialize(
     backend: str = "auto",
     adapter_name: str | None = None,
     batch: bool = True,
+    sketch_dtype: torch.dtype | None = None,
 ) -> dict:
     """Re-initialize one LoRA adapter of ``peft_model`` as PiSSA, in place.
 
@@ -136,8 +138,9 @@ def initialize(
 
     Args:
         peft_model: a ``PeftModel`` (or ``LoraModel``, or any module holding PEFT LoRA layers).
-        niter, method, oversample, seed, backend: as :func:`pissa_svd.svd_lowrank`; module
-            ``name`` draws its sketch from ``derive_seed(name + ".weight", seed)``.
+        niter, method, oversample, seed, backend, sketch_dtype: as
+            :func:`pissa_svd.svd_lowrank`; module ``name`` draws its sketch from
+            ``derive_seed(name + ".weight", seed)``.
         adapter_name: the adapter to initialize; default: the active adapter.
         batch: decompose same-shape layers together in one batched call (faster; identical
             results up to fp32 rounding), within the budget ``pissa-svd decompose`` uses
@@ -153,6 +156,12 @@ def initialize(
         by ``True``.
     """
     _check_options(niter, method, oversample, backend)
+    try:
+        check_sketch_dtype(sketch_dtype)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    if sketch_dtype is not None and backend == "native":
+        raise InputError("sketch_dtype=torch.bfloat16 runs on the torch backend: backend='torch'")
     start = time.perf_counter()
     name = _resolve_adapter(peft_model, adapter_name)
     targets, skipped = _collect(peft_model, name)
@@ -167,7 +176,11 @@ def initialize(
     rows: dict[str, dict] = {}
     groups = _groups(targets, name, batch)
     for group in groups:
-        rows.update(_initialize_group(group, name, niter, method, oversample, seed, backend, p))
+        rows.update(
+            _initialize_group(
+                group, name, niter, method, oversample, seed, backend, p, sketch_dtype
+            )
+        )
     prev = _mark_initialized(peft_model, name)
 
     # Captured energy of the whole adapter: sum of ||S_r||^2 over sum of ||W||_F^2.
@@ -389,6 +402,7 @@ def _initialize_group(
     seed: int,
     backend: str,
     p: int,
+    sketch_dtype: torch.dtype | None = None,
 ) -> dict[str, dict]:
     """Split every member's W (out, in) in one batched SVD and write A, B and W_res back.
 
@@ -422,6 +436,7 @@ def _initialize_group(
         method=method,
         seed=seeds,
         backend=backend,
+        sketch_dtype=sketch_dtype,
     )
     adapter_dtype = t0.layer.lora_A[name].weight.dtype
     A, B, W_res = pissa_factors(

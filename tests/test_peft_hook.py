@@ -249,6 +249,23 @@ def test_bf16_base(autocast):
     assert report["totals"]["modules"] == 14
 
 
+def test_bf16_sketch():
+    base = make_llama(torch.bfloat16)
+    model = lora(base, r=8, lora_alpha=8, target_modules=LLAMA_TARGETS)
+    full = lora(base, r=8, lora_alpha=8, target_modules=LLAMA_TARGETS)
+    report = initialize(model, sketch_dtype=torch.bfloat16)
+    ref = initialize(full)
+    assert_reconstructs(model, original_weights(base, LLAMA_TARGETS))
+    for name, row in report["modules"].items():  # as much energy as the fp32 sketch captures
+        assert row["energy_fraction"] >= ref["modules"][name]["energy_fraction"] * (1 - 1e-3)
+    with pytest.raises(InputError, match="sketch_dtype"):
+        initialize(lora(base, target_modules=["q_proj"]), sketch_dtype=torch.float16)
+    with pytest.raises(InputError, match="torch backend"):
+        initialize(
+            lora(base, target_modules=["q_proj"]), sketch_dtype=torch.bfloat16, backend="native"
+        )
+
+
 def test_fp16_base():
     base = make_llama(torch.float16)
     model = lora(base, target_modules=["q_proj", "down_proj"])
