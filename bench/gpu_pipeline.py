@@ -6,7 +6,7 @@ each in a fresh child process and side by side:
 
 1. ``cp -r`` of the checkpoint folder (the IO floor: read and write every byte once);
 2. ``pissa-svd decompose CKPT --rank 64 --niter 4 --device cuda`` (reads and writes overlapped
-   with the compute, the default);
+   with the compute, the default), and the same with ``--sketch-dtype bf16``;
 3. PEFT's in-memory route on the same GPU (load bf16 -> ``get_peft_model`` with
    ``pissa_niter_4`` -> save adapter -> unload -> save), as in bench/decompose_vs_peft.py.
 
@@ -99,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work / "out")
     print(f"[ours] {result['ours']['wall_s']:.1f} s {result['ours']['report']}", flush=True)
     save(result, args.json)
+    result["ours_bf16"] = run_ours(
+        work, src, "gpu", "--device", args.device, "--sketch-dtype", "bf16", name="ours-bf16"
+    )
+    shutil.rmtree(work / "out")
+    print(f"[ours bf16 sketch] {result['ours_bf16']['wall_s']:.1f} s", flush=True)
+    save(result, args.json)
     if not args.skip_peft:
         try:
             result["peft"] = run_peft(work, src, "gpu", args.device)
@@ -119,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
             f"- PEFT / ours: {speedup:.1f}x (target >= {TARGET_VS_PEFT}x): "
             f"{'met' if speedup >= TARGET_VS_PEFT else 'NOT met'}"
         )
+    low = result["ours_bf16"]["wall_s"]
+    lines.append(
+        f"- --sketch-dtype bf16: {low:.1f} s = {low / result['copy_s']:.2f}x cp -r"
+        + (f", PEFT / it {result['peft']['wall_s'] / low:.1f}x" if "peft" in result else "")
+    )
     result["verdicts"] = lines
     save(result, args.json)
     print("\n".join(lines))
