@@ -819,18 +819,20 @@ def _decompose_batch(
     shape = (len(batch), *t0.info.shape)
     Wf = scratch.matrices("work", work, shape, plan.device)
     sketch_dtype = SKETCH_DTYPES[o.sketch_dtype]
-    # A bf16 sketch of bf16 weights reads the weights themselves (one matrix: as loaded;
-    # several: copied into one batch), not a copy rounded from Wf.
+    # A bf16 sketch of bf16 weights reads the weights themselves (one matrix: as loaded, or
+    # its one copy on the GPU; several: copied into one batch), not a copy rounded from Wf;
+    # the widening then reads that copy (on a GPU: one transfer per weight, not two).
     low = sketch_dtype is not None and t0.info.dtype == "BF16" and not o.quantize
     Wl = scratch.matrices("sketch", "BF16", shape, plan.device) if low and len(batch) > 1 else None
     w_sq = []
     for i, t in enumerate(batch):
         x = host[i] if host is not None else _load(plan, [t], scratch, "read")[0]
+        if low and Wl is None:
+            Wl = x.to(plan.device)[None]
+            x = Wl[0]
+        elif low:
+            x = Wl[i].copy_(x)
         w_sq.append(_widen_(Wf[i], x))
-        if low:
-            Wl = x.to(plan.device)[None] if Wl is None else Wl
-            if len(batch) > 1:
-                Wl[i].copy_(x)
     w_norms = torch.stack(w_sq).sqrt().tolist()
     seeds = [derive_seed(t.name, o.seed) for t in batch]
     svd_kwargs = dict(
