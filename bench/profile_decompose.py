@@ -9,6 +9,7 @@
     python bench/profile_decompose.py fused-copies [--reps 3] # compiled widen/round vs torch
     python bench/profile_decompose.py huge-pages [--reps 6]   # THP scratch buffers or not
     python bench/profile_decompose.py one-as-2d [--reps 6]    # one matrix as 2-D or batch of 1
+    python bench/profile_decompose.py sketch-bf16 [--reps 6]  # --sketch-dtype bf16 or fp32
     python bench/profile_decompose.py prefetch                # page cache after mapping a weight
     python bench/profile_decompose.py spectra                 # s_1 / s_64 of SmolLM2's weights
 
@@ -91,6 +92,7 @@ PREFETCH = {
 
 PHASES = ("_prepare", "_load", "_widen_", "svd_lowrank", "subtract_adapter_")
 _spent: dict[str, float] = {}  # seconds per phase of the pipeline, while _time_phases is on
+_options: dict = {}  # extra decompose options for _decompose (set by a use() of _alternate_runs)
 
 
 def _time_phases() -> None:
@@ -124,7 +126,7 @@ def _decompose(layers: int, overlap: str = "on") -> tuple[float, dict, dict[str,
     with tempfile.TemporaryDirectory(dir=BENCH / "_work") as tmp:
         before, start = cpu_seconds_by_kind(), time.perf_counter()
         report = pipeline.decompose(
-            src, Path(tmp) / "out", rank=64, niter=4, quiet=True, overlap=overlap
+            src, Path(tmp) / "out", rank=64, niter=4, quiet=True, overlap=overlap, **_options
         )
         wall, after = time.perf_counter() - start, cpu_seconds_by_kind()
         shutil.rmtree(Path(tmp) / "out")
@@ -261,6 +263,16 @@ def one_as_2d(layers: int, reps: int) -> None:
         sys.exit("the 2-D path changed the SVD's bits")
     print("same bits either way")
     _alternate_runs(layers, reps, use, ("2-D", "batch of one"))
+
+
+def sketch_bf16(layers: int, reps: int) -> None:
+    """``--sketch-dtype bf16`` vs the default fp32 sketch, whole runs alternated ABBA."""
+
+    def use(on: bool) -> None:
+        _options["sketch_dtype"] = "bf16" if on else "fp32"
+
+    _alternate_runs(layers, reps, use, ("bf16 sketch", "fp32 sketch"))
+    _options.clear()
 
 
 def _layer_mats() -> list[torch.Tensor]:
@@ -552,7 +564,7 @@ def main() -> None:
     fc = sub.add_parser("fused-copies")
     fc.add_argument("--layers", type=int, default=22)
     fc.add_argument("--reps", type=int, default=3)
-    for name in ("huge-pages", "one-as-2d"):
+    for name in ("huge-pages", "one-as-2d", "sketch-bf16"):
         ab = sub.add_parser(name)
         ab.add_argument("--layers", type=int, default=22)
         ab.add_argument("--reps", type=int, default=6)
@@ -578,6 +590,8 @@ def main() -> None:
         huge_pages(args.layers, args.reps)
     elif args.what == "one-as-2d":
         one_as_2d(args.layers, args.reps)
+    elif args.what == "sketch-bf16":
+        sketch_bf16(args.layers, args.reps)
     elif args.what == "prefetch":
         prefetch()
     else:
