@@ -36,10 +36,10 @@ excess error with PEFT's on bench/accuracy_vs_speed.py's LLM-shaped matrices (a 
 spectrum), for three sketch seeds. ``fused-copies`` times the compiled widen/round loops
 (``pissa_svd.native.copy_rows``) against torch's copy and norm on one matrix of each of a
 layer's shapes, checking that they write the same bits, then alternates whole in-process
-decompose runs with and without them; ``huge-pages`` and ``one-as-2d`` alternate whole runs
+decompose runs with and without them; ``huge-pages``, ``one-as-2d`` and ``sketch-bf16`` alternate whole runs
 (ABBA) with and without transparent huge pages for the scratch buffers
-(``pissa_svd.pipeline.huge_page_buffer``) and with one matrix's SVD run as 2-D tensors or as
-a batch of one. ``prefetch`` evicts a shard
+(``pissa_svd.pipeline.huge_page_buffer``), with one matrix's SVD run as 2-D tensors or as
+a batch of one, and with ``--sketch-dtype bf16`` or fp32. ``prefetch`` evicts a shard
 from the page cache and measures (``mincore``) how much of one weight is in memory 1 s after
 mapping it, for each way. ``spectra`` needs ``bench/_work/smollm2``
 (bench/accuracy_vs_speed.py).
