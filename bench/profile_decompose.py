@@ -558,16 +558,18 @@ def main() -> None:
     rb = sub.add_parser("row-blocks")
     rb.add_argument("--reps", type=int, default=10)
     rb.add_argument("--big", action="store_true", help="also 70B's MLP shapes (2 GB of RAM)")
-    wr = sub.add_parser("writes")
-    wr.add_argument("--layers", type=int, default=22)
-    wr.add_argument("--reps", type=int, default=3)
-    fc = sub.add_parser("fused-copies")
-    fc.add_argument("--layers", type=int, default=22)
-    fc.add_argument("--reps", type=int, default=3)
-    for name in ("huge-pages", "one-as-2d", "sketch-bf16"):
-        ab = sub.add_parser(name)
-        ab.add_argument("--layers", type=int, default=22)
-        ab.add_argument("--reps", type=int, default=6)
+    # The commands that alternate whole decompose runs: name -> (function, default --reps).
+    whole_runs = {
+        "writes": (writes, 3),
+        "fused-copies": (fused_copies, 3),
+        "huge-pages": (huge_pages, 6),
+        "one-as-2d": (one_as_2d, 6),
+        "sketch-bf16": (sketch_bf16, 6),
+    }
+    for name, (_, reps) in whole_runs.items():
+        wr = sub.add_parser(name)
+        wr.add_argument("--layers", type=int, default=22)
+        wr.add_argument("--reps", type=int, default=reps)
     sub.add_parser("prefetch")
     sub.add_parser("spectra")
     args = ap.parse_args()
@@ -582,16 +584,8 @@ def main() -> None:
         padded_svd(args.reps)
     elif args.what == "row-blocks":
         row_blocks(args.reps, args.big)
-    elif args.what == "writes":
-        writes(args.layers, args.reps)
-    elif args.what == "fused-copies":
-        fused_copies(args.layers, args.reps)
-    elif args.what == "huge-pages":
-        huge_pages(args.layers, args.reps)
-    elif args.what == "one-as-2d":
-        one_as_2d(args.layers, args.reps)
-    elif args.what == "sketch-bf16":
-        sketch_bf16(args.layers, args.reps)
+    elif args.what in whole_runs:
+        whole_runs[args.what][0](args.layers, args.reps)
     elif args.what == "prefetch":
         prefetch()
     else:

@@ -583,7 +583,7 @@ def _pass(
     in fp32 (:func:`_bf16_matmul_f32`).
     """
     if B.dtype == X.dtype:
-        Y = thin_matmul(X, B, out if out is not None and out.dtype == X.dtype else None)
+        Y = thin_matmul(X, B, out)
     elif exact:  # B = hi + lo, both in bf16 (16 of B's 24 bits), in one GEMM of 2w columns
         hi = B.to(X.dtype)
         Y = _bf16_matmul_f32(X, torch.cat([hi, (B - hi.to(B.dtype)).to(X.dtype)], dim=-1))

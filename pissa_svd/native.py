@@ -248,6 +248,8 @@ def bf16_matmul(A: torch.Tensor, B: torch.Tensor, out: torch.Tensor) -> bool:
     (m, k), n = A.shape[-2:], B.shape[-1]
     if A.shape[0] != out.shape[0] or B.shape[0] != out.shape[0] or k != B.shape[-2]:
         return False
+    if out.shape[-2:] != (m, n):  # MKL would write outside it
+        return False
     ld_limit = 2**31 - 1
     trans = not (k <= 1 or A.stride(-1) == 1)
     lda = A.stride(-1) if trans else A.stride(-2)

@@ -397,3 +397,4 @@ def test_bf16_matmul_sums_in_fp32():
     assert not native.bf16_matmul(X.float(), B, out)
     assert not native.bf16_matmul(X, B.mT.contiguous().mT, out)
     assert not native.bf16_matmul(X, B[:, :400], out)
+    assert not native.bf16_matmul(X, B, torch.empty(2, 300, 16))
