@@ -4,14 +4,15 @@
    tall, thin KV-like; some repeated so that they batch) is decomposed batch by batch with the
    pipeline's own ``_decompose_batch`` (read from the page cache, bf16 -> fp32, SVD, residual,
    norms), at ranks 16/64/128, methods auto (krylov2 or exact), halko and krylov, niter 2 and
-   4. Each point is the minimum of ``--repeats`` timed runs after a warm-up.
-2. The compute coefficients (seconds per GEMM FLOP, dense FLOP, LAPACK SVD FLOP, matrix element
-   and call) are a non-negative least-squares fit minimizing relative error over the points.
+   4, with the fp32 sketch and (two configurations) the bf16 one (``--sketch-dtype bf16``).
+   Each point is the minimum of ``--repeats`` timed runs after a warm-up.
+2. The compute coefficients (seconds per GEMM FLOP, bf16-sketch GEMM FLOP, dense FLOP, LAPACK
+   SVD FLOP, matrix element and call) are a non-negative least-squares fit minimizing relative error over the points.
 3. IO points: whole ``decompose`` runs of random-init Llama checkpoints (hidden 2048, the
    decompose benchmark's shapes) with 2 and 11 layers; what their reports do not account to
    batches is IO (copying the untouched tensors, writing residuals and adapter), fitted as
-   seconds per byte written. The 22-layer checkpoint is held out: its whole run is predicted
-   from the fitted model and compared with a measured run.
+   seconds per byte written. The 22-layer checkpoint is held out: its whole runs (fp32 and
+   bf16 sketch) are predicted from the fitted model and compared with measured runs.
 4. The coefficients and every point go to ``pissa_svd/cost_model.json`` (under this device kind;
    other kinds are kept), and a table of estimates for 7B, 70B and 405B Llama shapes to
    ``bench/RESULTS.md``.
@@ -61,13 +62,15 @@ SHAPES = [
     (4096, 4096, 1),
     (4096, 11008, 1),
 ]
-CONFIGS = [  # (rank, method, niter)
-    (16, "auto", 4),
-    (64, "auto", 4),
-    (64, "halko", 4),
-    (64, "krylov", 4),
-    (128, "auto", 2),
-    (16, "krylov", 2),
+CONFIGS = [  # (rank, method, niter, sketch dtype)
+    (16, "auto", 4, "fp32"),
+    (64, "auto", 4, "fp32"),
+    (64, "halko", 4, "fp32"),
+    (64, "krylov", 4, "fp32"),
+    (128, "auto", 2, "fp32"),
+    (16, "krylov", 2, "fp32"),
+    (64, "auto", 4, "bf16"),
+    (16, "krylov", 2, "bf16"),
 ]
 LLAMA_IO = (2, 11)  # layers of the checkpoints whose whole runs calibrate IO
 LLAMA_HELD_OUT = 22
@@ -97,9 +100,15 @@ def build_checkpoint(path: Path) -> None:
 
 def compute_points(src: Path, device: str, repeats: int) -> list[dict]:
     points = []
-    for rank, method, niter in CONFIGS:
+    for rank, method, niter, sketch in CONFIGS:
         opts = pipeline.Options(
-            rank=rank, niter=niter, method=method, targets=[r"^m\."], device=device, quiet=True
+            rank=rank,
+            niter=niter,
+            method=method,
+            targets=[r"^m\."],
+            device=device,
+            sketch_dtype=sketch,
+            quiet=True,
         )
         plan = pipeline.make_plan(src, WORK / "cost_model_unused_out", opts)
         scratch = pipeline._Scratch()
@@ -122,6 +131,7 @@ def compute_points(src: Path, device: str, repeats: int) -> list[dict]:
                 niter=niter,
                 oversample=plan.oversample,
                 batch=len(batch),
+                bf16_sketch=plan.bf16_sketch,
             )
             points.append(
                 {
@@ -131,12 +141,13 @@ def compute_points(src: Path, device: str, repeats: int) -> list[dict]:
                     "niter": niter,
                     "oversample": plan.oversample,
                     "method": t0.method,
+                    "sketch": sketch,
                     "seconds": min(times),
                     "features": feats,
                 }
             )
             print(
-                f"  {m}x{n} x{len(batch)} r={rank} {t0.method} niter={niter}: "
+                f"  {m}x{n} x{len(batch)} r={rank} {t0.method} niter={niter} {sketch}: "
                 f"{min(times) * 1e3:.1f} ms",
                 flush=True,
             )
@@ -171,17 +182,20 @@ def llama_checkpoint(layers: int) -> Path:
     return path
 
 
-def run_decompose(src: Path, device: str) -> dict:
+def run_decompose(src: Path, device: str, sketch: str = "fp32") -> dict:
     out = WORK / f"cost_model_out_{src.name}"
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    report = pipeline.decompose(src, out, rank=64, niter=4, device=device, quiet=True)
+    report = pipeline.decompose(
+        src, out, rank=64, niter=4, device=device, sketch_dtype=sketch, quiet=True
+    )
     wall = time.perf_counter() - start
     written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     shutil.rmtree(out)
     batch_s = sum(r["seconds"] for r in report["matrices"])
     return {
         "checkpoint": src.name,
+        "sketch": sketch,
         "wall_s": wall,
         "batch_seconds": batch_s,
         "io_seconds": wall - batch_s,
@@ -190,10 +204,9 @@ def run_decompose(src: Path, device: str) -> dict:
     }
 
 
-def predict_run(src: Path, device: str, coef: dict[str, float]) -> float:
-    plan = pipeline.make_plan(
-        src, WORK / "cost_model_unused_out", pipeline.Options(rank=64, niter=4, device=device)
-    )
+def predict_run(src: Path, device: str, coef: dict[str, float], sketch: str = "fp32") -> float:
+    opts = pipeline.Options(rank=64, niter=4, device=device, sketch_dtype=sketch)
+    plan = pipeline.make_plan(src, WORK / "cost_model_unused_out", opts)
     return sum(_batch_seconds(plan, b, coef) for b in plan.batches) + coef["io_bytes"] * (
         plan.ckpt.total_bytes + _adapter_bytes(plan.targets)
     )
@@ -209,6 +222,7 @@ def _batch_seconds(plan, batch, coef) -> float:
         niter=plan.options.niter,
         oversample=plan.oversample,
         batch=len(batch),
+        bf16_sketch=plan.bf16_sketch,
     )
     return sum(coef[k] * f[k] for k in costmodel.FEATURES)
 
@@ -223,13 +237,17 @@ def estimates(coef: dict[str, float], device: str, processes: list[int]) -> list
     p = pipeline.default_oversample("auto")
     for name, (h, inter, layers, kv, hd, vocab) in MODELS.items():
         shapes = [(h, h), (kv * hd, h), (kv * hd, h), (h, h), (inter, h), (inter, h), (h, inter)]
-        jobs = []
+        jobs, jobs_bf16 = [], []
         for m, n in shapes:
             method = pipeline.resolve_method("auto", m, n, 64, p, 4)
-            f = costmodel.features(m, n, 64, method=method, niter=4, oversample=p)
             io = coef["io_bytes"] * (2 * m * n + 2 * 64 * (m + n))  # residual + adapter, bf16
-            jobs += [sum(coef[k] * f[k] for k in costmodel.FEATURES) + io] * layers
+            for bf16, out in ((False, jobs), (True, jobs_bf16)):
+                f = costmodel.features(
+                    m, n, 64, method=method, niter=4, oversample=p, bf16_sketch=bf16
+                )
+                out += [sum(coef[k] * f[k] for k in costmodel.FEATURES) + io] * layers
         other_bytes = 2 * (2 * vocab * h) + 2 * h * (2 * layers + 1)  # embeddings, lm_head, norms
+        copy_other = coef["io_bytes"] * other_bytes  # rank 0 copies the untouched tensors
         params = layers * sum(m * n for m, n in shapes) + other_bytes // 2
         # decompose's default pipeline overlaps IO: two read and two output buffers.
         peak = max(
@@ -243,11 +261,12 @@ def estimates(coef: dict[str, float], device: str, processes: list[int]) -> list
             "peak_working_bytes": peak,
             "peak_working_bytes_overlap_off": peak_seq,
             "per_process": {},
+            "bf16_sketch_one_process": sum(jobs_bf16) + copy_other,
         }
         for k in processes:
             owner = assign(jobs, k)
             load = [sum(c for c, o in zip(jobs, owner, strict=True) if o == r) for r in range(k)]
-            load[0] += coef["io_bytes"] * other_bytes  # rank 0 copies the untouched tensors
+            load[0] += copy_other
             row["per_process"][str(k)] = max(load)
         rows.append(row)
     return rows
@@ -262,8 +281,8 @@ def markdown(result: dict) -> str:
         f"- Date: {result['date']}",
         f"- Machine: {result['machine']}",
         f"- Command: `{result['command']}`",
-        "- Model: seconds of a batch = gemm_flop/gemm_rate + dense_flop/dense_rate + "
-        "svd_flop/svd_rate + elements x per-element + per-call; IO not part of a batch = bytes "
+        "- Model: seconds of a batch = gemm_flop/gemm_rate + bf16_gemm_flop/bf16_gemm_rate "
+        "(the passes over W of a bf16 sketch) + dense_flop/dense_rate + svd_flop/svd_rate + elements x per-element + per-call; IO not part of a batch = bytes "
         "written / io_rate (features counted in `pissa_svd/costmodel.py`). Fitted by "
         "non-negative least squares on relative error; coefficients and points are in "
         "`pissa_svd/cost_model.json`, which `--dry-run` and the torchrun work split read.",
@@ -272,24 +291,26 @@ def markdown(result: dict) -> str:
     c = result["coef"]
     rate = {
         k: (1 / c[k] if c[k] > 0 else float("inf"))
-        for k in ("gemm_flop", "dense_flop", "svd_flop", "io_bytes")
+        for k in ("gemm_flop", "bf16_gemm_flop", "dense_flop", "svd_flop", "io_bytes")
     }
     lines += [
-        f"Fitted: GEMM {rate['gemm_flop'] / 1e9:.0f} GFLOP/s, dense (orthonormalization, "
+        f"Fitted: GEMM {rate['gemm_flop'] / 1e9:.0f} GFLOP/s, bf16-sketch GEMM "
+        f"{rate['bf16_gemm_flop'] / 1e9:.0f} GFLOP/s, dense (orthonormalization, "
         f"Rayleigh-Ritz) {rate['dense_flop'] / 1e9:.0f} GFLOP/s, LAPACK SVD "
         f"{rate['svd_flop'] / 1e9:.1f} GFLOP/s, {c['elements'] * 1e9:.2f} ns per matrix element,"
         f" {c['calls'] * 1e3:.2f} ms per call, IO {rate['io_bytes'] / 1e9:.2f} GB/s written. "
         f"Worst relative error over the {len(result['points'])} compute points: "
         f"{result['max_rel_err']:.0%}.",
         "",
-        "| shape (out x in) | batch | rank | method | niter | measured ms | model ms | error |",
-        "|---|---:|---:|---|---:|---:|---:|---:|",
+        "| shape (out x in) | batch | rank | method | niter | sketch | measured ms | model ms |"
+        " error |",
+        "|---|---:|---:|---|---:|---|---:|---:|---:|",
     ]
     for p in result["points"]:
         err = p["predicted"] / p["seconds"] - 1
         lines.append(
             f"| {p['shape'][0]} x {p['shape'][1]} | {p['batch']} | {p['rank']} | {p['method']} |"
-            f" {p['niter']} | {p['seconds'] * 1e3:.1f} | {p['predicted'] * 1e3:.1f} |"
+            f" {p['niter']} | {p.get('sketch', 'fp32')} | {p['seconds'] * 1e3:.1f} | {p['predicted'] * 1e3:.1f} |"
             f" {err:+.0%} |"
         )
     lines += [
@@ -300,7 +321,7 @@ def markdown(result: dict) -> str:
         " model s | error |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in result["io_points"] + [result["held_out"]]:
+    for r in result["io_points"] + result["held_out"]:
         model = r.get("predicted")
         err = "" if model is None else f"{model / r['wall_s'] - 1:+.0%}"
         lines.append(
@@ -318,14 +339,16 @@ def markdown(result: dict) -> str:
         "",
         "| model | parameters | checkpoint | peak working memory per process (`--overlap off`) | "
         + " | ".join(f"{k} process{'es' if k != '1' else ''}" for k in procs)
-        + " |",
-        "|---|---:|---:|---:|" + "---:|" * len(procs),
+        + " | 1 process, `--sketch-dtype bf16` |",
+        "|---|---:|---:|---:|" + "---:|" * (len(procs) + 1),
     ]
     for e in result["estimates"]:
         lines.append(
             f"| {e['model']} | {e['params_b']:.1f} B | {human(e['checkpoint_bytes'])} |"
             f" {human(e['peak_working_bytes'])} ({human(e['peak_working_bytes_overlap_off'])})"
-            " + runtime | " + " | ".join(_duration(e["per_process"][k]) for k in procs) + " |"
+            " + runtime | "
+            + " | ".join(_duration(e["per_process"][k]) for k in procs)
+            + f" | {_duration(e['bf16_sketch_one_process'])} |"
         )
     lines += ["", MARK_END]
     return "\n".join(lines) + "\n"
@@ -368,7 +391,16 @@ def save_model(kind: str, result: dict) -> None:
         "points": [
             {
                 k: p[k]
-                for k in ("shape", "batch", "rank", "niter", "oversample", "method", "seconds")
+                for k in (
+                    "shape",
+                    "batch",
+                    "rank",
+                    "niter",
+                    "oversample",
+                    "method",
+                    "sketch",
+                    "seconds",
+                )
             }
             for p in result["points"]
         ],
@@ -407,10 +439,14 @@ def main(argv: list[str] | None = None) -> None:
     coef["io_bytes"] = sum(r["io_seconds"] for r in io_points) / sum(
         r["bytes_written"] for r in io_points
     )
-    held = run_decompose(llama_checkpoint(LLAMA_HELD_OUT), args.device)
-    held["role"] = "held out"
-    held["predicted"] = predict_run(llama_checkpoint(LLAMA_HELD_OUT), args.device, coef)
-    print(f"  held out: {held}", flush=True)
+    held = []
+    for sketch in ("fp32", "bf16"):
+        src = llama_checkpoint(LLAMA_HELD_OUT)
+        r = run_decompose(src, args.device, sketch)
+        r["role"] = "held out" + (", bf16 sketch" if sketch == "bf16" else "")
+        r["predicted"] = predict_run(src, args.device, coef, sketch)
+        held.append(r)
+        print(f"  held out: {r}", flush=True)
 
     result = {
         "device_kind": kind,

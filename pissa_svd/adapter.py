@@ -10,7 +10,6 @@ Adapters are small (rank x (in + out) per module), so they are loaded whole.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import Checkpoint, read_tensor
-from .errors import InputError
+from .errors import InputError, read_json
 from .output import guarded, write_json
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -163,12 +162,7 @@ def _read_config(root: Path, what: str) -> dict:
     path = root / ADAPTER_CONFIG
     if not path.is_file():
         raise InputError(f"{what} {root}: no {ADAPTER_CONFIG}; pass a PEFT adapter folder")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: unreadable JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise InputError(f"{path}: expected a JSON object")
+    config = read_json(path)
     if config.get("peft_type", "LORA") != "LORA":
         raise InputError(f"{path}: peft_type is {config['peft_type']!r}; only LORA is supported")
     return config

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError, disk_error
+from .errors import InputError, disk_error, parse_json, read_json
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library enforces
 INDEX_NAME = "model.safetensors.index.json"
@@ -123,15 +123,12 @@ class SafetensorsFile:
                     )
                 raw = f.read(n)
         except FileNotFoundError:
-            raise InputError(f"{path}: file not found") from None
+            raise InputError(f"{path}: file not found; check the path") from None
         except IsADirectoryError:
             raise InputError(f"{path}: is a folder, expected a .safetensors file") from None
         except PermissionError:
             raise InputError(f"{path}: permission denied") from None
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(f"{path}: corrupt header ({exc.__class__.__name__}: {exc})") from None
+        header = parse_json(raw, path, "header")
         if not isinstance(header, dict):
             raise InputError(f"{path}: corrupt header (JSON is not an object)")
         data_start = 8 + n
@@ -238,27 +235,30 @@ def _prefetch(mm: mmap.mmap, window: int) -> None:
         mm.madvise(mmap.MADV_WILLNEED, off, min(step, len(mm) - off))
 
 
+_RESAVE = "re-download or re-save the file"
+
+
 def _parse_entry(path: Path, name: str, spec: object, data_start: int) -> TensorInfo:
     where = f"{path}: tensor {name!r}"
     if not isinstance(spec, dict):
-        raise InputError(f"{where}: corrupt header entry")
+        raise InputError(f"{where}: corrupt header entry; {_RESAVE}")
     dtype, shape, offs = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
     if dtype not in _DTYPES:
-        raise InputError(f"{where}: unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise InputError(f"{where}: corrupt shape {shape!r}")
+        raise InputError(f"{where}: unknown dtype {dtype!r}; {_RESAVE}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise InputError(f"{where}: corrupt shape {shape!r}; {_RESAVE}")
     if (
         not isinstance(offs, list)
         or len(offs) != 2
-        or not all(isinstance(o, int) and o >= 0 for o in offs)
+        or not all(type(o) is int and o >= 0 for o in offs)
         or offs[0] > offs[1]
     ):
-        raise InputError(f"{where}: corrupt data_offsets {offs!r}")
+        raise InputError(f"{where}: corrupt data_offsets {offs!r}; {_RESAVE}")
     expected = dtype_nbytes(dtype, shape)
     if offs[1] - offs[0] != expected:
         raise InputError(
             f"{where}: data_offsets span {offs[1] - offs[0]} bytes but {dtype}{shape} needs "
-            f"{expected}; the header is corrupt"
+            f"{expected}; the header is corrupt: {_RESAVE}"
         )
     return TensorInfo(name, dtype, tuple(shape), path, data_start + offs[0], data_start + offs[1])
 
@@ -352,12 +352,7 @@ class Checkpoint:
 
     def read_json(self, name: str) -> dict | None:
         p = self.root / name
-        if not p.is_file():
-            return None
-        try:
-            return json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputError(f"{p}: unreadable JSON ({exc})") from None
+        return read_json(p) if p.is_file() else None
 
 
 # Weight files of other formats are never copied to the residual model: they would hold the
@@ -373,26 +368,32 @@ def _extra_files(root: Path, shards: set[str]) -> list[str]:
             continue
         if p.name.endswith(_WEIGHT_SUFFIXES) or p.name.startswith("."):
             continue
+        if not os.access(p, os.R_OK):  # copied to OUT at the end: say so before any work
+            raise InputError(
+                f"{p}: cannot read it (permission denied); fix its permissions, or move it out "
+                "of the checkpoint folder"
+            )
         out.append(p.name)
     return out
 
 
 def _read_index(path: Path) -> dict:
-    try:
-        index = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: unreadable index ({exc})") from None
-    wm = index.get("weight_map") if isinstance(index, dict) else None
+    index = read_json(path, "index")
+    wm = index.get("weight_map")
     if not isinstance(wm, dict) or not wm:
         raise InputError(f"{path}: index has no weight_map; re-save the checkpoint")
     for k, v in wm.items():
         if not isinstance(v, str) or not v:
             raise InputError(f"{path}: weight_map entry {k!r} is not a file name")
+    if not isinstance(index.get("metadata", {}), dict | None):
+        raise InputError(f"{path}: corrupt index (metadata is not an object); re-save it")
     return index
 
 
 def _inside(root: Path, rel: str, index_path: Path) -> Path:
     """Resolve a shard name from the index, refusing anything outside the checkpoint folder."""
+    if "\0" in rel:
+        raise InputError(f"{index_path}: shard name {rel!r} holds a NUL byte; re-save the index")
     if os.path.isabs(rel) or ".." in Path(rel).parts or "\\" in rel:
         raise InputError(
             f"{index_path}: shard name {rel!r} points outside the checkpoint folder; "

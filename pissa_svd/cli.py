@@ -9,7 +9,7 @@ import sys
 import threading
 
 from . import __version__
-from .errors import InputError, RankFailure
+from .errors import InputError, RankFailure, os_error_message
 from .linalg import METHODS
 
 EXIT_BAD_INPUT = 2
@@ -384,8 +384,20 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt
 
 
+def _kept(exc: BaseException) -> str:
+    note = getattr(exc, "pissa_note", None)
+    return f"; {note}" if note else ""
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:  # point at the subcommand's help, which lists its options
+        print(
+            f"pissa-svd {args.command}: error: unrecognized arguments: {' '.join(extra)} "
+            f"(see pissa-svd {args.command} --help)",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
     try:
@@ -402,12 +414,19 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"pissa-svd: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as exc:  # the file system refused: permissions, read-only, full, ...
+        print(f"pissa-svd: error: {os_error_message(exc)}{_kept(exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except RankFailure as exc:
-        print(f"pissa-svd: error: {exc}; no output was written", file=sys.stderr)
+        print(f"pissa-svd: error: {exc}; OUT was not written{_kept(exc)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("pissa-svd: interrupted; no output was written", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"pissa-svd: interrupted; OUT was not written{_kept(exc)}", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug: its traceback follows; first say what was kept
+        if getattr(exc, "pissa_note", None):
+            print(f"pissa-svd: {exc.pissa_note}", file=sys.stderr)
+        raise
     return 0  # pragma: no cover (argparse requires a command)
 
 

@@ -469,12 +469,15 @@ def _check_target(s: TensorInfo, o: TensorInfo, ad: LoraAdapter, module: str) ->
         half_ulp = torch.ldexp(torch.full_like(R, eps / 2), e - 1).clamp_min(tiny * eps / 2)
         half_ulp = torch.where(R == 0, tiny * eps / 2, half_ulp)
         allowed = half_ulp + work_bound * (W.abs() + L[sl].abs() @ Rt.abs())
-        worst = max(worst, float((err / allowed).max()))
+        ratio = float((err / allowed).max())
+        worst = max(worst, ratio if math.isfinite(ratio) else math.inf)  # NaN, inf: fail
         err_sq += float((err * err).sum())
         ref_sq += float((W * W).sum())
     row.ratio = worst
     row.rel = math.sqrt(err_sq / ref_sq) if ref_sq > 0 else math.sqrt(err_sq)
     row.ok = worst <= 1.0
-    if not row.ok:
+    if not math.isfinite(worst):
+        row.note = "non-finite values (NaN or inf) in the residual or the adapter"
+    elif not row.ok:
         row.note = f"error {worst:.3g}x the rounding bound"
     return row

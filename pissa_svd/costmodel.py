@@ -2,8 +2,8 @@
 
 A batch of same-shape matrices costs, on one device kind,
 
-    seconds = gemm_flop / gemm_rate + dense_flop / dense_rate + svd_flop / svd_rate
-              + elements * per_element + calls * per_call,
+    seconds = gemm_flop / gemm_rate + bf16_gemm_flop / bf16_gemm_rate + dense_flop / dense_rate
+              + svd_flop / svd_rate + elements * per_element + calls * per_call,
 
 and the IO that is not part of a batch (copying the untouched tensors, writing the residuals)
 costs ``bytes / io_rate``. The features are counted from the algorithms in linalg.py; the
@@ -21,14 +21,14 @@ from pathlib import Path
 from .linalg import krylov_depth
 
 MODEL_FILE = Path(__file__).with_name("cost_model.json")
-FEATURES = ("gemm_flop", "dense_flop", "svd_flop", "elements", "calls")
+FEATURES = ("gemm_flop", "bf16_gemm_flop", "dense_flop", "svd_flop", "elements", "calls")
 
 # Nominal rates for a device kind with no measured points: a guess, and labelled as one.
 _NOMINAL = {
-    "cpu": {"gemm_flop": 1 / 85e9, "dense_flop": 1 / 40e9, "svd_flop": 1 / 10e9,
-            "elements": 5e-9, "calls": 1e-3, "io_bytes": 1 / 1e9},
-    "cuda": {"gemm_flop": 1 / 40e12, "dense_flop": 1 / 10e12, "svd_flop": 1 / 0.5e12,
-             "elements": 2e-11, "calls": 2e-3, "io_bytes": 1 / 3e9},
+    "cpu": {"gemm_flop": 1 / 85e9, "bf16_gemm_flop": 1 / 85e9, "dense_flop": 1 / 40e9,
+            "svd_flop": 1 / 10e9, "elements": 5e-9, "calls": 1e-3, "io_bytes": 1 / 1e9},
+    "cuda": {"gemm_flop": 1 / 40e12, "bf16_gemm_flop": 1 / 150e12, "dense_flop": 1 / 10e12,
+             "svd_flop": 1 / 0.5e12, "elements": 2e-11, "calls": 2e-3, "io_bytes": 1 / 3e9},
 }  # fmt: skip
 
 
@@ -41,8 +41,13 @@ def features(
     niter: int,
     oversample: int,
     batch: int = 1,
+    bf16_sketch: bool = False,
 ) -> dict[str, float]:
-    """What a batch of ``batch`` (m, n) matrices costs, counted per term of the model."""
+    """What a batch of ``batch`` (m, n) matrices costs, counted per term of the model.
+
+    ``bf16_sketch``: the passes over W read it in bf16 (linalg._pass): the power iteration's
+    lead passes with the block's k columns, the kept blocks' passes and the last one with 2k
+    (their operand split into bf16 hi + lo)."""
     small, big = min(m, n), max(m, n)
     residual = 2.0 * m * n * rank  # W_res = W - B A
     f = dict.fromkeys(FEATURES, 0.0)
@@ -55,7 +60,12 @@ def features(
         k = min(rank + oversample, small)
         q, d = niter, krylov_depth(method, niter)
         lead = q + 1 - d  # blocks that are only powered up
-        f["gemm_flop"] = (2 * q + 2) * 2.0 * m * n * k + residual
+        pass_flop = 2.0 * m * n * k
+        if bf16_sketch:  # 1 + 2 lead passes of k columns, 2d - 1 of 2k
+            f["bf16_gemm_flop"] = (1 + 2 * lead + 2 * (2 * d - 1)) * pass_flop
+            f["gemm_flop"] = residual
+        else:
+            f["gemm_flop"] = (2 * q + 2) * pass_flop + residual
         # CholeskyQR rounds: 4 rows k^2 each (Gram, then the GEMM with the inverted factor),
         # all on the short side (the long side's Xᵀ Q_i are used as they come): the sketch and
         # each powered-up block one round, the first kept block one more (two in all when
@@ -112,7 +122,11 @@ def coefficients(device_kind: str) -> tuple[dict[str, float], str]:
             f"cost model fitted to {len(fit['points'])} measured batches on {fit['machine']}"
             f" ({fit['date']}; max error {fit['max_rel_err']:.0%})"
         )
-        return fit["coef"], note
+        coef = dict(fit["coef"])
+        if not coef.get("bf16_gemm_flop"):  # a fit without bf16-sketch points
+            coef["bf16_gemm_flop"] = coef["gemm_flop"]
+            note += "; bf16 sketch not measured: its passes at the fp32 GEMM rate"
+        return coef, note
     nominal = _NOMINAL.get(device_kind, _NOMINAL["cpu"])
     return nominal, f"no measured points for {device_kind}: nominal rates, a rough guess"
 

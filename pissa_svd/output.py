@@ -26,6 +26,18 @@ def check_out(out: Path, overwrite: bool, sources: dict[str, Path]) -> None:
     an input folder, nor contain an input, and may only exist when ``overwrite`` is set.
     """
     o = out.resolve()
+    if out.name in ("", ".", "..") or Path.cwd().resolve().is_relative_to(o):
+        raise InputError(f"--out {out} is the current folder or one above it; name a new folder")
+    where = o.parent  # the folder OUT's staging sibling is created in, or its nearest ancestor
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise InputError(f"--out {out}: {where} is a file, not a folder; choose another --out")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise InputError(
+            f"--out {out}: cannot write in {where} (permission denied, or a read-only file "
+            "system); choose another --out"
+        )
     for label, src in sources.items():
         s = src.resolve()
         if src.is_dir() and (o == s or o.is_relative_to(s)):

@@ -42,7 +42,7 @@ from .checkpoint import (
     read_tensor,
 )
 from .distributed import Team, assign, team_from_env
-from .errors import InputError, RankFailure
+from .errors import InputError, RankFailure, os_error_message, read_json
 from .linalg import (
     BACKENDS,
     METHODS,
@@ -122,11 +122,13 @@ class Target:
     def name(self) -> str:
         return self.info.name
 
-    def flops(self, niter: int, oversample: int) -> float:
-        f = self.features(niter, oversample)
-        return f["gemm_flop"] + f["dense_flop"] + f["svd_flop"]
+    def flops(self, niter: int, oversample: int, bf16_sketch: bool = False) -> float:
+        f = self.features(niter, oversample, bf16_sketch=bf16_sketch)
+        return f["gemm_flop"] + f["bf16_gemm_flop"] + f["dense_flop"] + f["svd_flop"]
 
-    def features(self, niter: int, oversample: int, batch: int = 1) -> dict[str, float]:
+    def features(
+        self, niter: int, oversample: int, batch: int = 1, bf16_sketch: bool = False
+    ) -> dict[str, float]:
         """The cost model's terms for a batch of ``batch`` matrices of this shape."""
         return costmodel.features(
             self.out_features,
@@ -136,6 +138,7 @@ class Target:
             niter=niter,
             oversample=oversample,
             batch=batch,
+            bf16_sketch=bf16_sketch,
         )
 
     @property
@@ -155,9 +158,14 @@ class Target:
             self.residual_dtype,
         )
 
-    def working_bytes(self, oversample: int, batch: int = 1, overlap: bool = False) -> int:
-        """Peak bytes held while a batch of this target's shape is processed."""
+    def working_bytes(
+        self, oversample: int, batch: int = 1, overlap: bool = False, bf16_sketch: bool = False
+    ) -> int:
+        """Peak bytes held while a batch of this target's shape is processed; a bf16 sketch
+        adds the bf16 copy it reads, except for one bf16 weight, which it reads as loaded."""
         m, n = self.out_features, self.in_features
+        sketch_copy = bf16_sketch and self.method != "exact"
+        sketch_copy &= batch > 1 or self.info.dtype != "BF16"
         return costmodel.working_bytes(
             m,
             n,
@@ -167,7 +175,7 @@ class Target:
             self.work_bytes // (m * n),
             dtype_nbytes(self.residual_dtype, (1,)),
             overlap,
-        )
+        ) + (batch * m * n * 2 if sketch_copy else 0)
 
 
 @dataclass
@@ -190,7 +198,12 @@ class Plan:
 
     @property
     def flops(self) -> float:
-        return sum(t.flops(self.options.niter, self.oversample) for t in self.targets)
+        o = self.options
+        return sum(t.flops(o.niter, self.oversample, self.bf16_sketch) for t in self.targets)
+
+    @property
+    def bf16_sketch(self) -> bool:
+        return SKETCH_DTYPES[self.options.sketch_dtype] is not None
 
     @property
     def direct_io(self) -> bool:
@@ -200,7 +213,10 @@ class Plan:
 
     @property
     def working_bytes(self) -> int:
-        return max(b[0].working_bytes(self.oversample, len(b), self.overlap) for b in self.batches)
+        return max(
+            b[0].working_bytes(self.oversample, len(b), self.overlap, self.bf16_sketch)
+            for b in self.batches
+        )
 
     def describe(self) -> str:
         """The human-readable plan that ``--dry-run`` prints."""
@@ -235,7 +251,7 @@ class Plan:
             key = (t.module.rsplit(".", 1)[-1], t.out_features, t.in_features, t.rank, t.method)
             groups.setdefault(key + (t.info.dtype,), []).append(t)
         for (leaf, m, n, r, meth, dt), ts in groups.items():
-            gf = sum(t.flops(o.niter, self.oversample) for t in ts) / 1e9
+            gf = sum(t.flops(o.niter, self.oversample, self.bf16_sketch) for t in ts) / 1e9
             lines.append(
                 f"    {leaf:<18} {len(ts):>5}  {f'{m} x {n}':<18} {r:>5}  {meth:<7} {dt:<5}"
                 f" {gf:>9.1f}"
@@ -264,7 +280,7 @@ class Plan:
             peak = max(
                 (
                     self.batches[i][0].working_bytes(
-                        self.oversample, len(self.batches[i]), self.overlap
+                        self.oversample, len(self.batches[i]), self.overlap, self.bf16_sketch
                     )
                     for i in mine
                 ),
@@ -378,6 +394,15 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
         )
     alpha = float(o.alpha) if o.alpha is not None else float(o.rank)
     config = ckpt.read_json("config.json") if src_path.is_dir() else None
+    if isinstance((config or {}).get("vision_config"), dict):
+        # transformers renames these models' modules on loading (language_model.model.* in the
+        # files is model.language_model.* in memory), so the adapter's module names, taken
+        # from the files, would not attach where they should.
+        arch = ", ".join(config.get("architectures") or []) or "a vision_config"
+        raise InputError(
+            f"{src_path} is a vision-language checkpoint ({arch}), which is not supported: "
+            "its module names change on loading; decompose a text-only checkpoint"
+        )
     if o.quantize and (config or {}).get("quantization_config"):
         raise InputError(
             f"{src_path} is already quantized ({config['quantization_config'].get('quant_method', 'quantization_config')}"
@@ -452,7 +477,11 @@ def execute(plan: Plan) -> dict:
             told = getattr(exc, "pissa_agreed", False)
             if team.world > 1 and isinstance(exc, Exception) and not told:
                 team.broadcast(("failed", f"rank 0 failed on {plan.out}: {exc}"))
-            _keep_or_remove(staging)
+            note = _keep_or_remove(staging) if resume.is_ours(staging) else None
+            if note and isinstance(exc, InputError):
+                exc.args = (f"{exc}; {note}",)  # still one line
+            elif note:
+                exc.pissa_note = note  # the CLI adds it to its message
             raise
         team.broadcast(("ok", report))
         return report
@@ -477,13 +506,19 @@ def _write_all(plan: Plan, tmp: Path, team: Team, done: dict[str, dict] | None) 
         o.quiet or not team.leader,
         f"tensors 0/{sum(len(b) for b in mine)}",
     )
-    # Phase 1 (rank 0): every file with its header, and the tensors that are only copied.
-    if prepare:
-        _agree(team, _attempt(lambda: _prepare(plan, tmp, bar) if team.leader else None, team))
-    # Phase 2 (every rank): its batches, in file order, straight into those files.
     rows: list[dict] = []
-    failure = _attempt(lambda: _decompose_share(plan, tmp, mine, bar, rows, team.rank), team)
-    bar.close()
+    try:
+        # Phase 1 (rank 0): every file with its header, and the tensors that are only copied.
+        if prepare:
+            prep = _attempt(lambda: _prepare(plan, tmp, bar) if team.leader else None, team)
+            _agree(team, prep)
+        # Phase 2 (every rank): its batches, in file order, straight into those files.
+        failure = _attempt(lambda: _decompose_share(plan, tmp, mine, bar, rows, team.rank), team)
+    except BaseException:
+        bar.leave = False  # erase the bar: the error that follows gets a line of its own
+        raise
+    finally:
+        bar.close()
     shared = team.all_gather((failure, rows, _rss_bytes()))
     _agree(team, next((f for f, _, _ in shared if f is not None), None))
     if not team.leader:
@@ -496,9 +531,10 @@ def _write_all(plan: Plan, tmp: Path, team: Team, done: dict[str, dict] | None) 
     _write_index(plan, tmp)
     write_json(tmp / ADAPTER_DIR / ADAPTER_CONFIG, _adapter_config(plan))
     copy_files(ck.root, ck.extra_files, tmp)
+    _retag_config(plan, tmp)
     report = {
         "pissa_svd_version": __version__,
-        "source": str(ck.root if ck.index is not None else ck.files[ck.shards[0]].path),
+        "source": os.path.abspath(ck.root if ck.index is not None else ck.files[ck.shards[0]].path),
         "rank": o.rank,
         "lora_alpha": plan.alpha,
         "scaling": plan.scaling,
@@ -540,26 +576,31 @@ def _open_staging(plan: Plan, staging: Path) -> dict[str, dict] | None:
         done = resume.finished(
             staging, plan, f"{ADAPTER_DIR}/{ADAPTER_FILE}", _adapter_config(plan)
         )
-        return done if resume.is_prepared(staging) else None
-    if staging.exists():  # our own leftover from an interrupted run, not the user's files
-        if not plan.options.quiet:
+        if resume.is_prepared(staging):
+            return done
+        # Stopped while creating the files: nothing was finished; create them again.
+        shutil.rmtree(staging)
+    elif staging.exists() or staging.is_symlink():
+        if not resume.is_ours(staging):
+            raise InputError(
+                f"{staging} exists and is not an interrupted pissa-svd run (it is where OUT is "
+                "staged); move it away, or choose another --out"
+            )
+        if not plan.options.quiet:  # our own leftover from an interrupted run
             print(f"pissa-svd: starting over: removing {staging}", file=sys.stderr)
         shutil.rmtree(staging)
     resume.start(staging, plan)
     return None
 
 
-def _keep_or_remove(staging: Path) -> None:
-    """After a failure: keep finished tensors for --resume, else leave nothing behind."""
+def _keep_or_remove(staging: Path) -> str | None:
+    """After a failure: keep finished tensors for --resume, else leave nothing behind.
+    Returns what to tell the user about what was kept."""
     n = resume.journaled(staging)
     if n == 0:
         shutil.rmtree(staging, ignore_errors=True)
-        return
-    print(
-        f"pissa-svd: {n} finished tensors kept in {staging}: rerun with --resume to continue "
-        "(or delete it)",
-        file=sys.stderr,
-    )
+        return None
+    return f"{n} finished tensors kept in {staging}: rerun with --resume to continue (or delete it)"
 
 
 def _from_leader(team: Team):
@@ -576,7 +617,7 @@ def _batch_cost(plan: Plan, batch: list[Target]) -> float:
         dtype_nbytes(t.residual_dtype, t.info.shape)
         + dtype_nbytes(t.adapter_dtype, (t.rank, t.in_features + t.out_features))
     )
-    feats = t.features(plan.options.niter, plan.oversample, len(batch))
+    feats = t.features(plan.options.niter, plan.oversample, len(batch), plan.bf16_sketch)
     if plan.options.quantize:  # QPiSSA: T + 1 SVDs and residuals (quantizing not modelled)
         feats = {k: v * (plan.options.quant_iters + 1) for k, v in feats.items()}
     return costmodel.seconds(feats, plan.device_kind, io_bytes=written)
@@ -595,6 +636,8 @@ def _attempt(fn, team: Team):
         what = getattr(exc, "pissa_tensor", None) or "preparing the output files"
         if isinstance(exc, InputError):
             return ("input", f"rank {team.rank}, {what}: {exc}")
+        if isinstance(exc, OSError):  # the file system refused (permissions, space, ...)
+            return ("input", f"rank {team.rank}, {what}: {os_error_message(exc)}")
         traceback.print_exc()  # a bug: its traceback, once, from the rank that hit it
         return ("error", f"rank {team.rank} failed on {what}: {exc.__class__.__name__}: {exc}")
 
@@ -834,6 +877,12 @@ def _decompose_batch(
             x = Wl[i].copy_(x)
         w_sq.append(_widen_(Wf[i], x))
     w_norms = torch.stack(w_sq).sqrt().tolist()
+    for t, w in zip(batch, w_norms, strict=True):
+        if not math.isfinite(w):
+            raise InputError(
+                f"tensor {t.name!r} in {t.info.path.name} holds NaN or inf values; fix the "
+                "checkpoint, or leave the tensor out with --targets"
+            )
     seeds = [derive_seed(t.name, o.seed) for t in batch]
     svd_kwargs = dict(
         niter=o.niter,
@@ -1051,6 +1100,19 @@ def _adapter_config(plan: Plan) -> dict:
         "modules_to_save": None,
         "inference_mode": True,
     }
+
+
+def _retag_config(plan: Plan, tmp: Path) -> None:
+    """With --residual-dtype, config.json's dtype names it: transformers loads a model in that
+    dtype by default (``dtype="auto"``), which would round an fp32 residual back to bf16."""
+    path = tmp / "config.json"
+    if plan.options.residual_dtype is None or not path.is_file():
+        return
+    config = read_json(path)
+    name = str(dtype_to_torch(plan.targets[0].residual_dtype)).removeprefix("torch.")
+    keys = [k for k in ("dtype", "torch_dtype") if k in config]
+    if keys and any(config[k] != name for k in keys):
+        write_json(path, {**config, **dict.fromkeys(keys, name)})
 
 
 def _write_index(plan: Plan, tmp: Path) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -59,8 +60,25 @@ def fingerprint(plan) -> dict:
 
 def start(staging: Path, plan) -> None:
     """A fresh staging folder with the plan's fingerprint."""
-    (staging / PROGRESS_DIR).mkdir(parents=True)
-    (staging / PROGRESS_DIR / PLAN_FILE).write_text(json.dumps(fingerprint(plan)))
+    from .output import guarded
+
+    plan_file = staging / PROGRESS_DIR / PLAN_FILE
+    guarded(lambda: plan_file.parent.mkdir(parents=True), plan_file.parent)
+    try:
+        guarded(lambda: plan_file.write_text(json.dumps(fingerprint(plan))), plan_file)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # just created, and not yet marked as ours
+        raise
+
+
+def is_ours(staging: Path) -> bool:
+    """Whether ``staging`` is a folder this tool started (it holds a plan fingerprint), as
+    opposed to a user's file or folder that happens to have its name."""
+    return (
+        staging.is_dir()
+        and not staging.is_symlink()
+        and (staging / PROGRESS_DIR / PLAN_FILE).is_file()
+    )
 
 
 def mark_prepared(staging: Path) -> None:
@@ -98,23 +116,40 @@ def journaled(staging: Path) -> int:
 def finished(staging: Path, plan, adapter_file: str, adapter_config: dict) -> dict[str, dict]:
     """The journaled tensors of an earlier run that still check out: name -> report row.
 
-    Raises InputError when there is nothing to resume or the plan differs.
+    Raises InputError when there is nothing to resume, the plan differs or the staged files
+    are damaged.
     """
+    d = staging / PROGRESS_DIR
+    if not is_ours(staging):
+        raise InputError(
+            f"--resume: {staging} holds no interrupted run of this OUT; run without --resume"
+        )
+    try:
+        recorded = json.loads((d / PLAN_FILE).read_text())
+    except (OSError, ValueError, RecursionError):
+        recorded = None  # damaged: it cannot be shown to match
+    if recorded != json.loads(json.dumps(fingerprint(plan))):
+        raise InputError(
+            f"--resume: the interrupted run in {staging} used other options or source files "
+            "(or its record is damaged); rerun it with the same ones, or without --resume to "
+            "start over"
+        )
+    if not is_prepared(staging):
+        return {}
+    try:
+        return _verified(staging, plan, adapter_file, adapter_config)
+    except (InputError, OSError, KeyError, ValueError) as exc:
+        raise InputError(
+            f"--resume: the interrupted run in {staging} is damaged ({exc}); run without "
+            "--resume to start over"
+        ) from None
+
+
+def _verified(staging: Path, plan, adapter_file: str, adapter_config: dict) -> dict[str, dict]:
     from .adapter import LoraAdapter, peft_key
     from .convert import _check_target
 
     d = staging / PROGRESS_DIR
-    if not (d / PLAN_FILE).is_file():
-        raise InputError(
-            f"--resume: {staging} holds no interrupted run of this OUT; run without --resume"
-        )
-    if json.loads((d / PLAN_FILE).read_text()) != json.loads(json.dumps(fingerprint(plan))):
-        raise InputError(
-            f"--resume: the interrupted run in {staging} used other options or source files; "
-            "rerun it with the same ones, or without --resume to start over"
-        )
-    if not is_prepared(staging):
-        return {}
     rows = {r["name"]: r for p in sorted(d.glob("rank-*.jsonl")) for r in _rows(p)}
     by_name = {t.name: t for t in plan.targets}
     rows = {n: r for n, r in rows.items() if n in by_name}
@@ -140,9 +175,12 @@ def finished(staging: Path, plan, adapter_file: str, adapter_config: dict) -> di
 
 def _rows(path: Path) -> list[dict]:
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by the interruption
+            row = json.loads(line)
+        except ValueError:  # a line cut short by the interruption
             break
+        if not isinstance(row, dict) or not isinstance(row.get("name"), str):
+            break  # not a line this tool wrote: trust nothing from here on
+        out.append(row)
     return out

@@ -26,8 +26,15 @@ FAMILIES: tuple[Family, ...] = (
         r"|qkv_proj|gate_up_proj|out_proj|fc1|fc2)$",
     ),
     Family("mixtral-experts", r"\.experts\.\d+\.(w1|w2|w3)$"),
-    Family("falcon/gpt-neox", r"(^|\.)(query_key_value|dense_h_to_4h|dense_4h_to_h)$"),
-    Family("bert/roberta", r"(^|\.)(query|key|value|dense)$"),
+    Family(
+        "falcon/gpt-neox/bloom/phi",
+        r"(^|\.)(query_key_value|dense_h_to_4h|dense_4h_to_h|(self_attention|attention|self_attn)"
+        r"\.dense)$",
+    ),
+    # Only the encoder layers' dense layers: not the pooler's or an MLM head's transform.
+    Family(
+        "bert/roberta", r"(^|\.)(query|key|value|(attention\.output|intermediate|output)\.dense)$"
+    ),
     Family("gpt2", r"(^|\.)(c_attn|c_proj|c_fc)$", transposed=True),
 )
 

@@ -18,7 +18,6 @@ transformers and peft are imported inside the functions that need them, never at
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import sys
@@ -31,7 +30,7 @@ from torch import nn
 
 from .adapter import ADAPTER_FILE, LoraAdapter
 from .checkpoint import Checkpoint, read_tensor
-from .errors import InputError
+from .errors import InputError, read_json
 from .pipeline import ADAPTER_DIR
 from .targets import task_type
 
@@ -294,12 +293,9 @@ def _model_class(out_dir: Path):
     import transformers
 
     cfg_path = out_dir / "config.json"
-    try:
-        config = json.loads(cfg_path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{cfg_path}: missing; the residual model needs its config.json") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{cfg_path}: unreadable JSON ({exc})") from None
+    if not cfg_path.is_file():
+        raise InputError(f"{cfg_path}: missing; the residual model needs its config.json")
+    config = read_json(cfg_path)
     for arch in config.get("architectures") or []:
         cls = getattr(transformers, arch, None)
         if cls is not None:

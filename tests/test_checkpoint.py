@@ -289,5 +289,5 @@ def test_checkpoint_index_is_validated(tmp_path):
     with pytest.raises(InputError, match="resolves outside"):
         Checkpoint.open(tmp_path)
     index.write_text("{")
-    with pytest.raises(InputError, match="unreadable index"):
+    with pytest.raises(InputError, match="corrupt index"):
         Checkpoint.open(tmp_path)

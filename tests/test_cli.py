@@ -34,10 +34,17 @@ def leftovers(parent: Path) -> list[str]:
     )
 
 
+def screen_lines(stderr: str) -> list[str]:
+    """The non-blank lines a terminal would show: a carriage return (a progress bar's redraw,
+    or its erasure) overwrites the line it is on."""
+    shown = (line.rsplit("\r", 1)[-1] for line in stderr.split("\n"))
+    return [line for line in shown if line.strip()]
+
+
 def assert_bad_input(run_cli, args, match, out: Path):
     code, stdout, stderr = run_cli(*args)
     assert code == 2, (code, stderr)
-    lines = stderr.strip().splitlines()
+    lines = screen_lines(stderr)
     assert len(lines) == 1, stderr
     assert "Traceback" not in stderr
     assert match in lines[0], lines[0]
@@ -140,9 +147,39 @@ def _mutations():
         _set_header(s, h)
         return ck, f"tensor '{name}'"
 
+    def nested_header(ck):
+        s = _shards(ck)[0]
+        data = s.read_bytes()
+        (n,) = struct.unpack("<Q", data[:8])
+        raw = b"[" * 100_000 + b"]" * 100_000  # valid JSON, too deep for the parser
+        s.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+        return ck, "nested too deeply"
+
+    def config_not_an_object(ck):
+        (ck / "config.json").write_text("[1, 2]")
+        return ck, "expected a JSON object"
+
+    def index_metadata_not_an_object(ck):
+        index = json.loads(_index(ck).read_text())
+        index["metadata"] = "total"
+        _index(ck).write_text(json.dumps(index))
+        return ck, "metadata is not an object"
+
+    def nul_in_shard_name(ck):
+        _rewrite_weight_map(ck, lambda s: s + "\0.x")
+        return ck, "NUL byte"
+
+    def vision_language(ck):
+        config = json.loads((ck / "config.json").read_text())
+        config["architectures"] = ["LlavaForConditionalGeneration"]
+        (ck / "config.json").write_text(json.dumps({**config, "vision_config": {}}))
+        return ck, "LlavaForConditionalGeneration), which is not supported"
+
     return {f.__name__: f for f in (
         missing_src, no_safetensors, missing_shard, truncated, corrupt_header, oversized_header,
         overlapping_offsets, out_of_range_offsets, dotdot_shard, absolute_shard, unsupported_dtype,
+        nested_header, config_not_an_object, index_metadata_not_an_object, nul_in_shard_name,
+        vision_language,
     )}  # fmt: skip
 
 
@@ -154,6 +191,28 @@ def test_bad_checkpoint(case, ckpt, tmp_path, run_cli):
     src, match = MUTATIONS[case](ckpt)
     out = tmp_path / "out"
     assert_bad_input(run_cli, ["decompose", src, "--rank", "4", "--out", out], match, out)
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("-inf")])
+def test_non_finite_weight_is_bad_input(ckpt, tmp_path, run_cli, bad_value):
+    """Named before its SVD runs; what finished before it is kept for --resume, and said so on
+    the same line; the progress bar's line is ended first."""
+    s = _shards(ckpt)[0]
+    name = next(k for k in _header(s) if k.endswith("v_proj.weight"))
+    data = bytearray(s.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    begin = 8 + n + _header(s)[name]["data_offsets"][0] + 4 * 5
+    data[begin : begin + 4] = struct.pack("<f", bad_value)  # the tiny Llama is fp32
+    s.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    code, _, err = run_cli("decompose", ckpt, "--rank", "4", "--out", out)
+    errors = [line for line in err.splitlines() if "pissa-svd" in line]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].startswith("pissa-svd: error: ")  # on a line of its own
+    assert f"tensor '{name}' in {s.name} holds NaN or inf values" in errors[0]
+    assert not out.exists()
+    if leftovers(tmp_path):
+        assert "finished tensors kept" in errors[0] and "--resume" in errors[0]
 
 
 @pytest.mark.parametrize(
@@ -172,6 +231,7 @@ def test_bad_checkpoint(case, ckpt, tmp_path, run_cli):
             "--device",
         ),
         (["--rank", "four"], "invalid int value"),
+        (["--rank", "4", "--frobnicate"], "(see pissa-svd decompose --help)"),
     ],
 )
 def test_bad_options(extra, match, ckpt, tmp_path, run_cli):
@@ -184,12 +244,84 @@ def test_out_exists_needs_overwrite(ckpt, tmp_path, run_cli):
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     code, _, err = run_cli("decompose", ckpt, "--rank", "4", "--out", out)
-    assert code == 2 and "already exists" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "already exists" in err and len(screen_lines(err)) == 1
     assert (out / "keep.txt").read_text() == "user data"
     code, _, _ = run_cli("decompose", ckpt, "--rank", "4", "--out", out, "--overwrite", "--quiet")
     assert code == 0
     assert not (out / "keep.txt").exists() and (out / "pissa_init").is_dir()
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("where", [".", "..", "file/out"])
+def test_out_that_cannot_be_a_new_folder(ckpt, tmp_path, run_cli, monkeypatch, where):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "file").write_text("user data")
+    monkeypatch.chdir(work)
+    code, _, err = run_cli("decompose", ckpt, "--rank", "4", "--out", where, "--overwrite")
+    assert code == 2 and len(screen_lines(err)) == 1 and "Traceback" not in err
+    assert ("is a file, not a folder" if "/" in where else "the current folder") in err
+    assert sorted(p.name for p in work.iterdir()) == ["file"]
+    assert (work / "file").read_text() == "user data" and leftovers(tmp_path) == []
+
+
+def test_out_in_a_folder_we_cannot_write(ckpt, tmp_path, run_cli, monkeypatch):
+    from pissa_svd import output
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(
+        output.os, "access", lambda p, mode: False if Path(p) == locked else real(p, mode)
+    )  # a permission check that root, who runs CI containers, would pass
+    code, _, err = run_cli("decompose", ckpt, "--rank", "4", "--out", locked / "sub" / "out")
+    assert code == 2 and len(screen_lines(err)) == 1 and "cannot write in" in err, err
+    assert list(locked.iterdir()) == []  # checked before anything was created
+
+
+def test_file_system_errors_are_one_line(ckpt, tmp_path, run_cli, monkeypatch):
+    """An OSError from the file system (here: a side file that cannot be copied) is one line,
+    exit 2, and says what was kept for --resume."""
+    from pissa_svd import pipeline
+
+    def refuse(src_root, names, dest_root):
+        raise PermissionError(errno.EACCES, "Permission denied", str(src_root / names[0]))
+
+    monkeypatch.setattr(pipeline, "copy_files", refuse)
+    out = tmp_path / "out"
+    code, _, err = run_cli("decompose", ckpt, "--rank", "4", "--out", out)
+    lines = [line for line in screen_lines(err) if not line.startswith("decompose")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err  # and the bar's line
+    assert "Permission denied; check its permissions" in lines[0]
+    assert "21 finished tensors kept" in lines[0] and "--resume" in lines[0]
+    assert not out.exists()
+    monkeypatch.undo()
+    code, _, _ = run_cli("decompose", ckpt, "--rank", "4", "--out", out, "--resume", "--quiet")
+    assert code == 0 and (out / "pissa_init").is_dir() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["folder", "file", "symlink"])
+def test_a_users_staging_namesake_is_never_removed(ckpt, tmp_path, run_cli, kind):
+    staging = tmp_path / ".out.partial"
+    if kind == "folder":
+        staging.mkdir()
+        (staging / "notes.txt").write_text("user data")
+    elif kind == "file":
+        staging.write_text("user data")
+    else:
+        (tmp_path / "mine").mkdir()
+        staging.symlink_to(tmp_path / "mine")
+    for extra in ([], ["--resume"]):
+        code, _, err = run_cli("decompose", ckpt, "--rank", "4", "--out", tmp_path / "out", *extra)
+        assert code == 2 and len(screen_lines(err)) == 1, err
+        assert "not an interrupted" in err or "no interrupted run" in err
+    if kind == "folder":
+        assert (staging / "notes.txt").read_text() == "user data"
+    elif kind == "file":
+        assert staging.read_text() == "user data"
+    else:
+        assert staging.is_symlink() and (tmp_path / "mine").is_dir()
+    assert not (tmp_path / "out").exists()
 
 
 def test_out_inside_src(ckpt, run_cli):
@@ -395,6 +527,70 @@ def test_resume_refuses_other_options_or_nothing_to_resume(slow_ckpt, tmp_path):
     assert proc.returncode == 2 and "other options" in proc.stderr and not out.exists()
 
 
+def _failed_run(ckpt: Path, out: Path, monkeypatch, after: int) -> Path:
+    """A run that fails in its SVD call number ``after + 1`` (batch_memory 0: one tensor per
+    call), leaving ``after`` finished tensors in its staging folder, which is returned."""
+    from pissa_svd import pipeline
+    from pissa_svd.pipeline import decompose
+
+    real, calls = pipeline.svd_lowrank, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > after:
+            raise RuntimeError("injected failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "svd_lowrank", failing)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        decompose(ckpt, out, rank=4, batch_memory=0, quiet=True)
+    monkeypatch.setattr(pipeline, "svd_lowrank", real)
+    return out.parent / f".{out.name}.partial"
+
+
+def _resume_args(ckpt, out):
+    return ["decompose", ckpt, "--rank", "4", "--out", out, "--batch-memory", "0", "--resume"]
+
+
+def test_resume_after_a_stop_while_creating_the_files(ckpt, tmp_path, monkeypatch, run_cli):
+    """Killed after the staging folder was started, before every file existed: --resume
+    creates the files again instead of tripping over the ones that were there."""
+    out = tmp_path / "out"
+    staging = _failed_run(ckpt, out, monkeypatch, after=2)
+    (staging / ".pissa_progress" / "prepared").unlink()
+    (staging / ".pissa_progress" / "rank-0.jsonl").unlink()
+    code, _, err = run_cli(*_resume_args(ckpt, out), "--quiet")
+    assert code == 0, err
+    clean = tmp_path / "clean"
+    assert run_cli("decompose", ckpt, "--rank", "4", "--out", clean, "--quiet")[0] == 0
+    for f in clean.glob("*.safetensors"):
+        assert (out / f.name).read_bytes() == f.read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["plan", "journal_line", "adapter"])
+def test_resume_of_a_damaged_run_is_one_line(ckpt, tmp_path, monkeypatch, run_cli, damage):
+    out = tmp_path / "out"
+    staging = _failed_run(ckpt, out, monkeypatch, after=3)
+    progress = staging / ".pissa_progress"
+    if damage == "plan":
+        (progress / "plan.json").write_text("{oops")
+        match = "other options or source files (or its record is damaged)"
+    elif damage == "journal_line":  # not a line this tool writes: what follows is not trusted
+        lines = (progress / "rank-0.jsonl").read_text().splitlines()
+        (progress / "rank-0.jsonl").write_text("\n".join([lines[0], "5", *lines[1:]]) + "\n")
+        match = None
+    else:
+        (staging / "pissa_init" / "adapter_model.safetensors").write_bytes(b"\0" * 8)
+        match = "is damaged"
+    code, _, err = run_cli(*_resume_args(ckpt, out), "--quiet")
+    if match is None:
+        report = json.loads((out / "pissa_report.json").read_text())
+        assert code == 0 and report["totals"]["resumed"] == 1, err  # the line before it
+        return
+    assert code == 2 and len(screen_lines(err)) == 1 and match in err, err
+    assert "Traceback" not in err and not out.exists()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_run_keeps_finished_tensors_for_resume(slow_ckpt, tmp_path, sig):
     out = tmp_path / "out"
@@ -420,7 +616,7 @@ def test_library_and_cli_agree_on_entry_point():
 def test_bad_batch_memory_is_one_line(ckpt, tmp_path, run_cli, size):
     out = tmp_path / "out"
     code, _, err = run_cli("decompose", ckpt, "--rank", "4", "--out", out, "--batch-memory", size)
-    assert code == 2 and "--batch-memory" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "--batch-memory" in err and len(screen_lines(err)) == 1
     assert not out.exists()
 
 

@@ -110,6 +110,23 @@ def test_verify_fails_a_residual_changed_by_one_percent(
     assert "FAIL: 1 of" in stdout and f"worst {name}" in stdout
 
 
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_verify_fails_a_non_finite_residual_value(tiny_llama, out, run_cli, tmp_path, bad_value):
+    """A NaN must not slip through the error bound's max (max(0.0, nan) is 0.0 in Python)."""
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    name = "model.layers.0.self_attn.q_proj.weight"
+
+    def poison(t):
+        t = t.clone()
+        t[0, 0] = bad_value
+        return t
+
+    _rewrite_tensor(bad, name, poison)
+    code, stdout, _ = run_cli("verify", tiny_llama, bad, "--quiet")
+    assert code == 1 and f"worst {name}: non-finite values" in stdout, stdout
+
+
 def test_verify_fails_a_changed_copied_tensor(tiny_llama, out, run_cli, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(out, bad)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pissa_svd import costmodel
-from pissa_svd.pipeline import Options, make_plan
+from pissa_svd.pipeline import Options, _batch_cost, make_plan
 
 
 def test_terms_follow_the_algorithms():
@@ -29,6 +29,59 @@ def test_terms_follow_the_algorithms():
     assert four["gemm_flop"] == 4 * one["gemm_flop"] and four["elements"] == 4 * one["elements"]
 
 
+@pytest.mark.parametrize(("method", "k_passes", "two_k_passes"), [
+    ("halko", 9, 1), ("krylov2", 7, 3), ("krylov3", 5, 5), ("krylov", 1, 9),
+])  # fmt: skip
+def test_bf16_sketch_counts_its_passes_apart(method, k_passes, two_k_passes):
+    """niter 4: the sketch and the lead blocks' passes have k columns; the kept blocks' and the
+    last pass split their operand into bf16 hi + lo, 2k columns (linalg._block_krylov)."""
+    m, n, k = 2048, 5632, 64
+    fp32 = costmodel.features(m, n, k, method=method, niter=4, oversample=0)
+    bf16 = costmodel.features(m, n, k, method=method, niter=4, oversample=0, bf16_sketch=True)
+    pass_flop = 2 * m * n * k
+    assert bf16["bf16_gemm_flop"] == (k_passes + 2 * two_k_passes) * pass_flop
+    assert bf16["gemm_flop"] == pass_flop == fp32["gemm_flop"] - 10 * pass_flop  # the residual
+    assert fp32["bf16_gemm_flop"] == 0
+    assert {key: v for key, v in bf16.items() if "gemm" not in key} == {
+        key: v for key, v in fp32.items() if "gemm" not in key
+    }
+    exact = dict(method="exact", niter=4, oversample=0)
+    assert costmodel.features(m, n, k, **exact, bf16_sketch=True) == costmodel.features(
+        m, n, k, **exact
+    )
+
+
+def test_dry_run_prices_the_bf16_sketch_at_its_own_rate(tiny_llama, tmp_path, monkeypatch):
+    fit = json.loads(costmodel.MODEL_FILE.read_text())["devices"]["cpu"]
+    fast = {**fit, "coef": {**fit["coef"], "bf16_gemm_flop": fit["coef"]["gemm_flop"] / 100}}
+    monkeypatch.setattr(costmodel, "_fitted", lambda: {"cpu": fast})
+
+    def planned_seconds(sketch):
+        opts = Options(rank=8, method="halko", sketch_dtype=sketch)
+        plan = make_plan(tiny_llama, tmp_path / "out", opts)
+        assert f"sketch {sketch}" in plan.describe()
+        return sum(_batch_cost(plan, b) for b in plan.batches)
+
+    assert planned_seconds("bf16") < planned_seconds("fp32")
+    # A fit without bf16-sketch points prices its passes at the fp32 GEMM rate, and says so.
+    del fast["coef"]["bf16_gemm_flop"]
+    coef, note = costmodel.coefficients("cpu")
+    assert coef["bf16_gemm_flop"] == coef["gemm_flop"] and "bf16 sketch not measured" in note
+
+
+def test_bf16_sketch_plans_memory_for_its_bf16_copy(tiny_llama, tmp_path):
+    plans = {
+        s: make_plan(tiny_llama, tmp_path / "out", Options(rank=8, method="halko", sketch_dtype=s))
+        for s in ("fp32", "bf16")
+    }
+    batch = max(plans["fp32"].batches, key=len)
+    t, b = batch[0], len(batch)
+    assert b > 1  # a batch of several reads a bf16 copy of them
+    extra = t.working_bytes(0, b, bf16_sketch=True) - t.working_bytes(0, b)
+    assert extra == b * t.out_features * t.in_features * 2
+    assert plans["bf16"].working_bytes >= plans["fp32"].working_bytes
+
+
 def test_fitted_file_is_complete_and_positive():
     data = json.loads(costmodel.MODEL_FILE.read_text())
     assert "cpu" in data["devices"]
@@ -41,7 +94,7 @@ def test_fitted_file_is_complete_and_positive():
             m, n = p["shape"]
             f = costmodel.features(
                 m, n, p["rank"], method=p["method"], niter=p["niter"], oversample=p["oversample"],
-                batch=p["batch"],
+                batch=p["batch"], bf16_sketch=p.get("sketch") == "bf16",
             )  # fmt: skip
             pred = sum(fit["coef"][k] * f[k] for k in costmodel.FEATURES)
             assert abs(pred / p["seconds"] - 1) <= fit["max_rel_err"] + 1e-9

@@ -178,6 +178,24 @@ def test_tiny_llama_bf16_custom_alpha_and_dtypes(tiny_llama_bf16, tmp_path):
     assert {t.dtype for t in adapter.values()} == {torch.float32}
 
 
+def test_fp32_residual_of_a_bf16_model_loads_in_fp32(tiny_llama_bf16, tmp_path, monkeypatch):
+    """transformers loads in config.json's dtype by default: it must name the residual's, or an
+    fp32 residual would come back rounded to bf16. The report's source is an absolute path
+    (to-lora points the LoRA's base_model_name_or_path at it, from any working folder)."""
+    monkeypatch.chdir(tiny_llama_bf16.parent)
+    decompose(tiny_llama_bf16.name, tmp_path / "out", rank=4, residual_dtype="fp32", quiet=True)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert {config.get(k) for k in ("dtype", "torch_dtype") if k in config} == {"float32"}
+    assert json.loads((tiny_llama_bf16 / "config.json").read_text()) != config  # source kept
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert q.dtype == torch.float32 and (q != q.bfloat16().float()).any()  # not rounded
+    report = json.loads((tmp_path / "out" / "pissa_report.json").read_text())
+    assert report["source"] == str(tiny_llama_bf16.resolve())
+
+
 @pytest.mark.parametrize("batch_memory", [None, 0])  # batched (bf16 copies) and one at a time
 def test_bf16_sketch(tiny_llama_bf16, tmp_path, batch_memory):
     out = tmp_path / "out"
@@ -222,7 +240,7 @@ def test_real_minilm(minilm, tmp_path):
     decompose(minilm, out, rank=16, quiet=True)
     config = check_output(minilm, out, 16)
     assert config["task_type"] == "FEATURE_EXTRACTION"
-    assert len(config["target_modules"]) == 6 * 6 + 1  # q, k, v, 3 dense per layer, pooler
+    assert len(config["target_modules"]) == 6 * 6  # q, k, v, 3 dense per layer; not the pooler
     tok = AutoTokenizer.from_pretrained(minilm)
     inputs = dict(
         tok(["PiSSA keeps the principal components.", "Hello"], padding=True, return_tensors="pt")
@@ -282,6 +300,35 @@ def test_peft_converts_our_adapter_to_lora(tiny_llama, tmp_path):
     torch.testing.assert_close(converted, trained, atol=1e-4, rtol=1e-4)
     # ... and the "training" really moved the model (so the check above can fail).
     assert float((trained - original).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("name", "target"),
+    [
+        ("model.layers.0.self_attn.q_proj.weight", True),
+        ("model.layers.0.mlp.down_proj.weight", True),
+        ("model.layers.0.block_sparse_moe.experts.3.w2.weight", True),
+        ("bert.encoder.layer.0.attention.self.query.weight", True),
+        ("bert.encoder.layer.0.attention.output.dense.weight", True),
+        ("bert.encoder.layer.0.intermediate.dense.weight", True),
+        ("roberta.encoder.layer.0.output.dense.weight", True),
+        ("transformer.h.0.self_attention.dense.weight", True),  # Falcon, BLOOM
+        ("gpt_neox.layers.0.attention.dense.weight", True),
+        ("model.layers.0.self_attn.dense.weight", True),  # Phi-1/2
+        ("transformer.h.0.attn.c_attn.weight", True),
+        ("bert.pooler.dense.weight", False),  # not attention or MLP
+        ("cls.predictions.transform.dense.weight", False),
+        ("classifier.dense.weight", False),
+        ("lm_head.weight", False),
+        ("model.embed_tokens.weight", False),
+        ("model.layers.0.self_attn.q_proj.bias", False),
+    ],
+)
+def test_default_targets(name, target):
+    from pissa_svd.targets import select
+
+    assert (select(name, (8, 8)) is not None) == target
+    assert select(name, (8,)) is None  # only 2-D weights
 
 
 def test_single_file_and_target_patterns(minilm, tmp_path):

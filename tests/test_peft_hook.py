@@ -223,6 +223,30 @@ def test_saved_config_says_true_and_reloads_on_the_residual(tmp_path, init):
     torch.testing.assert_close(logits(reloaded, ids), expected, rtol=0, atol=2e-6)
 
 
+def test_trained_adapter_converts_to_a_lora_for_the_original_model(tmp_path):
+    """The README's route for a model initialized in place: the trained adapter applies to the
+    residual, which lives only in memory, so save the initial adapter before training and
+    convert with to-lora; the original model plus that LoRA is the trained model."""
+    from pissa_svd.convert import to_lora
+
+    base = make_llama()
+    ids = input_ids()
+    model = lora(base)
+    initialize(model)
+    model.save_pretrained(tmp_path / "init")
+    with torch.no_grad():  # stands in for training
+        g = torch.Generator().manual_seed(3)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * p.abs().mean() * torch.randn(p.shape, generator=g))
+    trained = logits(model, ids)
+    assert (trained - logits(base, ids)).abs().max() > 1e-2  # the stand-in moved the outputs
+    model.save_pretrained(tmp_path / "trained")
+    to_lora(tmp_path / "init", tmp_path / "trained", tmp_path / "lora")
+    converted = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lora")
+    torch.testing.assert_close(logits(converted, ids), trained, rtol=0, atol=2e-5)
+
+
 @pytest.mark.parametrize("autocast", [True, False], ids=["fp32-adapter", "bf16-adapter"])
 def test_bf16_base(autocast):
     """Tolerance: relative to the bf16 weights run in fp32, the PiSSA model's logits may be off
