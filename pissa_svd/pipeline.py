@@ -477,6 +477,8 @@ def execute(plan: Plan) -> dict:
             told = getattr(exc, "pissa_agreed", False)
             if team.world > 1 and isinstance(exc, Exception) and not told:
                 team.broadcast(("failed", f"rank 0 failed on {plan.out}: {exc}"))
+            if getattr(exc, "pissa_discard", False) and resume.is_ours(staging):
+                shutil.rmtree(staging, ignore_errors=True)  # nothing in it can be resumed
             note = _keep_or_remove(staging) if resume.is_ours(staging) else None
             if note and isinstance(exc, InputError):
                 exc.args = (f"{exc}; {note}",)  # still one line
@@ -514,54 +516,56 @@ def _write_all(plan: Plan, tmp: Path, team: Team, done: dict[str, dict] | None) 
             _agree(team, prep)
         # Phase 2 (every rank): its batches, in file order, straight into those files.
         failure = _attempt(lambda: _decompose_share(plan, tmp, mine, bar, rows, team.rank), team)
+        shared = team.all_gather((failure, rows, _rss_bytes()))
+        _agree(team, next((f for f, _, _ in shared if f is not None), None))
+        if not team.leader:
+            return {}
+        # Phase 3 (rank 0): index, adapter config, side files, report.
+        rows = [r for _, rs, _ in shared for r in rs]
+        rows += [r for n, r in done.items() if n not in {x["name"] for x in rows}]
+        order = {t.name: i for i, t in enumerate(plan.targets)}
+        rows.sort(key=lambda r: order[r["name"]])
+        _write_index(plan, tmp)
+        write_json(tmp / ADAPTER_DIR / ADAPTER_CONFIG, _adapter_config(plan))
+        copy_files(ck.root, ck.extra_files, tmp)
+        _retag_config(plan, tmp)
+        report = {
+            "pissa_svd_version": __version__,
+            "source": os.path.abspath(
+                ck.root if ck.index is not None else ck.files[ck.shards[0]].path
+            ),
+            "rank": o.rank,
+            "lora_alpha": plan.alpha,
+            "scaling": plan.scaling,
+            "niter": o.niter,
+            "oversample": plan.oversample,
+            "method": o.method,
+            "sketch_dtype": o.sketch_dtype,
+            "seed": o.seed,
+            "quantize": o.quantize,
+            "quant_iters": o.quant_iters if o.quantize else None,
+            "device": plan.device,
+            "fan_in_fan_out": plan.fan_in_fan_out,
+            "totals": {
+                "matrices": len(rows),
+                "processes": team.world,
+                "resumed": len(done),
+                "seconds": round(time.perf_counter() - t_start, 3),
+                "svd_seconds": round(sum(r["svd_seconds"] for r in rows), 3),
+                "compute_seconds": round(sum(r.get("compute_seconds", 0.0) for r in rows), 3),
+                "bytes_in": ck.total_bytes,
+                "peak_rss_bytes": max(rss for _, _, rss in shared),
+                "mean_energy_fraction": sum(r["energy_fraction"] for r in rows) / len(rows),
+            },
+            "matrices": rows,
+        }
+        write_json(tmp / REPORT_FILE, report)
+        return report
     except BaseException:
         bar.leave = False  # erase the bar: the error that follows gets a line of its own
         raise
     finally:
         bar.close()
-    shared = team.all_gather((failure, rows, _rss_bytes()))
-    _agree(team, next((f for f, _, _ in shared if f is not None), None))
-    if not team.leader:
-        return {}
-    # Phase 3 (rank 0): index, adapter config, side files, report.
-    rows = [r for _, rs, _ in shared for r in rs]
-    rows += [r for n, r in done.items() if n not in {x["name"] for x in rows}]
-    order = {t.name: i for i, t in enumerate(plan.targets)}
-    rows.sort(key=lambda r: order[r["name"]])
-    _write_index(plan, tmp)
-    write_json(tmp / ADAPTER_DIR / ADAPTER_CONFIG, _adapter_config(plan))
-    copy_files(ck.root, ck.extra_files, tmp)
-    _retag_config(plan, tmp)
-    report = {
-        "pissa_svd_version": __version__,
-        "source": os.path.abspath(ck.root if ck.index is not None else ck.files[ck.shards[0]].path),
-        "rank": o.rank,
-        "lora_alpha": plan.alpha,
-        "scaling": plan.scaling,
-        "niter": o.niter,
-        "oversample": plan.oversample,
-        "method": o.method,
-        "sketch_dtype": o.sketch_dtype,
-        "seed": o.seed,
-        "quantize": o.quantize,
-        "quant_iters": o.quant_iters if o.quantize else None,
-        "device": plan.device,
-        "fan_in_fan_out": plan.fan_in_fan_out,
-        "totals": {
-            "matrices": len(rows),
-            "processes": team.world,
-            "resumed": len(done),
-            "seconds": round(time.perf_counter() - t_start, 3),
-            "svd_seconds": round(sum(r["svd_seconds"] for r in rows), 3),
-            "compute_seconds": round(sum(r.get("compute_seconds", 0.0) for r in rows), 3),
-            "bytes_in": ck.total_bytes,
-            "peak_rss_bytes": max(rss for _, _, rss in shared),
-            "mean_energy_fraction": sum(r["energy_fraction"] for r in rows) / len(rows),
-        },
-        "matrices": rows,
-    }
-    write_json(tmp / REPORT_FILE, report)
-    return report
 
 
 def _open_staging(plan: Plan, staging: Path) -> dict[str, dict] | None:
@@ -635,7 +639,8 @@ def _attempt(fn, team: Team):
     except Exception as exc:
         what = getattr(exc, "pissa_tensor", None) or "preparing the output files"
         if isinstance(exc, InputError):
-            return ("input", f"rank {team.rank}, {what}: {exc}")
+            kind = "discard" if getattr(exc, "pissa_discard", False) else "input"
+            return (kind, f"rank {team.rank}, {what}: {exc}")
         if isinstance(exc, OSError):  # the file system refused (permissions, space, ...)
             return ("input", f"rank {team.rank}, {what}: {os_error_message(exc)}")
         traceback.print_exc()  # a bug: its traceback, once, from the rank that hit it
@@ -649,8 +654,9 @@ def _agree(team: Team, failure) -> None:
         failure = failures[0] if failures else None
     if failure is not None:
         kind, message = failure
-        exc = InputError(message) if kind == "input" else RankFailure(message)
+        exc = InputError(message) if kind in ("input", "discard") else RankFailure(message)
         exc.pissa_agreed = True  # every rank raises it: nothing more to tell the others
+        exc.pissa_discard = kind == "discard"
         raise exc
 
 
@@ -879,10 +885,12 @@ def _decompose_batch(
     w_norms = torch.stack(w_sq).sqrt().tolist()
     for t, w in zip(batch, w_norms, strict=True):
         if not math.isfinite(w):
-            raise InputError(
+            exc = InputError(
                 f"tensor {t.name!r} in {t.info.path.name} holds NaN or inf values; fix the "
                 "checkpoint, or leave the tensor out with --targets"
             )
+            exc.pissa_discard = True  # either way the source or the plan changes: no --resume
+            raise exc
     seeds = [derive_seed(t.name, o.seed) for t in batch]
     svd_kwargs = dict(
         niter=o.niter,
@@ -911,6 +919,11 @@ def _decompose_batch(
             Wf, A, B, scaling=plan.scaling, fan_in_fan_out=t0.transposed, out=out
         )
     _sync(Wf)
+    if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):
+        raise InputError(
+            f"--alpha {plain_number(plan.alpha)} (scaling {plan.scaling:g}) makes the adapter of "
+            f"{t0.name!r} overflow {t0.adapter_dtype}; use an alpha nearer --rank"
+        )
     # The engine's work: svd_lowrank and the residual, with its rounding to the output dtype
     # and its norm, which run fused with it (or QPiSSA).
     t_engine = time.perf_counter()
