@@ -297,6 +297,11 @@ class Plan:
         return torch.device(self.device).type
 
 
+# Top-level prefixes of vision-language checkpoints (Llava, Gemma 3, Mllama, Qwen2-VL, ...) that
+# transformers moves under ``model.`` when it loads them.
+_RENAMED_ON_LOAD = ("language_model.", "vision_tower.", "multi_modal_projector.", "visual.")
+
+
 def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) -> Plan:
     """Validate everything that can be validated before writing a byte."""
     o = options
@@ -394,14 +399,16 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
         )
     alpha = float(o.alpha) if o.alpha is not None else float(o.rank)
     config = ckpt.read_json("config.json") if src_path.is_dir() else None
-    if isinstance((config or {}).get("vision_config"), dict):
+    renamed = next((t.name for t in targets if t.name.startswith(_RENAMED_ON_LOAD)), None)
+    if isinstance((config or {}).get("vision_config"), dict) and renamed:
         # transformers renames these models' modules on loading (language_model.model.* in the
         # files is model.language_model.* in memory), so the adapter's module names, taken
-        # from the files, would not attach where they should.
+        # from the files, would not attach where they should. (Dual encoders such as CLIP
+        # keep their names and are fine.)
         arch = ", ".join(config.get("architectures") or []) or "a vision_config"
         raise InputError(
-            f"{src_path} is a vision-language checkpoint ({arch}), which is not supported: "
-            "its module names change on loading; decompose a text-only checkpoint"
+            f"{src_path} is a vision-language checkpoint ({arch}) whose module names change "
+            f"on loading ({renamed!r}), which is not supported; decompose a text-only checkpoint"
         )
     if o.quantize and (config or {}).get("quantization_config"):
         raise InputError(
@@ -467,8 +474,10 @@ def execute(plan: Plan) -> dict:
             _write_all(plan, Path(tmp), team, done)
             return _from_leader(team)  # done only once rank 0 has renamed OUT into place
         staging = resume.staging_dir(plan.out)
+        owned = False  # from here on staging is ours, even once its progress record is gone
         try:
             done = _open_staging(plan, staging)
+            owned = True
             team.broadcast(("ok", (str(staging), done)))
             report = _write_all(plan, staging, team, done)
             shutil.rmtree(staging / resume.PROGRESS_DIR)
@@ -477,9 +486,10 @@ def execute(plan: Plan) -> dict:
             told = getattr(exc, "pissa_agreed", False)
             if team.world > 1 and isinstance(exc, Exception) and not told:
                 team.broadcast(("failed", f"rank 0 failed on {plan.out}: {exc}"))
-            if getattr(exc, "pissa_discard", False) and resume.is_ours(staging):
-                shutil.rmtree(staging, ignore_errors=True)  # nothing in it can be resumed
-            note = _keep_or_remove(staging) if resume.is_ours(staging) else None
+            owned = owned or resume.is_ours(staging)
+            if getattr(exc, "pissa_discard", False) and owned:
+                resume.remove(staging)  # nothing in it can be resumed
+            note = _keep_or_remove(staging) if owned else None
             if note and isinstance(exc, InputError):
                 exc.args = (f"{exc}; {note}",)  # still one line
             elif note:
@@ -583,7 +593,7 @@ def _open_staging(plan: Plan, staging: Path) -> dict[str, dict] | None:
         if resume.is_prepared(staging):
             return done
         # Stopped while creating the files: nothing was finished; create them again.
-        shutil.rmtree(staging)
+        resume.remove(staging)
     elif staging.exists() or staging.is_symlink():
         if not resume.is_ours(staging):
             raise InputError(
@@ -592,7 +602,7 @@ def _open_staging(plan: Plan, staging: Path) -> dict[str, dict] | None:
             )
         if not plan.options.quiet:  # our own leftover from an interrupted run
             print(f"pissa-svd: starting over: removing {staging}", file=sys.stderr)
-        shutil.rmtree(staging)
+        resume.remove(staging)
     resume.start(staging, plan)
     return None
 
@@ -602,7 +612,7 @@ def _keep_or_remove(staging: Path) -> str | None:
     Returns what to tell the user about what was kept."""
     n = resume.journaled(staging)
     if n == 0:
-        shutil.rmtree(staging, ignore_errors=True)
+        resume.remove(staging)
         return None
     return f"{n} finished tensors kept in {staging}: rerun with --resume to continue (or delete it)"
 
@@ -1116,15 +1126,19 @@ def _adapter_config(plan: Plan) -> dict:
 
 
 def _retag_config(plan: Plan, tmp: Path) -> None:
-    """With --residual-dtype, config.json's dtype names it: transformers loads a model in that
-    dtype by default (``dtype="auto"``), which would round an fp32 residual back to bf16."""
+    """With a --residual-dtype wider than the model's, config.json's dtype names it:
+    transformers loads a model in that dtype by default (``dtype="auto"``), which would round
+    an fp32 residual of a bf16 model back to bf16. (A narrower one leaves the config alone:
+    loading then widens the residual exactly, and the untouched tensors keep their dtype.)"""
     path = tmp / "config.json"
     if plan.options.residual_dtype is None or not path.is_file():
         return
     config = read_json(path)
-    name = str(dtype_to_torch(plan.targets[0].residual_dtype)).removeprefix("torch.")
-    keys = [k for k in ("dtype", "torch_dtype") if k in config]
-    if keys and any(config[k] != name for k in keys):
+    new = dtype_to_torch(plan.targets[0].residual_dtype)
+    keys = [k for k in ("dtype", "torch_dtype") if isinstance(config.get(k), str)]
+    old = [getattr(torch, config[k], None) for k in keys]
+    if keys and all(isinstance(d, torch.dtype) and d.itemsize < new.itemsize for d in old):
+        name = str(new).removeprefix("torch.")
         write_json(path, {**config, **dict.fromkeys(keys, name)})
 
 

@@ -71,6 +71,21 @@ def start(staging: Path, plan) -> None:
         raise
 
 
+def remove(staging: Path) -> None:
+    """Delete a staging folder of ours, its progress record last: interrupted halfway, what
+    is left is still recognized as ours (:func:`is_ours`) and removed by the next run."""
+    if not staging.exists():
+        return
+    for child in staging.iterdir():
+        if child.name == PROGRESS_DIR:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
 def is_ours(staging: Path) -> bool:
     """Whether ``staging`` is a folder this tool started (it holds a plan fingerprint), as
     opposed to a user's file or folder that happens to have its name."""

@@ -57,6 +57,11 @@ _TASK_SUFFIXES = (
 )
 
 
+# Task heads (classification, QA) are not targets by default, whatever their layers are called
+# (RoBERTa's classifier.out_proj would match the attention pattern); --targets can pick them.
+_HEADS = re.compile(r"(^|\.)(classifier|score|qa_outputs|pooler)(\.|$)")
+
+
 @dataclass(frozen=True)
 class Match:
     module: str
@@ -81,7 +86,7 @@ def select(
         return None
     family = next((f for f in FAMILIES if re.search(f.pattern, module)), None)
     if patterns is None:
-        return Match(module, family.transposed) if family else None
+        return Match(module, family.transposed) if family and not _HEADS.search(module) else None
     if any(re.search(p, module) for p in patterns):
         return Match(module, family.transposed if family else False)
     return None

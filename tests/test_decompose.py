@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pissa_svd import decompose
+from pissa_svd import InputError, decompose
 from pissa_svd.convert import verify
 from pissa_svd.pipeline import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_FILE, REPORT_FILE
 
@@ -196,6 +196,15 @@ def test_fp32_residual_of_a_bf16_model_loads_in_fp32(tiny_llama_bf16, tmp_path, 
     assert report["source"] == str(tiny_llama_bf16.resolve())
 
 
+def test_narrower_residual_dtype_leaves_the_config(tiny_llama, tmp_path):
+    """A bf16 residual of an fp32 model: config.json keeps float32, so loading widens the
+    residual exactly and the untouched tensors (embeddings, norms) stay fp32."""
+    decompose(tiny_llama, tmp_path / "out", rank=4, residual_dtype="bf16", quiet=True)
+    assert (tmp_path / "out" / "config.json").read_bytes() == (
+        tiny_llama / "config.json"
+    ).read_bytes()
+
+
 @pytest.mark.parametrize("batch_memory", [None, 0])  # batched (bf16 copies) and one at a time
 def test_bf16_sketch(tiny_llama_bf16, tmp_path, batch_memory):
     out = tmp_path / "out"
@@ -319,6 +328,8 @@ def test_peft_converts_our_adapter_to_lora(tiny_llama, tmp_path):
         ("bert.pooler.dense.weight", False),  # not attention or MLP
         ("cls.predictions.transform.dense.weight", False),
         ("classifier.dense.weight", False),
+        ("classifier.out_proj.weight", False),  # RoBERTa / BART classification heads
+        ("score.weight", False),
         ("lm_head.weight", False),
         ("model.embed_tokens.weight", False),
         ("model.layers.0.self_attn.q_proj.bias", False),
@@ -329,6 +340,36 @@ def test_default_targets(name, target):
 
     assert (select(name, (8, 8)) is not None) == target
     assert select(name, (8,)) is None  # only 2-D weights
+
+
+@pytest.mark.parametrize(
+    ("prefix", "refused"),
+    [
+        ("language_model.model.layers.0", True),  # Llava / Gemma 3 files: renamed on loading
+        ("visual.blocks.0", True),  # Qwen2-VL
+        ("vision_model.encoder.layers.0", False),  # CLIP / SigLIP dual encoders: kept as is
+    ],
+)
+def test_vision_language_checkpoints_renamed_on_loading_are_refused(tmp_path, prefix, refused):
+    from safetensors.torch import save_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    g = torch.Generator().manual_seed(0)
+    save_file(
+        {f"{prefix}.self_attn.q_proj.weight": torch.randn(16, 16, generator=g)},
+        src / "model.safetensors",
+    )
+    arch = "LlavaForConditionalGeneration" if refused else "CLIPModel"
+    config = {"architectures": [arch], "vision_config": {"hidden_size": 16}}
+    (src / "config.json").write_text(json.dumps(config))
+    if refused:
+        with pytest.raises(InputError, match=rf"\({arch}\) whose module names change"):
+            decompose(src, tmp_path / "out", rank=4, quiet=True)
+        assert not (tmp_path / "out").exists()
+    else:
+        report = decompose(src, tmp_path / "out", rank=4, quiet=True)
+        assert [r["name"] for r in report["matrices"]] == [f"{prefix}.self_attn.q_proj.weight"]
 
 
 def test_single_file_and_target_patterns(minilm, tmp_path):
