@@ -123,16 +123,7 @@ def compute_points(src: Path, device: str, repeats: int) -> list[dict]:
                 pipeline._decompose_batch(plan, batch, scratch, out)
                 times.append(time.perf_counter() - start)
             m, n = t0.out_features, t0.in_features
-            feats = costmodel.features(
-                m,
-                n,
-                rank,
-                method=t0.method,
-                niter=niter,
-                oversample=plan.oversample,
-                batch=len(batch),
-                bf16_sketch=plan.bf16_sketch,
-            )
+            feats = t0.features(niter, plan.oversample, len(batch), plan.bf16_sketch)
             points.append(
                 {
                     "shape": [m, n],
@@ -213,18 +204,8 @@ def predict_run(src: Path, device: str, coef: dict[str, float], sketch: str = "f
 
 
 def _batch_seconds(plan, batch, coef) -> float:
-    t = batch[0]
-    f = costmodel.features(
-        t.out_features,
-        t.in_features,
-        t.rank,
-        method=t.method,
-        niter=plan.options.niter,
-        oversample=plan.oversample,
-        batch=len(batch),
-        bf16_sketch=plan.bf16_sketch,
-    )
-    return sum(coef[k] * f[k] for k in costmodel.FEATURES)
+    feats = batch[0].features(plan.options.niter, plan.oversample, len(batch), plan.bf16_sketch)
+    return costmodel.predict(coef, feats)
 
 
 def _adapter_bytes(targets) -> int:
@@ -245,7 +226,7 @@ def estimates(coef: dict[str, float], device: str, processes: list[int]) -> list
                 f = costmodel.features(
                     m, n, 64, method=method, niter=4, oversample=p, bf16_sketch=bf16
                 )
-                out += [sum(coef[k] * f[k] for k in costmodel.FEATURES) + io] * layers
+                out += [costmodel.predict(coef, f) + io] * layers
         other_bytes = 2 * (2 * vocab * h) + 2 * h * (2 * layers + 1)  # embeddings, lm_head, norms
         copy_other = coef["io_bytes"] * other_bytes  # rank 0 copies the untouched tensors
         params = layers * sum(m * n for m, n in shapes) + other_bytes // 2

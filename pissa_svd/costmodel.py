@@ -131,9 +131,21 @@ def coefficients(device_kind: str) -> tuple[dict[str, float], str]:
     return nominal, f"no measured points for {device_kind}: nominal rates, a rough guess"
 
 
-def seconds(feats: dict[str, float], device_kind: str, io_bytes: float = 0.0) -> float:
-    coef, _ = coefficients(device_kind)
+def predict(coef: dict[str, float], feats: dict[str, float], io_bytes: float = 0.0) -> float:
+    """Seconds under coefficients ``coef`` (from :func:`coefficients`, or a fit being made)."""
     return sum(coef[k] * feats[k] for k in FEATURES) + coef["io_bytes"] * io_bytes
 
 
-__all__ = ["FEATURES", "MODEL_FILE", "coefficients", "features", "seconds", "working_bytes"]
+def seconds(feats: dict[str, float], device_kind: str, io_bytes: float = 0.0) -> float:
+    return predict(coefficients(device_kind)[0], feats, io_bytes)
+
+
+__all__ = [
+    "FEATURES",
+    "MODEL_FILE",
+    "coefficients",
+    "features",
+    "predict",
+    "seconds",
+    "working_bytes",
+]
