@@ -76,6 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
         "attention and MLP projection of known architectures",
     )
     d.add_argument(
+        "--exclude",
+        nargs="+",
+        metavar="PATTERN",
+        help="regexes searched in module names: modules they find are not targets, e.g. "
+        r"--exclude '\.experts\.' keeps the experts of a mixture-of-experts model whole",
+    )
+    d.add_argument(
+        "--no-load-check",
+        dest="load_check",
+        action="store_false",
+        help="decompose mixture-of-experts weights even when the installed transformers and "
+        "PEFT would not attach their adapters (for another trainer)",
+    )
+    d.add_argument(
         "--alpha", type=float, default=None, help="lora_alpha (default: rank, so scaling 1)"
     )
     d.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
@@ -267,6 +281,8 @@ def _decompose(args: argparse.Namespace) -> int:
         backend=args.backend,
         seed=args.seed,
         targets=args.targets,
+        exclude=args.exclude,
+        load_check=args.load_check,
         alpha=args.alpha,
         device=args.device,
         adapter_dtype=args.adapter_dtype,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, costmodel, resume
+from . import __version__, costmodel, loadcheck, resume
 from .adapter import ADAPTER_CONFIG, ADAPTER_FILE, peft_key
 from .checkpoint import (
     DIRECT_ALIGN,
@@ -91,6 +91,8 @@ class Options:
     backend: str = "auto"
     seed: int = 0
     targets: list[str] | None = None
+    exclude: list[str] | None = None  # regexes: modules they find are not targets
+    load_check: bool = True  # MoE experts: check PEFT attaches their adapters (loadcheck.py)
     alpha: float | None = None
     device: str = "auto"
     adapter_dtype: str | None = None
@@ -195,6 +197,7 @@ class Plan:
     batch_memory: int = 0
     batches: list[list[Target]] = field(default_factory=list)
     config: dict | None = field(default=None, repr=False)
+    load_check: str | None = None  # loadcheck's finding; None when the targets need none
 
     @property
     def flops(self) -> float:
@@ -267,6 +270,8 @@ class Plan:
             f" (the whole checkpoint is {human(ck.total_bytes)})",
             f"  disk         residual {human(ck.total_bytes)}, adapter {human(adapter)}",
         ]
+        if self.load_check is not None:
+            lines.append(f"  loading      {self.load_check}")
         k = o.processes or int(os.environ.get("WORLD_SIZE", "1"))
         costs = [_batch_cost(self, b) for b in self.batches]
         owner = assign(costs, k)
@@ -345,7 +350,8 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
             "--method gesvdr is cuSOLVER's randomized SVD: it needs --device cuda and the "
             "native CUDA backend (see pissa-svd env); use --method halko or krylov"
         )
-    patterns = _compile_patterns(o.targets)
+    patterns = _compile_patterns(o.targets, "--targets")
+    exclude = _compile_patterns(o.exclude, "--exclude")
 
     src_path, out_path = Path(src), Path(out)
     ckpt = Checkpoint.open(src_path)
@@ -354,7 +360,7 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
     targets = []
     oversample = default_oversample(o.method, o.oversample)
     for info in ckpt.tensors():
-        hit = select(info.name, info.shape, patterns)
+        hit = select(info.name, info.shape, patterns, exclude)
         if hit is None:
             continue
         if info.dtype not in FLOAT_DTYPES:
@@ -386,6 +392,8 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
         )
     if not targets:
         what = f"--targets {' '.join(o.targets)}" if o.targets else "the default target patterns"
+        if o.exclude:
+            what += f" without --exclude {' '.join(o.exclude)}"
         sample = [n for i in ckpt.tensors() if (n := i.name).endswith(".weight")][:3]
         raise InputError(
             f"{what} matched no 2-D weight in {src_path} (tensors look like: "
@@ -415,6 +423,7 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
             f"{src_path} is already quantized ({config['quantization_config'].get('quant_method', 'quantization_config')}"
             " in config.json); --quantize needs the full-precision checkpoint"
         )
+    load_check = _load_check(src_path, config, targets, o) if o.load_check else None
     budget = default_batch_memory(device) if o.batch_memory is None else o.batch_memory
     return Plan(
         ckpt=ckpt,
@@ -432,7 +441,26 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
         batch_memory=budget,
         batches=_batches(targets, budget),
         config=config,
+        load_check=load_check,
     )
+
+
+def _load_check(src: Path, config: dict | None, targets: list[Target], o: Options) -> str | None:
+    """Refuse targets whose adapters PEFT would drop on loading (MoE experts it cannot map)."""
+    if config is None or not loadcheck.needed([t.module for t in targets]):
+        return None
+    sizes = {t.module: t.out_features * t.in_features for t in targets}
+    result = loadcheck.check(src, config, sizes, o.rank)
+    if result.ok is False:
+        experts = all(loadcheck.EXPERT.search(m + ".") for m in result.missing)
+        hint = r"--exclude '\.experts\.'" if experts else "--exclude REGEX"
+        raise InputError(
+            f"{src}: {result.reason} (e.g. {result.missing[0]}): PEFT would drop them "
+            "silently on loading and the model would not start from its original weights; "
+            f"leave them out with {hint} (they stay whole in the residual), or pass "
+            "--no-load-check to decompose them for another trainer"
+        )
+    return result.reason
 
 
 def _batches(targets: list[Target], budget: int) -> list[list[Target]]:
@@ -556,6 +584,7 @@ def _write_all(plan: Plan, tmp: Path, team: Team, done: dict[str, dict] | None) 
             "quant_iters": o.quant_iters if o.quantize else None,
             "device": plan.device,
             "fan_in_fan_out": plan.fan_in_fan_out,
+            "load_check": plan.load_check,
             "totals": {
                 "matrices": len(rows),
                 "processes": team.world,
@@ -1188,14 +1217,14 @@ def _device(device: str) -> str:
     raise InputError(f"--device must be auto, cpu or cuda, got {device!r}")
 
 
-def _compile_patterns(patterns: list[str] | None) -> list[str] | None:
+def _compile_patterns(patterns: list[str] | None, flag: str) -> list[str] | None:
     if patterns is None:
         return None
     for p in patterns:
         try:
             re.compile(p)
         except re.error as exc:
-            raise InputError(f"--targets pattern {p!r} is not a valid regex ({exc})") from None
+            raise InputError(f"{flag} pattern {p!r} is not a valid regex ({exc})") from None
     return list(patterns)
 
 

@@ -73,16 +73,22 @@ def module_name(tensor_name: str) -> str | None:
 
 
 def select(
-    tensor_name: str, shape: tuple[int, ...], patterns: list[str] | None = None
+    tensor_name: str,
+    shape: tuple[int, ...],
+    patterns: list[str] | None = None,
+    exclude: list[str] | None = None,
 ) -> Match | None:
     """The target decision for one tensor, or None when it is not a target.
 
     With ``patterns`` (user regexes, ``re.search`` on the module name) any 2-D ``.weight``
     except embeddings may be chosen; its layout is still taken from the family table, so
-    GPT-2's ``c_attn`` stays transposed. Without, the family table decides.
+    GPT-2's ``c_attn`` stays transposed. Without, the family table decides. A module that
+    an ``exclude`` regex finds is never a target.
     """
     module = module_name(tensor_name)
     if module is None or len(shape) != 2 or _EXCLUDE.search(module):
+        return None
+    if exclude and any(re.search(p, module) for p in exclude):
         return None
     family = next((f for f in FAMILIES if re.search(f.pattern, module)), None)
     if patterns is None:

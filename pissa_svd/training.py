@@ -31,8 +31,8 @@ from torch import nn
 from .adapter import ADAPTER_FILE, LoraAdapter
 from .checkpoint import Checkpoint, read_tensor
 from .errors import InputError, read_json
+from .loadcheck import model_class
 from .pipeline import ADAPTER_DIR
-from .targets import task_type
 
 BACKENDS = ("auto", "peft", "torch")
 
@@ -287,22 +287,11 @@ def _check_out_dir(out_dir: Path) -> None:
 
 
 def _model_class(out_dir: Path):
-    """The transformers class named in config.json's ``architectures`` (e.g. LlamaForCausalLM,
-    GPT2LMHeadModel, BertModel); AutoModelForCausalLM or AutoModel when it is not a
-    transformers class."""
-    import transformers
-
+    """The transformers class for ``out_dir``'s config.json (:func:`loadcheck.model_class`)."""
     cfg_path = out_dir / "config.json"
     if not cfg_path.is_file():
         raise InputError(f"{cfg_path}: missing; the residual model needs its config.json")
-    config = read_json(cfg_path)
-    for arch in config.get("architectures") or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls
-    if task_type(config) == "CAUSAL_LM":
-        return transformers.AutoModelForCausalLM
-    return transformers.AutoModel
+    return model_class(read_json(cfg_path))
 
 
 def load_trainable(

@@ -65,6 +65,45 @@ def tiny_llama_bf16(tmp_path_factory) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama_bf16") / "ckpt", torch.bfloat16)
 
 
+TINY_MOE = {  # mixture-of-experts families with each naming of the experts' weights
+    "mixtral": ("MixtralConfig", dict(intermediate_size=96, num_local_experts=4)),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(
+            intermediate_size=96,
+            moe_intermediate_size=48,
+            shared_expert_intermediate_size=80,
+            num_experts=4,
+        ),
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        dict(intermediate_size=96, moe_intermediate_size=48, num_experts=4, head_dim=16),
+    ),
+}
+
+
+def save_tiny_moe(path: Path, family: str) -> Path:
+    """A random fp32 mixture-of-experts LM of ``family`` (a TINY_MOE key): 2 layers, 4 experts."""
+    import transformers
+
+    config_cls, extra = TINY_MOE[family]
+    config = getattr(transformers, config_cls)(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        eos_token_id=1,
+        **extra,
+    )
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).float().save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> Path:
     """GPT-2 stores its Conv1D weights transposed: (in, out)."""
