@@ -84,6 +84,8 @@ class LoraAdapter:
                 )
         adapter = cls(root, config, A, B, extra)
         for module in A:
+            if fused_container(config, module) is not None:
+                continue  # E experts' ranks in one module: fused.fused_params checks it
             expected = adapter.config_rank(module)
             if expected is not None and expected != adapter.rank(module):
                 raise InputError(
@@ -113,12 +115,12 @@ class LoraAdapter:
         return (in_f, out_f) if self.fan_in_fan_out else (out_f, in_f)
 
     def config_rank(self, module: str) -> int | None:
-        r = _pattern_value(self.config.get("rank_pattern") or {}, module, self.config.get("r"))
+        r = pattern_value(self.config.get("rank_pattern") or {}, module, self.config.get("r"))
         return None if r is None else int(r)
 
     def alpha(self, module: str) -> float:
         alpha = self.config.get("lora_alpha", self.config.get("r", self.rank(module)))
-        return float(_pattern_value(self.config.get("alpha_pattern") or {}, module, alpha))
+        return float(pattern_value(self.config.get("alpha_pattern") or {}, module, alpha))
 
     def scaling(self, module: str) -> float:
         """s in ``W + s * B @ A``, exactly as PEFT computes it."""
@@ -150,7 +152,18 @@ class LoraAdapter:
         guarded(lambda: save_file(tensors, str(path), metadata={"format": "pt"}), path)
 
 
-def _pattern_value(patterns: dict, module: str, default):
+def fused_container(config: dict, module: str) -> str | None:
+    """For PEFT's LoRA of fused expert parameters (``target_parameters``, see
+    :mod:`pissa_svd.fused`): the experts container a module key adapts, else None."""
+    if not config.get("target_parameters"):
+        return None
+    container = module
+    while container.endswith(".base_layer"):
+        container = container.removesuffix(".base_layer")
+    return container if container.endswith(".experts") else None
+
+
+def pattern_value(patterns: dict, module: str, default):
     """PEFT's rank_pattern/alpha_pattern lookup: a key matches a module name's suffix."""
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", module):

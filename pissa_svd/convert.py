@@ -16,7 +16,9 @@ import copy
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -33,6 +35,7 @@ from .checkpoint import (
     read_tensor,
 )
 from .errors import InputError
+from .fused import FusedParam, fused_params
 from .output import check_out, copy_files, plain_number, progress, staged, write_json
 from .pipeline import ADAPTER_DIR, REPORT_FILE
 
@@ -66,22 +69,31 @@ def to_lora(
     tr = LoraAdapter.load(trained, "trained adapter")
     out = Path(out)
     check_out(out, overwrite, {"the init adapter": ini.root, "the trained adapter": tr.root})
-    _check_same_layout(ini, tr)
+    shapes = {m: ini.shape(m) for m in ini.modules}
+    fused = fused_params(tr, shapes, f"the init adapter {ini.root}")
+    _check_same_layout(ini, tr, fused)
 
     A_out: dict[str, torch.Tensor] = {}
     B_out: dict[str, torch.Tensor] = {}
     changes: list[float] = []
-    for m in ini.modules:
-        s0, s1 = ini.scaling(m), tr.scaling(m)
+    for m in tr.modules:
+        # Per expert (E = 1 but for fused experts): A (E, r, in), B (E, out, r).
+        if m in fused:
+            p = fused[m]
+            (A1, B1), s1 = p.split(tr.A[m], tr.B[m]), p.scaling
+            A0, B0, s0 = p.from_experts(ini)  # the init in the trained adapter's layout
+        else:
+            A1, B1, s1 = tr.A[m][None], tr.B[m][None], tr.scaling(m)
+            A0, B0, s0 = ini.A[m][None], ini.B[m][None], ini.scaling(m)
         dtype = torch.promote_types(
-            torch.promote_types(ini.A[m].dtype, tr.A[m].dtype),
-            torch.promote_types(ini.B[m].dtype, tr.B[m].dtype),
+            torch.promote_types(A0.dtype, A1.dtype), torch.promote_types(B0.dtype, B1.dtype)
         )
         # The output keeps the trained adapter's scaling s1, so the init's B is rescaled by
         # s0 / s1 (1 unless the two configs disagree on alpha).
-        A_out[m] = torch.cat([tr.A[m].to(dtype), ini.A[m].to(dtype)], dim=0)
-        B_out[m] = torch.cat([tr.B[m].to(dtype), ini.B[m].to(dtype) * (-s0 / s1)], dim=1)
-        changes.append(_relative_change(ini, tr, m))
+        A = torch.cat([A1.to(dtype), A0.to(dtype)], dim=1)
+        B = torch.cat([B1.to(dtype), B0.to(dtype) * (-s0 / s1)], dim=2)
+        A_out[m], B_out[m] = fused[m].join(A, B) if m in fused else (A[0], B[0])
+        changes.append(_relative_change(A1, B1, s1, A0, B0, s0))
     median = sorted(changes)[len(changes) // 2]
 
     config = _doubled_config(tr.config)
@@ -94,6 +106,7 @@ def to_lora(
     return {
         "out": str(out),
         "modules": len(ini.modules),
+        "fused": len(fused),
         "r": tr.config.get("r"),
         "r_out": config.get("r"),
         "lora_alpha": tr.config.get("lora_alpha"),
@@ -106,9 +119,10 @@ def to_lora(
     }
 
 
-def _check_same_layout(ini: LoraAdapter, tr: LoraAdapter) -> None:
-    only_init = sorted(set(ini.modules) - set(tr.modules))
-    only_trained = sorted(set(tr.modules) - set(ini.modules))
+def _check_same_layout(ini: LoraAdapter, tr: LoraAdapter, fused: dict[str, FusedParam]) -> None:
+    in_fused = {m for p in fused.values() for names in p.parts for m in names}
+    only_init = sorted(set(ini.modules) - set(tr.modules) - in_fused)
+    only_trained = sorted(set(tr.modules) - set(ini.modules) - set(fused))
     if only_init or only_trained:
         which = (
             f"{len(only_init)} module(s) only in the init, e.g. {only_init[0]}"
@@ -119,12 +133,19 @@ def _check_same_layout(ini: LoraAdapter, tr: LoraAdapter) -> None:
             f"trained adapter {tr.root} and init {ini.root} target different modules ({which}); "
             "pass the adapter that was trained from this init"
         )
-    for m in ini.modules:
+    for m in set(ini.modules) & set(tr.modules):
         a0, b0, a1, b1 = ini.A[m].shape, ini.B[m].shape, tr.A[m].shape, tr.B[m].shape
         if (a0, b0) != (a1, b1):
             raise InputError(
                 f"{m}: trained adapter has lora_A {tuple(a1)} / lora_B {tuple(b1)}, the init has "
                 f"{tuple(a0)} / {tuple(b0)}; the rank or the base model differs from the init's"
+            )
+    for m, p in fused.items():
+        r0 = sum(ini.rank(name) for name in p.parts[0])
+        if p.rank != r0:
+            raise InputError(
+                f"{m}: the trained adapter's {p.param} has rank {p.rank} per expert, the init's "
+                f"experts {' + '.join(p.parts[0])} have {r0}; the rank differs from the init's"
             )
     if ini.fan_in_fan_out != tr.fan_in_fan_out:
         raise InputError(
@@ -144,19 +165,20 @@ def _other_base(ini: LoraAdapter, tr: LoraAdapter) -> str | None:
     return None
 
 
-def _relative_change(ini: LoraAdapter, tr: LoraAdapter, m: str) -> float:
-    """||s1 B1 A1 - s0 B0 A0||_F / ||s0 B0 A0||_F through (2r x 2r) Gram matrices, in fp64.
+def _relative_change(A1, B1, s1: float, A0, B0, s0: float) -> float:
+    """||s1 B1 A1 - s0 B0 A0||_F / ||s0 B0 A0||_F over all experts (A: (E, r, in), B: (E, out,
+    r)), through (2r x 2r) Gram matrices in fp64.
 
     With X = [s1 B1 | -s0 B0] and Y = [A1 ; A0], ||X Y||_F^2 = <X^T X, Y Y^T>: no (out, in)
     product is formed.
     """
     d = torch.float64
-    X = torch.cat([tr.B[m].to(d) * tr.scaling(m), ini.B[m].to(d) * -ini.scaling(m)], dim=1)
-    Y = torch.cat([tr.A[m].to(d), ini.A[m].to(d)], dim=0)
-    r = ini.rank(m)
+    X = torch.cat([B1.to(d) * s1, B0.to(d) * -s0], dim=-1)
+    Y = torch.cat([A1.to(d), A0.to(d)], dim=-2)
+    r = A1.shape[-2]
     gx, gy = X.mT @ X, Y @ Y.mT
     diff = float((gx * gy).sum().clamp_min(0).sqrt())
-    ref = float((gx[r:, r:] * gy[r:, r:]).sum().clamp_min(0).sqrt())
+    ref = float((gx[:, r:, r:] * gy[:, r:, r:]).sum().clamp_min(0).sqrt())
     return diff / ref if ref > 0 else math.inf
 
 
@@ -221,7 +243,7 @@ def merge(
         for shard in ck.shards:
             dest = tmp / shard
             dest.parent.mkdir(parents=True, exist_ok=True)
-            _merge_shard(ck.files[shard], dest, ad, targets, replaced, bar)
+            _merge_shard(ck.files[shard], dest, targets, replaced, bar)
         if ck.index is not None:
             write_json(tmp / INDEX_NAME, ck.index)  # same dtypes, so the same total_size
         copy_files(ck.root, [f for f in ck.extra_files if f != REPORT_FILE], tmp)
@@ -229,10 +251,26 @@ def merge(
     return {"out": str(out), "merged": len(targets), "replaced": len(replaced)}
 
 
-def _match_targets(infos: dict[str, TensorInfo], ad: LoraAdapter, where: str) -> dict[str, str]:
-    """tensor name -> adapter module, checking that every module's weight exists and fits."""
+def _match_targets(
+    infos: dict[str, TensorInfo], ad: LoraAdapter, where: str
+) -> dict[str, Callable[[torch.dtype], torch.Tensor]]:
+    """tensor name -> its update in the stored layout, checking that every module's weight
+    exists and fits. Fused experts (:mod:`pissa_svd.fused`) update one tensor per expert."""
+    shapes = {
+        name: info.shape
+        for info in infos.values()
+        if (name := info.name.removesuffix(".weight")) != info.name and len(info.shape) == 2
+    }
+    fused = fused_params(ad, shapes, where)
     targets = {}
     for m in ad.modules:
+        if m in fused:
+            p = fused[m]
+            for name in p.index:
+                info = infos[f"{name}.weight"]
+                _check_float(info, where)
+                targets[info.name] = partial(p.delta, ad.A[m], ad.B[m], name)
+            continue
         info = infos.get(f"{m}.weight")
         if info is None:
             raise InputError(
@@ -245,13 +283,17 @@ def _match_targets(infos: dict[str, TensorInfo], ad: LoraAdapter, where: str) ->
                 f"{info.name} in {where} has shape {info.shape} but the adapter's update is "
                 f"{expected}; the adapter belongs to a different model"
             )
-        if info.dtype not in FLOAT_DTYPES:
-            raise InputError(
-                f"{info.name} in {where} is {info.dtype}; merging needs bf16/fp16/fp32/fp64 "
-                "weights (merge into the full-precision checkpoint)"
-            )
-        targets[info.name] = m
+        _check_float(info, where)
+        targets[info.name] = partial(ad.stored_delta, m)
     return targets
+
+
+def _check_float(info: TensorInfo, where: str) -> None:
+    if info.dtype not in FLOAT_DTYPES:
+        raise InputError(
+            f"{info.name} in {where} is {info.dtype}; merging needs bf16/fp16/fp32/fp64 "
+            "weights (merge into the full-precision checkpoint)"
+        )
 
 
 def _match_extra(
@@ -271,7 +313,7 @@ def _match_extra(
     return replaced
 
 
-def _merge_shard(sf: SafetensorsFile, dest: Path, ad, targets, replaced, bar) -> None:
+def _merge_shard(sf: SafetensorsFile, dest: Path, targets, replaced, bar) -> None:
     entries = [(i.name, i.dtype, i.shape) for i in sf.tensors.values()]
     meta = {**sf.metadata, "format": sf.metadata.get("format", "pt")}
     with StreamingWriter(dest, entries, meta) as w:
@@ -288,7 +330,7 @@ def _merge_shard(sf: SafetensorsFile, dest: Path, ad, targets, replaced, bar) ->
                 w.write(info.name, replaced[info.name].to(W.dtype))
             else:
                 work = torch.float64 if W.dtype == torch.float64 else torch.float32
-                merged = W.to(work) + ad.stored_delta(targets[info.name], work)
+                merged = W.to(work) + targets[info.name](work)
                 w.write(info.name, merged.to(W.dtype))
             bar.update(info.nbytes)
         w.copy(run)

@@ -281,6 +281,14 @@ def test_real_smollm2_bf16(smollm2, tmp_path):
     assert sum(r.kind == "target" for r in result.rows) == 210
 
 
+def move_adapters(model, scale: float, generator: torch.Generator) -> None:
+    """A stand-in for training: move every LoRA weight by ``scale`` of its mean magnitude."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(scale * p.abs().mean() * torch.randn(p.shape, generator=generator))
+
+
 def test_peft_converts_our_adapter_to_lora(tiny_llama, tmp_path):
     """PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) accepts our adapter,
     and the rank-2r LoRA it writes reproduces the trained PiSSA model on the ORIGINAL weights."""
@@ -293,10 +301,7 @@ def test_peft_converts_our_adapter_to_lora(tiny_llama, tmp_path):
         AutoModelForCausalLM.from_pretrained(out), out, subfolder=ADAPTER_DIR, is_trainable=True
     )
     g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # stand-in for training: move every adapter weight
-        for n, p in pissa.named_parameters():
-            if "lora_" in n:
-                p.add_(0.05 * p.abs().mean() * torch.randn(p.shape, generator=g))
+    move_adapters(pissa, 0.05, g)
     ids = torch.randint(0, 256, (2, 12), generator=g)
     trained = lm_logits(pissa, ids)
     lora_dir = tmp_path / "lora"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import peft
 import pytest
@@ -20,7 +21,7 @@ from pissa_svd import InputError, decompose
 from pissa_svd.pipeline import ADAPTER_DIR
 
 from .conftest import TINY_MOE, save_tiny_moe
-from .test_decompose import load_state
+from .test_decompose import load_state, move_adapters
 
 
 @pytest.fixture(scope="module", params=sorted(TINY_MOE))
@@ -136,3 +137,131 @@ def test_exclude(tiny_llama, tmp_path, run_cli):
         "decompose", tiny_llama, "--rank", "4", "--out", tmp_path / "c", "--exclude", "("
     )
     assert code == 2 and "--exclude pattern '(' is not a valid regex" in err
+
+
+# ------------------------------------------------------------------------------------------
+# After training: PEFT saves the experts' adapters fused; to-lora and merge read them.
+
+FUSED_FAMILIES = ["mixtral", "qwen3_moe"]  # PEFT maps both; they name their experts differently
+
+
+@pytest.fixture(scope="module", params=FUSED_FAMILIES)
+def trained_moe(request, tmp_path_factory):
+    """(source, decompose output, trained adapter, inputs, trained logits) of a tiny MoE."""
+    root = tmp_path_factory.mktemp(f"trained_{request.param}")
+    src = save_tiny_moe(root / "src", request.param)
+    out = root / "out"
+    decompose(src, out, rank=4, quiet=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(model, out / ADAPTER_DIR, is_trainable=True)
+    g = torch.Generator().manual_seed(1)
+    move_adapters(model, 0.1, g)
+    ids = torch.randint(0, 128, (2, 12), generator=g)
+    with torch.no_grad():
+        want = model.eval()(input_ids=ids).logits
+    model.save_pretrained(root / "trained")
+    return src, out, root / "trained", ids, want
+
+
+def test_peft_saves_the_experts_fused(trained_moe):
+    """What the tests below read really is PEFT's fused layout (transformers 5)."""
+    _, _, trained, _, _ = trained_moe
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers 4 keeps the experts as modules: PEFT saves them per expert")
+    config = json.loads((trained / "adapter_config.json").read_text())
+    assert set(config["target_parameters"]) == {"gate_up_proj", "down_proj"}
+    keys = load_state(trained).keys()
+    assert any(k.endswith("mlp.experts.base_layer.lora_A.weight") for k in keys)
+    assert not any(".experts.0." in k for k in keys)
+
+
+def test_to_lora_of_fused_experts_on_original_equals_trained(trained_moe, tmp_path, run_cli):
+    src, out, trained, ids, want = trained_moe
+    lora = tmp_path / "lora"
+    code, _, err = run_cli(
+        "to-lora", "--init", out / ADAPTER_DIR, "--trained", trained, "--out", lora
+    )
+    assert code == 0, err
+    assert float((logits(src, ids) - want).abs().max()) > 1e-3  # training moved the model
+    torch.testing.assert_close(logits(src, ids, lora), want, atol=1e-4, rtol=1e-4)
+    # Merging that LoRA into the original's per-expert files gives the trained model too.
+    merged = tmp_path / "merged"
+    assert run_cli("merge", src, "--adapter", lora, "--out", merged, "--quiet")[0] == 0
+    torch.testing.assert_close(logits(merged, ids), want, atol=1e-4, rtol=1e-4)
+
+
+def test_merge_of_fused_experts_into_the_residual_equals_trained(trained_moe, tmp_path, run_cli):
+    src, out, trained, ids, want = trained_moe
+    merged = tmp_path / "merged"
+    code, stdout, err = run_cli("merge", out, "--adapter", trained, "--out", merged)
+    assert code == 0, err
+    n = sum(1 for k in load_state(src) if k.endswith("proj.weight") or ".experts." in k)
+    assert f"merged {n} weights" in stdout  # every expert's tensors, one by one
+    torch.testing.assert_close(logits(merged, ids), want, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_adapter_of_another_model_is_refused(trained_moe, tmp_path, run_cli):
+    """Same attention shapes, same in-memory names (mlp.experts), experts of another size."""
+    src, out, trained, _, _ = trained_moe
+    family = json.loads((src / "config.json").read_text())["model_type"]
+    other = save_tiny_moe(tmp_path / "other", next(f for f in FUSED_FAMILIES if f != family))
+    for args in (
+        ("merge", other, "--adapter", trained, "--out", tmp_path / "m"),
+        ("to-lora", "--init", other, "--trained", trained, "--out", tmp_path / "m"),
+    ):
+        if args[0] == "to-lora":
+            decompose(other, tmp_path / "other_out", rank=4, quiet=True)
+            args = (*args[:2], tmp_path / "other_out" / ADAPTER_DIR, *args[3:])
+        code, _, err = run_cli(*args)
+        assert code == 2 and not (tmp_path / "m").exists(), err
+        line = err.strip().splitlines()[-1]  # (above it: transformers saving `other`)
+        assert "Traceback" not in err and line.startswith("pissa-svd: error: ")
+        assert "adapts fused experts" in line and "belongs to a different model" in line
+
+
+def test_fused_layout_round_trip():
+    """A per-expert adapter stacked into PEFT's layout updates each expert's weights by its own
+    s * B @ A, and split/join are inverses (independent of the installed versions)."""
+    from pissa_svd.adapter import LoraAdapter
+    from pissa_svd.fused import fused_params
+
+    E, hidden, inter, r = 3, 12, 10, 2
+    g = torch.Generator().manual_seed(0)
+    shapes, A, B = {}, {}, {}
+    for e in range(E):
+        for proj, (out_f, in_f) in {"w1": (inter, hidden), "w3": (inter, hidden)}.items():
+            m = f"model.layers.5.block_sparse_moe.experts.{e}.{proj}"
+            shapes[m] = (out_f, in_f)
+            A[m], B[m] = torch.randn(r, in_f, generator=g), torch.randn(out_f, r, generator=g)
+    per_expert = LoraAdapter(Path("init"), {"r": r, "lora_alpha": 3 * r}, A, B)
+    fused_key = "model.layers.5.mlp.experts.base_layer"
+    config = {"r": r, "lora_alpha": 3 * r, "target_parameters": ["gate_up_proj"]}
+    config |= {"rank_pattern": {r".*\.gate_up_proj": 2 * r}}
+    config |= {"alpha_pattern": {r".*\.gate_up_proj": 6 * r}}
+    shell = LoraAdapter(
+        Path("trained"),
+        config,
+        {fused_key: torch.zeros(E * 2 * r, hidden)},
+        {fused_key: torch.zeros(2 * inter, 2 * r * E)},
+    )
+    p = fused_params(shell, shapes, "the test model")[fused_key]
+    assert (p.param, p.rank, p.experts, p.rows, p.scaling) == (
+        "gate_up_proj",
+        2 * r,
+        E,
+        (10, 10),
+        3,
+    )
+    A3, B3, s = p.from_experts(per_expert)
+    assert s == 3.0
+    flat_A, flat_B = p.join(A3, B3)
+    assert tuple(flat_A.shape) == (E * 2 * r, hidden) and tuple(flat_B.shape) == (
+        2 * inter,
+        2 * r * E,
+    )
+    for got, want in zip(p.split(flat_A, flat_B), (A3, B3), strict=True):
+        assert torch.equal(got, want)
+    for m in shapes:
+        torch.testing.assert_close(
+            p.delta(flat_A, flat_B, m, torch.float64), per_expert.delta(m, torch.float64)
+        )
