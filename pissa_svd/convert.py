@@ -60,8 +60,10 @@ def to_lora(
         trained: the adapter saved after training on the residual model.
         out: the new adapter folder (loads with PEFT on the *original* checkpoint).
 
-    A trained adapter whose modules, shapes or layout differ from the init's (another rank,
-    another model) is refused. Two models of identical shapes cannot be told apart from the
+    A trained adapter in PEFT's fused layout for mixture-of-experts parameters (what PEFT
+    saves under transformers 5, :mod:`pissa_svd.fused`) is matched to the init's per-expert
+    modules, and the LoRA keeps that layout. A trained adapter whose modules, shapes or layout
+    differ from the init's (another rank, another model) is refused. Two models of identical shapes cannot be told apart from the
     weights, so the summary reports how far training moved the adapter and, when both configs
     name local folders, whether the trained adapter was saved on a different base.
     """

@@ -67,7 +67,10 @@ def check(folder: Path, config: dict, targets: dict[str, int], rank: int) -> Res
             wrapped = peft.get_peft_model(model, lora)
     except ValueError as exc:  # PEFT refuses the targets outright
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return Result(False, f"{versions} refuse these targets: {first}", tuple(sorted(targets)))
+        culprits = tuple(m for m in sorted(targets) if EXPERT.search(m + ".")) or tuple(targets)
+        return Result(False, f"{versions} would refuse the adapter ({first})", culprits)
+    except Exception as exc:  # PEFT failed on the meta model: that says nothing of loading
+        return Result(None, f"not checked: PEFT {peft.__version__} failed ({type(exc).__name__})")
     adapted: set[str] = set()
     covered = 0
     for name, module in wrapped.base_model.model.named_modules():
@@ -82,7 +85,11 @@ def check(folder: Path, config: dict, targets: dict[str, int], rank: int) -> Res
     if covered >= sum(targets.values()):
         return Result(True, f"every target gets its adapter in {versions}")
     missing = tuple(m for m in sorted(targets) if m not in adapted)
-    return Result(False, f"{len(missing)} target(s) get no adapter in {versions}", missing)
+    reason = (
+        f"{versions} would silently give {len(missing)} target(s) no adapter, so the model "
+        "would not start from its original weights"
+    )
+    return Result(False, reason, missing)
 
 
 def model_class(config: dict):

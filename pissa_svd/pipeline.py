@@ -455,10 +455,9 @@ def _load_check(src: Path, config: dict | None, targets: list[Target], o: Option
         experts = all(loadcheck.EXPERT.search(m + ".") for m in result.missing)
         hint = r"--exclude '\.experts\.'" if experts else "--exclude REGEX"
         raise InputError(
-            f"{src}: {result.reason} (e.g. {result.missing[0]}): PEFT would drop them "
-            "silently on loading and the model would not start from its original weights; "
-            f"leave them out with {hint} (they stay whole in the residual), or pass "
-            "--no-load-check to decompose them for another trainer"
+            f"{src}: {result.reason} (e.g. {result.missing[0]}); leave them out with {hint} "
+            "(they stay whole in the residual), or pass --no-load-check to decompose them "
+            "for another trainer"
         )
     return result.reason
 

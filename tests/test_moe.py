@@ -63,7 +63,8 @@ def test_load_check_agrees_with_peft(moe, tmp_path):
     with pytest.raises(InputError) as info:
         decompose(src, checked, rank=4, quiet=True)
     message = str(info.value)
-    assert "get no adapter" in message and ".experts." in message
+    assert "would silently give" in message and "no adapter" in message
+    assert ".experts." in message
     assert r"--exclude '\.experts\.'" in message and "--no-load-check" in message
     assert not checked.exists()
     # The way out the message offers works: the experts stay whole, step 0 is the model.
@@ -265,3 +266,14 @@ def test_fused_layout_round_trip():
         torch.testing.assert_close(
             p.delta(flat_A, flat_B, m, torch.float64), per_expert.delta(m, torch.float64)
         )
+
+
+def test_half_of_a_fused_pair_is_refused(tmp_path, run_cli):
+    """PEFT cannot load an adapter for w1 without w3 once both live in gate_up_proj."""
+    src = save_tiny_moe(tmp_path / "src", "mixtral")
+    code, _, err = run_cli(
+        "decompose", src, "--rank", "4", "--out", tmp_path / "o", "--targets", r"\.w1$", "q_proj"
+    )
+    line = err.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in err and not (tmp_path / "o").exists()
+    assert "would refuse the adapter" in line and "experts.0.w1" in line
