@@ -63,8 +63,8 @@ def check(folder: Path, config: dict, targets: dict[str, int], rank: int) -> Res
         r=rank, lora_alpha=rank, target_modules=sorted(targets), init_lora_weights=False
     )
     try:
-        with _quiet(transformers):
-            wrapped = peft.get_peft_model(model, lora)
+        with _quiet(transformers), torch.device("meta"):  # LoRA weights on meta too
+            wrapped = peft.get_peft_model(model, lora, low_cpu_mem_usage=True)
     except ValueError as exc:  # PEFT refuses the targets outright
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         culprits = tuple(m for m in sorted(targets) if EXPERT.search(m + ".")) or tuple(targets)
