@@ -157,10 +157,15 @@ def fused_container(config: dict, module: str) -> str | None:
     :mod:`pissa_svd.fused`): the experts container a module key adapts, else None."""
     if not config.get("target_parameters"):
         return None
-    container = module
-    while container.endswith(".base_layer"):
-        container = container.removesuffix(".base_layer")
+    container = unwrapped(module)
     return container if container.endswith(".experts") else None
+
+
+def unwrapped(module: str) -> str:
+    """A module name without PEFT's trailing ``.base_layer`` (nested wrappers add several)."""
+    while module.endswith(".base_layer"):
+        module = module.removesuffix(".base_layer")
+    return module
 
 
 def pattern_value(patterns: dict, module: str, default):

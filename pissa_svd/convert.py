@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import LoraAdapter
+from .adapter import LoraAdapter, fused_container
 from .checkpoint import (
     FLOAT_DTYPES,
     INDEX_NAME,
@@ -35,7 +35,7 @@ from .checkpoint import (
     read_tensor,
 )
 from .errors import InputError
-from .fused import FusedParam, fused_params
+from .fused import FusedParam, fused_params, unmapped_params
 from .output import check_out, copy_files, plain_number, progress, staged, write_json
 from .pipeline import ADAPTER_DIR, REPORT_FILE
 
@@ -62,18 +62,25 @@ def to_lora(
 
     A trained adapter in PEFT's fused layout for mixture-of-experts parameters (what PEFT
     saves under transformers 5, :mod:`pissa_svd.fused`) is matched to the init's per-expert
-    modules, and the LoRA keeps that layout. A trained adapter whose modules, shapes or layout
-    differ from the init's (another rank, another model) is refused. Two models of identical shapes cannot be told apart from the
-    weights, so the summary reports how far training moved the adapter and, when both configs
-    name local folders, whether the trained adapter was saved on a different base.
+    modules, or to the init's own fused modules (``pissa_svd.peft.initialize`` on a
+    ``target_parameters`` LoRA), and the LoRA keeps that layout. A trained adapter whose
+    modules, shapes or layout differ from the init's (another rank, another model) is refused.
+    Two models of identical shapes cannot be told apart from the weights, so the summary
+    reports how far training moved the adapter and, when both configs name local folders,
+    whether the trained adapter was saved on a different base.
     """
     ini = LoraAdapter.load(init, "init adapter")
     tr = LoraAdapter.load(trained, "trained adapter")
     out = Path(out)
     check_out(out, overwrite, {"the init adapter": ini.root, "the trained adapter": tr.root})
-    shapes = {m: ini.shape(m) for m in ini.modules}
-    fused = fused_params(tr, shapes, f"the init adapter {ini.root}")
-    _check_same_layout(ini, tr, fused)
+    # Fused experts (pissa_svd.fused): the trained adapter in PEFT's fused layout over a
+    # per-expert init (decompose's), or both fused (initialize on a target_parameters LoRA).
+    init_fused = unmapped_params(ini) if _has_fused(ini) else {}
+    if init_fused:
+        fused = unmapped_params(tr)
+    else:
+        fused = fused_params(tr, {m: ini.shape(m) for m in ini.modules}, f"init {ini.root}")
+    _check_same_layout(ini, tr, fused, init_fused)
 
     A_out: dict[str, torch.Tensor] = {}
     B_out: dict[str, torch.Tensor] = {}
@@ -83,7 +90,10 @@ def to_lora(
         if m in fused:
             p = fused[m]
             (A1, B1), s1 = p.split(tr.A[m], tr.B[m]), p.scaling
-            A0, B0, s0 = p.from_experts(ini)  # the init in the trained adapter's layout
+            if m in init_fused:
+                (A0, B0), s0 = p.split(ini.A[m], ini.B[m]), init_fused[m].scaling
+            else:
+                A0, B0, s0 = p.from_experts(ini)  # the init in the trained adapter's layout
         else:
             A1, B1, s1 = tr.A[m][None], tr.B[m][None], tr.scaling(m)
             A0, B0, s0 = ini.A[m][None], ini.B[m][None], ini.scaling(m)
@@ -121,10 +131,19 @@ def to_lora(
     }
 
 
-def _check_same_layout(ini: LoraAdapter, tr: LoraAdapter, fused: dict[str, FusedParam]) -> None:
+def _has_fused(adapter: LoraAdapter) -> bool:
+    return any(fused_container(adapter.config, m) for m in adapter.modules)
+
+
+def _check_same_layout(
+    ini: LoraAdapter,
+    tr: LoraAdapter,
+    fused: dict[str, FusedParam],
+    init_fused: dict[str, FusedParam],
+) -> None:
     in_fused = {m for p in fused.values() for names in p.parts for m in names}
     only_init = sorted(set(ini.modules) - set(tr.modules) - in_fused)
-    only_trained = sorted(set(tr.modules) - set(ini.modules) - set(fused))
+    only_trained = sorted(set(tr.modules) - set(ini.modules) - {m for m in fused if fused[m].parts})
     if only_init or only_trained:
         which = (
             f"{len(only_init)} module(s) only in the init, e.g. {only_init[0]}"
@@ -142,7 +161,16 @@ def _check_same_layout(ini: LoraAdapter, tr: LoraAdapter, fused: dict[str, Fused
                 f"{m}: trained adapter has lora_A {tuple(a1)} / lora_B {tuple(b1)}, the init has "
                 f"{tuple(a0)} / {tuple(b0)}; the rank or the base model differs from the init's"
             )
+    for m, p in init_fused.items():
+        if (p.experts, p.rank) != (fused[m].experts, fused[m].rank):
+            raise InputError(
+                f"{m}: the trained adapter has {fused[m].experts} experts of rank "
+                f"{fused[m].rank}, the init {p.experts} of rank {p.rank}; pass the adapter that "
+                "was trained from this init"
+            )
     for m, p in fused.items():
+        if m in init_fused:
+            continue
         r0 = sum(ini.rank(name) for name in p.parts[0])
         if p.rank != r0:
             raise InputError(

@@ -23,6 +23,7 @@ input is the intermediate size and its output hidden), not from the nesting orde
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -45,18 +46,16 @@ _PARAMS = {"gate_up_proj": ("gate", "up"), "down_proj": ("down",)}
 
 @dataclass(frozen=True)
 class FusedParam:
-    """One trained LoRA on a fused expert parameter, and where its rows live in the files."""
+    """One LoRA on a fused expert parameter, and where its rows live in the files (``parts``
+    and ``rows`` are empty when it is not mapped to a checkpoint's modules)."""
 
     module: str  # the adapter's module key, e.g. model.layers.0.mlp.experts.base_layer
     param: str  # gate_up_proj | down_proj
+    experts: int
     rank: int  # per expert
     scaling: float
-    parts: tuple[tuple[str, ...], ...]  # per expert: the checkpoint modules, top to bottom
-    rows: tuple[int, ...]  # out features of each part (gate, up) or (down,)
-
-    @property
-    def experts(self) -> int:
-        return len(self.parts)
+    parts: tuple[tuple[str, ...], ...] = ()  # per expert: the checkpoint modules, top to bottom
+    rows: tuple[int, ...] = ()  # out features of each part (gate, up) or (down,)
 
     def split(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """PEFT's flat (E R, in) / (out, R E) -> per expert A (E, R, in), B (E, out, R)."""
@@ -161,20 +160,69 @@ def _fits(parts, shapes, A: torch.Tensor, B: torch.Tensor) -> bool:
 def _param(adapter, module, container, param, parts, shapes, A) -> FusedParam:
     rank = A.shape[0] // len(parts)
     key = f"{container}.{param}"  # PEFT matches rank/alpha patterns against the parameter
-    config = adapter.config
-    expected = pattern_value(config.get("rank_pattern") or {}, key, config.get("r"))
-    if expected is not None and int(expected) != rank:
+    expected = _rank(adapter.config, key)
+    if expected is not None and expected != rank:
         raise InputError(
             f"{adapter.root}: {module} ({param}) has rank {rank} per expert but "
             f"adapter_config.json says r={expected}; the adapter is inconsistent"
         )
-    alpha = pattern_value(config.get("alpha_pattern") or {}, key, config.get("lora_alpha", rank))
-    denom = math.sqrt(rank) if config.get("use_rslora") else rank
     return FusedParam(
         module=module,
         param=param,
+        experts=len(parts),
         rank=rank,
-        scaling=float(alpha) / denom,
+        scaling=_scaling(adapter.config, key, rank),
         parts=tuple(parts),
         rows=tuple(shapes[m][0] for m in parts[0]),
     )
+
+
+def unmapped_params(adapter: LoraAdapter) -> dict[str, FusedParam]:
+    """The fused-expert modules of an adapter made on the fused model itself (``initialize``
+    on a ``target_parameters`` LoRA), with no per-expert names to map them to.
+
+    The expert count E is the one the config's rank patterns allow: each module's lora_A has
+    E * r rows for the r of the parameter it adapts. Which of a container's modules adapts
+    which parameter need not be known, only that every assignment that fits gives the same E
+    and the same rank and scaling per module; otherwise the adapter is refused.
+    """
+    config = adapter.config
+    leaves = [str(t).rpartition(".")[2] for t in config.get("target_parameters") or []]
+    containers: dict[str, list[str]] = {}
+    for m in adapter.modules:
+        if (c := fused_container(config, m)) is not None:
+            containers.setdefault(c, []).append(m)
+    found: dict[str, FusedParam] = {}
+    for c, modules in containers.items():
+        rows = [adapter.A[m].shape[0] for m in modules]
+        fits = {}
+        for params in itertools.permutations(leaves, len(modules)):
+            ranks = [_rank(config, f"{c}.{p}") for p in params]
+            if any(r is None or n % r for r, n in zip(ranks, rows, strict=True)):
+                continue
+            experts = {n // r for r, n in zip(ranks, rows, strict=True)}
+            if len(experts) == 1:
+                scalings = [
+                    _scaling(config, f"{c}.{p}", r) for p, r in zip(params, ranks, strict=True)
+                ]
+                fits[(experts.pop(), *zip(ranks, scalings, strict=True))] = params
+        if len(fits) != 1:
+            raise InputError(
+                f"{adapter.root}: cannot tell how many experts {c} has from the shapes of "
+                f"{', '.join(modules)} and the rank patterns in adapter_config.json"
+            )
+        (E, *per_module), params = next(iter(fits.items()))
+        for m, p, (r, scaling) in zip(modules, params, per_module, strict=True):
+            found[m] = FusedParam(module=m, param=p, experts=E, rank=r, scaling=scaling)
+    return found
+
+
+def _rank(config: dict, key: str) -> int | None:
+    r = pattern_value(config.get("rank_pattern") or {}, key, config.get("r"))
+    return None if r is None else int(r)
+
+
+def _scaling(config: dict, key: str, rank: int) -> float:
+    """PEFT's s = alpha / r (alpha / sqrt(r) with rsLoRA) for the parameter ``key``."""
+    alpha = pattern_value(config.get("alpha_pattern") or {}, key, config.get("lora_alpha", rank))
+    return float(alpha) / (math.sqrt(rank) if config.get("use_rslora") else rank)

@@ -27,8 +27,14 @@ import torch
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.variants import DoraLinearVariant
+
+try:  # LoRA on nn.Parameters (target_parameters), such as fused MoE experts: PEFT >= 0.17
+    from peft.tuners.lora import ParamWrapper
+except ImportError:
+    ParamWrapper = None
 from transformers.pytorch_utils import Conv1D
 
+from .adapter import unwrapped
 from .errors import InputError
 from .linalg import (
     BACKENDS,
@@ -81,12 +87,19 @@ QUANTIZED_HINT = (
 
 @dataclass
 class _Target:
-    """One LoRA layer to initialize. ``name`` is the module's name in the wrapped model
-    (``model.layers.0.self_attn.q_proj``), so ``name + ".weight"`` is its checkpoint key."""
+    """One matrix to initialize: a LoRA layer's weight, or one expert of a fused parameter.
+
+    ``name`` is the module's name in the wrapped model (``model.layers.0.self_attn.q_proj``),
+    so ``name + ".weight"`` is its checkpoint key; for an expert ``e`` of a ``target_parameters``
+    LoRA it is ``<experts module>.<parameter>.<e>`` (``model.layers.0.mlp.experts.down_proj.3``).
+    ``A`` (r, in) and ``B`` (out, r) are views of the layer's lora_A/lora_B weights, and
+    ``weight`` of the base weight; all three are written in place.
+    """
 
     name: str
-    layer: LoraLinear
-    weight: torch.nn.Parameter  # stored layout: (out, in), or (in, out) with fan_in_fan_out
+    weight: torch.Tensor  # stored layout: (out, in), or (in, out) with fan_in_fan_out
+    A: torch.Tensor
+    B: torch.Tensor
     rank: int
     scaling: float
     fan_in_fan_out: bool
@@ -126,10 +139,16 @@ def initialize(
     unchanged by this call (up to the rounding of the residual to the base dtype), and calling
     it again re-splits the same W.
 
-    Embedding, Conv, MultiheadAttention and ``target_parameters`` (ParamWrapper) LoRA layers are
-    skipped with one warning and listed in the report: they keep the initialization PEFT gave
-    them (with the default ``init_lora_weights=True``, a zero product, so the output is still
-    unchanged). PEFT's own PiSSA init raises for Embedding and Conv layers.
+    A ``target_parameters`` LoRA (PEFT's ParamWrapper, e.g. on the fused experts that
+    transformers 5 builds for Mixtral, Qwen-MoE, OLMoE, ...: ``target_parameters=["gate_up_proj",
+    "down_proj"]``) is split expert by expert, all experts of a parameter in one batched call:
+    each expert's matrix gets its own top-r triplets, in the rows and columns of lora_A/lora_B
+    where PEFT keeps that expert's factors. PEFT's own PiSSA init fails on these layers.
+
+    Embedding, Conv and MultiheadAttention LoRA layers are skipped with one warning and listed
+    in the report: they keep the initialization PEFT gave them (with the default
+    ``init_lora_weights=True``, a zero product, so the output is still unchanged). PEFT's own
+    PiSSA init raises for Embedding and Conv layers.
 
     Refused with :class:`InputError` (nothing is modified): quantized base layers
     (bitsandbytes, GPTQ, AWQ, ... or any weight that is not a plain bf16/fp16/fp32/fp64
@@ -278,6 +297,9 @@ def _collect(model: torch.nn.Module, name: str) -> tuple[list[_Target], dict[str
                 f"{mname}: the base layer is quantized ({why}); PiSSA needs the full-precision "
                 f"weight: {QUANTIZED_HINT}"
             )
+        if ParamWrapper is not None and isinstance(layer, ParamWrapper):
+            targets += _expert_targets(mname, layer, name)
+            continue
         if not isinstance(layer, LoraLinear) or not isinstance(base, torch.nn.Linear | Conv1D):
             skipped[mname] = f"{type(layer).__name__} LoRA layer over {type(base).__name__}"
             continue
@@ -310,8 +332,9 @@ def _collect(model: torch.nn.Module, name: str) -> tuple[list[_Target], dict[str
             )
         t = _Target(
             name=mname,
-            layer=layer,
             weight=weight,
+            A=layer.lora_A[name].weight,
+            B=layer.lora_B[name].weight,
             rank=int(layer.r[name]),
             scaling=float(layer.scaling[name]),
             fan_in_fan_out=bool(layer.fan_in_fan_out),
@@ -333,10 +356,65 @@ def _collect(model: torch.nn.Module, name: str) -> tuple[list[_Target], dict[str
         targets.append(t)
     if not targets:
         raise InputError(
-            f"adapter {name!r} has no LoRA layer over nn.Linear or Conv1D to initialize; check "
-            "target_modules"
+            f"adapter {name!r} has no LoRA layer over nn.Linear, Conv1D or a parameter to "
+            "initialize; check target_modules and target_parameters"
         )
     return targets, skipped
+
+
+def _expert_targets(mname: str, layer, name: str) -> list[_Target]:
+    """One target per expert of a ``target_parameters`` LoRA (PEFT's ParamWrapper).
+
+    The parameter is (E, out, in), or (E, in, out) where the experts module says
+    ``is_transposed``, or a plain (out, in) matrix (E = 1). PEFT keeps expert e's factors at
+    rows [e r, (e + 1) r) of lora_A and columns e, e + E, ... of lora_B.
+    """
+    param = layer.get_param()
+    where = f"{mname} ({layer.parameter_name})"
+    why = _quantized(layer, layer.get_base_layer(), param)
+    if why is not None:
+        raise InputError(f"{where}: the parameter is quantized ({why}); {QUANTIZED_HINT}")
+    if name in getattr(layer, "merged_adapters", ()):
+        raise InputError(
+            f"{where}: adapter {name!r} is merged into the parameter; call unmerge_adapter() first"
+        )
+    if param.device.type == "meta":
+        raise InputError(f"{where}: the parameter is on the meta device; load the weights first")
+    if param.ndim not in (2, 3):
+        raise InputError(
+            f"{where}: the parameter has shape {tuple(param.shape)}, not a (stack of) matrices "
+            "(sharded by DeepSpeed ZeRO-3 or FSDP?); initialize before sharding the model"
+        )
+    experts = param.unsqueeze(0) if param.ndim == 2 else param
+    E, r = experts.shape[0], int(layer.r[name])
+    transposed = param.ndim == 3 and bool(getattr(layer.get_base_layer(), "is_transposed", False))
+    A = layer.lora_A[name].weight
+    B = layer.lora_B[name].weight
+    out, inp = experts.shape[1:][::-1] if transposed else experts.shape[1:]
+    if tuple(A.shape) != (E * r, inp) or tuple(B.shape) != (out, r * E):
+        raise InputError(
+            f"{where}: parameter {tuple(param.shape)} does not match lora_A {tuple(A.shape)} / "
+            f"lora_B {tuple(B.shape)} for {E} expert(s) of rank {r}"
+        )
+    if r > min(out, inp):
+        raise InputError(
+            f"{where}: r={r} exceeds min(out, in) = {min(out, inp)}; lower r for this "
+            "parameter (rank_pattern)"
+        )
+    A3, B3 = A.view(E, r, inp), B.view(out, r, E)
+    base = f"{unwrapped(mname)}.{layer.parameter_name}"  # the parameter, not the nesting
+    return [
+        _Target(
+            name=base if param.ndim == 2 else f"{base}.{e}",
+            weight=experts[e],
+            A=A3[e],
+            B=B3[:, :, e],
+            rank=r,
+            scaling=float(layer.scaling[name]),
+            fan_in_fan_out=transposed,
+        )
+        for e in range(E)
+    ]
 
 
 def _quantized(layer: torch.nn.Module, base: torch.nn.Module, weight: object) -> str | None:
@@ -376,7 +454,7 @@ def _groups(targets: list[_Target], name: str, batch: bool) -> list[list[_Target
             t.fan_in_fan_out,
             t.weight.device,
             t.weight.dtype,
-            t.layer.lora_A[name].weight.dtype,
+            t.A.dtype,
         )
         by_key.setdefault(key, []).append(t)
     groups = []
@@ -418,8 +496,7 @@ def _initialize_group(
     folded = []
     for i, t in enumerate(group):
         W[i].copy_(t.weight.mT if t.fan_in_fan_out else t.weight)
-        A = t.layer.lora_A[name].weight
-        B = t.layer.lora_B[name].weight
+        A, B = t.A, t.B
         # A fresh adapter has B == 0; anything else is already part of the model's output, so
         # it goes into W to keep that output unchanged.
         nonzero = bool(B.any()) and bool(A.any())
@@ -438,7 +515,7 @@ def _initialize_group(
         backend=backend,
         sketch_dtype=sketch_dtype,
     )
-    adapter_dtype = t0.layer.lora_A[name].weight.dtype
+    adapter_dtype = t0.A.dtype
     A, B, W_res = pissa_factors(
         W,
         t0.rank,
@@ -449,8 +526,8 @@ def _initialize_group(
         inplace=True,
     )
     for i, t in enumerate(group):
-        t.layer.lora_A[name].weight.copy_(A[i])
-        t.layer.lora_B[name].weight.copy_(B[i])
+        t.A.copy_(A[i])
+        t.B.copy_(B[i])
         t.weight.copy_(W_res[i].mT if t.fan_in_fan_out else W_res[i])
     seconds = (time.perf_counter() - start) / len(group)
 

@@ -277,3 +277,122 @@ def test_half_of_a_fused_pair_is_refused(tmp_path, run_cli):
     line = err.strip().splitlines()[-1]
     assert code == 2 and "Traceback" not in err and not (tmp_path / "o").exists()
     assert "would refuse the adapter" in line and "experts.0.w1" in line
+
+
+# ------------------------------------------------------------------------------------------
+# In memory: pissa_svd.peft.initialize on PEFT's LoRA of fused expert parameters
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_initialize_splits_every_expert_of_fused_parameters(family, tmp_path):
+    """target_parameters LoRA on transformers 5's fused experts: each expert gets its own
+    top-r triplets (all experts of a parameter in one batched call), the output is unchanged.
+    This also covers Qwen2-MoE, whose per-expert adapters PEFT cannot map."""
+    from pissa_svd.peft import initialize
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers 4 keeps the experts as nn.Linear modules")
+    src = save_tiny_moe(tmp_path / "src", family)
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    experts = model.model.layers[0].mlp.experts
+    originals = {p: getattr(experts, p).detach().clone() for p in ("gate_up_proj", "down_proj")}
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    r = 4
+    config = peft.LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        target_modules=["q_proj", "v_proj"],
+        target_parameters=["gate_up_proj", "down_proj"],
+    )
+    pm = peft.get_peft_model(model, config)
+    report = initialize(pm, method="exact")
+    with torch.no_grad():
+        got = pm(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+    E = originals["down_proj"].shape[0]
+    names = set(report["modules"])
+    for p in originals:
+        assert {f"model.layers.0.mlp.experts.{p}.{e}" for e in range(E)} <= names
+        assert report["modules"][f"model.layers.1.mlp.experts.{p}.0"]["batch"] >= E  # batched
+    wrappers = {
+        m.parameter_name: m for m in pm.modules() if isinstance(m, peft.tuners.lora.ParamWrapper)
+    }
+    for p, W in originals.items():
+        layer = next(
+            m
+            for n, m in pm.named_modules()
+            if isinstance(m, peft.tuners.lora.ParamWrapper)
+            and m.parameter_name == p
+            and ".layers.0." in n
+        )
+        assert p in wrappers
+        s = layer.scaling["default"]
+        A = layer.lora_A["default"].weight.reshape(E, r, -1)
+        B = layer.lora_B["default"].weight.reshape(-1, r, E)
+        residual = getattr(experts, p).detach()
+        for e in range(E):
+            update = s * B[:, :, e] @ A[e]  # (out, in) as PEFT computes it
+            torch.testing.assert_close(residual[e] + update, W[e], atol=1e-5, rtol=1e-5)
+            exact = torch.linalg.svdvals(W[e].double())[:r]
+            got = torch.linalg.svdvals(update.double())[:r]
+            torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-6)  # the top r
+
+
+def test_peft_own_pissa_init_fails_on_fused_parameters(tmp_path):
+    """Why initialize matters here: PEFT's init_lora_weights="pissa..." cannot split them."""
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers 4 keeps the experts as nn.Linear modules")
+    src = save_tiny_moe(tmp_path / "src", "mixtral")
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    config = peft.LoraConfig(
+        r=4, target_parameters=["gate_up_proj", "down_proj"], init_lora_weights="pissa_niter_4"
+    )
+    with pytest.raises(AttributeError):
+        peft.get_peft_model(model, config)
+
+
+def test_to_lora_after_initialize_on_fused_parameters(tmp_path, run_cli):
+    """initialize -> save init -> train -> save -> to-lora: both adapters fused, no per-expert
+    names to go by; the LoRA on the original model is the trained model."""
+    from pissa_svd.peft import initialize
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers 4 keeps the experts as nn.Linear modules")
+    src = save_tiny_moe(tmp_path / "src", "qwen2_moe")
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        target_parameters=["gate_up_proj", "down_proj"],
+    )
+    pm = peft.get_peft_model(model, config)
+    initialize(pm)
+    pm.save_pretrained(tmp_path / "init")
+    g = torch.Generator().manual_seed(2)
+    move_adapters(pm, 0.1, g)
+    pm.save_pretrained(tmp_path / "trained")
+    ids = torch.randint(0, 128, (2, 12), generator=g)
+    with torch.no_grad():
+        want = pm.eval()(input_ids=ids).logits
+    code, _, err = run_cli(
+        "to-lora", "--init", tmp_path / "init", "--trained", tmp_path / "trained",
+        "--out", tmp_path / "lora",
+    )  # fmt: skip
+    assert code == 0, err
+    assert float((logits(src, ids) - want).abs().max()) > 1e-3
+    torch.testing.assert_close(logits(src, ids, tmp_path / "lora"), want, atol=1e-4, rtol=1e-4)
+    # An init of another expert count is refused.
+    lora_config = json.loads((tmp_path / "init" / "adapter_config.json").read_text())
+    patterns = {r".*\.gate_up_proj": 2, r".*\.down_proj": 2}
+    lora_config["rank_pattern"] = patterns  # 4 experts of rank 4 read as 8 of rank 2
+    (tmp_path / "init" / "adapter_config.json").write_text(json.dumps(lora_config))
+    code, _, err = run_cli(
+        "to-lora", "--init", tmp_path / "init", "--trained", tmp_path / "trained",
+        "--out", tmp_path / "lora2",
+    )  # fmt: skip
+    assert code == 2 and not (tmp_path / "lora2").exists()
+    assert "Traceback" not in err and "pass the adapter that was trained from this init" in err
