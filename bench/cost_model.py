@@ -4,15 +4,18 @@
    tall, thin KV-like; some repeated so that they batch) is decomposed batch by batch with the
    pipeline's own ``_decompose_batch`` (read from the page cache, bf16 -> fp32, SVD, residual,
    norms), at ranks 16/64/128, methods auto (krylov2 or exact), halko and krylov, niter 2 and
-   4, with the fp32 sketch and (two configurations) the bf16 one (``--sketch-dtype bf16``).
+   4, with the fp32 sketch and (two configurations) the bf16 one (``--sketch-dtype bf16``),
+   and QPiSSA (``--quantize nf4`` and ``int8``, T = 2 rounds, the smaller shapes).
    Each point is the minimum of ``--repeats`` timed runs after a warm-up.
 2. The compute coefficients (seconds per GEMM FLOP, bf16-sketch GEMM FLOP, dense FLOP, LAPACK
-   SVD FLOP, matrix element and call) are a non-negative least-squares fit minimizing relative error over the points.
+   SVD FLOP, matrix element, call, and NF4/int8-quantized element) are a non-negative
+   least-squares fit minimizing relative error over the points.
 3. IO points: whole ``decompose`` runs of random-init Llama checkpoints (hidden 2048, the
    decompose benchmark's shapes) with 2 and 11 layers; what their reports do not account to
    batches is IO (copying the untouched tensors, writing residuals and adapter), fitted as
    seconds per byte written. The 22-layer checkpoint is held out: its whole runs (fp32 and
-   bf16 sketch) are predicted from the fitted model and compared with measured runs.
+   bf16 sketch) are predicted from the fitted model and compared with measured runs, as is a
+   QPiSSA run (``--quantize nf4``, default T = 5) of the 2-layer one.
 4. The coefficients and every point go to ``pissa_svd/cost_model.json`` (under this device kind;
    other kinds are kept), and a table of estimates for 7B, 70B and 405B Llama shapes to
    ``bench/RESULTS.md``.
@@ -62,16 +65,20 @@ SHAPES = [
     (4096, 4096, 1),
     (4096, 11008, 1),
 ]
-CONFIGS = [  # (rank, method, niter, sketch dtype)
-    (16, "auto", 4, "fp32"),
-    (64, "auto", 4, "fp32"),
-    (64, "halko", 4, "fp32"),
-    (64, "krylov", 4, "fp32"),
-    (128, "auto", 2, "fp32"),
-    (16, "krylov", 2, "fp32"),
-    (64, "auto", 4, "bf16"),
-    (16, "krylov", 2, "bf16"),
+CONFIGS = [  # (rank, method, niter, sketch dtype, quantize)
+    (16, "auto", 4, "fp32", None),
+    (64, "auto", 4, "fp32", None),
+    (64, "halko", 4, "fp32", None),
+    (64, "krylov", 4, "fp32", None),
+    (128, "auto", 2, "fp32", None),
+    (16, "krylov", 2, "fp32", None),
+    (64, "auto", 4, "bf16", None),
+    (16, "krylov", 2, "bf16", None),
+    (64, "auto", 4, "fp32", "nf4"),
+    (64, "auto", 4, "fp32", "int8"),
 ]
+QUANT_ITERS = 2  # QPiSSA points: T rounds (the default 5 costs 2x as much for the same terms)
+QUANT_SHAPES = r"^m\.s(256|512|1024|2048)x"  # QPiSSA is slow: the smaller half of SHAPES
 LLAMA_IO = (2, 11)  # layers of the checkpoints whose whole runs calibrate IO
 LLAMA_HELD_OUT = 22
 
@@ -100,14 +107,16 @@ def build_checkpoint(path: Path) -> None:
 
 def compute_points(src: Path, device: str, repeats: int) -> list[dict]:
     points = []
-    for rank, method, niter, sketch in CONFIGS:
+    for rank, method, niter, sketch, quantize in CONFIGS:
         opts = pipeline.Options(
             rank=rank,
             niter=niter,
             method=method,
-            targets=[r"^m\."],
+            targets=[QUANT_SHAPES if quantize else r"^m\."],
             device=device,
             sketch_dtype=sketch,
+            quantize=quantize,
+            quant_iters=QUANT_ITERS,
             quiet=True,
         )
         plan = pipeline.make_plan(src, WORK / "cost_model_unused_out", opts)
@@ -123,7 +132,6 @@ def compute_points(src: Path, device: str, repeats: int) -> list[dict]:
                 pipeline._decompose_batch(plan, batch, scratch, out)
                 times.append(time.perf_counter() - start)
             m, n = t0.out_features, t0.in_features
-            feats = t0.features(niter, plan.oversample, len(batch), plan.bf16_sketch)
             points.append(
                 {
                     "shape": [m, n],
@@ -133,13 +141,15 @@ def compute_points(src: Path, device: str, repeats: int) -> list[dict]:
                     "oversample": plan.oversample,
                     "method": t0.method,
                     "sketch": sketch,
+                    "quantize": quantize,
+                    "quant_iters": QUANT_ITERS if quantize else 0,
                     "seconds": min(times),
-                    "features": feats,
+                    "features": plan.batch_features(batch),
                 }
             )
             print(
-                f"  {m}x{n} x{len(batch)} r={rank} {t0.method} niter={niter} {sketch}: "
-                f"{min(times) * 1e3:.1f} ms",
+                f"  {m}x{n} x{len(batch)} r={rank} {t0.method} niter={niter} {sketch}"
+                f"{f' {quantize}' if quantize else ''}: {min(times) * 1e3:.1f} ms",
                 flush=True,
             )
     return points
@@ -173,13 +183,14 @@ def llama_checkpoint(layers: int) -> Path:
     return path
 
 
-def run_decompose(src: Path, device: str, sketch: str = "fp32") -> dict:
+def run_decompose(src: Path, device: str, sketch: str = "fp32", quantize=None) -> dict:
     out = WORK / f"cost_model_out_{src.name}"
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     report = pipeline.decompose(
-        src, out, rank=64, niter=4, device=device, sketch_dtype=sketch, quiet=True
-    )
+        src, out, rank=64, niter=4, device=device, sketch_dtype=sketch, quantize=quantize,
+        quiet=True,
+    )  # fmt: skip
     wall = time.perf_counter() - start
     written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     shutil.rmtree(out)
@@ -195,8 +206,10 @@ def run_decompose(src: Path, device: str, sketch: str = "fp32") -> dict:
     }
 
 
-def predict_run(src: Path, device: str, coef: dict[str, float], sketch: str = "fp32") -> float:
-    opts = pipeline.Options(rank=64, niter=4, device=device, sketch_dtype=sketch)
+def predict_run(
+    src: Path, device: str, coef: dict[str, float], sketch: str = "fp32", quantize=None
+) -> float:
+    opts = pipeline.Options(rank=64, niter=4, device=device, sketch_dtype=sketch, quantize=quantize)
     plan = pipeline.make_plan(src, WORK / "cost_model_unused_out", opts)
     return sum(_batch_seconds(plan, b, coef) for b in plan.batches) + coef["io_bytes"] * (
         plan.ckpt.total_bytes + _adapter_bytes(plan.targets)
@@ -204,8 +217,7 @@ def predict_run(src: Path, device: str, coef: dict[str, float], sketch: str = "f
 
 
 def _batch_seconds(plan, batch, coef) -> float:
-    feats = batch[0].features(plan.options.niter, plan.oversample, len(batch), plan.bf16_sketch)
-    return costmodel.predict(coef, feats)
+    return costmodel.predict(coef, plan.batch_features(batch))
 
 
 def _adapter_bytes(targets) -> int:
@@ -263,7 +275,7 @@ def markdown(result: dict) -> str:
         f"- Machine: {result['machine']}",
         f"- Command: `{result['command']}`",
         "- Model: seconds of a batch = gemm_flop/gemm_rate + bf16_gemm_flop/bf16_gemm_rate "
-        "(the passes over W of a bf16 sketch) + dense_flop/dense_rate + svd_flop/svd_rate + elements x per-element + per-call; IO not part of a batch = bytes "
+        "(the passes over W of a bf16 sketch) + dense_flop/dense_rate + svd_flop/svd_rate + elements x per-element + per-call (+ QPiSSA's NF4/int8 elements x their per-element cost); IO not part of a batch = bytes "
         "written / io_rate (features counted in `pissa_svd/costmodel.py`). Fitted by "
         "non-negative least squares on relative error; coefficients and points are in "
         "`pissa_svd/cost_model.json`, which `--dry-run` and the torchrun work split read.",
@@ -279,24 +291,30 @@ def markdown(result: dict) -> str:
         f"{rate['bf16_gemm_flop'] / 1e9:.0f} GFLOP/s, dense (orthonormalization, "
         f"Rayleigh-Ritz) {rate['dense_flop'] / 1e9:.0f} GFLOP/s, LAPACK SVD "
         f"{rate['svd_flop'] / 1e9:.1f} GFLOP/s, {c['elements'] * 1e9:.2f} ns per matrix element,"
-        f" {c['calls'] * 1e3:.2f} ms per call, IO {rate['io_bytes'] / 1e9:.2f} GB/s written. "
+        f" {c['calls'] * 1e3:.2f} ms per call, IO {rate['io_bytes'] / 1e9:.2f} GB/s written; "
+        f"QPiSSA: {c['nf4_elements'] * 1e9:.1f} ns per NF4-quantized element, "
+        f"{c['int8_elements'] * 1e9:.1f} ns per int8 one. "
         f"Worst relative error over the {len(result['points'])} compute points: "
         f"{result['max_rel_err']:.0%}.",
         "",
-        "| shape (out x in) | batch | rank | method | niter | sketch | measured ms | model ms |"
-        " error |",
-        "|---|---:|---:|---|---:|---|---:|---:|---:|",
+        "| shape (out x in) | batch | rank | method | niter | sketch | QPiSSA | measured ms |"
+        " model ms | error |",
+        "|---|---:|---:|---|---:|---|---|---:|---:|---:|",
     ]
     for p in result["points"]:
         err = p["predicted"] / p["seconds"] - 1
+        qpissa = f"{p['quantize']}, T={p['quant_iters']}" if p.get("quantize") else ""
         lines.append(
             f"| {p['shape'][0]} x {p['shape'][1]} | {p['batch']} | {p['rank']} | {p['method']} |"
-            f" {p['niter']} | {p.get('sketch', 'fp32')} | {p['seconds'] * 1e3:.1f} | {p['predicted'] * 1e3:.1f} |"
+            f" {p['niter']} | {p.get('sketch', 'fp32')} |"
+            f" {qpissa} |"
+            f" {p['seconds'] * 1e3:.1f} | {p['predicted'] * 1e3:.1f} |"
             f" {err:+.0%} |"
         )
     lines += [
         "",
-        "Whole runs (rank 64, niter 4; random-init bf16 Llama, hidden 2048, MLP 5632):",
+        "Whole runs (rank 64, niter 4; random-init bf16 Llama, hidden 2048, MLP 5632; the"
+        " QPiSSA run with `--quant-iters` 5, the default):",
         "",
         "| checkpoint | role | matrices | measured s | batches s | IO s | bytes written |"
         " model s | error |",
@@ -380,6 +398,8 @@ def save_model(kind: str, result: dict) -> None:
                     "oversample",
                     "method",
                     "sketch",
+                    "quantize",
+                    "quant_iters",
                     "seconds",
                 )
             }
@@ -421,11 +441,16 @@ def main(argv: list[str] | None = None) -> None:
         r["bytes_written"] for r in io_points
     )
     held = []
-    for sketch in ("fp32", "bf16"):
-        src = llama_checkpoint(LLAMA_HELD_OUT)
-        r = run_decompose(src, args.device, sketch)
+    for layers, sketch, quantize in (
+        (LLAMA_HELD_OUT, "fp32", None),
+        (LLAMA_HELD_OUT, "bf16", None),
+        (LLAMA_IO[0], "fp32", "nf4"),  # QPiSSA, T = 5 (the default; the points use 2)
+    ):
+        src = llama_checkpoint(layers)
+        r = run_decompose(src, args.device, sketch, quantize)
         r["role"] = "held out" + (", bf16 sketch" if sketch == "bf16" else "")
-        r["predicted"] = predict_run(src, args.device, coef, sketch)
+        r["role"] += f", --quantize {quantize}" if quantize else ""
+        r["predicted"] = predict_run(src, args.device, coef, sketch, quantize)
         held.append(r)
         print(f"  held out: {r}", flush=True)
 

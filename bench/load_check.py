@@ -68,7 +68,7 @@ import json, sys, time
 t0 = time.perf_counter()
 from pathlib import Path
 from pissa_svd import loadcheck
-folder, targets = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
+folder, targets = Path(sys.argv[1]), list(json.loads(Path(sys.argv[2]).read_text()))
 config = json.loads((folder / "config.json").read_text())
 r = loadcheck.check(folder, config, targets, 64)
 print(json.dumps({"ok": r.ok, "reason": r.reason, "missing": len(r.missing),

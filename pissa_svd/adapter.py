@@ -181,9 +181,34 @@ def _read_config(root: Path, what: str) -> dict:
     if not path.is_file():
         raise InputError(f"{what} {root}: no {ADAPTER_CONFIG}; pass a PEFT adapter folder")
     config = read_json(path)
+    if not isinstance(config, dict):
+        raise InputError(f"{path}: expected a JSON object; pass a PEFT adapter folder")
     if config.get("peft_type", "LORA") != "LORA":
         raise InputError(f"{path}: peft_type is {config['peft_type']!r}; only LORA is supported")
+    _check_numbers(config, path)
     return config
+
+
+def _positive(value, integer: bool) -> bool:
+    kinds = int if integer else (int, float)
+    return isinstance(value, kinds) and not isinstance(value, bool) and 0 < value < math.inf
+
+
+def _check_numbers(config: dict, path: Path) -> None:
+    """r and lora_alpha, and their patterns, are what the LoRA scaling is made of."""
+    for key, integer in (("r", True), ("lora_alpha", False)):
+        if key in config and config[key] is not None and not _positive(config[key], integer):
+            raise InputError(f"{path}: {key} must be a positive number, got {config[key]!r}")
+    for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict) or not all(
+            isinstance(k, str) and _positive(v, integer) for k, v in patterns.items()
+        ):
+            raise InputError(
+                f"{path}: {key} must map module patterns to positive numbers, got {patterns!r}"
+            )
+    if not isinstance(config.get("target_parameters") or [], list):
+        raise InputError(f"{path}: target_parameters must be a list of parameter names")
 
 
 def _read_tensors(root: Path, what: str) -> dict[str, torch.Tensor]:

@@ -326,7 +326,8 @@ def _to_lora(args: argparse.Namespace) -> int:
         else ("lora_alpha x 2")
     )
     print(
-        f"pissa-svd: wrote a LoRA adapter for {r['modules']} modules to {r['out']}\n"
+        f"pissa-svd: wrote a LoRA adapter for {r['modules']} modules"
+        f"{f' ({n} of them on fused experts)' if (n := r['fused']) else ''} to {r['out']}\n"
         f"  r doubled {r['r']} -> {r['r_out']} and lora_alpha {r['lora_alpha']} -> "
         f"{r['lora_alpha_out']} ({how}): the update B'A' - BA is the difference of two rank-r\n"
         "  products, so it needs rank 2r; the scaling, and so the model, are unchanged.\n"

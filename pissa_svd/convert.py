@@ -117,7 +117,7 @@ def to_lora(
         result.save(tmp)
     return {
         "out": str(out),
-        "modules": len(ini.modules),
+        "modules": len(A_out),
         "fused": len(fused),
         "r": tr.config.get("r"),
         "r_out": config.get("r"),
@@ -162,6 +162,11 @@ def _check_same_layout(
                 f"{tuple(a0)} / {tuple(b0)}; the rank or the base model differs from the init's"
             )
     for m, p in init_fused.items():
+        if m not in fused:
+            raise InputError(
+                f"init {ini.root} adapts fused experts ({m}) that the trained adapter "
+                f"{tr.root} does not; pass the adapter that was trained from this init"
+            )
         if (p.experts, p.rank) != (fused[m].experts, fused[m].rank):
             raise InputError(
                 f"{m}: the trained adapter has {fused[m].experts} experts of rank "

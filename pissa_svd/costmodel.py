@@ -3,7 +3,8 @@
 A batch of same-shape matrices costs, on one device kind,
 
     seconds = gemm_flop / gemm_rate + bf16_gemm_flop / bf16_gemm_rate + dense_flop / dense_rate
-              + svd_flop / svd_rate + elements * per_element + calls * per_call,
+              + svd_flop / svd_rate + elements * per_element + calls * per_call
+              + nf4_elements * per_nf4_element + int8_elements * per_int8_element,
 
 and the IO that is not part of a batch (copying the untouched tensors, writing the residuals)
 costs ``bytes / io_rate``. The features are counted from the algorithms in linalg.py; the
@@ -21,14 +22,26 @@ from pathlib import Path
 from .linalg import krylov_depth
 
 MODEL_FILE = Path(__file__).with_name("cost_model.json")
-FEATURES = ("gemm_flop", "bf16_gemm_flop", "dense_flop", "svd_flop", "elements", "calls")
+FEATURES = (
+    "gemm_flop",
+    "bf16_gemm_flop",
+    "dense_flop",
+    "svd_flop",
+    "elements",
+    "calls",
+    "nf4_elements",
+    "int8_elements",
+)
+QUANT_FEATURES = ("nf4_elements", "int8_elements")  # --quantize (QPiSSA) only
 
 # Nominal rates for a device kind with no measured points: a guess, and labelled as one.
 _NOMINAL = {
     "cpu": {"gemm_flop": 1 / 85e9, "bf16_gemm_flop": 1 / 85e9, "dense_flop": 1 / 40e9,
-            "svd_flop": 1 / 10e9, "elements": 5e-9, "calls": 1e-3, "io_bytes": 1 / 1e9},
+            "svd_flop": 1 / 10e9, "elements": 5e-9, "calls": 1e-3, "io_bytes": 1 / 1e9,
+            "nf4_elements": 40e-9, "int8_elements": 10e-9},
     "cuda": {"gemm_flop": 1 / 40e12, "bf16_gemm_flop": 1 / 150e12, "dense_flop": 1 / 10e12,
-             "svd_flop": 1 / 0.5e12, "elements": 2e-11, "calls": 2e-3, "io_bytes": 1 / 3e9},
+             "svd_flop": 1 / 0.5e12, "elements": 2e-11, "calls": 2e-3, "io_bytes": 1 / 3e9,
+             "nf4_elements": 2e-10, "int8_elements": 1e-10},
 }  # fmt: skip
 
 
@@ -42,12 +55,19 @@ def features(
     oversample: int,
     batch: int = 1,
     bf16_sketch: bool = False,
+    quantize: str | None = None,
+    quant_iters: int = 0,
 ) -> dict[str, float]:
     """What a batch of ``batch`` (m, n) matrices costs, counted per term of the model.
 
     ``bf16_sketch``: the passes over W read it in bf16 (linalg._pass): the power iteration's
     lead passes with the block's k columns, the kept blocks' passes and the last one with 2k
-    (their operand split into bf16 hi + lo)."""
+    (their operand split into bf16 hi + lo).
+
+    ``quantize`` ("nf4"/"int8") with ``quant_iters`` T: QPiSSA (quant.qpissa_factors), member
+    by member: T + 1 SVDs, T residuals rebuilt from the stored factors, and T + 3 passes of
+    fake quantization (the plain-QLoRA reference, one per round, the rebuild of the best
+    residual, and settling it in its dtype) with the norms that go with them."""
     small, big = min(m, n), max(m, n)
     residual = 2.0 * m * n * rank  # W_res = W - B A
     f = dict.fromkeys(FEATURES, 0.0)
@@ -76,6 +96,13 @@ def features(
         ritz = 2.0 * big * width**2 + 2.0 * (big + small) * width * rank + 20.0 * width**3
         f["dense_flop"] = 4.0 * small_rounds * small * k**2
         f["dense_flop"] += gram_schmidt + ritz
+    if quantize:
+        rounds = quant_iters + 1
+        for key in ("gemm_flop", "bf16_gemm_flop", "dense_flop", "svd_flop"):
+            f[key] *= rounds
+        f["gemm_flop"] += quant_iters * residual
+        f[f"{quantize}_elements"] = float(m * n) * (quant_iters + 3)
+        f["calls"] = float(rounds)  # not batched
     return {key: v * batch for key, v in f.items()}
 
 
@@ -126,6 +153,10 @@ def coefficients(device_kind: str) -> tuple[dict[str, float], str]:
         if not coef.get("bf16_gemm_flop"):  # a fit without bf16-sketch points
             coef["bf16_gemm_flop"] = coef["gemm_flop"]
             note += "; bf16 sketch not measured: its passes at the fp32 GEMM rate"
+        nominal = _NOMINAL.get(device_kind, _NOMINAL["cpu"])
+        if not all(coef.get(k) for k in QUANT_FEATURES):  # a fit without QPiSSA points
+            coef.update({k: nominal[k] for k in QUANT_FEATURES})
+            note += "; quantization not measured: nominal rates"
         return coef, note
     nominal = _NOMINAL.get(device_kind, _NOMINAL["cpu"])
     return nominal, f"no measured points for {device_kind}: nominal rates, a rough guess"

@@ -116,7 +116,7 @@ def fused_params(
         container = fused_container(adapter.config, module)
         if container is None:
             continue
-        roles = layers.get(_layer_key(container.removesuffix(".experts")), {})
+        roles = layers.get(layer_of_container(container), {})
         A, B = adapter.A[module], adapter.B[module]
         for param, stacked in _PARAMS.items():
             parts = _parts(roles, stacked)
@@ -124,12 +124,50 @@ def fused_params(
                 found[module] = _param(adapter, module, container, param, parts, shapes, A)
                 break
         else:
+            layer = layer_of_container(container)
+            if not roles:
+                why = f"{where} has no per-expert weights in {layer} (experts stored fused?)"
+            elif gap := _gap(roles):
+                why = f"{where} lacks {gap} in {layer}"
+            else:
+                why = f"they match no experts of {where} in shape"
             raise InputError(
                 f"{adapter.root}: {module} adapts fused experts ({tuple(A.shape)} lora_A, "
-                f"{tuple(B.shape)} lora_B) that match no experts of {where}; "
-                "the adapter belongs to a different model"
+                f"{tuple(B.shape)} lora_B), but {why}; the adapter belongs to a different model"
             )
     return found
+
+
+def _gap(roles: dict[str, dict[int, str]]) -> str | None:
+    """A missing per-expert weight of a layer, e.g. "expert 1's down projection"."""
+    n = max(max(e) for e in roles.values()) + 1
+    for role in ("gate", "up", "down"):
+        for e in range(n):
+            if e not in roles.get(role, {}):
+                return f"expert {e}'s {role} projection"
+    return None
+
+
+def expert_slot(module: str) -> tuple[str, str, int] | None:
+    """Where a checkpoint's per-expert module lands once transformers fuses the experts:
+    (layer key, fused parameter, expert), e.g. ``model.layers.3.block_sparse_moe.experts.5.w3``
+    -> ("model.layers.3", "gate_up_proj", 5); None for any other module."""
+    m = _EXPERT.match(module)
+    if m is None:
+        return None
+    role = _ROLE[m["proj"]]
+    param = next(p for p, stacked in _PARAMS.items() if role in stacked)
+    return _layer_key(m["layer"]), param, int(m["e"])
+
+
+def stacked(param: str) -> int:
+    """How many per-expert projections a fused parameter stacks (gate_up_proj: 2)."""
+    return len(_PARAMS.get(param, ("?",)))
+
+
+def layer_of_container(container: str) -> str:
+    """The layer key of a fused experts container (``model.layers.3.mlp.experts``)."""
+    return _layer_key(container.removesuffix(".experts"))
 
 
 def _layer_key(prefix: str) -> str:
@@ -163,8 +201,9 @@ def _param(adapter, module, container, param, parts, shapes, A) -> FusedParam:
     expected = _rank(adapter.config, key)
     if expected is not None and expected != rank:
         raise InputError(
-            f"{adapter.root}: {module} ({param}) has rank {rank} per expert but "
-            f"adapter_config.json says r={expected}; the adapter is inconsistent"
+            f"{adapter.root}: {module} ({param}) has {A.shape[0]} lora_A rows, which is not "
+            f"{len(parts)} experts (as in its model) x r={expected} (adapter_config.json); the "
+            "adapter belongs to a model with another number of experts"
         )
     return FusedParam(
         module=module,
@@ -197,6 +236,8 @@ def unmapped_params(adapter: LoraAdapter) -> dict[str, FusedParam]:
         rows = [adapter.A[m].shape[0] for m in modules]
         fits = {}
         for params in itertools.permutations(leaves, len(modules)):
+            if not _plausible(adapter, dict(zip(params, modules, strict=True))):
+                continue
             ranks = [_rank(config, f"{c}.{p}") for p in params]
             if any(r is None or n % r for r, n in zip(ranks, rows, strict=True)):
                 continue
@@ -215,6 +256,16 @@ def unmapped_params(adapter: LoraAdapter) -> dict[str, FusedParam]:
         for m, p, (r, scaling) in zip(modules, params, per_module, strict=True):
             found[m] = FusedParam(module=m, param=p, experts=E, rank=r, scaling=scaling)
     return found
+
+
+def _plausible(adapter: LoraAdapter, module_of: dict[str, str]) -> bool:
+    """Shapes that rule out an assignment of parameters to modules: gate_up_proj maps hidden
+    to 2 x intermediate, down_proj intermediate back to hidden."""
+    gu, down = module_of.get("gate_up_proj"), module_of.get("down_proj")
+    if gu is None or down is None:
+        return True
+    A_gu, B_gu, A_d, B_d = adapter.A[gu], adapter.B[gu], adapter.A[down], adapter.B[down]
+    return A_gu.shape[1] == B_d.shape[0] and B_gu.shape[0] == 2 * A_d.shape[1]
 
 
 def _rank(config: dict, key: str) -> int | None:

@@ -7,11 +7,15 @@ per-expert adapters onto it only for the families it knows (Mixtral, Qwen3-MoE, 
 PEFT 0.21, but not Qwen2-MoE). Where it does not, PEFT drops those adapters *silently*: the
 residual model then lacks their principal components and step 0 is not the original model.
 
+PEFT also rewrites other targets of such models: for GLM-4-MoE, or Qwen3-MoE with dense
+layers, it moves every ``gate_proj``/``up_proj``/``down_proj`` target onto the experts, so
+the dense layers' and shared experts' adapters are dropped too.
+
 :func:`check` builds the model on the meta device (no weights, seconds even for 405B), lets
 PEFT inject a LoRA for the planned targets exactly as ``PeftModel.from_pretrained`` would, and
-compares how many weight elements the injected layers wrap with how many the targets hold.
-It needs transformers and PEFT; without them, or for a model transformers cannot build from
-its config.json alone, it says why it did not run.
+checks, target by target, that PEFT adapts it. It needs transformers and PEFT; without them,
+or for a model transformers cannot build from its config.json alone, it says why it did not
+run.
 """
 
 from __future__ import annotations
@@ -19,11 +23,14 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .adapter import unwrapped
+from .fused import expert_slot, layer_of_container, stacked
 from .targets import task_type
 
 # Per-expert weights: the names transformers 5 fuses on loading.
@@ -37,15 +44,21 @@ class Result:
     missing: tuple[str, ...] = ()  # target modules PEFT gives no adapter
 
 
-def needed(modules: list[str]) -> bool:
-    """Only targets that transformers may fuse on loading need the check."""
+def needed(modules: Iterable[str]) -> bool:
+    """A mixture-of-experts checkpoint (any module names an expert) needs the check: once
+    transformers fuses its experts, PEFT rewrites targets, experts' or not."""
     return any(EXPERT.search(m + ".") for m in modules)
 
 
-def check(folder: Path, config: dict, targets: dict[str, int], rank: int) -> Result:
-    """Inject a rank-``rank`` LoRA for ``targets`` (module -> out*in) into a meta-device model.
+def check(folder: Path, config: dict, targets: Iterable[str], rank: int) -> Result:
+    """Inject a rank-``rank`` LoRA for the ``targets`` (module names, as in the checkpoint)
+    into a meta-device model, and see which of them PEFT adapts.
 
-    ``folder`` holds ``config.json`` (``config`` is its parsed content).
+    ``folder`` holds ``config.json`` (``config`` is its parsed content). A target is adapted
+    when PEFT wraps the module of that name, or when it is an expert whose fused parameter
+    PEFT wraps (:func:`pissa_svd.fused.expert_slot`) together with every other expert of it:
+    one LoRA covers all experts of a fused parameter, so an adapter for some of them does not
+    load.
     """
     try:
         import peft
@@ -53,43 +66,61 @@ def check(folder: Path, config: dict, targets: dict[str, int], rank: int) -> Res
     except ImportError as exc:
         return Result(None, f"not checked: {exc.name} is not installed")
     versions = f"transformers {transformers.__version__}, PEFT {peft.__version__}"
-    if "auto_map" in config:
-        return Result(None, f"not checked: the model needs remote code ({versions})")
+    targets = sorted(targets)
     try:
         model = _meta_model(folder, config, transformers)
     except Exception as exc:  # any failure to build the model only means we cannot tell
-        return Result(None, f"not checked: {versions} cannot build it ({type(exc).__name__})")
-    lora = peft.LoraConfig(
-        r=rank, lora_alpha=rank, target_modules=sorted(targets), init_lora_weights=False
-    )
+        why = "the model needs remote code" if "auto_map" in config else "cannot build it"
+        return Result(None, f"not checked: {why} ({versions}; {type(exc).__name__})")
+    lora = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=targets)
     try:
         with _quiet(transformers), torch.device("meta"):  # LoRA weights on meta too
             wrapped = peft.get_peft_model(model, lora, low_cpu_mem_usage=True)
     except ValueError as exc:  # PEFT refuses the targets outright
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        culprits = tuple(m for m in sorted(targets) if EXPERT.search(m + ".")) or tuple(targets)
-        return Result(False, f"{versions} would refuse the adapter ({first})", culprits)
+        culprits = tuple(m for m in targets if EXPERT.search(m + ".")) or tuple(targets)
+        return Result(False, f"{versions} would refuse the adapter ({first[:200]})", culprits)
     except Exception as exc:  # PEFT failed on the meta model: that says nothing of loading
         return Result(None, f"not checked: PEFT {peft.__version__} failed ({type(exc).__name__})")
+
     adapted: set[str] = set()
-    covered = 0
+    fused: dict[tuple[str, str], int] = {}  # (layer, parameter) -> experts it holds
     for name, module in wrapped.base_model.model.named_modules():
-        if not isinstance(module, peft.tuners.lora.LoraLayer):
-            continue
         if isinstance(module, peft.tuners.lora.ParamWrapper):
-            covered += module.get_param().numel()
-        else:
+            param = module.get_param()
+            layer = layer_of_container(unwrapped(name))
+            fused[(layer, module.parameter_name)] = param.shape[0] if param.ndim == 3 else 1
+        elif isinstance(module, peft.tuners.lora.LoraLayer):
             adapted.add(name)
-            weight = getattr(module.get_base_layer(), "weight", None)
-            covered += weight.numel() if weight is not None else 0
-    if covered >= sum(targets.values()):
-        return Result(True, f"every target gets its adapter in {versions}")
-    missing = tuple(m for m in sorted(targets) if m not in adapted)
-    reason = (
-        f"{versions} would silently give {len(missing)} target(s) no adapter, so the model "
-        "would not start from its original weights"
-    )
-    return Result(False, reason, missing)
+    missing: list[str] = []
+    by_param: dict[tuple[str, str], list[str]] = {}
+    for m in targets:
+        slot = expert_slot(m)
+        if m in adapted:
+            continue
+        if slot is not None and slot[:2] in fused:
+            by_param.setdefault(slot[:2], []).append(m)
+        else:
+            missing.append(m)
+    partial = [
+        m
+        for key, names in by_param.items()
+        if len(names) < fused[key] * stacked(key[1])
+        for m in names
+    ]
+    if missing:
+        reason = (
+            f"{versions} would silently give {len(missing)} target(s) no adapter, so the model "
+            "would not start from its original weights"
+        )
+        return Result(False, reason, tuple(missing))
+    if partial:
+        reason = (
+            f"{versions} adapt all experts of a layer's fused parameter together, and "
+            f"{len(partial)} target(s) cover only some of them, so the adapter would not load"
+        )
+        return Result(False, reason, tuple(partial))
+    return Result(True, f"every target gets its adapter in {versions}")
 
 
 def model_class(config: dict):

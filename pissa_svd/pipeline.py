@@ -58,7 +58,7 @@ from .linalg import (
 from .output import check_out, copy_files, human, move_into_place, plain_number, write_json
 from .output import progress as _progress
 from .pissa import adapter_factors, copy_rows_, subtract_adapter_
-from .targets import select, task_type
+from .targets import module_name, select, task_type
 
 ADAPTER_DIR = "pissa_init"
 REPORT_FILE = "pissa_report.json"
@@ -124,25 +124,6 @@ class Target:
     def name(self) -> str:
         return self.info.name
 
-    def flops(self, niter: int, oversample: int, bf16_sketch: bool = False) -> float:
-        f = self.features(niter, oversample, bf16_sketch=bf16_sketch)
-        return f["gemm_flop"] + f["bf16_gemm_flop"] + f["dense_flop"] + f["svd_flop"]
-
-    def features(
-        self, niter: int, oversample: int, batch: int = 1, bf16_sketch: bool = False
-    ) -> dict[str, float]:
-        """The cost model's terms for a batch of ``batch`` matrices of this shape."""
-        return costmodel.features(
-            self.out_features,
-            self.in_features,
-            self.rank,
-            method=self.method,
-            niter=niter,
-            oversample=oversample,
-            batch=batch,
-            bf16_sketch=bf16_sketch,
-        )
-
     @property
     def work_bytes(self) -> int:
         """Bytes of the matrix in the working precision (fp32, or fp64 for fp64 input)."""
@@ -161,23 +142,36 @@ class Target:
         )
 
     def working_bytes(
-        self, oversample: int, batch: int = 1, overlap: bool = False, bf16_sketch: bool = False
+        self,
+        oversample: int,
+        batch: int = 1,
+        overlap: bool = False,
+        bf16_sketch: bool = False,
+        quantize: bool = False,
     ) -> int:
         """Peak bytes held while a batch of this target's shape is processed; a bf16 sketch
-        adds the bf16 copy it reads, except for one bf16 weight, which it reads as loaded."""
+        adds the bf16 copy it reads, except for one bf16 weight, which it reads as loaded.
+        QPiSSA (``quantize``) holds, for the member it works on, five more matrices in the
+        working precision (W, Q_t, the residual, W_res - Q_t and the quantizer's output) and
+        sketches matrices it computed, never the weight as loaded."""
         m, n = self.out_features, self.in_features
         sketch_copy = bf16_sketch and self.method != "exact"
-        sketch_copy &= batch > 1 or self.info.dtype != "BF16"
-        return costmodel.working_bytes(
-            m,
-            n,
-            min(self.rank + oversample, min(m, n)),
-            batch,
-            dtype_nbytes(self.info.dtype, (1,)),
-            self.work_bytes // (m * n),
-            dtype_nbytes(self.residual_dtype, (1,)),
-            overlap,
-        ) + (batch * m * n * 2 if sketch_copy else 0)
+        sketch_copy &= batch > 1 or self.info.dtype != "BF16" or quantize
+        qpissa = 5 * self.work_bytes if quantize else 0
+        return (
+            qpissa
+            + costmodel.working_bytes(
+                m,
+                n,
+                min(self.rank + oversample, min(m, n)),
+                batch,
+                dtype_nbytes(self.info.dtype, (1,)),
+                self.work_bytes // (m * n),
+                dtype_nbytes(self.residual_dtype, (1,)),
+                overlap,
+            )
+            + (batch * m * n * 2 if sketch_copy else 0)
+        )
 
 
 @dataclass
@@ -201,8 +195,7 @@ class Plan:
 
     @property
     def flops(self) -> float:
-        o = self.options
-        return sum(t.flops(o.niter, self.oversample, self.bf16_sketch) for t in self.targets)
+        return sum(_flops(self.batch_features([t])) for t in self.targets)
 
     @property
     def bf16_sketch(self) -> bool:
@@ -214,12 +207,30 @@ class Plan:
         CPU run, where a page-cache copy would take CPU from the compute (StreamingWriter)."""
         return self.overlap and self.device_kind == "cpu"
 
+    def batch_features(self, batch: list[Target]) -> dict[str, float]:
+        """The cost model's terms for one batch (same-shape targets) under this plan."""
+        o, t = self.options, batch[0]
+        return costmodel.features(
+            t.out_features,
+            t.in_features,
+            t.rank,
+            method=t.method,
+            niter=o.niter,
+            oversample=self.oversample,
+            batch=len(batch),
+            bf16_sketch=self.bf16_sketch,
+            quantize=o.quantize,
+            quant_iters=o.quant_iters,
+        )
+
+    def batch_working_bytes(self, batch: list[Target]) -> int:
+        return batch[0].working_bytes(
+            self.oversample, len(batch), self.overlap, self.bf16_sketch, bool(self.options.quantize)
+        )
+
     @property
     def working_bytes(self) -> int:
-        return max(
-            b[0].working_bytes(self.oversample, len(b), self.overlap, self.bf16_sketch)
-            for b in self.batches
-        )
+        return max(self.batch_working_bytes(b) for b in self.batches)
 
     def describe(self) -> str:
         """The human-readable plan that ``--dry-run`` prints."""
@@ -254,7 +265,7 @@ class Plan:
             key = (t.module.rsplit(".", 1)[-1], t.out_features, t.in_features, t.rank, t.method)
             groups.setdefault(key + (t.info.dtype,), []).append(t)
         for (leaf, m, n, r, meth, dt), ts in groups.items():
-            gf = sum(t.flops(o.niter, self.oversample, self.bf16_sketch) for t in ts) / 1e9
+            gf = sum(_flops(self.batch_features([t])) for t in ts) / 1e9
             lines.append(
                 f"    {leaf:<18} {len(ts):>5}  {f'{m} x {n}':<18} {r:>5}  {meth:<7} {dt:<5}"
                 f" {gf:>9.1f}"
@@ -282,15 +293,7 @@ class Plan:
         for r in range(k):
             mine = [i for i, o_ in enumerate(owner) if o_ == r]
             seconds = sum(costs[i] for i in mine) + (coef["io_bytes"] * copied if r == 0 else 0)
-            peak = max(
-                (
-                    self.batches[i][0].working_bytes(
-                        self.oversample, len(self.batches[i]), self.overlap, self.bf16_sketch
-                    )
-                    for i in mine
-                ),
-                default=0,
-            )
+            peak = max((self.batch_working_bytes(self.batches[i]) for i in mine), default=0)
             lines.append(
                 f"    rank {r:<4} {len(mine):>4} batches  ~{seconds:8.1f} s"
                 f"  peak ~{human(rss + peak)}"
@@ -423,7 +426,7 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
             f"{src_path} is already quantized ({config['quantization_config'].get('quant_method', 'quantization_config')}"
             " in config.json); --quantize needs the full-precision checkpoint"
         )
-    load_check = _load_check(src_path, config, targets, o) if o.load_check else None
+    load_check = _load_check(src_path, ckpt, config, targets, o)
     budget = default_batch_memory(device) if o.batch_memory is None else o.batch_memory
     return Plan(
         ckpt=ckpt,
@@ -445,19 +448,25 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
     )
 
 
-def _load_check(src: Path, config: dict | None, targets: list[Target], o: Options) -> str | None:
-    """Refuse targets whose adapters PEFT would drop on loading (MoE experts it cannot map)."""
-    if config is None or not loadcheck.needed([t.module for t in targets]):
+def _load_check(
+    src: Path, ckpt: Checkpoint, config: dict | None, targets: list[Target], o: Options
+) -> str | None:
+    """Refuse targets PEFT would not load as planned on a mixture-of-experts model
+    (:mod:`pissa_svd.loadcheck`); None for other models."""
+    if not loadcheck.needed(name for i in ckpt.tensors() if (name := module_name(i.name))):
         return None
-    sizes = {t.module: t.out_features * t.in_features for t in targets}
-    result = loadcheck.check(src, config, sizes, o.rank)
+    if not o.load_check:
+        return "skipped (--no-load-check)"
+    if config is None:
+        return "not checked: no config.json next to the weights"
+    result = loadcheck.check(src, config, [t.module for t in targets], o.rank)
     if result.ok is False:
         experts = all(loadcheck.EXPERT.search(m + ".") for m in result.missing)
-        hint = r"--exclude '\.experts\.'" if experts else "--exclude REGEX"
+        hint = r"--exclude '\.experts\.'" if experts else "--exclude REGEX matching them"
         raise InputError(
-            f"{src}: {result.reason} (e.g. {result.missing[0]}); leave them out with {hint} "
-            "(they stay whole in the residual), or pass --no-load-check to decompose them "
-            "for another trainer"
+            f"{src}: {result.reason} (e.g. {', '.join(result.missing[:2])}); leave them out "
+            f"with {hint} (they stay whole in the residual), or pass --no-load-check to "
+            "decompose them for another trainer"
         )
     return result.reason
 
@@ -659,10 +668,11 @@ def _batch_cost(plan: Plan, batch: list[Target]) -> float:
         dtype_nbytes(t.residual_dtype, t.info.shape)
         + dtype_nbytes(t.adapter_dtype, (t.rank, t.in_features + t.out_features))
     )
-    feats = t.features(plan.options.niter, plan.oversample, len(batch), plan.bf16_sketch)
-    if plan.options.quantize:  # QPiSSA: T + 1 SVDs and residuals (quantizing not modelled)
-        feats = {k: v * (plan.options.quant_iters + 1) for k, v in feats.items()}
-    return costmodel.seconds(feats, plan.device_kind, io_bytes=written)
+    return costmodel.seconds(plan.batch_features(batch), plan.device_kind, io_bytes=written)
+
+
+def _flops(feats: dict[str, float]) -> float:
+    return feats["gemm_flop"] + feats["bf16_gemm_flop"] + feats["dense_flop"] + feats["svd_flop"]
 
 
 def _attempt(fn, team: Team):
@@ -861,9 +871,9 @@ def _overlapped(batches: list[list[Target]], load, compute, write) -> None:
                 pending_write = writer.submit(write, done)
             pending_write.result()
         except BaseException:
-            for f in (pending_read, pending_write):
-                if f is not None:
-                    f.cancel()
+            # The batch being read is dropped. The one queued for writing finished computing:
+            # leaving the block waits for its write (and journal entry), so it is kept.
+            pending_read.cancel()
             raise
 
 

@@ -80,6 +80,30 @@ TINY_MOE = {  # mixture-of-experts families with each naming of the experts' wei
         "Qwen3MoeConfig",
         dict(intermediate_size=96, moe_intermediate_size=48, num_experts=4, head_dim=16),
     ),
+    # A dense MLP in layer 0, and a shared expert: targets PEFT rewrites though not experts.
+    "qwen3_moe_dense0": (
+        "Qwen3MoeConfig",
+        dict(
+            intermediate_size=96,
+            moe_intermediate_size=48,
+            num_experts=4,
+            head_dim=16,
+            mlp_only_layers=[0],
+        ),
+    ),
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        dict(
+            intermediate_size=96,
+            moe_intermediate_size=48,
+            head_dim=16,
+            n_routed_experts=4,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+        ),
+    ),
 }
 
 

@@ -309,3 +309,33 @@ def test_merging_the_lora_into_the_original_equals_merging_pissa_into_the_residu
     assert ta.keys() == tb.keys()
     for k in ta:  # two fp32 routes to the same W + dW: a few fp32 ulps apart
         assert torch.allclose(ta[k], tb[k], rtol=0, atol=1e-6 * float(tb[k].abs().max())), k
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "says"),
+    [
+        ("r", 0, "r must be a positive number, got 0"),
+        ("lora_alpha", -8, "lora_alpha must be a positive number"),
+        ("rank_pattern", {"q_proj": "x"}, "rank_pattern must map module patterns"),
+        ("alpha_pattern", ["q_proj"], "alpha_pattern must map module patterns"),
+        ("target_parameters", "gate_up_proj", "target_parameters must be a list"),
+    ],
+)
+def test_impossible_adapter_numbers_are_bad_input(
+    out, trained, run_cli, tmp_path, key, value, says
+):
+    import shutil
+
+    adapter_dir, _ = trained
+    bad = tmp_path / "bad"
+    shutil.copytree(adapter_dir, bad)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    config[key] = value
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    for args in (
+        ("to-lora", "--init", out / "pissa_init", "--trained", bad, "--out", tmp_path / "o"),
+        ("merge", out, "--adapter", bad, "--out", tmp_path / "o"),
+    ):
+        code, _, err = run_cli(*args)
+        assert code == 2 and says in err and "Traceback" not in err
+        assert not (tmp_path / "o").exists()

@@ -95,9 +95,36 @@ def test_fitted_file_is_complete_and_positive():
             f = costmodel.features(
                 m, n, p["rank"], method=p["method"], niter=p["niter"], oversample=p["oversample"],
                 batch=p["batch"], bf16_sketch=p.get("sketch") == "bf16",
+                quantize=p.get("quantize"), quant_iters=p.get("quant_iters", 0),
             )  # fmt: skip
             pred = sum(fit["coef"][k] * f[k] for k in costmodel.FEATURES)
             assert abs(pred / p["seconds"] - 1) <= fit["max_rel_err"] + 1e-9
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_qpissa_terms(scheme):
+    """T + 1 SVDs, T rebuilt residuals, T + 3 quantization passes, member by member."""
+    m, n, r, T = 2048, 5632, 64, 5
+    one = costmodel.features(m, n, r, method="krylov2", niter=4, oversample=0)
+    q = costmodel.features(
+        m, n, r, method="krylov2", niter=4, oversample=0, quantize=scheme, quant_iters=T, batch=3
+    )
+    assert q["dense_flop"] == 3 * (T + 1) * one["dense_flop"]
+    assert q["gemm_flop"] == 3 * ((T + 1) * one["gemm_flop"] + T * 2 * m * n * r)
+    assert q[f"{scheme}_elements"] == 3 * (T + 3) * m * n
+    assert q["calls"] == 3 * (T + 1)  # not batched
+    other = {"nf4": "int8", "int8": "nf4"}[scheme]
+    assert q[f"{other}_elements"] == one[f"{scheme}_elements"] == 0
+
+
+def test_dry_run_prices_and_sizes_qpissa(tiny_llama, tmp_path):
+    plain = make_plan(tiny_llama, tmp_path / "out", Options(rank=8))
+    qpissa = make_plan(tiny_llama, tmp_path / "out", Options(rank=8, quantize="nf4"))
+    batch = qpissa.batches[0]
+    assert _batch_cost(qpissa, batch) > 6 * _batch_cost(plain, batch)  # T + 1 = 6 SVDs and more
+    t = batch[0]
+    five = 5 * t.out_features * t.in_features * 4  # fp32 matrices of the member in work
+    assert qpissa.batch_working_bytes(batch) == plain.batch_working_bytes(batch) + five
 
 
 def test_seconds_grow_with_work():
