@@ -96,10 +96,17 @@ class BuildExt(build_ext):
     """
 
     def run(self):
+        self._failed: set[str] = set()
         try:
             super().run()
         finally:
             _write_info(BUILD_INFO)
+
+    def build_extensions(self):
+        super().build_extensions()
+        # An extension that failed has no file: drop it before setuptools copies the built
+        # files (in place for an editable install, into the wheel otherwise).
+        self.extensions = [e for e in self.extensions if e.name not in self._failed]
 
     def build_extension(self, ext):
         kind = "cuda" if ext.name.endswith("_cuda") else "cpu"
@@ -110,6 +117,7 @@ class BuildExt(build_ext):
                 ext.extra_objects = [self._nvcc(src, ext) for src in cu]
             super().build_extension(ext)
         except Exception as exc:  # compiler/linker errors: report, keep the install going
+            self._failed.add(ext.name)
             BUILD_INFO[kind] = f"failed: {type(exc).__name__}: {exc}"
             log(f"{ext.name} FAILED to build ({exc}); the torch path still works")
 

@@ -14,6 +14,7 @@
 #include "rsvd.h"
 #ifdef PISSA_WITH_CPU
 #include "cpu_backend.h"
+#include "nf4.h"
 #include "rows.h"
 #endif
 #ifdef PISSA_WITH_CUDA
@@ -233,6 +234,24 @@ double copy_rows(const py::handle& src, const py::handle& dst, int threads) {
   return convert_rows<F32ToF32>(static_cast<const float*>(a.p), a.ld, static_cast<float*>(b.p),
                                 b.ld, a.rows, a.cols, threads);
 }
+// out = deq(Q(x)) with NF4 (blocks of 64, absmax), both fp32 1-D contiguous CPU tensors of
+// one length; code (16) and mid (15) are the NF4 codes and their midpoints. GIL released.
+void nf4_fake_tensors(const py::handle& x, const py::handle& out,
+                      const std::vector<float>& code, const std::vector<float>& mid,
+                      int threads) {
+  const View xv(x, "x", 0), ov(out, "out", 0);
+  for (const View* v : {&xv, &ov}) {
+    if (v->t().device.device_type != kDLCPU)
+      throw py::value_error("x, out: must be CPU tensors");
+  }
+  xv.expect({-1}, 32);
+  ov.expect({xv.dim(0)}, 32);
+  if (code.size() != 16 || mid.size() != 15)
+    throw py::value_error("code, mid: expected the 16 NF4 codes and their 15 midpoints");
+  py::gil_scoped_release nogil;
+  pissa::nf4_fake(xv.data<float>(), ov.data<float>(), xv.dim(0), code.data(), mid.data(),
+                  threads);
+}
 #endif
 
 #ifdef PISSA_WITH_CUDA
@@ -285,6 +304,9 @@ PYBIND11_MODULE(PISSA_MODULE_NAME, m) {
   m.def("copy_rows", &pissa::copy_rows, py::arg("src"), py::arg("dst"), py::arg("threads") = 1,
         "dst (rows, cols) = src converted (bf16 -> fp32, fp32 -> bf16, fp32 -> fp32), rows "
         "contiguous, possibly padded; returns the fp64 sum of squares of the fp32 side.");
+  m.def("nf4_fake", &pissa::nf4_fake_tensors, py::arg("x"), py::arg("out"), py::arg("code"),
+        py::arg("mid"), py::arg("threads") = 1,
+        "out = NF4 deq(Q(x)) for 1-D fp32 CPU tensors (blocks of 64, absmax), as bitsandbytes.");
 #endif
 #ifdef PISSA_WITH_CUDA
   m.def("gesvdr", &pissa::gesvdr, py::arg("W"), py::arg("U"), py::arg("S"), py::arg("Vh"),

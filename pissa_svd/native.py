@@ -134,6 +134,23 @@ def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor | None:
     return torch.tensor(fused(src, dst, torch.get_num_threads()), dtype=torch.float64)
 
 
+def nf4_fake(x: torch.Tensor, code: tuple[float, ...]) -> torch.Tensor | None:
+    """NF4 deq(Q(x)) of a 1-D contiguous fp32 CPU tensor by the compiled loop (csrc/nf4.h),
+    on ``torch.get_num_threads()`` threads with the GIL released; None where there is no
+    compiled module with it (the caller then uses torch). ``code``: the 16 NF4 values."""
+    try:
+        fused = getattr(module("cpu"), "nf4_fake", None)  # None: a module built before it
+    except NativeUnavailable:
+        return None
+    if fused is None:
+        return None
+    table = torch.tensor(code, dtype=torch.float32)
+    mid = ((table[:-1] + table[1:]) / 2).tolist()  # fp32 midpoints, as quant._nf4_tables
+    out = torch.empty_like(x)
+    fused(x, out, table.tolist(), mid, torch.get_num_threads())
+    return out
+
+
 def rows_contiguous(t: torch.Tensor) -> bool:
     """Whether the matrices of ``t`` (..., rows, cols) have contiguous rows that do not overlap:
     contiguous, or rows padded apart (``linalg.padded_empty``). The layout BLAS and the

@@ -405,3 +405,38 @@ def test_fp16_residual_that_overflows_is_a_clear_error():
     W = _weight(16, 64, seed=10) * 1e6  # values beyond fp16's 65504
     with pytest.raises(InputError, match="does not fit in torch.float16"):
         qpissa_factors(W, 4, residual_dtype=torch.float16)
+
+
+# --------------------------------------------------------------------------------------------
+# The compiled NF4 loop (csrc/nf4.h) against the torch path
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "ties", "tail", "large"])
+def test_compiled_nf4_has_the_torch_paths_bits(kind, monkeypatch):
+    from pissa_svd import native, quant
+
+    if kind == "ties":  # scaled values exactly at, and one ulp around, every threshold
+        code = torch.tensor(NF4_CODE, dtype=torch.float32)
+        mid = (code[:-1] + code[1:]) / 2
+        up, down = mid.nextafter(torch.tensor(2.0)), mid.nextafter(torch.tensor(-2.0))
+        x = torch.cat([torch.tensor([1.0, -1.0]), mid, up, down, -mid, -up, -down])
+        x = torch.cat([x, torch.zeros(128 - x.numel())])
+    elif kind == "tail":  # a short last block, divided rather than multiplied by its absmax
+        x = torch.randn(64 * 3 + 13, generator=torch.Generator().manual_seed(3)) * 1e-3
+    elif kind == "large":  # enough blocks for 3 threads (plus a tail)
+        x = torch.randn(1000, 333, generator=torch.Generator().manual_seed(4))
+    else:
+        x = _inputs(kind, torch.float32)
+    compiled = native.nf4_fake(x.reshape(-1), NF4_CODE)
+    assert compiled is not None  # the install builds it (pissa-svd env)
+    monkeypatch.setattr(native, "nf4_fake", lambda *a: None)
+    reference = quant._nf4_fake(x)  # torch
+    assert torch.equal(compiled.view(x.shape), reference)
+    monkeypatch.undo()
+    for threads in (1, 2, 3):
+        with_threads = torch.empty_like(x.reshape(-1))
+        table = torch.tensor(NF4_CODE, dtype=torch.float32)
+        mid = ((table[:-1] + table[1:]) / 2).tolist()
+        native.module("cpu").nf4_fake(x.reshape(-1), with_threads, table.tolist(), mid, threads)
+        assert torch.equal(with_threads.view(x.shape), reference)
