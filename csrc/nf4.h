@@ -5,14 +5,16 @@
 // it: ties go down), and replaced by code * absmax. torch spends a trip through memory on each
 // of those steps; here a block is read once and written once.
 //
-// Bits: the same fp32 operations as pissa_svd/quant.py's torch path, which matches
-// bitsandbytes: full blocks multiply by the fp32 reciprocal of absmax (floored at 1e-38), the
-// short tail block divides by it and also dequantizes with the floored value. No operation
-// here can be contracted into an FMA, so the compiler cannot change a bit.
+// Bits: the same fp32 operations as pissa_svd/quant.py's torch path (NaN and inf included),
+// which matches bitsandbytes: full blocks multiply by the fp32 reciprocal of absmax (floored
+// at 1e-38), the short tail block divides by it and also dequantizes with the floored value.
+// No operation here can be contracted into an FMA, so the compiler cannot change a bit.
 #pragma once
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 
 #include "rows.h"
 
@@ -29,14 +31,25 @@ PISSA_CLONES static void nf4_fake_block(const float* x, float* out, int64_t len,
   float code[16], mid[15];
   std::copy(code_in, code_in + 16, code);
   std::copy(mid_in, mid_in + 15, mid);
-  float amax = 0.0f;
-  for (int64_t k = 0; k < len; ++k) amax = std::max(amax, std::fabs(x[k]));
-  const float denom = std::max(amax, kAbsmaxFloor);
+  // NaN propagates as in torch: a NaN absmax makes the whole block NaN, a NaN value goes to
+  // the top code (15), and an infinite absmax gives 0 * inf = NaN for the finite values.
+  // |x| as bits orders like |x| itself, NaN above inf: one integer max finds both.
+  uint32_t top = 0;
+  for (int64_t k = 0; k < len; ++k) {
+    uint32_t u;
+    std::memcpy(&u, x + k, sizeof u);
+    top = std::max(top, u & 0x7fffffffu);
+  }
+  float amax;
+  std::memcpy(&amax, &top, sizeof amax);
+  if (top > 0x7f800000u) amax = std::numeric_limits<float>::quiet_NaN();
+  const float denom = std::max(amax, kAbsmaxFloor);  // NaN stays NaN
   const float inv = 1.0f / denom;
   const float scale = tail ? denom : amax;  // what the codes are multiplied back by
   for (int64_t k = 0; k < len; ++k) {
     float s = tail ? x[k] / denom : x[k] * inv;
     s = std::min(std::max(s, -1.0f), 1.0f);
+    s = s == s ? s : 1.0f;  // NaN goes to the top code, as in torch.bucketize
     int idx = 0;
     for (int j = 0; j < 15; ++j) idx += mid[j] < s;
     out[k] = code[idx] * scale;

@@ -67,7 +67,9 @@ def features(
     ``quantize`` ("nf4"/"int8") with ``quant_iters`` T: QPiSSA (quant.qpissa_factors), member
     by member: T + 1 SVDs, T residuals rebuilt from the stored factors, and T + 3 passes of
     fake quantization (the plain-QLoRA reference, one per round, the rebuild of the best
-    residual, and settling it in its dtype) with the norms that go with them."""
+    residual, and settling it in its dtype) with the norms that go with them. That is the most
+    it does: the rebuild is skipped when the last round is the best, and settling may take no
+    round; the fitted per-element cost absorbs the difference."""
     small, big = min(m, n), max(m, n)
     residual = 2.0 * m * n * rank  # W_res = W - B A
     f = dict.fromkeys(FEATURES, 0.0)

@@ -68,6 +68,8 @@ def _load(device_type: str) -> ModuleType | NativeUnavailable:
     built = build_info().get(device_type) or ""
     if built.startswith("skipped"):
         return NativeUnavailable(f"{name} was not built ({built})")
+    if built.startswith("failed"):  # a module left from an earlier build is not this source's
+        return NativeUnavailable(f"{name} failed to build ({built[:300]})")
     preload = _preload_cuda_libraries() if device_type == "cuda" else []
     try:
         return importlib.import_module(name)

@@ -173,8 +173,8 @@ def _nf4_fake(x: torch.Tensor) -> torch.Tensor:
 
     A contiguous fp32 CPU tensor goes through the compiled loop (csrc/nf4.h: one pass, the same
     bits, many times faster) when the native module has it."""
-    if x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous():
-        out = native.nf4_fake(x.reshape(-1), NF4_CODE)
+    if x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous() and not x.is_neg():
+        out = native.nf4_fake(x.detach().reshape(-1), NF4_CODE)
         if out is not None:
             return out.view(x.shape)
     table, _ = _nf4_tables(x.device)

@@ -398,3 +398,12 @@ def test_bf16_matmul_sums_in_fp32():
     assert not native.bf16_matmul(X, B.mT.contiguous().mT, out)
     assert not native.bf16_matmul(X, B[:, :400], out)
     assert not native.bf16_matmul(X, B, torch.empty(2, 300, 16))
+
+
+def test_a_module_left_from_an_earlier_build_is_not_loaded_after_a_failed_one(monkeypatch):
+    """An editable install survives a failed compile; the .so of a previous build must then not
+    run as if it were this source's."""
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(native, "build_info", lambda: {"cpu": "failed: CompileError: ..."})
+    ok, why = native.available("cpu")
+    assert not ok and "failed to build (failed: CompileError" in why
