@@ -101,6 +101,10 @@ class BuildExt(build_ext):
             super().run()
         finally:
             _write_info(BUILD_INFO)
+            if not self.inplace:  # a wheel: build_py copied the package before this ran
+                dest = Path(self.build_lib) / "pissa_svd"
+                dest.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(INFO, dest / INFO.name)
 
     def build_extensions(self):
         super().build_extensions()
