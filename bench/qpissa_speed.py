@@ -79,7 +79,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--no-md", action="store_true", help="do not update bench/RESULTS.md")
     args = ap.parse_args()
-    assert native.nf4_fake(torch.zeros(64), quant.NF4_CODE) is not None, "no compiled NF4"
+    tables = quant._nf4_tables(torch.device("cpu"))
+    assert native.nf4_fake(torch.zeros(64), *tables) is not None, "no compiled NF4"
     src = llama_checkpoint(2)
     runs: dict[str, list[float]] = {"compiled": [], "torch": []}
     digests: dict[str, set[str]] = {"compiled": set(), "torch": set()}

@@ -115,18 +115,20 @@ class LoraAdapter:
         return (in_f, out_f) if self.fan_in_fan_out else (out_f, in_f)
 
     def config_rank(self, module: str) -> int | None:
+        """The rank adapter_config.json gives ``module`` (or a fused parameter), if any."""
         r = pattern_value(self.config.get("rank_pattern") or {}, module, self.config.get("r"))
         return None if r is None else int(r)
 
-    def alpha(self, module: str) -> float:
-        alpha = self.config.get("lora_alpha", self.config.get("r", self.rank(module)))
-        return float(pattern_value(self.config.get("alpha_pattern") or {}, module, alpha))
-
     def scaling(self, module: str) -> float:
         """s in ``W + s * B @ A``, exactly as PEFT computes it."""
-        r = self.rank(module)
-        denom = math.sqrt(r) if self.config.get("use_rslora") else r
-        return self.alpha(module) / denom
+        return self.scaling_at(module, self.rank(module))
+
+    def scaling_at(self, name: str, rank: int) -> float:
+        """PEFT's s = alpha / rank (alpha / sqrt(rank) with rsLoRA), alpha looked up for
+        ``name`` in alpha_pattern: a module, or a fused parameter (:mod:`pissa_svd.fused`)."""
+        alpha = self.config.get("lora_alpha", self.config.get("r", rank))
+        alpha = pattern_value(self.config.get("alpha_pattern") or {}, name, alpha)
+        return float(alpha) / (math.sqrt(rank) if self.config.get("use_rslora") else rank)
 
     def delta(self, module: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """s * B @ A in the (out, in) layout, computed in ``dtype``."""

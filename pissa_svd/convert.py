@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import LoraAdapter, fused_container
+from .adapter import LoraAdapter
 from .checkpoint import (
     FLOAT_DTYPES,
     INDEX_NAME,
@@ -38,6 +38,7 @@ from .errors import InputError
 from .fused import FusedParam, fused_params, unmapped_params
 from .output import check_out, copy_files, plain_number, progress, staged, write_json
 from .pipeline import ADAPTER_DIR, REPORT_FILE
+from .targets import module_name
 
 _CHUNK_ELEMENTS = 1 << 22  # verify works on row blocks of ~4M elements: fp64 temporaries stay small
 
@@ -75,7 +76,7 @@ def to_lora(
     check_out(out, overwrite, {"the init adapter": ini.root, "the trained adapter": tr.root})
     # Fused experts (pissa_svd.fused): the trained adapter in PEFT's fused layout over a
     # per-expert init (decompose's), or both fused (initialize on a target_parameters LoRA).
-    init_fused = unmapped_params(ini) if _has_fused(ini) else {}
+    init_fused = unmapped_params(ini)  # empty for decompose's per-expert init
     if init_fused:
         fused = unmapped_params(tr)
     else:
@@ -129,10 +130,6 @@ def to_lora(
         "max_change": max(changes),
         "other_base": _other_base(ini, tr),
     }
-
-
-def _has_fused(adapter: LoraAdapter) -> bool:
-    return any(fused_container(adapter.config, m) for m in adapter.modules)
 
 
 def _check_same_layout(
@@ -292,9 +289,9 @@ def _match_targets(
     """tensor name -> its update in the stored layout, checking that every module's weight
     exists and fits. Fused experts (:mod:`pissa_svd.fused`) update one tensor per expert."""
     shapes = {
-        name: info.shape
+        module: info.shape
         for info in infos.values()
-        if (name := info.name.removesuffix(".weight")) != info.name and len(info.shape) == 2
+        if (module := module_name(info.name)) is not None and len(info.shape) == 2
     }
     fused = fused_params(ad, shapes, where)
     targets = {}

@@ -146,6 +146,7 @@ def coefficients(device_kind: str) -> tuple[dict[str, float], str]:
     """Seconds per unit of each feature (and ``io_bytes``) on ``device_kind``, and a note
     saying where they come from."""
     fit = _fitted().get(device_kind)
+    nominal = _NOMINAL.get(device_kind, _NOMINAL["cpu"])
     if fit:
         note = (
             f"cost model fitted to {len(fit['points'])} measured batches on {fit['machine']}"
@@ -155,12 +156,10 @@ def coefficients(device_kind: str) -> tuple[dict[str, float], str]:
         if not coef.get("bf16_gemm_flop"):  # a fit without bf16-sketch points
             coef["bf16_gemm_flop"] = coef["gemm_flop"]
             note += "; bf16 sketch not measured: its passes at the fp32 GEMM rate"
-        nominal = _NOMINAL.get(device_kind, _NOMINAL["cpu"])
         if not all(coef.get(k) for k in QUANT_FEATURES):  # a fit without QPiSSA points
             coef.update({k: nominal[k] for k in QUANT_FEATURES})
             note += "; quantization not measured: nominal rates"
         return coef, note
-    nominal = _NOMINAL.get(device_kind, _NOMINAL["cpu"])
     return nominal, f"no measured points for {device_kind}: nominal rates, a rough guess"
 
 

@@ -24,14 +24,13 @@ input is the intermediate size and its output hidden), not from the nesting orde
 from __future__ import annotations
 
 import itertools
-import math
 import re
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 
-from .adapter import LoraAdapter, fused_container, pattern_value
+from .adapter import LoraAdapter, fused_container
 from .errors import InputError
 
 # A checkpoint's per-expert projection: (layer).experts.(e).(proj)
@@ -162,7 +161,7 @@ def expert_slot(module: str) -> tuple[str, str, int] | None:
 
 def stacked(param: str) -> int:
     """How many per-expert projections a fused parameter stacks (gate_up_proj: 2)."""
-    return len(_PARAMS.get(param, ("?",)))
+    return len(_PARAMS[param])
 
 
 def layer_of_container(container: str) -> str:
@@ -198,7 +197,7 @@ def _fits(parts, shapes, A: torch.Tensor, B: torch.Tensor) -> bool:
 def _param(adapter, module, container, param, parts, shapes, A) -> FusedParam:
     rank = A.shape[0] // len(parts)
     key = f"{container}.{param}"  # PEFT matches rank/alpha patterns against the parameter
-    expected = _rank(adapter.config, key)
+    expected = adapter.config_rank(key)
     if expected is not None and expected != rank:
         raise InputError(
             f"{adapter.root}: {module} ({param}) has {A.shape[0]} lora_A rows, which is not "
@@ -210,7 +209,7 @@ def _param(adapter, module, container, param, parts, shapes, A) -> FusedParam:
         param=param,
         experts=len(parts),
         rank=rank,
-        scaling=_scaling(adapter.config, key, rank),
+        scaling=adapter.scaling_at(key, rank),
         parts=tuple(parts),
         rows=tuple(shapes[m][0] for m in parts[0]),
     )
@@ -238,13 +237,13 @@ def unmapped_params(adapter: LoraAdapter) -> dict[str, FusedParam]:
         for params in itertools.permutations(leaves, len(modules)):
             if not _plausible(adapter, dict(zip(params, modules, strict=True))):
                 continue
-            ranks = [_rank(config, f"{c}.{p}") for p in params]
+            ranks = [adapter.config_rank(f"{c}.{p}") for p in params]
             if any(r is None or n % r for r, n in zip(ranks, rows, strict=True)):
                 continue
             experts = {n // r for r, n in zip(ranks, rows, strict=True)}
             if len(experts) == 1:
                 scalings = [
-                    _scaling(config, f"{c}.{p}", r) for p, r in zip(params, ranks, strict=True)
+                    adapter.scaling_at(f"{c}.{p}", r) for p, r in zip(params, ranks, strict=True)
                 ]
                 fits[(experts.pop(), *zip(ranks, scalings, strict=True))] = params
         if len(fits) != 1:
@@ -266,14 +265,3 @@ def _plausible(adapter: LoraAdapter, module_of: dict[str, str]) -> bool:
         return True
     A_gu, B_gu, A_d, B_d = adapter.A[gu], adapter.B[gu], adapter.A[down], adapter.B[down]
     return A_gu.shape[1] == B_d.shape[0] and B_gu.shape[0] == 2 * A_d.shape[1]
-
-
-def _rank(config: dict, key: str) -> int | None:
-    r = pattern_value(config.get("rank_pattern") or {}, key, config.get("r"))
-    return None if r is None else int(r)
-
-
-def _scaling(config: dict, key: str, rank: int) -> float:
-    """PEFT's s = alpha / r (alpha / sqrt(r) with rsLoRA) for the parameter ``key``."""
-    alpha = pattern_value(config.get("alpha_pattern") or {}, key, config.get("lora_alpha", rank))
-    return float(alpha) / (math.sqrt(rank) if config.get("use_rslora") else rank)

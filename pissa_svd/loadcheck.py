@@ -34,7 +34,7 @@ from .fused import expert_slot, layer_of_container, stacked
 from .targets import task_type
 
 # Per-expert weights: the names transformers 5 fuses on loading.
-EXPERT = re.compile(r"\.experts\.\d+\.")
+EXPERT = re.compile(r"\.experts\.\d+(\.|$)")
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class Result:
 def needed(modules: Iterable[str]) -> bool:
     """A mixture-of-experts checkpoint (any module names an expert) needs the check: once
     transformers fuses its experts, PEFT rewrites targets, experts' or not."""
-    return any(EXPERT.search(m + ".") for m in modules)
+    return any(EXPERT.search(m) for m in modules)
 
 
 def check(folder: Path, config: dict, targets: Iterable[str], rank: int) -> Result:
@@ -78,7 +78,7 @@ def check(folder: Path, config: dict, targets: Iterable[str], rank: int) -> Resu
             wrapped = peft.get_peft_model(model, lora, low_cpu_mem_usage=True)
     except ValueError as exc:  # PEFT refuses the targets outright
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        culprits = tuple(m for m in targets if EXPERT.search(m + ".")) or tuple(targets)
+        culprits = tuple(m for m in targets if EXPERT.search(m)) or tuple(targets)
         return Result(False, f"{versions} would refuse the adapter ({first[:200]})", culprits)
     except Exception as exc:  # PEFT failed on the meta model: that says nothing of loading
         return Result(None, f"not checked: PEFT {peft.__version__} failed ({type(exc).__name__})")
@@ -95,9 +95,9 @@ def check(folder: Path, config: dict, targets: Iterable[str], rank: int) -> Resu
     missing: list[str] = []
     by_param: dict[tuple[str, str], list[str]] = {}
     for m in targets:
-        slot = expert_slot(m)
         if m in adapted:
             continue
+        slot = expert_slot(m)
         if slot is not None and slot[:2] in fused:
             by_param.setdefault(slot[:2], []).append(m)
         else:

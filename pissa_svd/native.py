@@ -127,29 +127,31 @@ def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor | None:
         or not all(rows_contiguous(t) for t in (src, dst))
     ):
         return None
-    try:
-        fused = getattr(module("cpu"), "copy_rows", None)  # None: a module built before it
-    except NativeUnavailable:
-        return None
+    fused = _cpu_function("copy_rows")
     if fused is None:
         return None
     return torch.tensor(fused(src, dst, torch.get_num_threads()), dtype=torch.float64)
 
 
-def nf4_fake(x: torch.Tensor, code: tuple[float, ...]) -> torch.Tensor | None:
-    """NF4 deq(Q(x)) of a 1-D contiguous fp32 CPU tensor by the compiled loop (csrc/nf4.h),
-    on ``torch.get_num_threads()`` threads with the GIL released; None where there is no
-    compiled module with it (the caller then uses torch). ``code``: the 16 NF4 values."""
+def _cpu_function(name: str):
+    """The compiled CPU module's function ``name``, or None where there is no module (or one
+    built before the function existed)."""
     try:
-        fused = getattr(module("cpu"), "nf4_fake", None)  # None: a module built before it
+        return getattr(module("cpu"), name, None)
     except NativeUnavailable:
         return None
+
+
+def nf4_fake(x: torch.Tensor, code: torch.Tensor, mid: torch.Tensor) -> torch.Tensor | None:
+    """NF4 deq(Q(x)) of a 1-D contiguous fp32 CPU tensor by the compiled loop (csrc/nf4.h),
+    on ``torch.get_num_threads()`` threads with the GIL released; None where there is no
+    compiled module with it (the caller then uses torch). ``code`` (16) and ``mid`` (15):
+    the fp32 NF4 values and their midpoints (``quant._nf4_tables``)."""
+    fused = _cpu_function("nf4_fake")
     if fused is None:
         return None
-    table = torch.tensor(code, dtype=torch.float32)
-    mid = ((table[:-1] + table[1:]) / 2).tolist()  # fp32 midpoints, as quant._nf4_tables
     out = torch.empty_like(x)
-    fused(x, out, table.tolist(), mid, torch.get_num_threads())
+    fused(x, out, code.tolist(), mid.tolist(), torch.get_num_threads())
     return out
 
 

@@ -290,17 +290,18 @@ def _collect(model: torch.nn.Module, name: str) -> tuple[list[_Target], dict[str
         if not isinstance(layer, LoraLayer) or name not in layer.r:
             continue
         base = layer.get_base_layer()
-        weight = getattr(base, "weight", None)
+        # A target_parameters LoRA adapts one parameter (fused experts), not base.weight.
+        wrapper = ParamWrapper is not None and isinstance(layer, ParamWrapper)
+        weight = layer.get_param() if wrapper else getattr(base, "weight", None)
         why = _quantized(layer, base, weight)
         if why is not None:
             raise InputError(
                 f"{mname}: the base layer is quantized ({why}); PiSSA needs the full-precision "
                 f"weight: {QUANTIZED_HINT}"
             )
-        if ParamWrapper is not None and isinstance(layer, ParamWrapper):
-            targets += _expert_targets(mname, layer, name)
-            continue
-        if not isinstance(layer, LoraLinear) or not isinstance(base, torch.nn.Linear | Conv1D):
+        if not wrapper and (
+            not isinstance(layer, LoraLinear) or not isinstance(base, torch.nn.Linear | Conv1D)
+        ):
             skipped[mname] = f"{type(layer).__name__} LoRA layer over {type(base).__name__}"
             continue
         if name in getattr(layer, "merged_adapters", ()):
@@ -308,16 +309,19 @@ def _collect(model: torch.nn.Module, name: str) -> tuple[list[_Target], dict[str
                 f"{mname}: adapter {name!r} is merged into the base weight; call unmerge_adapter() "
                 "first"
             )
+        if weight.device.type == "meta":
+            raise InputError(
+                f"{mname}: the base weight is on the meta device; load the model's weights "
+                "before initializing"
+            )
+        if wrapper:
+            targets += _expert_targets(mname, layer, name, weight)
+            continue
         variant = layer.lora_variant.get(name)
         if variant is not None and not isinstance(variant, DoraLinearVariant):
             raise InputError(
                 f"{mname}: adapter {name!r} uses {type(variant).__name__}, whose output is not "
                 "base + s * B @ A; PiSSA supports plain LoRA and DoRA only"
-            )
-        if weight.device.type == "meta":
-            raise InputError(
-                f"{mname}: the base weight is on the meta device; load the model's weights "
-                "before initializing"
             )
         if weight.ndim != 2:
             raise InputError(
@@ -362,24 +366,15 @@ def _collect(model: torch.nn.Module, name: str) -> tuple[list[_Target], dict[str
     return targets, skipped
 
 
-def _expert_targets(mname: str, layer, name: str) -> list[_Target]:
-    """One target per expert of a ``target_parameters`` LoRA (PEFT's ParamWrapper).
+def _expert_targets(mname: str, layer, name: str, param: torch.Tensor) -> list[_Target]:
+    """One target per expert of a ``target_parameters`` LoRA (PEFT's ParamWrapper), whose
+    parameter ``param`` passed _collect's checks.
 
     The parameter is (E, out, in), or (E, in, out) where the experts module says
     ``is_transposed``, or a plain (out, in) matrix (E = 1). PEFT keeps expert e's factors at
     rows [e r, (e + 1) r) of lora_A and columns e, e + E, ... of lora_B.
     """
-    param = layer.get_param()
     where = f"{mname} ({layer.parameter_name})"
-    why = _quantized(layer, layer.get_base_layer(), param)
-    if why is not None:
-        raise InputError(f"{where}: the parameter is quantized ({why}); {QUANTIZED_HINT}")
-    if name in getattr(layer, "merged_adapters", ()):
-        raise InputError(
-            f"{where}: adapter {name!r} is merged into the parameter; call unmerge_adapter() first"
-        )
-    if param.device.type == "meta":
-        raise InputError(f"{where}: the parameter is on the meta device; load the weights first")
     if param.ndim not in (2, 3):
         raise InputError(
             f"{where}: the parameter has shape {tuple(param.shape)}, not a (stack of) matrices "

@@ -464,7 +464,7 @@ def _load_check(
         return "not checked: no config.json next to the weights"
     result = loadcheck.check(src, config, [t.module for t in targets], o.rank)
     if result.ok is False:
-        experts = all(loadcheck.EXPERT.search(m + ".") for m in result.missing)
+        experts = all(loadcheck.EXPERT.search(m) for m in result.missing)
         hint = r"--exclude '\.experts\.'" if experts else "--exclude REGEX matching them"
         raise InputError(
             f"{src}: {result.reason} (e.g. {', '.join(result.missing[:2])}); leave them out "

@@ -174,7 +174,7 @@ def _nf4_fake(x: torch.Tensor) -> torch.Tensor:
     A contiguous fp32 CPU tensor goes through the compiled loop (csrc/nf4.h: one pass, the same
     bits, many times faster) when the native module has it."""
     if x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous() and not x.is_neg():
-        out = native.nf4_fake(x.detach().reshape(-1), NF4_CODE)
+        out = native.nf4_fake(x.detach().reshape(-1), *_nf4_tables(x.device))
         if out is not None:
             return out.view(x.shape)
     table, _ = _nf4_tables(x.device)

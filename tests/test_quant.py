@@ -433,19 +433,19 @@ def test_compiled_nf4_has_the_torch_paths_bits(kind, monkeypatch):
         x = torch.randn(1000, 333, generator=torch.Generator().manual_seed(4))
     else:
         x = _inputs(kind, torch.float32)
-    compiled = native.nf4_fake(x.reshape(-1), NF4_CODE)
+    code, mid = quant._nf4_tables(x.device)
+    compiled = native.nf4_fake(x.reshape(-1), code, mid)
     assert compiled is not None  # the install builds it (pissa-svd env)
     monkeypatch.setattr(native, "nf4_fake", lambda *a: None)
-    reference = quant._nf4_fake(x)  # torch
-    same = torch.equal(compiled.view(x.shape), reference)
-    assert same or torch.equal(compiled.view(x.shape).nan_to_num(7.0), reference.nan_to_num(7.0))
+    reference = quant._nf4_fake(x).nan_to_num(7.0)  # torch; NaN != NaN for torch.equal
+    assert torch.equal(compiled.view(x.shape).nan_to_num(7.0), reference)
     monkeypatch.undo()
     for threads in (1, 2, 3):
         with_threads = torch.empty_like(x.reshape(-1))
-        table = torch.tensor(NF4_CODE, dtype=torch.float32)
-        mid = ((table[:-1] + table[1:]) / 2).tolist()
-        native.module("cpu").nf4_fake(x.reshape(-1), with_threads, table.tolist(), mid, threads)
-        assert torch.equal(with_threads.view(x.shape).nan_to_num(7.0), reference.nan_to_num(7.0))
+        native.module("cpu").nf4_fake(
+            x.reshape(-1), with_threads, code.tolist(), mid.tolist(), threads
+        )
+        assert torch.equal(with_threads.view(x.shape).nan_to_num(7.0), reference)
 
 
 def test_compiled_nf4_takes_parameters_and_leaves_odd_views_to_torch():
