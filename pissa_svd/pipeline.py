@@ -154,9 +154,11 @@ class Target:
         QPiSSA (``quantize``) holds, for the member it works on, about ten more matrices in
         the working precision (W, Q_t and Q_t+1, W - Q_t, the residual, W_res - Q_t, the
         SVD's working copy, the settled residual, and what the allocator keeps; measured on a
-        2-layer 1.1B-shaped checkpoint: 797 / 869 MB peak RSS with --overlap off / on,
-        planned 802 / 848 MB), and sketches matrices it computed, never the weight as
-        loaded."""
+        2-layer 1.1B-shaped checkpoint, ``pissa-svd decompose bench/_work/llama-bf16-L2
+        --rank 64 --quantize nf4 --overlap off|on``, the report's totals.peak_rss_bytes
+        varies from run to run: 679 and 797 MB with ``off`` (``--dry-run`` plans 802 MB),
+        818 to 887 MB in five runs with ``on`` (plans 848 MB)), and sketches matrices it
+        computed, never the weight as loaded."""
         m, n = self.out_features, self.in_features
         sketch_copy = bf16_sketch and self.method != "exact"
         sketch_copy &= batch > 1 or self.info.dtype != "BF16" or quantize
