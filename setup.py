@@ -28,8 +28,8 @@ ROOT = Path(__file__).parent.resolve()
 CSRC = "csrc"  # setup() wants paths relative to this file
 INFO = ROOT / "pissa_svd" / "_build_info.json"
 BUILD_INFO: dict = {"cpu": None, "cuda": None}  # what was built, or why not (pissa-svd env)
-# cuBLAS 13 / cuSOLVER 12 ship versioned sonames only.
-CUDA_LIBS = ["-l:libcublas.so.13", "-l:libcusolver.so.12", "-lcudart"]
+# cuBLAS 13 / cuSOLVER 12 ship versioned sonames only (find_cuda adds the CUDA runtime).
+CUDA_LIBS = ["-l:libcublas.so.13", "-l:libcusolver.so.12"]
 # T4 (sm_75, the oldest CUDA 13 supports), A100 (80), H100/H200 (90); PTX of the last for newer.
 DEFAULT_ARCHS = "75;80;90"
 
@@ -50,7 +50,11 @@ def site_dirs() -> list[Path]:
 
 
 def find_cuda() -> tuple[dict | None, str]:
-    """(config, reason): config is None when the CUDA backend cannot be built, and why."""
+    """(config, reason): config is None when the CUDA backend cannot be built, and why.
+
+    Headers and libraries are taken as a pair from one place (an nvidia-cublas/-cusolver
+    wheel first, then the toolkit), so that a CUDA 12 toolkit's headers are never paired with
+    CUDA 13 wheels' libraries or the other way round."""
     if os.environ.get("PISSA_SVD_NO_CUDA") == "1":
         return None, "PISSA_SVD_NO_CUDA=1"
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
@@ -60,30 +64,47 @@ def find_cuda() -> tuple[dict | None, str]:
     roots = [Path(home)] if home else []
     roots += [Path(nvcc).resolve().parent.parent]
     roots += [Path(p) for p in sorted(glob.glob("/usr/local/cuda*"), reverse=True)]
-    toolkit = next((r for r in roots if (r / "lib64" / "libcudart.so").exists()), None)
-    if toolkit is None:
-        return None, f"nvcc at {nvcc} but no lib64/libcudart.so in {[str(r) for r in roots]}"
-    candidates = [toolkit / "include", toolkit / "targets" / "x86_64-linux" / "include"]
-    candidates += [d / "nvidia" / "cu13" / "include" for d in site_dirs()]
-    inc = next((c for c in candidates if (c / "cusolverDn.h").exists()), None)
-    if inc is None or not (inc / "cublas_v2.h").exists():
+    roots = list(dict.fromkeys(roots))
+    wheels = [d / "nvidia" / "cu13" for d in site_dirs()]
+    pairs = [(w / "include", w / "lib") for w in wheels]
+    for r in roots:
+        pairs += [(r / "include", r / "lib64"), (r / "targets/x86_64-linux/include", r / "lib64")]
+        pairs += [(r / "targets/x86_64-linux/include", r / "targets/x86_64-linux/lib")]
+    headers, sonames = ("cusolverDn.h", "cublas_v2.h"), ("libcublas.so.13", "libcusolver.so.12")
+    with_headers = [p for p in pairs if all((p[0] / h).exists() for h in headers)]
+    found = [p for p in with_headers if all((p[1] / so).exists() for so in sonames)]
+    if not found:
         return None, (
-            "no cusolverDn.h/cublas_v2.h in the CUDA toolkit or an nvidia-cusolver/nvidia-cublas "
-            "wheel (pip install nvidia-cusolver nvidia-cublas)"
+            "no cusolverDn.h/cublas_v2.h beside libcublas.so.13/libcusolver.so.12 in the CUDA "
+            "toolkit or the nvidia-cusolver/nvidia-cublas wheels (pip install nvidia-cusolver "
+            f"nvidia-cublas); headers found in {[str(p[0]) for p in with_headers]}"
         )
-    libdirs = [toolkit / "lib64"]
-    wheel_lib = inc.parent / "lib"
-    if wheel_lib.is_dir():
-        libdirs.insert(0, wheel_lib)
-    for lib in ("libcublas.so.13", "libcusolver.so.12"):
-        if not any((d / lib).exists() for d in libdirs):
-            return None, f"{lib} not found in {[str(d) for d in libdirs]}"
+    inc, lib = found[0]
+    # The CUDA runtime: the toolkit's (unversioned, for -lcudart) or the runtime wheel's.
+    libdirs = [lib] + [d for r in roots for d in (r / "lib64", r / "targets/x86_64-linux/lib")]
+    libdirs += [w / "lib" for w in wheels]
+    libdirs = [d for d in dict.fromkeys(libdirs) if d.is_dir()]
+    cudart = next(
+        (
+            (d, flag)
+            for d in libdirs
+            for so, flag in (
+                ("libcudart.so", "-lcudart"),
+                ("libcudart.so.13", "-l:libcudart.so.13"),
+            )
+            if (d / so).exists()
+        ),
+        None,
+    )
+    if cudart is None:
+        return None, f"nvcc at {nvcc} but no libcudart.so(.13) in {[str(d) for d in libdirs]}"
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
     return {
         "nvcc": nvcc,
         "nvcc_version": version.strip().splitlines()[-1] if version.strip() else "?",
         "include": str(inc),
-        "libdirs": [str(d) for d in libdirs],
+        "libdirs": [str(d) for d in dict.fromkeys([lib, cudart[0]])],
+        "libs": [*CUDA_LIBS, cudart[1]],
         "archs": os.environ.get("PISSA_SVD_CUDA_ARCH", DEFAULT_ARCHS),
     }, "found"
 
@@ -126,6 +147,8 @@ class BuildExt(build_ext):
             log(f"{ext.name} FAILED to build ({exc}); the torch path still works")
 
     def _nvcc(self, src: str, ext) -> str:
+        """Compile ``src`` to an object, unless the object was built by the same command from
+        sources no newer than it (the next run of a GPU check on a warm machine)."""
         cfg = ext.cuda
         obj = Path(self.build_temp) / (Path(src).stem + ".o")
         obj.parent.mkdir(parents=True, exist_ok=True)
@@ -137,8 +160,17 @@ class BuildExt(build_ext):
         cmd = [cfg["nvcc"], "-std=c++17", "-O3", "-Xcompiler", "-fPIC,-fvisibility=hidden"]
         cmd += [f"-I{ROOT / CSRC}", f"-I{cfg['include']}", *gencode]
         cmd += ["-c", str(ROOT / src), "-o", str(obj)]
+        stamp = obj.with_suffix(".cmd")
+        inputs = [ROOT / src, *(ROOT / d for d in ext.depends)]
+        built = obj.stat().st_mtime if obj.exists() else -1.0
+        same = stamp.exists() and stamp.read_text() == " ".join(cmd)
+        if same and not self.force and all(p.stat().st_mtime < built for p in inputs):
+            log(f"{obj.name} is up to date")
+            return str(obj)
         log("nvcc " + " ".join(cmd[1:]))
+        stamp.unlink(missing_ok=True)
         subprocess.run(cmd, check=True)
+        stamp.write_text(" ".join(cmd))
         return str(obj)
 
 
@@ -177,12 +209,14 @@ def extensions() -> list:
             "pissa_svd._native_cuda",
             [f"{CSRC}/bind.cpp", f"{CSRC}/cuda_backend.cu"],
             include_dirs=[CSRC],
-            depends=headers,
+            # build_extension compiles the .cu itself and links the object: setuptools must
+            # still see it, or a change to it alone would not relink the module.
+            depends=[*headers, f"{CSRC}/cuda_backend.cu"],
             define_macros=[("PISSA_WITH_CUDA", "1"), ("PISSA_MODULE_NAME", "_native_cuda")],
             extra_compile_args=flags,
             library_dirs=cuda["libdirs"],
             # libcusolver needs cusparse/nvjitlink, which are loaded with it at run time.
-            extra_link_args=[*CUDA_LIBS, "-Wl,--allow-shlib-undefined"],
+            extra_link_args=[*cuda["libs"], "-Wl,--allow-shlib-undefined"],
             runtime_library_dirs=["$ORIGIN/../nvidia/cu13/lib"],
             cxx_std=17,
         )

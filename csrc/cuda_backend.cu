@@ -12,6 +12,7 @@
 #include <initializer_list>
 #include <limits>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -183,6 +184,19 @@ struct Handles {
   cusolverDnParams_t params = nullptr;
   gesvdjInfo_t svdj = nullptr;  // defaults: tolerance = machine eps, 100 sweeps, sorted
 };
+
+// Host workspace of cuSOLVER's 64-bit API: one per thread, grown but never freed, so no
+// buffer is released while a call queued on the stream might still use it (NVIDIA's samples
+// free theirs only after synchronizing, and nothing here synchronizes).
+char* host_workspace(size_t bytes) {
+  thread_local std::vector<std::unique_ptr<char[]>> kept;
+  thread_local size_t size = 0;
+  if (bytes > size) {
+    size = std::max(bytes, 2 * size);
+    kept.emplace_back(new char[size]);
+  }
+  return kept.empty() ? nullptr : kept.back().get();
+}
 
 Handles create_handles() {  // on the current device
   Handles h;
@@ -429,10 +443,10 @@ class CudaBackend final : public Backend<T> {
                                       ld(G), dt, &dev_bytes, &host_bytes),
           "cusolverDnXpotrf_bufferSize", Where{-1, b, n, n});
     Scratch work(dev_bytes, stream_), info(b * sizeof(int), stream_);
-    std::vector<char> host(host_bytes);
+    char* host = host_workspace(host_bytes);
     for (int64_t k = 0; k < b; ++k)
       check(cusolverDnXpotrf(h.solver, h.params, CUBLAS_FILL_MODE_LOWER, n, dt, G.p + k * G.bs,
-                             ld(G), dt, work.as<void>(), dev_bytes, host.data(), host_bytes,
+                             ld(G), dt, work.as<void>(), dev_bytes, host, host_bytes,
                              info.as<int>() + k),
             "cusolverDnXpotrf", Where{k, b, n, n});
     // A NaN in G can come back with info == 0 and a NaN factor: check the diagonal too.
@@ -506,11 +520,11 @@ class CudaBackend final : public Backend<T> {
                                       &host_bytes),
           "cusolverDnXgesvd_bufferSize", Where{-1, b, m, n});
     Scratch work(dev_bytes, stream_), info(b * sizeof(int), stream_);
-    std::vector<char> host(host_bytes);
+    char* host = host_workspace(host_bytes);
     for (int64_t k = 0; k < b; ++k)
       check(cusolverDnXgesvd(h.solver, h.params, 'S', 'S', m, n, dt, A.p + k * A.bs, ld(A), dt,
                              S + k * n, dt, U.p + k * U.bs, ld(U), dt, Vt.p + k * Vt.bs, ld(Vt),
-                             dt, work.as<void>(), dev_bytes, host.data(), host_bytes,
+                             dt, work.as<void>(), dev_bytes, host, host_bytes,
                              info.as<int>() + k),
             "cusolverDnXgesvd", Where{k, b, m, n});
     flag_failures<T>(b, info.as<int>(), S, n, 1, n, status, flag, stream_);
@@ -579,11 +593,11 @@ void cuda_gesvdr(int device, uintptr_t stream, int64_t b, const Mat<T>& A, int64
   const cudaDataType dt = Tr<T>::dt;
   DeviceGuard guard(device);
   Handles& h = bind(device, s);
-  // gesvdr writes into scratch, never into the caller's rank-sized outputs: U and V get
-  // min(m, n) columns (other wrappers of Xgesvdr size them so for jobu = jobv = 'S'; the
-  // sampled space needs only rank + oversample), S min(m, n) values. The leading rank of each
-  // are copied out, V (n x rank) transposed into Vt.
-  Scratch us(m * mn * sizeof(T), s), vs(n * mn * sizeof(T), s), ss(mn * sizeof(T), s);
+  // gesvdr writes into scratch, never into the caller's rank-sized outputs: U (m x m) and V
+  // (n x n), as NVIDIA's Xgesvdr sample allocates them (ldu * m, ldv * n; the sampled space
+  // needs only rank + oversample columns, but nothing documents that less is enough), S
+  // min(m, n) values. The leading rank of each are copied out, V (n x rank) transposed into Vt.
+  Scratch us(m * m * sizeof(T), s), vs(n * n * sizeof(T), s), ss(mn * sizeof(T), s);
   Scratch info(b * sizeof(int), s);
   size_t dev_bytes = 0, host_bytes = 0;
   check(cusolverDnXgesvdr_bufferSize(h.solver, h.params, 'S', 'S', m, n, rank, oversample, niter,
@@ -591,13 +605,13 @@ void cuda_gesvdr(int device, uintptr_t stream, int64_t b, const Mat<T>& A, int64
                                      vs.as<T>(), n, dt, &dev_bytes, &host_bytes),
         "cusolverDnXgesvdr_bufferSize", Where{-1, b, m, n});
   Scratch work(dev_bytes, s);
-  std::vector<char> host(host_bytes);
+  char* host = host_workspace(host_bytes);
   const T one = 1, zero = 0;
   for (int64_t k = 0; k < b; ++k) {
     const Where w{k, b, m, n};
     check(cusolverDnXgesvdr(h.solver, h.params, 'S', 'S', m, n, rank, oversample, niter, dt,
                             A.p + k * A.bs, ld(A), dt, ss.as<T>(), dt, us.as<T>(), m, dt,
-                            vs.as<T>(), n, dt, work.as<void>(), dev_bytes, host.data(),
+                            vs.as<T>(), n, dt, work.as<void>(), dev_bytes, host,
                             host_bytes, info.as<int>() + k),
           "cusolverDnXgesvdr", w);
     check(cudaMemcpy2DAsync(U.p + k * U.bs, ld(U) * sizeof(T), us.as<T>(), m * sizeof(T),

@@ -270,10 +270,11 @@ def _size(text: str) -> int:
     return int(value)
 
 
-def _decompose(args: argparse.Namespace) -> int:
-    from .pipeline import Options, execute, make_plan
+def options_from_args(args: argparse.Namespace):
+    """The decompose command line's :class:`~pissa_svd.pipeline.Options`."""
+    from .pipeline import Options
 
-    options = Options(
+    return Options(
         rank=args.rank,
         niter=args.niter,
         oversample=args.oversample,
@@ -297,7 +298,12 @@ def _decompose(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         quiet=args.quiet,
     )
-    plan = make_plan(args.src, args.out, options)
+
+
+def _decompose(args: argparse.Namespace) -> int:
+    from .pipeline import execute, make_plan
+
+    plan = make_plan(args.src, args.out, options_from_args(args))
     if args.dry_run:
         print(plan.describe())
         return 0

@@ -117,21 +117,35 @@ def working_bytes(
     work_itemsize: int,
     res_itemsize: int,
     overlap: bool = False,
+    method: str = "krylov2",
+    niter: int = 4,
 ) -> int:
     """Peak bytes held while a batch of ``batch`` (m, n) matrices is decomposed: the read
     buffer (one member at a time; with ``overlap``, two whole batches: the one computing and
     the next), the batch in the working dtype (overwritten by the residuals), the residuals
     rounded to their output dtype (two batches with ``overlap``: one being written), and per
-    member the thin sketch blocks with their Gram/QR temporaries (~8 blocks of ``block``
-    columns on both sides)."""
+    member the SVD's temporaries (:func:`svd_temporaries`)."""
     buffers = 2 if overlap else 1
     read = (buffers * batch if overlap else 1) * m * n * src_itemsize
     return (
         read
         + batch * m * n * work_itemsize
         + buffers * batch * m * n * res_itemsize
-        + batch * 8 * (m + n) * block * work_itemsize
+        + batch * svd_temporaries(m, n, block, method, niter) * work_itemsize
     )  # fmt: skip
+
+
+def svd_temporaries(m: int, n: int, block: int, method: str, niter: int) -> int:
+    """Elements the SVD of one (m, n) matrix allocates besides it: for the randomized methods
+    4 + 3d blocks of ``block`` columns on both sides, d the kept Krylov blocks; for ``exact``
+    a copy of the matrix, its factors and 8 small x small matrices of LAPACK workspace (gesdd).
+    Upper bounds of the resident growth measured around one call on a CPU, native and torch
+    backends, 1024 x 4096 to 28672 x 8192 (``python bench/memory_plan.py``; bench/RESULTS.md,
+    "Memory plan")."""
+    if method == "exact":
+        small = min(m, n)
+        return m * n + (m + n) * small + 8 * small * small
+    return (4 + 3 * krylov_depth(method, niter)) * (m + n) * block
 
 
 @cache
@@ -179,5 +193,6 @@ __all__ = [
     "features",
     "predict",
     "seconds",
+    "svd_temporaries",
     "working_bytes",
 ]

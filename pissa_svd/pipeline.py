@@ -148,6 +148,7 @@ class Target:
         overlap: bool = False,
         bf16_sketch: bool = False,
         quantize: bool = False,
+        niter: int = 4,
     ) -> int:
         """Peak bytes held while a batch of this target's shape is processed; a bf16 sketch
         adds the bf16 copy it reads, except for one bf16 weight, which it reads as loaded.
@@ -174,6 +175,8 @@ class Target:
                 self.work_bytes // (m * n),
                 dtype_nbytes(self.residual_dtype, (1,)),
                 overlap,
+                self.method,
+                niter,
             )
             + (batch * m * n * 2 if sketch_copy else 0)
         )
@@ -229,19 +232,44 @@ class Plan:
         )
 
     def batch_working_bytes(self, batch: list[Target]) -> int:
+        o = self.options
         return batch[0].working_bytes(
-            self.oversample, len(batch), self.overlap, self.bf16_sketch, bool(self.options.quantize)
+            self.oversample, len(batch), self.overlap, self.bf16_sketch, bool(o.quantize), o.niter
         )
 
     @property
     def working_bytes(self) -> int:
         return max(self.batch_working_bytes(b) for b in self.batches)
 
+    def runtime_bytes(self) -> int:
+        """Resident bytes of this process once the engine has run: a run's peak is this plus
+        its largest batch's working set. One tiny call per method the plan uses loads what a
+        first call loads (the compiled engine, the BLAS threads' buffers, a GPU's context:
+        ~30 MB on a CPU, which the estimate missed before)."""
+        o = self.options
+        small = torch.randn(2, 96, 64, generator=torch.Generator().manual_seed(0))
+        small = small.to(self.device)
+        for method in sorted({t.method for t in self.targets}):
+            svd_lowrank(
+                small,
+                4,
+                niter=1,
+                method=method,
+                backend=self.backend,
+                sketch_dtype=SKETCH_DTYPES[o.sketch_dtype],
+            )
+        if o.quantize:
+            from .quant import fake_quantize
+
+            fake_quantize(small[0], o.quantize, dtype=small.dtype)
+        _sync(small)
+        return _rss_bytes()
+
     def describe(self) -> str:
         """The human-readable plan that ``--dry-run`` prints."""
         o, ck = self.options, self.ckpt
         n_tensors = sum(len(f.tensors) for f in ck.files.values())
-        rss = _rss_bytes()
+        rss = self.runtime_bytes()
         lines = [
             "pissa-svd decompose plan (dry run: nothing is written)",
             f"  source       {ck.root if ck.index is not None else ck.files[ck.shards[0]].path}"

@@ -167,9 +167,14 @@ def test_cuda_native_matches_torch(method):
         backend="torch",
     )
     n = svd_lowrank(W, r, niter=4, method=method, seed=[1, 2], backend="native")
-    torch.testing.assert_close(n[1], t[1], rtol=1e-3, atol=1e-4)
+    # gesvdr is one block with its own (unseeded) sketch, compared with the exact SVD: on this
+    # spectrum (s_i = 1/i, a 3% gap at the rank) a one-block sketch gets the trailing vectors
+    # of the top 32 only roughly (cosines down to 0.996 for 1 in 10 matrices on a CPU) and
+    # the values within 0.2%; the leading 16 converge.
+    k, rtol = (16, 5e-3) if method == "gesvdr" else (r, 1e-3)
+    torch.testing.assert_close(n[1], t[1], rtol=rtol, atol=1e-4)
     for i in range(2):
-        assert principal_cosines(t[0][i], n[0][i]).min() > 1 - 1e-3
+        assert principal_cosines(t[0][i][:, :k], n[0][i][:, :k]).min() > 1 - 1e-3
 
 
 @CUDA
@@ -204,10 +209,14 @@ def test_cuda_bf16_sketch_is_as_accurate(method):
     from .test_linalg import llm_like
 
     W, s = llm_like(640, 900)
-    W = W.cuda()
-    full = excess_error(W.double(), s.cuda(), *svd_lowrank(W, 32, method=method, seed=5))
-    low = svd_lowrank(W, 32, method=method, seed=5, sketch_dtype=torch.bfloat16)
-    half = excess_error(W.double(), s.cuda(), *low)
+    W, s = W.cuda(), s.cuda()
+    # Summed over 8 sketches: one sketch's ratio varies (krylov2 up to 1.57 in 24 seeds on a
+    # CPU; groups of 4 seeds at most 1.20).
+    full = half = 0.0
+    for seed in range(5, 13):
+        full += excess_error(W.double(), s, *svd_lowrank(W, 32, method=method, seed=seed))
+        low = svd_lowrank(W, 32, method=method, seed=seed, sketch_dtype=torch.bfloat16)
+        half += excess_error(W.double(), s, *low)
     assert 0 <= half <= full * (1.3 if method == "krylov2" else 1.05) + 1e-6
 
 
