@@ -259,11 +259,14 @@ def estimates(coef: dict[str, float], device: str, processes: list[int]) -> list
         other_bytes = 2 * (2 * vocab * h) + 2 * h * (2 * layers + 1)  # embeddings, lm_head, norms
         copy_other = coef["io_bytes"] * other_bytes  # rank 0 copies the untouched tensors
         params = layers * sum(m * n for m, n in shapes) + other_bytes // 2
+
         # decompose's default pipeline overlaps IO: two read and two output buffers.
-        peak = max(
-            costmodel.working_bytes(m, n, 64 + p, 1, 2, 4, 2, overlap=True) for m, n in shapes
-        )
-        peak_seq = max(costmodel.working_bytes(m, n, 64 + p, 1, 2, 4, 2) for m, n in shapes)
+        def working(m, n, overlap):
+            method = pipeline.resolve_method("auto", m, n, 64, p, 4)
+            return costmodel.working_bytes(m, n, 64 + p, 1, 2, 4, 2, overlap, method, 4)
+
+        peak = max(working(m, n, True) for m, n in shapes)
+        peak_seq = max(working(m, n, False) for m, n in shapes)
         row = {
             "model": name,
             "params_b": params / 1e9,
@@ -347,11 +350,18 @@ def markdown(result: dict) -> str:
             f" {err} |"
         )
     procs = list(result["estimates"][0]["per_process"])
+    redone = result.get("estimates_redone")
     lines += [
         "",
         f"Estimates on this {kind} machine (r=64, niter 4, method auto, bf16, all 7 projections;"
         " per process, one device each, the work split as torchrun runs it; reads at the page"
-        " cache's speed, as measured, so a checkpoint larger than RAM adds its disk read time):",
+        " cache's speed, as measured, so a checkpoint larger than RAM adds its disk read time"
+        + (
+            f"; recomputed from this fit with the planner of {redone['date']}: `{redone['command']}`"
+            if redone
+            else ""
+        )
+        + "):",
         "",
         "| model | parameters | checkpoint | peak working memory per process (`--overlap off`) | "
         + " | ".join(f"{k} process{'es' if k != '1' else ''}" for k in procs)
@@ -436,8 +446,26 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON)
     ap.add_argument("--no-md", action="store_true", help="do not update bench/RESULTS.md")
     ap.add_argument("--no-save", action="store_true", help="do not write cost_model.json")
+    ap.add_argument(
+        "--estimates-only",
+        action="store_true",
+        help="recompute the estimate table of the last run (--json) with its fitted rates and "
+        "the current planner, without measuring",
+    )
     args = ap.parse_args(argv)
     kind = torch.device(args.device).type
+    if args.estimates_only:
+        result = json.loads(args.json.read_text())
+        result["estimates"] = estimates(result["coef"], args.device, args.processes)
+        result["estimates_redone"] = {
+            "date": datetime.date.today().isoformat(),
+            "command": "python bench/cost_model.py --estimates-only",
+        }
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        if not args.no_md:
+            update_results_md(markdown(result), MARK_BEGIN, MARK_END)
+        print(markdown(result))
+        return
     WORK.mkdir(parents=True, exist_ok=True)
     src = WORK / "cost_model_shapes"
     build_checkpoint(src)
