@@ -203,7 +203,7 @@ def _markdown(res: dict) -> str:
         lines.append(
             f"| {c['checkpoint']} | `{c['options']}` | {planned / mb:.0f} MB"
             f" | {', '.join(f'{m / mb:.0f}' for m in measured)} MB"
-            f" | {min(ratios):.2f}-{max(ratios):.2f} |"
+            f" | {_span(ratios)} |"
         )
     lines += [
         "",
@@ -223,6 +223,11 @@ def _markdown(res: dict) -> str:
         )
     lines.append(END)
     return "\n".join(lines) + "\n"
+
+
+def _span(values: list[float]) -> str:
+    lo, hi = f"{min(values):.2f}", f"{max(values):.2f}"
+    return lo if lo == hi else f"{lo}-{hi}"
 
 
 if __name__ == "__main__":

@@ -313,6 +313,11 @@ class Checkpoint:
                 raise InputError(f"{src}: expected a .safetensors file or a checkpoint folder")
             return cls(src.parent, [src.name], {src.name: SafetensorsFile.open(src)}, None, [])
         index_path = src / INDEX_NAME
+        if index_path.is_file() and (src / SINGLE_NAME).exists():
+            raise InputError(
+                f"{src}: holds both {SINGLE_NAME} and {INDEX_NAME} (transformers loads "
+                f"{SINGLE_NAME} and ignores the index); remove whichever is stale"
+            )
         if index_path.is_file():
             index = _read_index(index_path)
             shards = list(dict.fromkeys(index["weight_map"].values()))
@@ -400,14 +405,26 @@ def _inside(root: Path, rel: str, index_path: Path) -> Path:
             "shard names must be plain file names"
         )
     p = root / rel
-    real_root = os.path.realpath(root)
-    if os.path.commonpath([real_root, os.path.realpath(p)]) != real_root:
+    real = os.path.realpath(p)
+    allowed = [os.path.realpath(root), *_hub_blobs(root)]
+    if not any(os.path.commonpath([a, real]) == a for a in allowed):
         raise InputError(
-            f"{index_path}: shard {rel!r} resolves outside the checkpoint folder (symlink?)"
+            f"{index_path}: shard {rel!r} is a link to {real}, outside the checkpoint folder; "
+            "copy the shard into the folder (links into a Hugging Face cache's blobs/ are fine)"
         )
     if not p.is_file():
         raise InputError(f"{index_path}: names shard {rel!r}, which does not exist in {root}")
     return p
+
+
+def _hub_blobs(root: Path) -> list[str]:
+    """The blobs/ folder of a Hugging Face cache snapshot (``models--org--name/snapshots/REV``,
+    whose files are links to ``models--org--name/blobs/HASH``), else nothing."""
+    snapshots = Path(os.path.abspath(root)).parent
+    repo = snapshots.parent
+    if snapshots.name == "snapshots" and (repo / "blobs").is_dir():
+        return [os.path.realpath(repo / "blobs")]
+    return []
 
 
 def _check_index_against_shards(

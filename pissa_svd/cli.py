@@ -10,7 +10,6 @@ import threading
 
 from . import __version__
 from .errors import InputError, RankFailure, os_error_message
-from .linalg import METHODS
 
 EXIT_BAD_INPUT = 2
 
@@ -24,6 +23,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import linalg  # torch: loaded here, where an interrupt is one line (run)
+
     p = _Parser(prog="pissa-svd", description="Fast streaming SVD initialization for PiSSA.")
     p.add_argument("--version", action="version", version=f"pissa-svd {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument(
         "--method",
-        choices=METHODS,
+        choices=linalg.METHODS,
         default="auto",
         help="SVD method (default auto: exact for small matrices, krylov3 where the short side is "
         "at least 64 block widths, else krylov2); gesvdr = "
@@ -402,9 +403,14 @@ def _verify(args: argparse.Namespace) -> int:
     return 1
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a scheduler's timeout): unwinds like Ctrl-C, so the partial output is
+    removed or kept as for an interrupt, and exits 143 (128 + SIGTERM), as a killed process
+    reports."""
+
+
 def _terminate(signum, frame):
-    # SIGTERM (kill, a scheduler's timeout) unwinds like Ctrl-C, so the partial output is removed.
-    raise KeyboardInterrupt
+    raise Terminated
 
 
 def _kept(exc: BaseException) -> str:
@@ -445,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as exc:
         print(f"pissa-svd: interrupted; OUT was not written{_kept(exc)}", file=sys.stderr)
-        return 130
+        return _interrupted_code(exc)
     except Exception as exc:  # a bug: its traceback follows; first say what was kept
         if getattr(exc, "pissa_note", None):
             print(f"pissa-svd: {exc.pissa_note}", file=sys.stderr)
@@ -462,10 +468,18 @@ def run() -> None:
     is closed and OUT is in place, so only the standard streams need flushing. An exception
     main() does not handle (``--help``, ``--version``, a bug) exits the normal way.
     """
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt as exc:  # before any work: while loading torch, say
+        print("pissa-svd: interrupted", file=sys.stderr)
+        code = _interrupted_code(exc)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _interrupted_code(exc: KeyboardInterrupt) -> int:
+    return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
 
 
 if __name__ == "__main__":

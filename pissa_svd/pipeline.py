@@ -154,12 +154,11 @@ class Target:
         adds the bf16 copy it reads, except for one bf16 weight, which it reads as loaded.
         QPiSSA (``quantize``) holds, for the member it works on, about ten more matrices in
         the working precision (W, Q_t and Q_t+1, W - Q_t, the residual, W_res - Q_t, the
-        SVD's working copy, the settled residual, and what the allocator keeps; measured on a
-        2-layer 1.1B-shaped checkpoint, ``pissa-svd decompose bench/_work/llama-bf16-L2
-        --rank 64 --quantize nf4 --overlap off|on``, the report's totals.peak_rss_bytes
-        varies from run to run: 679 and 797 MB with ``off`` (``--dry-run`` plans 802 MB),
-        818 to 887 MB in five runs with ``on`` (plans 848 MB)), and sketches matrices it
-        computed, never the weight as loaded."""
+        SVD's working copy, the settled residual, and what the allocator keeps), and sketches
+        matrices it computed, never the weight as loaded. Planned against measured peaks:
+        ``python bench/memory_plan.py`` (bench/RESULTS.md, "Memory plan"): 0.61-0.69 of the
+        plan on 8B shapes, 0.81-0.83 on 1.1B shapes, where earlier runs of the same case
+        varied up to ~2% over it."""
         m, n = self.out_features, self.in_features
         sketch_copy = bf16_sketch and self.method != "exact"
         sketch_copy &= batch > 1 or self.info.dtype != "BF16" or quantize
@@ -394,6 +393,7 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
     check_out(out_path, o.overwrite, {"the source checkpoint": src_path})
 
     targets = []
+    too_small = []  # (largest rank it allows, tensor name, out, in)
     oversample = default_oversample(o.method, o.oversample)
     for info in ckpt.tensors():
         hit = select(info.name, info.shape, patterns, exclude)
@@ -403,16 +403,13 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
             raise InputError(
                 f"tensor {info.name!r} in {info.path.name} has dtype {info.dtype}; only "
                 f"{'/'.join(FLOAT_DTYPES)} can be decomposed (dequantize the checkpoint first, "
-                "or exclude it with --targets)"
+                "or leave it out with --exclude)"
             )
         rows, cols = info.shape
         out_f, in_f = (cols, rows) if hit.transposed else (rows, cols)
         if o.rank > min(out_f, in_f):
-            raise InputError(
-                f"--rank {o.rank} is larger than tensor {info.name!r} allows "
-                f"({out_f} x {in_f}, at most {min(out_f, in_f)}); lower --rank or exclude it "
-                "with --targets"
-            )
+            too_small.append((min(out_f, in_f), info.name, out_f, in_f))
+            continue
         targets.append(
             Target(
                 info=info,
@@ -426,15 +423,15 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
                 residual_dtype=residual_dtype or info.dtype,
             )
         )
-    if not targets:
-        what = f"--targets {' '.join(o.targets)}" if o.targets else "the default target patterns"
-        if o.exclude:
-            what += f" without --exclude {' '.join(o.exclude)}"
-        sample = [n for i in ckpt.tensors() if (n := i.name).endswith(".weight")][:3]
+    if too_small:
+        most, name, out_f, in_f = min(too_small)
         raise InputError(
-            f"{what} matched no 2-D weight in {src_path} (tensors look like: "
-            f"{', '.join(sample) or 'none'}); pass --targets REGEX matching their module names"
+            f"--rank {o.rank} is larger than {len(too_small)} target(s) allow, down to tensor "
+            f"{name!r} ({out_f} x {in_f}, at most {most}); lower --rank to {most} or leave "
+            "them out with --exclude"
         )
+    if not targets:
+        _no_targets(ckpt, src_path, o, patterns)
     layouts = {t.transposed for t in targets}
     if len(layouts) > 1:
         raise InputError(
@@ -968,7 +965,7 @@ def _decompose_batch(
         if not math.isfinite(w):
             exc = InputError(
                 f"tensor {t.name!r} in {t.info.path.name} holds NaN or inf values; fix the "
-                "checkpoint, or leave the tensor out with --targets"
+                "checkpoint, or leave the tensor out with --exclude"
             )
             exc.pissa_discard = True  # either way the source or the plan changes: no --resume
             raise exc
@@ -982,16 +979,27 @@ def _decompose_batch(
     )
     quant_info: list[dict | None] = [None] * len(batch)
     t_read = time.perf_counter()
+    try:
+        if o.quantize:
+            A, B, W_res, S, quant_info = _qpissa_batch(plan, batch, Wf, seeds, svd_kwargs)
+        else:
+            X = Wl if low else Wf
+            U, S, Vh = svd_lowrank(X.mT if t0.transposed else X, t0.rank, seed=seeds, **svd_kwargs)
+    except torch.linalg.LinAlgError as exc:  # e.g. a Gram matrix overflowing fp32
+        w, t = max(zip(w_norms, batch, strict=True), key=lambda p: p[0])
+        err = InputError(
+            f"the SVD of {t.name!r}{f' (in a batch of {len(batch)})' if len(batch) > 1 else ''}"
+            f" failed ({str(exc).splitlines()[0]}); a norm of {w:.3g} may be beyond what an "
+            "fp32 SVD handles: try --method exact, or leave it out with --exclude"
+        )
+        err.pissa_discard = True  # the rerun changes the plan: no --resume
+        raise err from None
+    t_svd = time.perf_counter()
     if o.quantize:
-        A, B, W_res, S, quant_info = _qpissa_batch(plan, batch, Wf, seeds, svd_kwargs)
-        t_svd = time.perf_counter()
         res_sq = torch.linalg.vector_norm(W_res, dim=(-2, -1), dtype=torch.float64) ** 2
         for i in range(len(batch)):
             out[i].copy_(W_res[i])
     else:
-        X = Wl if low else Wf
-        U, S, Vh = svd_lowrank(X.mT if t0.transposed else X, t0.rank, seed=seeds, **svd_kwargs)
-        t_svd = time.perf_counter()
         A, B = adapter_factors(
             U, S, Vh, scaling=plan.scaling, adapter_dtype=dtype_to_torch(t0.adapter_dtype)
         )
@@ -1268,6 +1276,30 @@ def _compile_patterns(patterns: list[str] | None, flag: str) -> list[str] | None
         except re.error as exc:
             raise InputError(f"{flag} pattern {p!r} is not a valid regex ({exc})") from None
     return list(patterns)
+
+
+def _no_targets(ckpt: Checkpoint, src_path: Path, o: Options, patterns) -> None:
+    """Say why no tensor is a target: the patterns match nothing, only embeddings and heads
+    (never targets), or only what --exclude removes."""
+    what = f"--targets {' '.join(o.targets)}" if o.targets else "the default target patterns"
+    infos = list(ckpt.tensors())
+    if o.exclude and any(select(i.name, i.shape, patterns) for i in infos):
+        raise InputError(
+            f"--exclude {' '.join(o.exclude)} leaves out every tensor {what} match in "
+            f"{src_path}; narrow --exclude"
+        )
+    modules = [m for i in infos if len(i.shape) == 2 and (m := module_name(i.name))]
+    if o.targets and any(re.search(p, m) for p in o.targets for m in modules):
+        raise InputError(
+            f"{what} matched only embeddings or output heads in {src_path}, which are never "
+            "targets (PEFT adapts embeddings with other keys); pass --targets REGEX matching "
+            "attention or MLP layers"
+        )
+    sample = [n for i in infos if (n := i.name).endswith(".weight")][:3]
+    raise InputError(
+        f"{what} matched no 2-D weight in {src_path} (tensors look like: "
+        f"{', '.join(sample) or 'none'}); pass --targets REGEX matching their module names"
+    )
 
 
 def _rss_bytes() -> int:

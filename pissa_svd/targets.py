@@ -38,11 +38,14 @@ FAMILIES: tuple[Family, ...] = (
     Family("gpt2", r"(^|\.)(c_attn|c_proj|c_fc)$", transposed=True),
 )
 
-# Never targets by default: LoRA on these needs different adapter keys, or they are not
-# attention/MLP weights at all.
+# Never targets, not even through --targets: PEFT wraps embeddings as lora.Embedding, whose
+# adapter keys (lora_embedding_A/B) differ, so a lora_A/B adapter for them would not load; the
+# output heads are not attention/MLP weights. Any module named like an embedding counts
+# (embed_in, embed_positions, position_embedding, T5's relative_attention_bias, ...).
 _EXCLUDE = re.compile(
     r"(^|\.)(embed_tokens|embeddings?|wte|wpe|word_embeddings|position_embeddings"
     r"|token_type_embeddings|lm_head|embed_out|shared)(\.|$)"
+    r"|(^|\.)[^.]*(embed|relative_attention_bias)[^.]*$"
 )
 
 _TASK_SUFFIXES = (
@@ -72,6 +75,11 @@ def module_name(tensor_name: str) -> str | None:
     return tensor_name[: -len(".weight")] if tensor_name.endswith(".weight") else None
 
 
+def never_target(module: str) -> bool:
+    """Embeddings and output heads: never adapter targets (see ``_EXCLUDE``)."""
+    return bool(_EXCLUDE.search(module))
+
+
 def select(
     tensor_name: str,
     shape: tuple[int, ...],
@@ -86,7 +94,7 @@ def select(
     an ``exclude`` regex finds is never a target.
     """
     module = module_name(tensor_name)
-    if module is None or len(shape) != 2 or _EXCLUDE.search(module):
+    if module is None or len(shape) != 2 or never_target(module):
         return None
     if exclude and any(re.search(p, module) for p in exclude):
         return None

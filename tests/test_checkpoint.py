@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pissa_svd import checkpoint
-from pissa_svd.checkpoint import Checkpoint, SafetensorsFile, StreamingWriter, read_tensor
+from pissa_svd.checkpoint import (
+    INDEX_NAME,
+    Checkpoint,
+    SafetensorsFile,
+    StreamingWriter,
+    read_tensor,
+)
 from pissa_svd.errors import InputError
 
 from .conftest import direct_write_spy
@@ -286,8 +293,42 @@ def test_checkpoint_index_is_validated(tmp_path):
     (tmp_path / "link.safetensors").symlink_to(tmp_path.parent / "elsewhere.safetensors")
     save_file({"w": torch.zeros(2)}, tmp_path.parent / "elsewhere.safetensors")
     with_map({"w": "link.safetensors"})
-    with pytest.raises(InputError, match="resolves outside"):
+    with pytest.raises(InputError, match="is a link to .*outside the checkpoint folder"):
         Checkpoint.open(tmp_path)
     index.write_text("{")
     with pytest.raises(InputError, match="corrupt index"):
+        Checkpoint.open(tmp_path)
+
+
+def test_hugging_face_cache_snapshot_opens(tmp_path):
+    """A hub cache snapshot (what snapshot_download returns): every file is a link to
+    ../../blobs/HASH. Links from the snapshot into its own repo's blobs/ are followed; a link
+    to anywhere else is still refused."""
+    repo = tmp_path / "hub" / "models--org--tiny"
+    blobs, snap = repo / "blobs", repo / "snapshots" / "0123abc"
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    save_file({"a": torch.ones(2, 3)}, blobs / "h1")
+    save_file({"b": torch.zeros(4)}, blobs / "h2")
+    index = {"metadata": {}, "weight_map": {"a": "m-1.safetensors", "b": "m-2.safetensors"}}
+    (blobs / "h3").write_text(json.dumps(index))
+    for name, blob in (("m-1.safetensors", "h1"), ("m-2.safetensors", "h2"), (INDEX_NAME, "h3")):
+        (snap / name).symlink_to(Path("../../blobs") / blob)
+    ck = Checkpoint.open(snap)
+    assert [t.name for t in ck.tensors()] == ["a", "b"]
+    save_file({"b": torch.zeros(4)}, tmp_path / "elsewhere.safetensors")
+    (snap / "m-2.safetensors").unlink()
+    (snap / "m-2.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(InputError, match="outside the checkpoint folder"):
+        Checkpoint.open(snap)
+
+
+def test_single_file_beside_an_index_is_ambiguous(tmp_path):
+    """transformers loads model.safetensors when both it and an index are there; decomposing
+    the index would give a residual of another model. Refused, naming both."""
+    save_file({"a": torch.ones(2, 3)}, tmp_path / "model.safetensors")
+    save_file({"a": torch.zeros(2, 3)}, tmp_path / "s1.safetensors")
+    index = {"metadata": {}, "weight_map": {"a": "s1.safetensors"}}
+    (tmp_path / INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(InputError, match="both model.safetensors and model.safetensors.index"):
         Checkpoint.open(tmp_path)

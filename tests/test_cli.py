@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from .conftest import PYTHON
+from .conftest import PYTHON, tiny_llama_model
 
 
 @pytest.fixture
@@ -186,6 +186,24 @@ def test_bad_checkpoint(case, ckpt, tmp_path, run_cli):
     assert_bad_input(run_cli, ["decompose", src, "--rank", "4", "--out", out], match, out)
 
 
+def test_svd_failing_on_huge_weights_is_bad_input(tmp_path, run_cli):
+    """Weights ~1e20 overflow the fp32 Gram matrix of the randomized SVD's small
+    eigenproblem: one line naming the tensor and what to try, not a traceback."""
+    model = tiny_llama_model()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.mul_(1e20)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    out = tmp_path / "out"
+    code, _, err = run_cli("decompose", src, "--rank", "4", "--out", out, "--method", "krylov2")
+    errors = [line for line in screen_lines(err) if line.startswith("pissa-svd")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert f"the SVD of '{name}'" in errors[0] and "a norm of 1.27e+20" in errors[0]
+    assert "--method exact" in errors[0]
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("bad_value", [float("nan"), float("-inf")])
 def test_non_finite_weight_is_bad_input(ckpt, tmp_path, run_cli, bad_value):
     """Named before its SVD runs, on the only line left on the screen (the progress bar is
@@ -212,8 +230,11 @@ def test_non_finite_weight_is_bad_input(ckpt, tmp_path, run_cli, bad_value):
     [
         (["--rank", "0"], "--rank must be a positive integer"),
         (["--rank", "-3"], "--rank must be a positive integer"),
-        (["--rank", "33"], "is larger than tensor"),  # k_proj is 32 x 64
+        # k_proj and v_proj are 32 x 64 in each of 3 layers: all counted at once, with the bound
+        (["--rank", "33"], "larger than 6 target(s) allow, down to tensor"),
+        (["--rank", "33"], "lower --rank to 32 or leave them out with --exclude"),
         (["--rank", "4", "--targets", "nothing_like_this"], "matched no 2-D weight"),
+        (["--rank", "4", "--targets", "lm_head", "embed"], "which are never targets"),
         (["--rank", "4", "--targets", "("], "not a valid regex"),
         (["--rank", "4", "--residual-dtype", "int4"], "--residual-dtype must be one of"),
         (
@@ -612,7 +633,7 @@ def test_interrupted_run_keeps_finished_tensors_for_resume(slow_ckpt, tmp_path, 
     _wait_for_partial_output(tmp_path, proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    assert proc.returncode == 128 + sig  # 130 for Ctrl-C, 143 for kill, as the shell reports
     assert "interrupted" in err and "--resume" in err and "Traceback" not in err
     assert not out.exists() and leftovers(tmp_path) == [".out.partial"]
 
@@ -662,3 +683,20 @@ def test_native_backend_unavailable_is_one_line(ckpt, tmp_path):
     proc = subprocess.run([*cmd, "--backend", "native"], env=env, capture_output=True, text=True)
     assert proc.returncode == 2 and "PISSA_SVD_NO_EXT=1" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_interrupt_while_starting_is_one_line():
+    """Importing the command line loads no torch, so Ctrl-C while torch loads (the first
+    seconds of every run) reaches run(), which says so in one line: exit 130, no traceback."""
+    code = (
+        "import sys, pissa_svd.cli as cli\n"
+        "assert 'torch' not in sys.modules\n"
+        "def main():\n"
+        "    import torch\n"
+        "    raise KeyboardInterrupt\n"
+        "cli.main = main\n"
+        "cli.run()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip() == "pissa-svd: interrupted"

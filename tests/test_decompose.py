@@ -348,6 +348,27 @@ def test_default_targets(name, target):
 
 
 @pytest.mark.parametrize(
+    ("name", "target"),
+    [
+        ("gpt_neox.embed_in.weight", False),
+        ("model.decoder.embed_positions.weight", False),  # OPT
+        ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", False),  # T5
+        ("vision_model.embeddings.position_embedding.weight", False),  # CLIP
+        ("text_model.embeddings.token_embedding.weight", False),
+        ("lm_head.weight", False),
+        ("time_embedding.linear_1.weight", True),  # a Linear inside an embedding block
+        ("model.layers.0.mlp.gate_proj.weight", True),
+    ],
+)
+def test_targets_pattern_never_picks_embeddings(name, target):
+    """--targets '.' picks any 2-D weight except embeddings and output heads: PEFT wraps
+    embeddings as lora.Embedding, which would drop a lora_A/lora_B adapter for them."""
+    from pissa_svd.targets import select
+
+    assert (select(name, (8, 8), patterns=["."]) is not None) == target
+
+
+@pytest.mark.parametrize(
     ("prefix", "refused"),
     [
         ("language_model.model.layers.0", True),  # Llava / Gemma 3 files: renamed on loading
