@@ -21,6 +21,7 @@ run.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import warnings
 from collections.abc import Iterable
@@ -61,7 +62,8 @@ def check(folder: Path, config: dict, targets: Iterable[str], rank: int) -> Resu
     load.
     """
     try:
-        import peft
+        with _quiet_logger("bitsandbytes"):  # PEFT imports it; on import it may warn about
+            import peft  # optional kernels, which would break decompose's one-line output
         import transformers
     except ImportError as exc:
         return Result(None, f"not checked: {exc.name} is not installed")
@@ -121,6 +123,18 @@ def check(folder: Path, config: dict, targets: Iterable[str], rank: int) -> Resu
         )
         return Result(False, reason, tuple(partial))
     return Result(True, f"every target gets its adapter in {versions}")
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    """Only errors from logger ``name`` (and its children) inside the block."""
+    log = logging.getLogger(name)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def model_class(config: dict):

@@ -9,6 +9,7 @@ to what PEFT really does with the installed versions, whatever they are.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import transformers
 from pissa_svd import InputError, decompose
 from pissa_svd.pipeline import ADAPTER_DIR
 
-from .conftest import TINY_MOE, save_tiny_moe
+from .conftest import PYTHON, TINY_MOE, save_tiny_moe
 from .test_decompose import load_state, move_adapters
 
 
@@ -461,3 +462,14 @@ def test_to_lora_after_initialize_on_fused_parameters(tmp_path, run_cli, alpha_p
     )  # fmt: skip
     assert code == 2 and not (tmp_path / "lora2").exists()
     assert "Traceback" not in err and "pass the adapter that was trained from this init" in err
+
+
+def test_quiet_decompose_of_a_moe_prints_nothing(tmp_path):
+    """The load check imports PEFT, which imports bitsandbytes, whose CPU backend may log a
+    warning about optional kernels on import: none of it reaches a --quiet run's stderr."""
+    src = save_tiny_moe(tmp_path / "src", "mixtral")
+    cmd = [PYTHON, "-m", "pissa_svd", "decompose", str(src), "--rank", "4"]
+    proc = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "out"), "--quiet"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and proc.stderr == "" and proc.stdout == "", proc.stderr
