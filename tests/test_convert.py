@@ -156,6 +156,39 @@ def test_verify_gpt2_fan_in_fan_out(tiny_gpt2, run_cli, tmp_path):
     assert code == 0 and "PASS" in stdout
 
 
+@pytest.mark.parametrize("which", ["fp32", "bf16"])
+def test_verify_fp64_residual_is_checked_to_fp32_accuracy(
+    which, tiny_llama, tiny_llama_bf16, run_cli, tmp_path
+):
+    """An fp64 residual from an fp32/bf16 source holds the fp32 working result unrounded:
+    verify allows fp32's rounding (not fp64's) and still fails a change of 1e-5."""
+    src = tiny_llama if which == "fp32" else tiny_llama_bf16
+    dst = _decompose(src, tmp_path / "out", residual_dtype="fp64", adapter_dtype="fp32")
+    code, stdout, _ = run_cli("verify", src, dst, "--quiet")
+    assert code == 0 and "PASS: 21 adapted tensors" in stdout, stdout
+    name = "model.layers.1.mlp.down_proj.weight"
+    _rewrite_tensor(dst, name, lambda t: t * (1 + 1e-5))
+    code, stdout, _ = run_cli("verify", src, dst, "--quiet")
+    assert code == 1 and f"worst {name}: error" in stdout, stdout
+
+
+def test_verify_subnormal_weights(tiny_llama, run_cli, tmp_path):
+    """Weights around 1e-40 are fp32 subnormals, where rounding errors are absolute (half the
+    subnormal spacing per operation), not relative: verify allows for them, and no more."""
+    src = Path(shutil.copytree(tiny_llama, tmp_path / "src"))
+    names = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    for name in names:
+        if "layers." in name and name.endswith("proj.weight"):
+            _rewrite_tensor(src, name, lambda t: t * 1e-40)
+    dst = _decompose(src, tmp_path / "out")
+    code, stdout, _ = run_cli("verify", src, dst, "--quiet")
+    assert code == 0 and "PASS: 21 adapted tensors" in stdout, stdout
+    name = "model.layers.0.self_attn.q_proj.weight"
+    _rewrite_tensor(dst, name, lambda t: t * 1.1)
+    code, stdout, _ = run_cli("verify", src, dst, "--quiet")
+    assert code == 1 and f"worst {name}: error" in stdout, stdout
+
+
 def test_verify_missing_adapter_is_bad_input(tiny_llama, tmp_path, run_cli):
     code, _, err = run_cli("verify", tiny_llama, tiny_llama, "--quiet")
     assert code == 2 and "pissa_init" in err and "Traceback" not in err

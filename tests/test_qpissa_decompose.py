@@ -147,3 +147,85 @@ def test_quantize_bad_input(tiny_llama, run_cli, tmp_path):
     (quantized / "config.json").write_text(json.dumps(cfg))
     code, _, err = run_cli("decompose", quantized, "--rank", 4, "--out", out, "--quantize", "nf4")
     assert code == 2 and "already quantized" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------
+# verify: the orientation and dtypes decompose quantized in
+
+
+def _rewrite(folder: Path, name: str, fn) -> None:
+    """Replace tensor ``name`` by fn(tensor) in whichever safetensors file of ``folder`` has it."""
+    from safetensors.torch import save_file
+
+    for f in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(f)
+        if name in tensors:
+            tensors[name] = fn(tensors[name]).contiguous()
+            save_file(tensors, f, metadata={"format": "pt"})
+            return
+    raise KeyError(name)
+
+
+def _verify_catches_tampering(src: Path, good: Path, name: str, run_cli, tmp_path) -> None:
+    """Two wrong outputs fail: a residual doubled (still a fixed point: scales and codes
+    double exactly) and an adapter whose B is 10% larger (the error, nearly orthogonal to
+    s B@A, moves only to second order in a change of the adapter: 1% moves it ~0.2%)."""
+    module = name.removesuffix(".weight")
+    for what, folder, key in [
+        ("residual", None, name),
+        ("adapter", "pissa_init", f"base_model.model.{module}.lora_B.weight"),
+    ]:
+        bad = Path(shutil.copytree(good, tmp_path / f"bad_{what}"))
+        factor = 2.0 if what == "residual" else 1.1
+        _rewrite(bad / folder if folder else bad, key, lambda t, f=factor: (t * f).to(t.dtype))
+        code, stdout, _ = run_cli("verify", src, bad, "--quiet")
+        assert code == 1 and f"worst {name}: quantization error" in stdout, (what, stdout)
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_verify_quantized_conv1d_in_the_orientation_bitsandbytes_quantizes(
+    scheme, tiny_gpt2, run_cli, tmp_path
+):
+    """GPT-2's Conv1D weights are stored (in, out); transformers transposes them before
+    bitsandbytes quantizes them, and decompose quantized them so: verify checks the fixed
+    point and the error in that (out, in) orientation."""
+    from pissa_svd import decompose
+
+    out = tmp_path / "out"
+    decompose(tiny_gpt2, out, rank=4, niter=4, quantize=scheme, quant_iters=2, quiet=True)
+    name = "transformer.h.0.attn.c_attn.weight"
+    R = _tensors(out)[name]
+    assert torch.equal(fake_quantize(R.mT.contiguous(), scheme), R.mT)
+    code, stdout, _ = run_cli("verify", tiny_gpt2, out, "--quiet")
+    assert code == 0 and "PASS: 8 adapted tensors" in stdout, stdout
+    _verify_catches_tampering(tiny_gpt2, out, name, run_cli, tmp_path)
+    bad = Path(shutil.copytree(out, tmp_path / "bad_fixed_point"))
+    _rewrite(bad, name, lambda t: t * 1.01)
+    code, stdout, _ = run_cli("verify", tiny_gpt2, bad, "--quiet")
+    assert code == 1 and f"worst {name}: not a {scheme} fixed point" in stdout, stdout
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+@pytest.mark.parametrize("residual_dtype", [None, "bf16"])
+def test_verify_quantized_residual_rounded_to_16_bits(
+    scheme, residual_dtype, tiny_llama, tiny_llama_bf16, run_cli, tmp_path
+):
+    """In bf16 the stored residual's scales are the scored ones rounded (quant._settle), so
+    its error is not exactly the recorded one; verify allows for that rounding only."""
+    from pissa_svd import decompose
+
+    src = tiny_llama if residual_dtype else tiny_llama_bf16
+    out = tmp_path / "out"
+    decompose(
+        src,
+        out,
+        rank=RANK,
+        niter=4,
+        quantize=scheme,
+        quant_iters=2,
+        residual_dtype=residual_dtype,
+        quiet=True,
+    )
+    code, stdout, _ = run_cli("verify", src, out, "--quiet")
+    assert code == 0 and "PASS: 21 adapted tensors" in stdout, stdout
+    _verify_catches_tampering(src, out, "model.layers.1.self_attn.o_proj.weight", run_cli, tmp_path)
