@@ -59,6 +59,11 @@ class LoraAdapter:
         B: dict[str, torch.Tensor] = {}
         extra: dict[str, torch.Tensor] = {}
         for key, t in tensors.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise InputError(
+                    f"{what} {root}: {key!r} holds NaN or inf values (training diverged?); "
+                    "use a checkpoint saved before it did"
+                )
             if any(u in key for u in _UNSUPPORTED):
                 raise InputError(
                     f"{what} {root}: {key!r} is an embedding or DoRA weight; only LoRA on "
@@ -73,6 +78,13 @@ class LoraAdapter:
             (A if m["which"] == "A" else B)[m["module"]] = t
         if not A:
             raise InputError(f"{what} {root}: no lora_A/lora_B weights in the adapter file")
+        for module in sorted(A):
+            if not targeted(config, module):
+                raise InputError(
+                    f"{what} {root}: holds weights for {module}, which {ADAPTER_CONFIG}'s "
+                    f"{_target_setting(config, module)} does not cover, so PEFT would not load "
+                    "them; fix the config or remove those weights"
+                )
         for module in sorted(set(A) ^ set(B)):
             has = "lora_A" if module in A else "lora_B"
             raise InputError(f"{what} {root}: module {module} has {has} but not its partner")
@@ -163,6 +175,66 @@ def fused_container(config: dict, module: str) -> str | None:
     return container if container.endswith(".experts") else None
 
 
+def targeted(config: dict, module: str) -> bool:
+    """Whether PEFT puts a LoRA on ``module`` under ``config``, as its
+    ``check_target_module_exists`` decides (PEFT does not load an adapter's weights for other
+    modules). Fused experts (:func:`fused_container`) are matched against target_parameters,
+    as PEFT matches ``<container>.<parameter>``. Without target_modules or target_parameters
+    PEFT uses its defaults for the model type, which the adapter does not name: any module."""
+    container = fused_container(config, module)
+    if container is not None:
+        return any(
+            _listed([t], f"{container}.{t.rpartition('.')[2]}") for t in config["target_parameters"]
+        )
+    excluded = config.get("exclude_modules")
+    if excluded and _listed(excluded, module):
+        return False
+    if any(re.match(rf"(^|.*\.){m}($|\..*)", module) for m in config.get("modules_to_save") or []):
+        return False  # PEFT never adapts a module it saves whole
+    targets = config.get("target_modules")
+    if targets is None:
+        return not config.get("target_parameters")
+    if isinstance(targets, str):
+        return targets.lower() == "all-linear" or re.fullmatch(targets, module) is not None
+    if module in targets:
+        return True  # named in full: layers_to_transform does not apply
+    return _listed(targets, module) and _in_layers(config, module)
+
+
+def _listed(patterns: str | list[str], module: str) -> bool:
+    """PEFT's name matching: a string is a regex for the whole name; a list entry matches the
+    name or its suffix after a dot."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, module) is not None
+    return any(module == p or module.endswith(f".{p}") for p in patterns)
+
+
+def _in_layers(config: dict, module: str) -> bool:
+    """PEFT's layers_to_transform filter: the first ``<layers_pattern>.<index>.`` of the name
+    (any ``<word>.<index>.`` without a pattern) must hold one of the listed layer indexes."""
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    patterns = config.get("layers_pattern") or []
+    regexes = [
+        rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\."
+        for p in ([patterns] if isinstance(patterns, str) else patterns)
+    ] or [r".*?\.[^.]*\.(?P<idx>\d+)\."]
+    matches = [m for r in regexes if (m := re.match(r, module))]
+    if not matches:
+        return False
+    index = int(matches[0]["idx"])
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def _target_setting(config: dict, module: str) -> str:
+    """The config entries that decided that ``module`` is not adapted, for an error message."""
+    if fused_container(config, module) is not None:
+        return f"target_parameters {config['target_parameters']!r}"
+    keys = ("target_modules", "layers_to_transform", "exclude_modules", "modules_to_save")
+    return ", ".join(f"{k} {config[k]!r}" for k in keys if config.get(k) is not None)
+
+
 def unwrapped(module: str) -> str:
     """A module name without PEFT's trailing ``.base_layer`` (nested wrappers add several)."""
     while module.endswith(".base_layer"):
@@ -187,6 +259,8 @@ def _read_config(root: Path, what: str) -> dict:
         raise InputError(f"{path}: expected a JSON object; pass a PEFT adapter folder")
     if config.get("peft_type", "LORA") != "LORA":
         raise InputError(f"{path}: peft_type is {config['peft_type']!r}; only LORA is supported")
+    if config.get("use_dora"):
+        raise InputError(f"{path}: use_dora is true; DoRA adapters are not supported, only LoRA")
     _check_numbers(config, path)
     return config
 
@@ -211,6 +285,30 @@ def _check_numbers(config: dict, path: Path) -> None:
             )
     if not isinstance(config.get("target_parameters") or [], list):
         raise InputError(f"{path}: target_parameters must be a list of parameter names")
+    _check_patterns(config, path)
+
+
+def _check_patterns(config: dict, path: Path) -> None:
+    """The module-name settings :func:`targeted` reads: a regex string or a list of names."""
+    for key in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
+        value = config.get(key)
+        if value is None:
+            continue
+        names = [value] if isinstance(value, str) else value
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise InputError(f"{path}: {key} must be a string or a list of strings, got {value!r}")
+        for n in names:
+            try:
+                re.compile(n)
+            except re.error as exc:
+                raise InputError(f"{path}: {key} {n!r} is not a valid regex ({exc})") from None
+    layers = config.get("layers_to_transform")
+    if not (
+        layers is None
+        or (isinstance(layers, int) and not isinstance(layers, bool))
+        or (isinstance(layers, list) and all(isinstance(i, int) for i in layers))
+    ):
+        raise InputError(f"{path}: layers_to_transform must be a layer index or a list of them")
 
 
 def _read_tensors(root: Path, what: str) -> dict[str, torch.Tensor]:
@@ -222,8 +320,25 @@ def _read_tensors(root: Path, what: str) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(pt, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for a corrupt pickle
-            raise InputError(f"{pt}: unreadable ({exc.__class__.__name__}: {exc})") from None
+            raise InputError(
+                f"{pt}: unreadable ({exc.__class__.__name__}: {_pickle_reason(exc)}); save the "
+                "adapter with safetensors, or as a state dict of tensors"
+            ) from None
         if not isinstance(state, dict):
             raise InputError(f"{pt}: expected a state dict")
+        for key, value in state.items():
+            if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+                raise InputError(
+                    f"{pt}: {key!r} is a {type(value).__name__}, not a tensor; expected a state "
+                    "dict of tensors"
+                )
         return dict(state)
     raise InputError(f"{what} {root}: no {ADAPTER_FILE} or {ADAPTER_BIN}")
+
+
+def _pickle_reason(exc: Exception) -> str:
+    """The first sentence of torch.load's error that names the cause: for a weights-only
+    refusal, the line on the blocked global, after a paragraph on torch 2.6's defaults."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [""]
+    cause = next((line for line in lines if "GLOBAL" in line), lines[0])
+    return cause.removeprefix("WeightsUnpickler error: ").split(". ")[0].rstrip(".")

@@ -359,6 +359,12 @@ def _merge(args: argparse.Namespace) -> int:
     if not args.quiet:
         extra = f", {r['replaced']} tensors replaced (modules_to_save)" if r["replaced"] else ""
         print(f"pissa-svd: merged {r['merged']} weights{extra} into {r['out']}")
+    if r["other_base"]:
+        print(
+            f"pissa-svd: warning: the adapter was saved on {r['other_base']}, not on "
+            f"{args.base}; use the merged model only if the adapter was trained on {args.base}",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -110,7 +110,7 @@ def to_lora(
     median = sorted(changes)[len(changes) // 2]
 
     config = _doubled_config(tr.config)
-    base = _original_model(ini.root)
+    base = _original_model(ini.root.parent)
     if base is not None:
         config["base_model_name_or_path"] = base
     result = LoraAdapter(out, config, A_out, B_out, dict(tr.extra))
@@ -188,13 +188,25 @@ def _check_same_layout(
 
 def _other_base(ini: LoraAdapter, tr: LoraAdapter) -> str | None:
     """The trained adapter's recorded base when it is a local folder other than the init's."""
-    a, b = ini.config.get("base_model_name_or_path"), tr.config.get("base_model_name_or_path")
-    if not (isinstance(a, str) and isinstance(b, str)):
+    return _other_folder(tr, ini.config.get("base_model_name_or_path"))
+
+
+def _other_folder(ad: LoraAdapter, expected: str | Path | None) -> str | None:
+    """``ad``'s recorded base (base_model_name_or_path) when it and ``expected`` are local
+    folders, and different ones."""
+    recorded = ad.config.get("base_model_name_or_path")
+    if not (isinstance(recorded, str) and isinstance(expected, (str, Path))):
         return None
-    pa, pb = Path(a), Path(b)
-    if pa.is_dir() and pb.is_dir() and pa.resolve() != pb.resolve():
-        return b
+    if _same_folder(recorded, expected) is False:
+        return recorded
     return None
+
+
+def _same_folder(a: str | Path | None, b: str | Path | None) -> bool | None:
+    """Whether two paths name the same folder; None unless both are existing folders."""
+    if a is None or b is None or not (Path(a).is_dir() and Path(b).is_dir()):
+        return None
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def _relative_change(A1, B1, s1: float, A0, B0, s0: float) -> float:
@@ -233,9 +245,9 @@ def _doubled_config(config: dict) -> dict:
     return out
 
 
-def _original_model(init_root: Path) -> str | None:
-    """The checkpoint decompose read, from the report next to the init adapter."""
-    report = init_root.parent / REPORT_FILE
+def _original_model(decomposed: Path) -> str | None:
+    """The checkpoint decompose read, from the report in its output folder ``decomposed``."""
+    report = decomposed / REPORT_FILE
     try:
         source = json.loads(report.read_text()).get("source")
     except (OSError, ValueError, AttributeError):
@@ -262,11 +274,15 @@ def merge(
 
     ``base`` is a checkpoint folder or file (for a PiSSA run: the decompose output, the
     residual model); OUT gets the same shards, dtypes and side files (config, tokenizer).
+    An adapter whose recorded base is another local folder is merged, and the summary's
+    ``other_base`` names that folder; the two PiSSA mix-ups that decompose's report proves
+    are refused (see :func:`_check_base`).
     """
     base_path, out = Path(base), Path(out)
     ck = Checkpoint.open(base_path)
     ad = LoraAdapter.load(adapter, "adapter")
     check_out(out, overwrite, {"the base checkpoint": base_path, "the adapter": ad.root})
+    other = _check_base(ad, ck.root)
     infos = {t.name: t for t in ck.tensors()}
     targets = _match_targets(infos, ad, str(base_path))
     replaced = _match_extra(infos, ad, str(base_path))
@@ -280,7 +296,28 @@ def merge(
             write_json(tmp / INDEX_NAME, ck.index)  # same dtypes, so the same total_size
         copy_files(ck.root, [f for f in ck.extra_files if f != REPORT_FILE], tmp)
     bar.close()
-    return {"out": str(out), "merged": len(targets), "replaced": len(replaced)}
+    return {"out": str(out), "merged": len(targets), "replaced": len(replaced), "other_base": other}
+
+
+def _check_base(ad: LoraAdapter, root: Path) -> str | None:
+    """The adapter's recorded base when it is a local folder other than ``root``, the folder
+    merged into; an error when a decompose report shows that one of the two folders is the
+    PiSSA residual of the other: the update of an adapter for the original model does not
+    belong on the residual, nor that of an adapter trained on the residual on the original."""
+    other = _other_folder(ad, root)
+    if other is None:
+        return None
+    if _same_folder(_original_model(root), other):
+        raise InputError(
+            f"adapter {ad.root} was made for {other}, and {root} is the PiSSA residual of that "
+            f"model; merge it into {other}, or merge the adapter trained on the residual instead"
+        )
+    if _same_folder(_original_model(Path(other)), root):
+        raise InputError(
+            f"adapter {ad.root} was trained on the PiSSA residual {other}, not on {root}; merge "
+            f"it into {other}, or convert it with pissa-svd to-lora to merge into {root}"
+        )
+    return other
 
 
 def _match_targets(

@@ -352,6 +352,9 @@ def test_merging_the_lora_into_the_original_equals_merging_pissa_into_the_residu
         ("rank_pattern", {"q_proj": "x"}, "rank_pattern must map module patterns"),
         ("alpha_pattern", ["q_proj"], "alpha_pattern must map module patterns"),
         ("target_parameters", "gate_up_proj", "target_parameters must be a list"),
+        ("use_dora", True, "DoRA adapters are not supported"),
+        ("target_modules", "(q_proj", "target_modules '(q_proj' is not a valid regex"),
+        ("layers_to_transform", "0", "layers_to_transform must be a layer index"),
     ],
 )
 def test_impossible_adapter_numbers_are_bad_input(
@@ -372,3 +375,162 @@ def test_impossible_adapter_numbers_are_bad_input(
         code, _, err = run_cli(*args)
         assert code == 2 and says in err and "Traceback" not in err
         assert not (tmp_path / "o").exists()
+
+
+class _NotATensor:
+    """Pickled by reference: a global that torch.load(weights_only=True) refuses."""
+
+
+def _copy_adapter(src: Path, dest: Path, config=None, tensors=None) -> Path:
+    """A copy of adapter ``src`` with config entries and tensors (fn(tensors)) changed."""
+    shutil.copytree(src, dest)
+    if config:
+        cfg = json.loads((dest / "adapter_config.json").read_text())
+        (dest / "adapter_config.json").write_text(json.dumps({**cfg, **config}))
+    if tensors:
+        t = tensors(load_file(dest / "adapter_model.safetensors"))
+        save_file(t, dest / "adapter_model.safetensors", metadata={"format": "pt"})
+    return dest
+
+
+def _adapter_commands(tiny_llama, out, adapter: Path, dest: Path) -> list[tuple]:
+    """merge, to-lora and verify, each reading ``adapter``."""
+    return [
+        ("merge", out, "--adapter", adapter, "--out", dest),
+        ("to-lora", "--init", out / "pissa_init", "--trained", adapter, "--out", dest),
+        ("verify", tiny_llama, out, "--adapter", adapter, "--quiet"),
+    ]
+
+
+def test_merge_refuses_the_pissa_mixups_and_warns_on_another_base(
+    tiny_llama, out, trained, run_cli, tmp_path
+):
+    adapter_dir, _ = trained
+    lora = tmp_path / "lora"
+    assert (
+        run_cli("to-lora", "--init", out / "pissa_init", "--trained", adapter_dir, "--out", lora)[0]
+        == 0
+    )
+    # The LoRA for the original model merged into the residual, and the reverse.
+    code, _, err = run_cli("merge", out, "--adapter", lora, "--out", tmp_path / "m")
+    assert code == 2 and "is the PiSSA residual of that model" in err and err.count("\n") == 1
+    code, _, err = run_cli("merge", tiny_llama, "--adapter", adapter_dir, "--out", tmp_path / "m")
+    assert code == 2 and "trained on the PiSSA residual" in err and "to-lora" in err
+    assert not (tmp_path / "m").exists()
+    # The right pairings: no warning.
+    for base, adapter in ((out, adapter_dir), (tiny_llama, lora)):
+        code, _, err = run_cli(
+            "merge", base, "--adapter", adapter, "--out", tmp_path / "ok", "--quiet"
+        )
+        assert code == 0 and err == "", err
+        shutil.rmtree(tmp_path / "ok")
+    # Another model of the same shapes: merged, with one line of warning.
+    other = tmp_path / "other"
+    shutil.copytree(tiny_llama, other)
+    code, _, err = run_cli(
+        "merge", other, "--adapter", adapter_dir, "--out", tmp_path / "w", "--quiet"
+    )
+    assert code == 0 and (tmp_path / "w").is_dir()
+    assert err.startswith("pissa-svd: warning: the adapter was saved on ") and err.count("\n") == 1
+    assert str(out.resolve()) in err
+
+
+_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize(
+    ("config", "module", "says"),
+    [
+        ({"target_modules": r".*\.(q_proj|k_proj)"}, "down_proj", "target_modules '.*"),
+        ({"target_modules": ["q_proj", "k_proj"]}, "down_proj", "['q_proj', 'k_proj']"),
+        ({"target_modules": _ALL, "layers_to_transform": [0]}, "layers.1.", "[0]"),
+        ({"exclude_modules": ["down_proj"]}, "down_proj", "exclude_modules ['down_proj']"),
+    ],
+)
+def test_weights_outside_target_modules_are_bad_input(
+    tiny_llama, out, run_cli, tmp_path, config, module, says
+):
+    # PEFT would leave these weights out; merge, to-lora and verify must not use them.
+    bad = _copy_adapter(out / "pissa_init", tmp_path / "bad", config)
+    for args in _adapter_commands(tiny_llama, out, bad, tmp_path / "o"):
+        code, _, err = run_cli(*args)
+        assert code == 2 and "does not cover" in err and says in err, (args[0], err)
+        assert module in err.split("holds weights for ")[1].split(",")[0]
+        assert err.count("\n") == 1 and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"target_modules": r".*_proj"},
+        {"target_modules": ["self_attn.q_proj", *_ALL[1:]]},
+        {"target_modules": _ALL, "layers_to_transform": [0, 1, 2], "layers_pattern": "layers"},
+        {"target_modules": _ALL, "exclude_modules": ["lm_head"], "modules_to_save": ["lm_head"]},
+        {"target_modules": "all-linear"},
+        {"target_modules": None},
+    ],
+)
+def test_adapters_peft_loads_whole_are_accepted(out, tmp_path, config):
+    ad = LoraAdapter.load(_copy_adapter(out / "pissa_init", tmp_path / "ok", config))
+    assert len(ad.modules) == 21
+
+
+def test_target_matching_is_peft_s(out):
+    """targeted() against PEFT's check_target_module_exists, on names either may trip over."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from pissa_svd.adapter import targeted
+
+    names = [m for m in LoraAdapter.load(out / "pissa_init").modules if ".layers.1." not in m]
+    names += ["h.0.attn.c_attn", "transformer.h.1.mlp.c_fc", "lm_head", "q_proj"]
+    configs = [
+        {"target_modules": r".*\.(q_proj|c_attn)"},
+        {"target_modules": ["q_proj", "self_attn.k_proj", "c_fc"]},
+        {"target_modules": ["q_proj", "c_attn", "c_fc"], "layers_to_transform": 0},
+        {"target_modules": ["c_attn"], "layers_to_transform": [0, 2], "layers_pattern": ["h"]},
+        {
+            "target_modules": ["q_proj", "model.layers.2.self_attn.k_proj"],
+            "layers_to_transform": [0],
+        },
+        {"target_modules": _ALL, "exclude_modules": r".*layers\.0\.mlp.*"},
+        {"target_modules": ["q_proj", "lm_head"], "modules_to_save": ["lm_head"]},
+    ]
+    for config in configs:
+        peft = LoraConfig(r=4, **config)
+        for name in names:
+            assert targeted(config, name) == bool(check_target_module_exists(peft, name)), (
+                config,
+                name,
+            )
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_non_finite_adapter_weights_are_bad_input(
+    tiny_llama, out, trained, run_cli, tmp_path, bad_value
+):
+    adapter_dir, _ = trained
+    key = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"
+
+    def poison(t):
+        t[key][3, 2] = bad_value
+        return t
+
+    bad = _copy_adapter(adapter_dir, tmp_path / "bad", tensors=poison)
+    for args in _adapter_commands(tiny_llama, out, bad, tmp_path / "o"):
+        code, _, err = run_cli(*args)
+        assert code == 2 and f"{key!r} holds NaN or inf" in err and err.count("\n") == 1, err
+        assert not (tmp_path / "o").exists()
+
+
+def test_bin_adapter_with_other_objects_is_one_line_of_bad_input(out, run_cli, tmp_path):
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    for value, says in (("str", f"{key!r} is a str, not a tensor"), (_NotATensor(), "GLOBAL")):
+        bad = tmp_path / "bad"
+        shutil.rmtree(bad, ignore_errors=True)
+        bad.mkdir()
+        shutil.copy(out / "pissa_init" / "adapter_config.json", bad)
+        torch.save({key: value}, bad / "adapter_model.bin")
+        code, _, err = run_cli("merge", out, "--adapter", bad, "--out", tmp_path / "o")
+        assert code == 2 and says in err and err.count("\n") == 1, err
+        assert "Traceback" not in err and not (tmp_path / "o").exists()
