@@ -474,6 +474,7 @@ def run() -> None:
     is closed and OUT is in place, so only the standard streams need flushing. An exception
     main() does not handle (``--help``, ``--version``, a bug) exits the normal way.
     """
+    sys.stdout = _Stdout(sys.stdout)
     try:
         code = main()
     except KeyboardInterrupt as exc:  # before any work: while loading torch, say
@@ -482,6 +483,40 @@ def run() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+class _Stdout:
+    """Standard output whose failure (a closed pipe: ``| head``; a full disk) never turns into
+    the command's failure: what it reports is on disk, or was verified, either way, and the
+    exit code must still say so. A closed pipe drops the rest silently, as other tools do;
+    any other error says so once on stderr."""
+
+    def __init__(self, stream):
+        self._stream, self._failed = stream, False
+
+    def write(self, text: str) -> int:
+        return self._guard(self._stream.write, text) or len(text)
+
+    def flush(self) -> None:
+        self._guard(self._stream.flush)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+    def _guard(self, fn, *args):
+        if self._failed:
+            return None
+        try:
+            return fn(*args)
+        except OSError as exc:
+            self._failed = True
+            if not isinstance(exc, BrokenPipeError):
+                why = exc.strerror or exc
+                print(
+                    f"pissa-svd: warning: could not write to standard output ({why})",
+                    file=sys.stderr,
+                )
+            return None
 
 
 def _interrupted_code(exc: KeyboardInterrupt) -> int:

@@ -541,8 +541,9 @@ def execute(plan: Plan) -> dict:
             return _from_leader(team)  # done only once rank 0 has renamed OUT into place
         staging = resume.staging_dir(plan.out)
         owned = False  # from here on staging is ours, even once its progress record is gone
+        held: list[int] = []  # the staging folder's lock, held until this run ends
         try:
-            done = _open_staging(plan, staging)
+            done = _open_staging(plan, staging, held)
             owned = True
             team.broadcast(("ok", (str(staging), done)))
             report = _write_all(plan, staging, team, done)
@@ -552,6 +553,8 @@ def execute(plan: Plan) -> dict:
             told = getattr(exc, "pissa_agreed", False)
             if team.world > 1 and isinstance(exc, Exception) and not told:
                 team.broadcast(("failed", f"rank 0 failed on {plan.out}: {exc}"))
+            if isinstance(exc, resume.Busy):
+                raise  # another run's folder: leave it alone
             owned = owned or resume.is_ours(staging)
             if getattr(exc, "pissa_discard", False) and owned:
                 resume.remove(staging)  # nothing in it can be resumed
@@ -561,6 +564,9 @@ def execute(plan: Plan) -> dict:
             elif note:
                 exc.pissa_note = note  # the CLI adds it to its message
             raise
+        finally:
+            for fd in held:
+                os.close(fd)
         team.broadcast(("ok", report))
         return report
     finally:
@@ -645,15 +651,17 @@ def _write_all(plan: Plan, tmp: Path, team: Team, done: dict[str, dict] | None) 
         bar.close()
 
 
-def _open_staging(plan: Plan, staging: Path) -> dict[str, dict] | None:
-    """Start the staging folder, or with ``resume`` reopen it; returns the finished tensors'
-    report rows (None: the files must be created first)."""
+def _open_staging(plan: Plan, staging: Path, held: list[int]) -> dict[str, dict] | None:
+    """Start the staging folder, or with ``resume`` reopen it, and lock it (its descriptor is
+    appended to ``held``); returns the finished tensors' report rows (None: the files must be
+    created first). A folder another live run holds is never touched (resume.Busy)."""
     if plan.options.resume:
         if not staging.is_dir():
             raise InputError(
                 f"--resume: no interrupted run of {plan.out} to continue ({staging} does not "
                 "exist); run without --resume"
             )
+        held.append(resume.lock(staging))
         done = resume.finished(
             staging, plan, f"{ADAPTER_DIR}/{ADAPTER_FILE}", _adapter_config(plan)
         )
@@ -667,10 +675,12 @@ def _open_staging(plan: Plan, staging: Path) -> dict[str, dict] | None:
                 f"{staging} exists and is not an interrupted pissa-svd run (it is where OUT is "
                 "staged); move it away, or choose another --out"
             )
+        held.append(resume.lock(staging))
         if not plan.options.quiet:  # our own leftover from an interrupted run
             print(f"pissa-svd: starting over: removing {staging}", file=sys.stderr)
         resume.remove(staging)
     resume.start(staging, plan)
+    held.append(resume.lock(staging))
     return None
 
 

@@ -71,6 +71,28 @@ def start(staging: Path, plan) -> None:
         raise
 
 
+class Busy(InputError):
+    """Another live run holds the staging folder: it must not be touched."""
+
+
+def lock(staging: Path) -> int:
+    """Hold ``staging`` for this run: an exclusive lock on the folder itself (it moves with
+    the folder when it becomes OUT, and goes with the process). Returns the descriptor to
+    close when done; raises :class:`Busy` when another run holds it."""
+    import fcntl
+
+    fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise Busy(
+            f"{staging} is in use by another pissa-svd run writing the same --out; wait for it "
+            "to finish, or choose another --out"
+        ) from None
+    return fd
+
+
 def remove(staging: Path) -> None:
     """Delete a staging folder of ours, its progress record last: interrupted halfway, what
     is left is still recognized as ours (:func:`is_ours`) and removed by the next run."""

@@ -587,6 +587,32 @@ def _resume_args(ckpt, out):
     return ["decompose", ckpt, "--rank", "4", "--out", out, "--batch-memory", "0", "--resume"]
 
 
+@pytest.mark.parametrize("resuming", [False, True], ids=["start-over", "resume"])
+def test_a_live_runs_staging_is_never_touched(ckpt, tmp_path, monkeypatch, run_cli, resuming):
+    """A second run on the same --out while the first is still writing .OUT.partial (it holds
+    the folder's lock) is refused in one line, and the first run's files stay as they are."""
+    import os
+
+    from pissa_svd import resume
+
+    out = tmp_path / "out"
+    staging = _failed_run(ckpt, out, monkeypatch, after=2)
+    before = sorted(p.relative_to(staging) for p in staging.rglob("*"))
+    fd = resume.lock(staging)  # as the live run holds it
+    try:
+        args = _resume_args(ckpt, out) if resuming else _resume_args(ckpt, out)[:-1]
+        code, _, err = run_cli(*args, "--quiet")
+    finally:
+        os.close(fd)
+    assert code == 2 and len(screen_lines(err)) == 1, err
+    assert "in use by another pissa-svd run" in err and "kept" not in err
+    assert sorted(p.relative_to(staging) for p in staging.rglob("*")) == before
+    assert not out.exists()
+    # Once the lock is gone (that run ended), the folder can be resumed as usual.
+    code, _, err = run_cli(*_resume_args(ckpt, out), "--quiet")
+    assert code == 0 and out.is_dir(), err
+
+
 def test_resume_after_a_stop_while_creating_the_files(ckpt, tmp_path, monkeypatch, run_cli):
     """Killed after the staging folder was started, before every file existed: --resume
     creates the files again instead of tripping over the ones that were there."""
@@ -700,3 +726,36 @@ def test_interrupt_while_starting_is_one_line():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr.strip() == "pissa-svd: interrupted"
+
+
+def test_standard_output_failing_does_not_fail_the_command(ckpt, tmp_path):
+    """decompose's summary to a full disk (/dev/full) or verify's to a closed pipe (| head):
+    the work is done, so the exit code stays the command's own (0 here), OUT is in place, and
+    a full disk is one warning line."""
+    out = tmp_path / "out"
+    cmd = [PYTHON, "-m", "pissa_svd"]
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(
+            [*cmd, "decompose", str(ckpt), "--rank", "4", "--out", str(out)],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    warnings = [line for line in screen_lines(proc.stderr) if line.startswith("pissa-svd")]
+    assert proc.returncode == 0 and out.is_dir(), proc.stderr
+    assert warnings == [
+        "pissa-svd: warning: could not write to standard output (No space left on device)"
+    ]
+    read, write = os.pipe()
+    os.close(read)  # a reader that has gone (| head after its lines): every write fails
+    try:
+        head = subprocess.run(
+            [*cmd, "verify", str(ckpt), str(out), "--verbose"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        os.close(write)
+    assert head.returncode == 0 and "Traceback" not in head.stderr, head.stderr
+    assert not [line for line in screen_lines(head.stderr) if line.startswith("pissa-svd")]
