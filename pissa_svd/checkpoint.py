@@ -362,23 +362,38 @@ class Checkpoint:
 
 # Weight files of other formats are never copied to the residual model: they would hold the
 # original, not the residual, weights and a loader could pick them up.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+_WEIGHT_SUFFIXES = (
+    ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx",
+    ".onnx_data", ".tflite",
+)  # fmt: skip
 _WEIGHT_INDEXES = ("pytorch_model.bin.index.json", "tf_model.h5.index.json", INDEX_NAME)
 
 
 def _extra_files(root: Path, shards: set[str]) -> list[str]:
+    """The side files to copy, relative to ``root``: config, tokenizer, and those in
+    subfolders (sentence-transformers' ``1_Pooling/``, ...), except weights of any format,
+    hidden files and folders, and PEFT adapters kept inside the checkpoint."""
     out = []
-    for p in sorted(root.iterdir()):
-        if not p.is_file() or p.name in shards or p.name in _WEIGHT_INDEXES:
-            continue
-        if p.name.endswith(_WEIGHT_SUFFIXES) or p.name.startswith("."):
-            continue
-        if not os.access(p, os.R_OK):  # copied to OUT at the end: say so before any work
-            raise InputError(
-                f"{p}: cannot read it (permission denied); fix its permissions, or move it out "
-                "of the checkpoint folder"
-            )
-        out.append(p.name)
+    for folder, dirs, files in os.walk(root):
+        here = Path(folder)
+        dirs[:] = sorted(
+            d
+            for d in dirs
+            if not d.startswith(".") and not (here / d / "adapter_config.json").exists()
+        )
+        for name in sorted(files):
+            p = here / name
+            rel = p.relative_to(root).as_posix()
+            if rel in shards or name in _WEIGHT_INDEXES or not p.is_file():
+                continue
+            if name.endswith(_WEIGHT_SUFFIXES) or name.startswith("."):
+                continue
+            if not os.access(p, os.R_OK):  # copied to OUT at the end: say so before any work
+                raise InputError(
+                    f"{p}: cannot read it (permission denied); fix its permissions, or move it "
+                    "out of the checkpoint folder"
+                )
+            out.append(rel)
     return out
 
 

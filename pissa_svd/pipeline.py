@@ -391,6 +391,12 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
     src_path, out_path = Path(src), Path(out)
     ckpt = Checkpoint.open(src_path)
     check_out(out_path, o.overwrite, {"the source checkpoint": src_path})
+    if src_path.is_file() and (src_path.parent / "config.json").is_file() and not o.quiet:
+        print(
+            f"pissa-svd: note: SRC is one file, so {out_path} gets no config.json or tokenizer "
+            f"files; to load it with from_pretrained, pass the folder {src_path.parent} instead",
+            file=sys.stderr,
+        )
 
     targets = []
     too_small = []  # (largest rank it allows, tensor name, out, in)

@@ -759,3 +759,19 @@ def test_standard_output_failing_does_not_fail_the_command(ckpt, tmp_path):
         os.close(write)
     assert head.returncode == 0 and "Traceback" not in head.stderr, head.stderr
     assert not [line for line in screen_lines(head.stderr) if line.startswith("pissa-svd")]
+
+
+def test_single_file_source_says_the_output_has_no_config(tmp_path, run_cli):
+    """A model.safetensors given as SRC while its folder holds config.json: the output is only
+    the weights, which from_pretrained cannot load; the run says so (not with --quiet)."""
+    src = tmp_path / "src"
+    tiny_llama_model().save_pretrained(src)
+    out = tmp_path / "out"
+    code, _, err = run_cli("decompose", src / "model.safetensors", "--rank", "4", "--out", out)
+    notes = [line for line in screen_lines(err) if line.startswith("pissa-svd: note")]
+    assert code == 0 and len(notes) == 1 and f"pass the folder {src} instead" in notes[0]
+    assert not (out / "config.json").exists()
+    code, _, err = run_cli(
+        "decompose", src / "model.safetensors", "--rank", "4", "--out", tmp_path / "q", "--quiet"
+    )
+    assert code == 0 and "note" not in err

@@ -474,3 +474,32 @@ def test_native_backend_end_to_end(tiny_llama, tmp_path):
             rtol=1e-4,
             atol=1e-5,
         )
+
+
+def test_side_folders_are_copied_without_weights_or_adapters(tiny_llama, tmp_path):
+    """sentence-transformers keeps its pooling and normalization settings in subfolders
+    (1_Pooling/config.json), which modules.json names: copied. Weights of any format, hidden
+    folders and PEFT adapters kept inside the checkpoint folder are not."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama, src)
+    side = {
+        "modules.json": "[]",
+        "1_Pooling/config.json": '{"pooling_mode_mean_tokens": true}',
+        "2_Normalize/.keep": "",
+        "onnx/model.onnx": "weights",
+        "onnx/config.json": "{}",
+        "run/adapter_config.json": "{}",
+        ".git/HEAD": "ref",
+    }
+    for name, text in side.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_text(text)
+    out = tmp_path / "out"
+    decompose(src, out, rank=4, quiet=True)
+    copied = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert {"modules.json", "1_Pooling/config.json", "onnx/config.json"} <= copied
+    assert (out / "1_Pooling/config.json").read_text() == side["1_Pooling/config.json"]
+    assert not copied & {"onnx/model.onnx", "run/adapter_config.json", ".git/HEAD"}
+    assert not copied & {"2_Normalize/.keep"}  # hidden files stay behind
