@@ -559,8 +559,8 @@ def execute(plan: Plan) -> dict:
             told = getattr(exc, "pissa_agreed", False)
             if team.world > 1 and isinstance(exc, Exception) and not told:
                 team.broadcast(("failed", f"rank 0 failed on {plan.out}: {exc}"))
-            if isinstance(exc, resume.Busy):
-                raise  # another run's folder: leave it alone
+            if isinstance(exc, resume.Untouched):
+                raise  # refused before this run changed the folder: leave it as it is
             owned = owned or resume.is_ours(staging)
             if getattr(exc, "pissa_discard", False) and owned:
                 resume.remove(staging)  # nothing in it can be resumed

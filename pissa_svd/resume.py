@@ -71,8 +71,13 @@ def start(staging: Path, plan) -> None:
         raise
 
 
-class Busy(InputError):
-    """Another live run holds the staging folder: it must not be touched."""
+class Untouched(InputError):
+    """Refused before this run changed the staging folder: it is left exactly as it was, and
+    nothing about it is added to the message."""
+
+
+class Busy(Untouched):
+    """Another live run holds the staging folder."""
 
 
 def lock(staging: Path) -> int:
@@ -158,25 +163,32 @@ def finished(staging: Path, plan, adapter_file: str, adapter_config: dict) -> di
     """
     d = staging / PROGRESS_DIR
     if not is_ours(staging):
-        raise InputError(
+        raise Untouched(
             f"--resume: {staging} holds no interrupted run of this OUT; run without --resume"
         )
     try:
         recorded = json.loads((d / PLAN_FILE).read_text())
     except (OSError, ValueError, RecursionError):
         recorded = None  # damaged: it cannot be shown to match
-    if recorded != json.loads(json.dumps(fingerprint(plan))):
-        raise InputError(
-            f"--resume: the interrupted run in {staging} used other options or source files "
-            "(or its record is damaged); rerun it with the same ones, or without --resume to "
-            "start over"
+    now = json.loads(json.dumps(fingerprint(plan)))
+    if recorded != now:
+        if not isinstance(recorded, dict) or recorded.keys() != now.keys():
+            raise Untouched(
+                f"--resume: the record of the interrupted run in {staging} is damaged; run "
+                "without --resume to start over"
+            )
+        what = {"source": "source files (size or modification time)", "options": "options"}
+        named = " and ".join(what.get(k, "targets") for k in now if recorded[k] != now[k])
+        raise Untouched(
+            f"--resume: the interrupted run in {staging} had other {named}; rerun with the "
+            "same ones to continue it, or without --resume to start over"
         )
     if not is_prepared(staging):
         return {}
     try:
         return _verified(staging, plan, adapter_file, adapter_config)
     except (InputError, OSError, KeyError, ValueError) as exc:
-        raise InputError(
+        raise Untouched(
             f"--resume: the interrupted run in {staging} is damaged ({exc}); run without "
             "--resume to start over"
         ) from None
