@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--quant-iters",
         type=int,
-        default=5,
+        default=None,
         metavar="T",
         help="with --quantize: SVD + quantization rounds; the best residual/adapter pair is "
         "kept, the adapter possibly refitted to the quantized residual (default 5)",
@@ -293,7 +293,7 @@ def options_from_args(args: argparse.Namespace):
         processes=args.processes,
         resume=args.resume,
         quantize=args.quantize,
-        quant_iters=args.quant_iters,
+        quant_iters=5 if args.quant_iters is None else args.quant_iters,
         overlap=args.overlap,
         sketch_dtype=args.sketch_dtype,
         overwrite=args.overwrite,
@@ -303,6 +303,15 @@ def options_from_args(args: argparse.Namespace):
 
 def _decompose(args: argparse.Namespace) -> int:
     from .pipeline import execute, make_plan
+
+    # Options that would otherwise be ignored without a word.
+    if args.processes is not None and not args.dry_run:
+        raise InputError(
+            "--processes only sizes a --dry-run plan; to run on K processes, launch with "
+            "torchrun --nproc-per-node K -m pissa_svd decompose ..."
+        )
+    if args.quant_iters is not None and not args.quantize:
+        raise InputError("--quant-iters sets QPiSSA's rounds: add --quantize nf4 or int8")
 
     plan = make_plan(args.src, args.out, options_from_args(args))
     if args.dry_run:

@@ -246,6 +246,8 @@ def test_non_finite_weight_is_bad_input(ckpt, tmp_path, run_cli, bad_value):
         (["--rank", "four"], "invalid int value"),
         (["--rank", "4", "--frobnicate"], "(see pissa-svd decompose --help)"),
         (["--rank", "4", "--alpha", "1e-300"], "makes the adapter of"),
+        (["--rank", "4", "--processes", "4"], "--processes only sizes a --dry-run plan"),
+        (["--rank", "4", "--quant-iters", "2"], "add --quantize nf4 or int8"),
     ],
 )
 def test_bad_options(extra, match, ckpt, tmp_path, run_cli):
