@@ -326,6 +326,11 @@ class Checkpoint:
         elif (src / SINGLE_NAME).is_file():
             index, shards = None, [SINGLE_NAME]
             files = {SINGLE_NAME: SafetensorsFile.open(src / SINGLE_NAME)}
+        elif (src / SINGLE_NAME).exists() or (src / SINGLE_NAME).is_symlink():
+            raise InputError(
+                f"{src / SINGLE_NAME}: not a regular file (a folder, a device, or a broken link); "
+                "point SRC at a checkpoint folder whose model.safetensors is the weights file"
+            )
         else:
             found = sorted(p.name for p in src.glob("*.safetensors"))
             hint = (

@@ -332,3 +332,14 @@ def test_single_file_beside_an_index_is_ambiguous(tmp_path):
     (tmp_path / INDEX_NAME).write_text(json.dumps(index))
     with pytest.raises(InputError, match="both model.safetensors and model.safetensors.index"):
         Checkpoint.open(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["folder", "broken link"])
+def test_model_safetensors_that_is_not_a_file(tmp_path, kind):
+    path = tmp_path / "model.safetensors"
+    if kind == "folder":
+        path.mkdir()
+    else:
+        path.symlink_to(tmp_path / "gone.safetensors")
+    with pytest.raises(InputError, match="model.safetensors: not a regular file"):
+        Checkpoint.open(tmp_path)
