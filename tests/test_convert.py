@@ -325,15 +325,19 @@ def test_to_lora_rejects_mismatched_adapters(tiny_llama, out, trained, run_cli, 
     assert code == 2 and "no such folder" in err and "Traceback" not in err
 
 
+def _to_lora(run_cli, out: Path, adapter_dir: Path, lora: Path) -> Path:
+    code, _, err = run_cli(
+        "to-lora", "--init", out / "pissa_init", "--trained", adapter_dir, "--out", lora
+    )
+    assert code == 0, err
+    return lora
+
+
 def test_merging_the_lora_into_the_original_equals_merging_pissa_into_the_residual(
     tiny_llama, out, trained, run_cli, tmp_path
 ):
     adapter_dir, _ = trained
-    lora = tmp_path / "lora"
-    assert (
-        run_cli("to-lora", "--init", out / "pissa_init", "--trained", adapter_dir, "--out", lora)[0]
-        == 0
-    )
+    lora = _to_lora(run_cli, out, adapter_dir, tmp_path / "lora")
     a, b = tmp_path / "a", tmp_path / "b"
     assert run_cli("merge", out, "--adapter", adapter_dir, "--out", a, "--quiet")[0] == 0
     assert run_cli("merge", tiny_llama, "--adapter", lora, "--out", b, "--quiet")[0] == 0
@@ -406,11 +410,7 @@ def test_merge_refuses_the_pissa_mixups_and_warns_on_another_base(
     tiny_llama, out, trained, run_cli, tmp_path
 ):
     adapter_dir, _ = trained
-    lora = tmp_path / "lora"
-    assert (
-        run_cli("to-lora", "--init", out / "pissa_init", "--trained", adapter_dir, "--out", lora)[0]
-        == 0
-    )
+    lora = _to_lora(run_cli, out, adapter_dir, tmp_path / "lora")
     # The LoRA for the original model merged into the residual, and the reverse.
     code, _, err = run_cli("merge", out, "--adapter", lora, "--out", tmp_path / "m")
     assert code == 2 and "is the PiSSA residual of that model" in err and err.count("\n") == 1
