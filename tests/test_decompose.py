@@ -250,6 +250,9 @@ def test_real_minilm(minilm, tmp_path):
     config = check_output(minilm, out, 16)
     assert config["task_type"] == "FEATURE_EXTRACTION"
     assert len(config["target_modules"]) == 6 * 6  # q, k, v, 3 dense per layer; not the pooler
+    # sentence-transformers' pooling settings, which modules.json names, come along.
+    for side in ("modules.json", "1_Pooling/config.json", "sentence_bert_config.json"):
+        assert (out / side).read_bytes() == (minilm / side).read_bytes(), side
     tok = AutoTokenizer.from_pretrained(minilm)
     inputs = dict(
         tok(["PiSSA keeps the principal components.", "Hello"], padding=True, return_tensors="pt")
