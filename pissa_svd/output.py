@@ -51,6 +51,20 @@ def check_out(out: Path, overwrite: bool, sources: dict[str, Path]) -> None:
             )
         if not out.is_dir() or out.is_symlink():
             raise InputError(f"{out} exists and is not a folder; remove it or choose another --out")
+        if not _replaceable(out):
+            raise InputError(
+                f"--overwrite replaces an earlier output, but {out} does not look like one (no "
+                "config.json, adapter_config.json or .safetensors file in it); choose another "
+                "--out, or empty it yourself"
+            )
+
+
+def _replaceable(out: Path) -> bool:
+    """An OUT that --overwrite may replace: empty, or a model or adapter folder (what these
+    commands write), never a folder of other things that merely has OUT's name."""
+    names = {p.name for p in out.iterdir()}
+    markers = {"config.json", "adapter_config.json", "pissa_report.json"}
+    return not names or bool(names & markers) or any(n.endswith(".safetensors") for n in names)
 
 
 @contextmanager

@@ -259,6 +259,7 @@ def test_out_exists_needs_overwrite(ckpt, tmp_path, run_cli):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
+    (out / "config.json").write_text("{}")  # an earlier output, say
     code, _, err = run_cli("decompose", ckpt, "--rank", "4", "--out", out)
     assert code == 2 and "already exists" in err and len(screen_lines(err)) == 1
     assert (out / "keep.txt").read_text() == "user data"
@@ -266,6 +267,22 @@ def test_out_exists_needs_overwrite(ckpt, tmp_path, run_cli):
     assert code == 0
     assert not (out / "keep.txt").exists() and (out / "pissa_init").is_dir()
     assert leftovers(tmp_path) == []
+
+
+def test_overwrite_only_replaces_an_earlier_output(ckpt, tmp_path, run_cli):
+    """--out models --overwrite, where models/ holds other models and notes: refused, nothing
+    touched. An empty folder or a model/adapter folder may be replaced."""
+    out = tmp_path / "models"
+    (out / "other_model").mkdir(parents=True)
+    (out / "other_model" / "config.json").write_text("{}")
+    (out / "notes.txt").write_text("user data")
+    args = ("decompose", ckpt, "--rank", "4", "--out", out, "--overwrite", "--quiet")
+    code, _, err = run_cli(*args)
+    assert code == 2 and len(screen_lines(err)) == 1 and "does not look like one" in err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "other_model"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_cli("decompose", ckpt, "--rank", "4", "--out", empty, "--overwrite")[0] == 0
 
 
 @pytest.mark.parametrize("where", [".", "..", "file/out"])
