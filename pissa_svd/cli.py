@@ -87,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-load-check",
         dest="load_check",
         action="store_false",
-        help="decompose mixture-of-experts weights even when the installed transformers and "
-        "PEFT would not attach their adapters (for another trainer)",
+        help="decompose the targets even when the installed transformers and PEFT would not "
+        "attach their adapters (checked for mixture-of-experts models and --targets; for "
+        "another trainer)",
     )
     d.add_argument(
         "--alpha", type=float, default=None, help="lora_alpha (default: rank, so scaling 1)"

@@ -487,9 +487,12 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
 def _load_check(
     src: Path, ckpt: Checkpoint, config: dict | None, targets: list[Target], o: Options
 ) -> str | None:
-    """Refuse targets PEFT would not load as planned on a mixture-of-experts model
-    (:mod:`pissa_svd.loadcheck`); None for other models."""
-    if not loadcheck.needed(name for i in ckpt.tensors() if (name := module_name(i.name))):
+    """Refuse targets PEFT would not load as planned (:mod:`pissa_svd.loadcheck`): on a
+    mixture-of-experts model, and wherever --targets chose them (any 2-D weight but
+    embeddings and heads, which need not be a layer PEFT wraps); None for a dense model's
+    default targets, which the family table keeps to linear layers PEFT adapts."""
+    moe = loadcheck.needed(name for i in ckpt.tensors() if (name := module_name(i.name)))
+    if not (moe or o.targets):
         return None
     if not o.load_check:
         return "skipped (--no-load-check)"

@@ -473,3 +473,25 @@ def test_quiet_decompose_of_a_moe_prints_nothing(tmp_path):
         [*cmd, "--out", str(tmp_path / "out"), "--quiet"], capture_output=True, text=True
     )
     assert proc.returncode == 0 and proc.stderr == "" and proc.stdout == "", proc.stderr
+
+
+def test_targets_chosen_with_a_pattern_are_load_checked(tmp_path):
+    """On a dense model too, --targets may pick a 2-D weight that is no layer PEFT adapts (here
+    a tensor the model class does not have: transformers ignores it, and so would PEFT's
+    adapter): refused before any work. The default targets need no check (no import cost)."""
+    from safetensors.torch import load_file, save_file
+
+    from .conftest import tiny_llama_model
+
+    src = tmp_path / "src"
+    tiny_llama_model().save_pretrained(src)
+    state = load_file(src / "model.safetensors")
+    state["model.layers.0.extra.weight"] = torch.randn(16, 16)
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InputError, match="model.layers.0.extra") as info:
+        decompose(src, tmp_path / "a", rank=4, targets=["q_proj", "extra"], quiet=True)
+    assert "--exclude" in str(info.value) and not (tmp_path / "a").exists()
+    report = decompose(src, tmp_path / "b", rank=4, targets=["q_proj"], quiet=True)
+    assert report["load_check"].startswith("every target gets its adapter")
+    report = decompose(src, tmp_path / "c", rank=4, quiet=True)
+    assert report["load_check"] is None
