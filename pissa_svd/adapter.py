@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -318,7 +319,9 @@ def _read_tensors(root: Path, what: str) -> dict[str, torch.Tensor]:
         return {t.name: read_tensor(t) for t in ck.tensors()}
     if pt.is_file():
         try:
-            state = torch.load(pt, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns on odd pickles: the error says it all
+                warnings.simplefilter("ignore")
+                state = torch.load(pt, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for a corrupt pickle
             raise InputError(
                 f"{pt}: unreadable ({exc.__class__.__name__}: {_pickle_reason(exc)}); save the "

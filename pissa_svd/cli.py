@@ -466,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pissa-svd: error: {exc}; OUT was not written{_kept(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
-        print(f"pissa-svd: interrupted; OUT was not written{_kept(exc)}", file=sys.stderr)
+        unwritten = "" if args.command in ("verify", "env") else "; OUT was not written"
+        print(f"\npissa-svd: interrupted{unwritten}{_kept(exc)}", file=sys.stderr)
         return _interrupted_code(exc)
     except Exception as exc:  # a bug: its traceback follows; first say what was kept
         if getattr(exc, "pissa_note", None):

@@ -301,9 +301,9 @@ def merge(
 
 def _check_base(ad: LoraAdapter, root: Path) -> str | None:
     """The adapter's recorded base when it is a local folder other than ``root``, the folder
-    merged into; an error when a decompose report shows that one of the two folders is the
-    PiSSA residual of the other: the update of an adapter for the original model does not
-    belong on the residual, nor that of an adapter trained on the residual on the original."""
+    merged into; an error when decompose reports show a PiSSA mix-up: the update of an adapter
+    for the original model does not belong on its residual, nor that of an adapter trained on
+    a residual on any folder that is not one (the original, or a copy of it)."""
     other = _other_folder(ad, root)
     if other is None:
         return None
@@ -312,10 +312,13 @@ def _check_base(ad: LoraAdapter, root: Path) -> str | None:
             f"adapter {ad.root} was made for {other}, and {root} is the PiSSA residual of that "
             f"model; merge it into {other}, or merge the adapter trained on the residual instead"
         )
-    if _same_folder(_original_model(Path(other)), root):
+    # Trained on a PiSSA residual, merged into a folder that is none (no decompose report):
+    # the original, or a copy of it, whatever its path.
+    if (Path(other) / REPORT_FILE).is_file() and not (root / REPORT_FILE).is_file():
         raise InputError(
-            f"adapter {ad.root} was trained on the PiSSA residual {other}, not on {root}; merge "
-            f"it into {other}, or convert it with pissa-svd to-lora to merge into {root}"
+            f"adapter {ad.root} was trained on the PiSSA residual {other}, and {root} is no "
+            f"PiSSA residual; merge it into {other}, or convert it with pissa-svd to-lora to "
+            f"merge into the original model"
         )
     return other
 

@@ -54,17 +54,29 @@ def check_out(out: Path, overwrite: bool, sources: dict[str, Path]) -> None:
         if not _replaceable(out):
             raise InputError(
                 f"--overwrite replaces an earlier output, but {out} does not look like one (no "
-                "config.json, adapter_config.json or .safetensors file in it); choose another "
-                "--out, or empty it yourself"
+                "config.json, adapter_config.json or .safetensors file in it, or other models "
+                "in its subfolders); choose another --out, or empty it yourself"
             )
 
 
 def _replaceable(out: Path) -> bool:
     """An OUT that --overwrite may replace: empty, or a model or adapter folder (what these
-    commands write), never a folder of other things that merely has OUT's name."""
+    commands write), never a folder of other things that merely has OUT's name, nor one that
+    holds other models or adapters in subfolders (besides decompose's own adapter)."""
     names = {p.name for p in out.iterdir()}
     markers = {"config.json", "adapter_config.json", "pissa_report.json"}
-    return not names or bool(names & markers) or any(n.endswith(".safetensors") for n in names)
+    if names and not (names & markers or any(n.endswith(".safetensors") for n in names)):
+        return False
+    return not any(
+        sub.is_dir() and sub.name != "pissa_init" and _holds_weights(sub) for sub in out.iterdir()
+    )
+
+
+def _holds_weights(folder: Path) -> bool:
+    """A model or adapter folder: safetensors weights or a PEFT adapter config in it."""
+    return any(
+        p.suffix == ".safetensors" or p.name == "adapter_config.json" for p in folder.iterdir()
+    )
 
 
 @contextmanager

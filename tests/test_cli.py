@@ -280,8 +280,16 @@ def test_overwrite_only_replaces_an_earlier_output(ckpt, tmp_path, run_cli):
     code, _, err = run_cli(*args)
     assert code == 2 and len(screen_lines(err)) == 1 and "does not look like one" in err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "other_model"]
+    # A folder that looks like a model but holds another model's weights in a subfolder.
+    (out / "config.json").write_text("{}")
+    (out / "other_model" / "model.safetensors").write_bytes(b"")
+    code, _, err = run_cli(*args)
+    assert code == 2 and "does not look like one" in err
+    assert (out / "other_model" / "model.safetensors").exists()
     empty = tmp_path / "empty"
     empty.mkdir()
+    assert run_cli("decompose", ckpt, "--rank", "4", "--out", empty, "--overwrite")[0] == 0
+    # An earlier decompose output (with its pissa_init adapter) is replaced.
     assert run_cli("decompose", ckpt, "--rank", "4", "--out", empty, "--overwrite")[0] == 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from pissa_svd import decompose
 from pissa_svd.adapter import LoraAdapter
 
-from .conftest import save_tiny_llama
+from .conftest import PYTHON, save_tiny_llama
 
 RANK = 8
 
@@ -424,9 +425,14 @@ def test_merge_refuses_the_pissa_mixups_and_warns_on_another_base(
         )
         assert code == 0 and err == "", err
         shutil.rmtree(tmp_path / "ok")
-    # Another model of the same shapes: merged, with one line of warning.
+    # A copy of the original (another path, no decompose report): still no residual, refused.
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_llama, copy)
+    code, _, err = run_cli("merge", copy, "--adapter", adapter_dir, "--out", tmp_path / "m")
+    assert code == 2 and "is no PiSSA residual" in err and not (tmp_path / "m").exists()
+    # A copy of the residual: merged, with one line of warning (it may be another one).
     other = tmp_path / "other"
-    shutil.copytree(tiny_llama, other)
+    shutil.copytree(out, other)
     code, _, err = run_cli(
         "merge", other, "--adapter", adapter_dir, "--out", tmp_path / "w", "--quiet"
     )
@@ -534,3 +540,9 @@ def test_bin_adapter_with_other_objects_is_one_line_of_bad_input(out, run_cli, t
         code, _, err = run_cli("merge", out, "--adapter", bad, "--out", tmp_path / "o")
         assert code == 2 and says in err and err.count("\n") == 1, err
         assert "Traceback" not in err and not (tmp_path / "o").exists()
+    # Not a pickle torch can read at all (torch also warns about its protocol): one line.
+    (bad / "adapter_model.bin").write_bytes(b"\x80\x04garbage")
+    cmd = ["merge", str(out), "--adapter", str(bad), "--out", str(tmp_path / "o")]
+    proc = subprocess.run([PYTHON, "-m", "pissa_svd", *cmd], capture_output=True, text=True)
+    assert proc.returncode == 2 and "unreadable" in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
