@@ -282,10 +282,10 @@ def merge(
     ck = Checkpoint.open(base_path)
     ad = LoraAdapter.load(adapter, "adapter")
     check_out(out, overwrite, {"the base checkpoint": base_path, "the adapter": ad.root})
-    other = _check_base(ad, ck.root)
     infos = {t.name: t for t in ck.tensors()}
-    targets = _match_targets(infos, ad, str(base_path))
+    targets = _match_targets(infos, ad, str(base_path))  # an adapter that does not fit, first
     replaced = _match_extra(infos, ad, str(base_path))
+    other = _check_base(ad, ck.root)
     bar = progress(ck.total_bytes, "merge", quiet)
     with staged(out, overwrite) as tmp:
         for shard in ck.shards:
