@@ -157,8 +157,7 @@ class Target:
         SVD's working copy, the settled residual, and what the allocator keeps), and sketches
         matrices it computed, never the weight as loaded. Planned against measured peaks:
         ``python bench/memory_plan.py`` (bench/RESULTS.md, "Memory plan"): 0.61-0.69 of the
-        plan on 8B shapes, 0.81-0.83 on 1.1B shapes, where earlier runs of the same case
-        varied up to ~2% over it."""
+        plan on 8B shapes, 0.81-0.98 on 1.1B shapes, where it varies most from run to run."""
         m, n = self.out_features, self.in_features
         sketch_copy = bf16_sketch and self.method != "exact"
         sketch_copy &= batch > 1 or self.info.dtype != "BF16" or quantize
