@@ -324,6 +324,7 @@ class Checkpoint:
             files = {s: SafetensorsFile.open(_inside(src, s, index_path)) for s in shards}
             _check_index_against_shards(index_path, index, files)
         elif (src / SINGLE_NAME).is_file():
+            _refuse_outside_link(src, src / SINGLE_NAME, str(src / SINGLE_NAME))
             index, shards = None, [SINGLE_NAME]
             files = {SINGLE_NAME: SafetensorsFile.open(src / SINGLE_NAME)}
         elif (src / SINGLE_NAME).exists() or (src / SINGLE_NAME).is_symlink():
@@ -425,16 +426,22 @@ def _inside(root: Path, rel: str, index_path: Path) -> Path:
             "shard names must be plain file names"
         )
     p = root / rel
+    _refuse_outside_link(root, p, f"{index_path}: shard {rel!r}")
+    if not p.is_file():
+        raise InputError(f"{index_path}: names shard {rel!r}, which does not exist in {root}")
+    return p
+
+
+def _refuse_outside_link(root: Path, p: Path, what: str) -> None:
+    """A weights file that is a link out of the checkpoint folder is refused, as an index
+    naming ``../x`` is (links into a Hugging Face cache's blobs/ are how the cache works)."""
     real = os.path.realpath(p)
     allowed = [os.path.realpath(root), *_hub_blobs(root)]
     if not any(os.path.commonpath([a, real]) == a for a in allowed):
         raise InputError(
-            f"{index_path}: shard {rel!r} is a link to {real}, outside the checkpoint folder; "
-            "copy the shard into the folder (links into a Hugging Face cache's blobs/ are fine)"
+            f"{what} is a link to {real}, outside the checkpoint folder; copy the file into "
+            "the folder (links into a Hugging Face cache's blobs/ are fine)"
         )
-    if not p.is_file():
-        raise InputError(f"{index_path}: names shard {rel!r}, which does not exist in {root}")
-    return p
 
 
 def _hub_blobs(root: Path) -> list[str]:

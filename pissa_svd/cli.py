@@ -255,7 +255,7 @@ def _env() -> int:
     lines.append(f"  cpu          {native.bf16_support()}")
     if torch.cuda.is_available():
         lines.append("  cuda         bf16 GEMMs with fp32 output (torch out_dtype)")
-    print("\n".join(lines))
+    _print_product("\n".join(lines))
     return 0
 
 
@@ -316,7 +316,7 @@ def _decompose(args: argparse.Namespace) -> int:
 
     plan = make_plan(args.src, args.out, options_from_args(args))
     if args.dry_run:
-        print(plan.describe())
+        _print_product(plan.describe())
         return 0
     report = execute(plan)
     if not args.quiet and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks
@@ -500,10 +500,15 @@ class _Stdout:
     """Standard output whose failure (a closed pipe: ``| head``; a full disk) never turns into
     the command's failure: what it reports is on disk, or was verified, either way, and the
     exit code must still say so. A closed pipe drops the rest silently, as other tools do;
-    any other error says so once on stderr."""
+    any other error says so once on stderr.
+
+    Where the printed text is the command's product (``env``, ``decompose --dry-run``),
+    :func:`_product_written` turns that error into the command's own failure instead."""
 
     def __init__(self, stream):
         self._stream, self._failed = stream, False
+        self.error: OSError | None = None  # the first write error other than a closed pipe
+        self.product = False  # set by a command whose output is what it prints
 
     def write(self, text: str) -> int:
         return self._guard(self._stream.write, text) or len(text)
@@ -522,12 +527,31 @@ class _Stdout:
         except OSError as exc:
             self._failed = True
             if not isinstance(exc, BrokenPipeError):
+                self.error = exc
+                if self.product:
+                    return None
                 why = exc.strerror or exc
                 print(
                     f"pissa-svd: warning: could not write to standard output ({why})",
                     file=sys.stderr,
                 )
             return None
+
+
+def _print_product(text: str) -> None:
+    """Print what the command produces (a plan, the environment). If standard output fails
+    other than by a closed pipe, that is the command's failure (exit 2): it made nothing
+    else."""
+    out = sys.stdout
+    if isinstance(out, _Stdout):
+        out.product = True
+    print(text)
+    out.flush()
+    if isinstance(out, _Stdout) and out.error is not None:
+        raise InputError(
+            f"could not write to standard output ({out.error.strerror or out.error}); "
+            "redirect it to a file or pipe that accepts it"
+        )
 
 
 def _interrupted_code(exc: KeyboardInterrupt) -> int:

@@ -57,7 +57,7 @@ from .linalg import (
 )
 from .output import check_out, copy_files, human, move_into_place, plain_number, write_json
 from .output import progress as _progress
-from .pissa import adapter_factors, copy_rows_, subtract_adapter_
+from .pissa import adapter_factors, adapter_range_problem, copy_rows_, subtract_adapter_
 from .targets import module_name, select, task_type
 
 ADAPTER_DIR = "pissa_init"
@@ -979,14 +979,19 @@ def _decompose_batch(
             x = Wl[i].copy_(x)
         w_sq.append(_widen_(Wf[i], x))
     w_norms = torch.stack(w_sq).sqrt().tolist()
-    for t, w in zip(batch, w_norms, strict=True):
-        if not math.isfinite(w):
-            exc = InputError(
-                f"tensor {t.name!r} in {t.info.path.name} holds NaN or inf values; fix the "
-                "checkpoint, or leave the tensor out with --exclude"
-            )
-            exc.pissa_discard = True  # either way the source or the plan changes: no --resume
-            raise exc
+    bad = [t for t, w in zip(batch, w_norms, strict=True) if not math.isfinite(w)]
+    if bad:  # every one of this batch named (later batches are not read)
+        what = (
+            f"tensor {bad[0].name!r} in {bad[0].info.path.name} holds"
+            if len(bad) == 1
+            else f"{len(bad)} tensors hold ({', '.join(repr(t.name) for t in bad)})"
+        )
+        exc = InputError(
+            f"{what} NaN or inf values; fix the checkpoint, or leave "
+            f"{'it' if len(bad) == 1 else 'them'} out with --exclude"
+        )
+        exc.pissa_discard = True  # either way the source or the plan changes: no --resume
+        raise exc
     seeds = [derive_seed(t.name, o.seed) for t in batch]
     svd_kwargs = dict(
         niter=o.niter,
@@ -1026,10 +1031,10 @@ def _decompose_batch(
             Wf, A, B, scaling=plan.scaling, fan_in_fan_out=t0.transposed, out=out
         )
     _sync(Wf)
-    if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):
+    if problem := adapter_range_problem(A, B, S, plan.scaling):
         raise InputError(
-            f"--alpha {plain_number(plan.alpha)} (scaling {plan.scaling:g}) makes the adapter of "
-            f"{t0.name!r} overflow {t0.adapter_dtype}; use an alpha nearer --rank"
+            f"the adapter of {t0.name!r} {problem} in {t0.adapter_dtype} at --alpha "
+            f"{plain_number(plan.alpha)} (scaling {plan.scaling:g}); use an alpha nearer --rank"
         )
     # The engine's work: svd_lowrank and the residual, with its rounding to the output dtype
     # and its norm, which run fused with it (or QPiSSA).

@@ -64,6 +64,11 @@ def pissa_factors(
         svd = svd_lowrank(W.mT if fan_in_fan_out else W, rank, **svd_kwargs)
     U, S, Vh = svd
     A, B = adapter_factors(U, S, Vh, scaling=scaling, adapter_dtype=adapter_dtype)
+    if problem := adapter_range_problem(A, B, S, scaling):
+        raise ValueError(
+            f"the adapter {problem} in {adapter_dtype} at scaling {scaling:g}; use a scaling "
+            "nearer 1 (lora_alpha nearer r) or a wider adapter_dtype"
+        )
     work = U.dtype
     inplace = inplace and W.dtype == work and _batch_of_rows(W) is not None
     # Not inplace, the residual is a fresh tensor for the caller: contiguous, as safetensors
@@ -82,6 +87,28 @@ def adapter_factors(
     A = (root.unsqueeze(-1) * Vh).to(adapter_dtype)
     B = (U * root.unsqueeze(-2)).to(adapter_dtype)
     return A, B
+
+
+def adapter_range_problem(
+    A: torch.Tensor, B: torch.Tensor, S: torch.Tensor, scaling: float
+) -> str | None:
+    """Why A and B do not represent sqrt(S / s) Vh and U sqrt(S / s) in their dtype, or None.
+
+    A scaling far from 1 pushes the factors out of the adapter dtype's range: too small an
+    alpha overflows them to inf; too large a one (``--alpha 1e14`` in fp16) rounds them to
+    zeros and subnormals, a model that is still exact but an adapter that has lost its
+    principal directions. Rows of Vh and columns of U are unit vectors, so each of
+    ||A||_F^2 and ||B||_F^2 must be sum(S) / s; rounding in range changes that by ~eps.
+    """
+    if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):
+        return "overflows"
+    want = S.double().sum(-1) / scaling
+    for F in (A, B):
+        got = torch.linalg.vector_norm(F.double(), dim=(-2, -1)) ** 2
+        kept = torch.where(want > 0, got / want, torch.ones_like(want)).min().item()
+        if kept < 0.99:
+            return f"underflows (keeps {100 * kept:.3g}% of its norm)"
+    return None
 
 
 # Rows per block of a pass over a weight on a CPU: about 4 MB of fp32, so that the block is

@@ -343,3 +343,24 @@ def test_model_safetensors_that_is_not_a_file(tmp_path, kind):
         path.symlink_to(tmp_path / "gone.safetensors")
     with pytest.raises(InputError, match="model.safetensors: not a regular file"):
         Checkpoint.open(tmp_path)
+
+
+def test_single_file_link_follows_the_shard_rule(tmp_path):
+    """model.safetensors linked out of the folder is refused as an indexed shard linked out
+    is; a link inside the folder, or into a hub cache's blobs/, opens."""
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({"a": torch.ones(2, 3)}, tmp_path / "elsewhere.safetensors")
+    (src / "model.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(InputError, match="model.safetensors is a link to .*outside the checkpoint"):
+        Checkpoint.open(src)
+    (src / "model.safetensors").unlink()
+    (tmp_path / "elsewhere.safetensors").rename(src / "real.safetensors")
+    (src / "model.safetensors").symlink_to("real.safetensors")
+    assert [t.name for t in Checkpoint.open(src).tensors()] == ["a"]
+    repo = tmp_path / "hub" / "models--org--one"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "snapshots" / "rev").mkdir(parents=True)
+    save_file({"b": torch.zeros(4)}, repo / "blobs" / "h1")
+    (repo / "snapshots" / "rev" / "model.safetensors").symlink_to(Path("../../blobs/h1"))
+    assert [t.name for t in Checkpoint.open(repo / "snapshots" / "rev").tensors()] == ["b"]

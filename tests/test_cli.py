@@ -225,6 +225,27 @@ def test_non_finite_weight_is_bad_input(ckpt, tmp_path, run_cli, bad_value):
     assert "kept" not in errors[0] and not out.exists() and leftovers(tmp_path) == []
 
 
+def test_non_finite_weights_of_one_batch_are_all_named(ckpt, tmp_path, run_cli):
+    """Same-shape tensors are read as one batch: every bad one in it is named at once, not
+    one per rerun."""
+    s = _shards(ckpt)[0]
+    header = _header(s)
+    names = [k for k in header if k.endswith(("k_proj.weight", "v_proj.weight"))][:2]
+    assert header[names[0]]["shape"] == header[names[1]]["shape"]  # one batch
+    data = bytearray(s.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    for name in names:
+        begin = 8 + n + header[name]["data_offsets"][0]
+        data[begin : begin + 4] = struct.pack("<f", float("nan"))
+    s.write_bytes(bytes(data))
+    code, _, err = run_cli("decompose", ckpt, "--rank", "4", "--out", tmp_path / "out")
+    errors = screen_lines(err)
+    assert code == 2 and len(errors) == 1, err
+    listed = ", ".join(repr(name) for name in sorted(names))
+    assert f"2 tensors hold ({listed}) NaN or inf values" in errors[0], errors[0]
+    assert "leave them out with --exclude" in errors[0]
+
+
 @pytest.mark.parametrize(
     ("extra", "match"),
     [
@@ -245,7 +266,9 @@ def test_non_finite_weight_is_bad_input(ckpt, tmp_path, run_cli, bad_value):
         ),
         (["--rank", "four"], "invalid int value"),
         (["--rank", "4", "--frobnicate"], "(see pissa-svd decompose --help)"),
-        (["--rank", "4", "--alpha", "1e-300"], "makes the adapter of"),
+        (["--rank", "4", "--alpha", "1e-300"], "overflows in F32 at --alpha 1e-300"),
+        # fp16 zeros and subnormals: an exact model, but an adapter with nothing left in it
+        (["--rank", "4", "--alpha", "1e14", "--adapter-dtype", "fp16"], "underflows (keeps"),
         (["--rank", "4", "--processes", "4"], "--processes only sizes a --dry-run plan"),
         (["--rank", "4", "--quant-iters", "2"], "add --quantize nf4 or int8"),
     ],
@@ -788,6 +811,30 @@ def test_standard_output_failing_does_not_fail_the_command(ckpt, tmp_path):
         os.close(write)
     assert head.returncode == 0 and "Traceback" not in head.stderr, head.stderr
     assert not [line for line in screen_lines(head.stderr) if line.startswith("pissa-svd")]
+
+
+def test_printed_product_failing_to_write_is_an_error(ckpt, tmp_path):
+    """env and --dry-run make nothing but what they print: a full stdout is their failure
+    (exit 2, one line), while a closed pipe (| head) stays silent and exit 0."""
+    cmd = [PYTHON, "-m", "pissa_svd"]
+    dry = ["decompose", str(ckpt), "--rank", "4", "--out", str(tmp_path / "out"), "--dry-run"]
+    for args in (["env"], dry):
+        with open("/dev/full", "w") as full:
+            proc = subprocess.run([*cmd, *args], stdout=full, stderr=subprocess.PIPE, text=True)
+        lines = [line for line in screen_lines(proc.stderr) if line.startswith("pissa-svd")]
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert lines == [
+            "pissa-svd: error: could not write to standard output (No space left on device); "
+            "redirect it to a file or pipe that accepts it"
+        ], proc.stderr
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            head = subprocess.run([*cmd, *args], stdout=write, stderr=subprocess.PIPE, text=True)
+        finally:
+            os.close(write)
+        assert head.returncode == 0 and not head.stderr.strip(), (args, head.stderr)
+    assert not (tmp_path / "out").exists()
 
 
 def test_single_file_source_says_the_output_has_no_config(tmp_path, run_cli):

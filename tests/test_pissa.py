@@ -47,6 +47,21 @@ def test_reconstruction_within_rounding(dtype, adapter, residual, scaling):
     assert (err <= rounding_bound(R64, W64, A64, B64, scaling, residual)).all()
 
 
+@pytest.mark.parametrize(
+    ("scaling", "match"), [(1e-300, "overflows"), (1e14, r"underflows \(keeps")]
+)
+def test_scaling_out_of_the_adapter_dtype_range_is_refused(scaling, match):
+    """An fp16 adapter at an absurd scaling would be all inf, or all zeros and subnormals
+    (a model still exact through the residual, but an adapter with nothing in it)."""
+    with pytest.raises(ValueError, match=match):
+        pissa_factors(_w(), 16, scaling=scaling, adapter_dtype=torch.float16)
+    A, B, _ = pissa_factors(_w(), 16, scaling=1e3, adapter_dtype=torch.float16)  # in range
+    assert A.abs().max() > 0 and B.abs().max() > 0
+    Z = torch.zeros(96, 160)  # S = 0: nothing to keep, nothing refused
+    A, B, W_res = pissa_factors(Z, 16, scaling=1e14, adapter_dtype=torch.float16)
+    assert not A.any() and not B.any() and not W_res.any()
+
+
 def test_residual_from_unrounded_factors_would_fail_the_bound():
     """The bound above is tight enough to catch PEFT's order (residual before rounding A, B)."""
     W = _w()
