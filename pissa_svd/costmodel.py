@@ -108,6 +108,28 @@ def features(
     return {key: v * batch for key, v in f.items()}
 
 
+def buffer_bytes(
+    m: int,
+    n: int,
+    batch: int,
+    src_itemsize: int,
+    work_itemsize: int,
+    res_itemsize: int,
+    overlap: bool = False,
+) -> dict[str, int]:
+    """The reusable buffers a batch of ``batch`` (m, n) matrices needs, by name: the read
+    buffer (one member at a time; with ``overlap``, two whole batches: the one computing and
+    the next), the batch in the working dtype (overwritten by the residuals), and the residuals
+    rounded to their output dtype (two batches with ``overlap``: one being written). Decompose
+    keeps each at the largest size any batch has needed (``pipeline._Scratch``)."""
+    buffers = 2 if overlap else 1
+    return {
+        "read": (buffers * batch if overlap else 1) * m * n * src_itemsize,
+        "work": batch * m * n * work_itemsize,
+        "out": buffers * batch * m * n * res_itemsize,
+    }
+
+
 def working_bytes(
     m: int,
     n: int,
@@ -120,19 +142,11 @@ def working_bytes(
     method: str = "krylov2",
     niter: int = 4,
 ) -> int:
-    """Peak bytes held while a batch of ``batch`` (m, n) matrices is decomposed: the read
-    buffer (one member at a time; with ``overlap``, two whole batches: the one computing and
-    the next), the batch in the working dtype (overwritten by the residuals), the residuals
-    rounded to their output dtype (two batches with ``overlap``: one being written), and per
-    member the SVD's temporaries (:func:`svd_temporaries`)."""
-    buffers = 2 if overlap else 1
-    read = (buffers * batch if overlap else 1) * m * n * src_itemsize
-    return (
-        read
-        + batch * m * n * work_itemsize
-        + buffers * batch * m * n * res_itemsize
-        + batch * svd_temporaries(m, n, block, method, niter) * work_itemsize
-    )  # fmt: skip
+    """Peak bytes held while a batch of ``batch`` (m, n) matrices is decomposed, from no buffers
+    at all: :func:`buffer_bytes`, and per member the SVD's temporaries
+    (:func:`svd_temporaries`)."""
+    held = buffer_bytes(m, n, batch, src_itemsize, work_itemsize, res_itemsize, overlap)
+    return sum(held.values()) + batch * svd_temporaries(m, n, block, method, niter) * work_itemsize
 
 
 def svd_temporaries(m: int, n: int, block: int, method: str, niter: int) -> int:
@@ -188,6 +202,7 @@ def seconds(feats: dict[str, float], device_kind: str, io_bytes: float = 0.0) ->
 
 __all__ = [
     "FEATURES",
+    "buffer_bytes",
     "MODEL_FILE",
     "coefficients",
     "features",

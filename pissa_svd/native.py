@@ -142,16 +142,20 @@ def _cpu_function(name: str):
         return None
 
 
-def nf4_fake(x: torch.Tensor, code: torch.Tensor, mid: torch.Tensor) -> torch.Tensor | None:
+def has_nf4_fake() -> bool:
+    """Whether the compiled NF4 loop is there (:func:`nf4_fake`)."""
+    return _cpu_function("nf4_fake") is not None
+
+
+def nf4_fake(
+    x: torch.Tensor, code: torch.Tensor, mid: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """NF4 deq(Q(x)) of a 1-D contiguous fp32 CPU tensor by the compiled loop (csrc/nf4.h),
-    on ``torch.get_num_threads()`` threads with the GIL released; None where there is no
-    compiled module with it (the caller then uses torch). ``code`` (16) and ``mid`` (15):
-    the fp32 NF4 values and their midpoints (``quant._nf4_tables``)."""
-    fused = _cpu_function("nf4_fake")
-    if fused is None:
-        return None
-    out = torch.empty_like(x)
-    fused(x, out, code.tolist(), mid.tolist(), torch.get_num_threads())
+    on ``torch.get_num_threads()`` threads with the GIL released, into ``out`` (1-D contiguous
+    fp32, x's length) or a new tensor. Only where :func:`has_nf4_fake`. ``code`` (16) and
+    ``mid`` (15): the fp32 NF4 values and their midpoints (``quant._nf4_tables``)."""
+    out = torch.empty_like(x) if out is None else out
+    _cpu_function("nf4_fake")(x, out, code.tolist(), mid.tolist(), torch.get_num_threads())
     return out
 
 

@@ -141,7 +141,7 @@ class Target:
             self.residual_dtype,
         )
 
-    def working_bytes(
+    def memory(
         self,
         oversample: int,
         batch: int = 1,
@@ -149,35 +149,40 @@ class Target:
         bf16_sketch: bool = False,
         quantize: bool = False,
         niter: int = 4,
-    ) -> int:
-        """Peak bytes held while a batch of this target's shape is processed; a bf16 sketch
-        adds the bf16 copy it reads, except for one bf16 weight, which it reads as loaded.
-        QPiSSA (``quantize``) holds, for the member it works on, about ten more matrices in
-        the working precision (W, Q_t and Q_t+1, W - Q_t, the residual, W_res - Q_t, the
-        SVD's working copy, the settled residual, and what the allocator keeps), and sketches
-        matrices it computed, never the weight as loaded. Planned against measured peaks:
-        ``python bench/memory_plan.py`` (bench/RESULTS.md, "Memory plan"): 0.61-0.69 of the
-        plan on 8B shapes, 0.81-0.98 on 1.1B shapes, where it varies most from run to run."""
+    ) -> tuple[dict[str, int], int]:
+        """Bytes a batch of this target's shape holds while it is processed: the reusable
+        buffers by name (:func:`costmodel.buffer_bytes`; a bf16 sketch adds the bf16 copy it
+        reads, except for one bf16 weight, which it reads as loaded), and what it allocates
+        afresh: the SVD's temporaries and, with QPiSSA (``quantize``), for the member it works
+        on, up to four more matrices in the working precision: Q_t, W - Q_t (or the residual),
+        and the residual rounded to its dtype with its re-quantization, with the SVD's
+        temporaries (~2.2-2.8 matrices measured on 5632 x 2048 and 14336 x 4096), plus what
+        the allocator keeps. QPiSSA sketches matrices it computed, never the weight as loaded.
+        Planned against measured peaks: ``python bench/memory_plan.py`` (bench/RESULTS.md,
+        "Memory plan")."""
         m, n = self.out_features, self.in_features
+        work = self.work_bytes // (m * n)
+        held = costmodel.buffer_bytes(
+            m,
+            n,
+            batch,
+            dtype_nbytes(self.info.dtype, (1,)),
+            work,
+            dtype_nbytes(self.residual_dtype, (1,)),
+            overlap,
+        )
         sketch_copy = bf16_sketch and self.method != "exact"
         sketch_copy &= batch > 1 or self.info.dtype != "BF16" or quantize
-        qpissa = 10 * self.work_bytes if quantize else 0
-        return (
-            qpissa
-            + costmodel.working_bytes(
-                m,
-                n,
-                min(self.rank + oversample, min(m, n)),
-                batch,
-                dtype_nbytes(self.info.dtype, (1,)),
-                self.work_bytes // (m * n),
-                dtype_nbytes(self.residual_dtype, (1,)),
-                overlap,
-                self.method,
-                niter,
-            )
-            + (batch * m * n * 2 if sketch_copy else 0)
-        )
+        held["sketch"] = batch * m * n * 2 if sketch_copy else 0
+        block = min(self.rank + oversample, min(m, n))
+        fresh = batch * costmodel.svd_temporaries(m, n, block, self.method, niter) * work
+        return held, fresh + (4 * self.work_bytes if quantize else 0)
+
+    def working_bytes(self, *args, **kwargs) -> int:
+        """Peak bytes held while a batch of this target's shape is processed, from no buffers
+        at all (:meth:`memory`'s parts summed)."""
+        held, fresh = self.memory(*args, **kwargs)
+        return sum(held.values()) + fresh
 
 
 @dataclass
@@ -230,20 +235,33 @@ class Plan:
         )
 
     def batch_working_bytes(self, batch: list[Target]) -> int:
+        return self.peak_working_bytes([batch])
+
+    def peak_working_bytes(self, batches: list[list[Target]]) -> int:
+        """Peak bytes beyond the runtime while ``batches`` run one after another: each reusable
+        buffer at the largest size any of them needs (buffers are kept and grown, never
+        shrunk), plus the largest of what one batch allocates afresh."""
         o = self.options
-        return batch[0].working_bytes(
-            self.oversample, len(batch), self.overlap, self.bf16_sketch, bool(o.quantize), o.niter
-        )
+        parts = [
+            b[0].memory(
+                self.oversample, len(b), self.overlap, self.bf16_sketch, bool(o.quantize), o.niter
+            )
+            for b in batches
+        ]
+        if not parts:
+            return 0
+        held = {k: max(p[0][k] for p in parts) for k in parts[0][0]}
+        return sum(held.values()) + max(p[1] for p in parts)
 
     @property
     def working_bytes(self) -> int:
-        return max(self.batch_working_bytes(b) for b in self.batches)
+        return self.peak_working_bytes(self.batches)
 
     def runtime_bytes(self) -> int:
         """Resident bytes of this process once the engine has run: a run's peak is this plus
-        its largest batch's working set. One tiny call per method the plan uses loads what a
-        first call loads (the compiled engine, the BLAS threads' buffers, a GPU's context:
-        ~30 MB on a CPU, which the estimate missed before)."""
+        its buffers and its largest batch's temporaries (:attr:`working_bytes`). One tiny call
+        per method the plan uses loads what a first call loads (the compiled engine, the BLAS
+        threads' buffers, a GPU's context: ~30 MB on a CPU, which the estimate missed before)."""
         o = self.options
         small = torch.randn(2, 96, 64, generator=torch.Generator().manual_seed(0))
         small = small.to(self.device)
@@ -278,8 +296,12 @@ class Plan:
             f"  svd          niter={o.niter}, oversample={self.oversample}, seed={o.seed},"
             f" device={self.device}, backend={self.backend}, sketch {o.sketch_dtype}",
             f"  batching     {len(self.targets)} matrices in {len(self.batches)} calls"
-            f" (same-shape matrices of a shard, up to {human(self.batch_memory)} each,"
-            f" largest batch {max(len(b) for b in self.batches)})",
+            + (
+                " (QPiSSA: one matrix at a time)"
+                if o.quantize
+                else f" (same-shape matrices of a shard, up to {human(self.batch_memory)} each,"
+                f" largest batch {max(len(b) for b in self.batches)})"
+            ),
             "  io           "
             + (
                 "overlapped: the next batch read and the previous one written on background"
@@ -308,7 +330,7 @@ class Plan:
         lines += [
             f"  compute      {self.flops / 1e9:.1f} GFLOP in all",
             f"  memory       peak ~{human(rss + self.working_bytes)}: runtime {human(rss)}"
-            f" + largest batch's working set {human(self.working_bytes)}"
+            f" + buffers and the largest batch's temporaries {human(self.working_bytes)}"
             f" (the whole checkpoint is {human(ck.total_bytes)})",
             f"  disk         residual {human(ck.total_bytes)}, adapter {human(adapter)}",
         ]
@@ -324,7 +346,7 @@ class Plan:
         for r in range(k):
             mine = [i for i, o_ in enumerate(owner) if o_ == r]
             seconds = sum(costs[i] for i in mine) + (coef["io_bytes"] * copied if r == 0 else 0)
-            peak = max((self.batch_working_bytes(self.batches[i]) for i in mine), default=0)
+            peak = self.peak_working_bytes([self.batches[i] for i in mine])
             lines.append(
                 f"    rank {r:<4} {len(mine):>4} batches  ~{seconds:8.1f} s"
                 f"  peak ~{human(rss + peak)}"
@@ -463,6 +485,8 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
         )
     load_check = _load_check(src_path, ckpt, config, targets, o)
     budget = default_batch_memory(device) if o.batch_memory is None else o.batch_memory
+    if o.quantize:  # QPiSSA works on one matrix at a time: a batch would only hold memory
+        budget = 0
     return Plan(
         ckpt=ckpt,
         out=out_path,
@@ -1004,7 +1028,7 @@ def _decompose_batch(
     t_read = time.perf_counter()
     try:
         if o.quantize:
-            A, B, W_res, S, quant_info = _qpissa_batch(plan, batch, Wf, seeds, svd_kwargs)
+            A, B, S, quant_info, res_sq = _qpissa_batch(plan, batch, Wf, seeds, svd_kwargs, out)
         else:
             X = Wl if low else Wf
             U, S, Vh = svd_lowrank(X.mT if t0.transposed else X, t0.rank, seed=seeds, **svd_kwargs)
@@ -1018,11 +1042,7 @@ def _decompose_batch(
         err.pissa_discard = True  # the rerun changes the plan: no --resume
         raise err from None
     t_svd = time.perf_counter()
-    if o.quantize:
-        res_sq = torch.linalg.vector_norm(W_res, dim=(-2, -1), dtype=torch.float64) ** 2
-        for i in range(len(batch)):
-            out[i].copy_(W_res[i])
-    else:
+    if not o.quantize:
         A, B = adapter_factors(
             U, S, Vh, scaling=plan.scaling, adapter_dtype=dtype_to_torch(t0.adapter_dtype)
         )
@@ -1100,17 +1120,21 @@ def _sync(x: torch.Tensor) -> None:
         torch.cuda.synchronize(x.device)
 
 
-def _qpissa_batch(plan: Plan, batch: list[Target], Wf: torch.Tensor, seeds, svd_kwargs):
-    """QPiSSA, one matrix at a time (each alternates its own SVD and quantization).
+def _qpissa_batch(plan: Plan, batch: list[Target], Wf: torch.Tensor, seeds, svd_kwargs, out):
+    """QPiSSA, one matrix at a time (each alternates its own SVD and quantization), each
+    quantization-ready residual (already in the output dtype) copied into ``out`` as soon as
+    it is made, so one member's residual exists at a time besides the output buffers.
 
-    Returns batched A, B, the quantization-ready residuals (already in the output dtype), the
-    adapter's singular values (S_i = s ||A_i|| ||B_i||) and each matrix's quantization info.
+    Returns batched A, B, the adapter's singular values (S_i = s ||A_i|| ||B_i||), each
+    matrix's quantization info, and the residuals' sums of squares (fp64, batched).
     """
     from .quant import qpissa_factors
 
     o, t0 = plan.options, batch[0]
-    out = [
-        qpissa_factors(
+    res_sq = []
+
+    def member(i: int):
+        f = qpissa_factors(
             Wf[i],
             t0.rank,
             scheme=o.quantize,
@@ -1122,10 +1146,12 @@ def _qpissa_batch(plan: Plan, batch: list[Target], Wf: torch.Tensor, seeds, svd_
             seed=seeds[i],
             **svd_kwargs,
         )
-        for i in range(len(batch))
-    ]
-    A = torch.stack([f.A for f in out])
-    B = torch.stack([f.B for f in out])
+        res_sq.append(copy_rows_(out[i], f.W_res, measure="src"))
+        return f._replace(W_res=None)
+
+    factors = [member(i) for i in range(len(batch))]
+    A = torch.stack([f.A for f in factors])
+    B = torch.stack([f.B for f in factors])
     S = plan.scaling * (
         torch.linalg.vector_norm(A.double(), dim=-1) * torch.linalg.vector_norm(B.double(), dim=-2)
     )
@@ -1144,9 +1170,9 @@ def _qpissa_batch(plan: Plan, batch: list[Target], Wf: torch.Tensor, seeds, svd_
                 "error_reduction",
             )
         }
-        for f in out
+        for f in factors
     ]
-    return A, B, torch.stack([f.W_res for f in out]), S, info
+    return A, B, S, info, torch.stack(res_sq)
 
 
 HUGE_PAGE = 2 << 20  # bytes, x86-64 and arm64 (4 KB base pages)

@@ -124,11 +124,12 @@ def block_rows(W: torch.Tensor) -> int:
 
 
 def sum_squares(block: torch.Tensor) -> torch.Tensor:
-    """Sum of squares of a (rows, cols) block as a 0-d fp64 tensor: per-row norms in the
-    block's dtype, summed in fp64. (One fp32 reduction over a whole matrix drifts: torch's
+    """Sum of squares of a (rows, cols) block as a 0-d fp64 tensor: per-row norms in fp32
+    (fp64 for fp64), summed in fp64. (One fp32 reduction over a whole matrix drifts: torch's
     ``vector_norm`` of a 2048 x 5632 fp32 matrix was off by 4.5e-4 to 8.8e-4 relative in
     bench/test_hotpaths.py, a BLAS dot by 2e-5.)"""
-    return torch.linalg.vector_norm(block, dim=-1).double().square().sum()
+    wide = torch.float64 if block.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(block, dim=-1, dtype=wide).double().square().sum()
 
 
 def subtract_adapter_(

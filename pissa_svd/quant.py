@@ -80,8 +80,8 @@ _ABSMAX_FLOOR = 1e-38
 # fp32(1 / 127): int8 dequantization multiplies by this rather than dividing by 127.
 _INV127 = 7.874015718698502e-3
 # Values per vectorized step (a multiple of NF4_BLOCKSIZE): bounds the temporaries to a few
-# tens of MB whatever the matrix size.
-_CHUNK = 1 << 22
+# MB whatever the matrix size.
+_CHUNK = 1 << 20
 _MAX_SETTLE_ROUNDS = 8  # one is needed (see the module docstring); more means a bug
 
 
@@ -168,30 +168,37 @@ def nf4_dequantize(
     return out.view(shape).to(dtype)
 
 
-def _nf4_fake(x: torch.Tensor) -> torch.Tensor:
-    """deq(Q(x)) in fp32, same shape; chunked so no (numel,) code tensor is materialized.
+def _nf4_fake(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """deq(Q(x)) computed in fp32 and rounded to ``dtype``, same shape as x.
 
-    A contiguous fp32 CPU tensor goes through the compiled loop (csrc/nf4.h: one pass, the same
-    bits, many times faster) when the native module has it."""
-    if x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous() and not x.is_neg():
-        out = native.nf4_fake(x.detach().reshape(-1), *_nf4_tables(x.device))
-        if out is not None:
-            return out.view(x.shape)
-    table, _ = _nf4_tables(x.device)
-    flat = x.reshape(-1)
+    Chunk by chunk (whole blocks; the short last block ends the last chunk), so besides the
+    result only one chunk's fp32 temporaries (tens of MB) exist at a time: QPiSSA settles a bf16
+    residual this way without a whole fp32 copy of it. A CPU chunk goes through the compiled
+    loop (csrc/nf4.h: one pass, the same bits, many times faster) when the native module has
+    it; straight into the result when that is fp32."""
+    flat = x.detach().reshape(-1)  # blocks run over the row-major flattening (a copy if strided)
     n = flat.numel()
-    full = n - n % NF4_BLOCKSIZE
-    out = torch.empty(n, dtype=torch.float32, device=x.device)
-    for start in range(0, full, _CHUNK):
-        stop = min(start + _CHUNK, full)
-        blocks = flat[start:stop].to(torch.float32).view(-1, NF4_BLOCKSIZE)
+    out = torch.empty(n, dtype=dtype, device=x.device)
+    table, bounds = _nf4_tables(x.device)
+    compiled = x.device.type == "cpu" and native.has_nf4_fake()
+    for start in range(0, n, _CHUNK):
+        stop = min(start + _CHUNK, n)
+        part = flat[start:stop].to(torch.float32).resolve_neg()
+        if compiled and dtype == torch.float32:
+            native.nf4_fake(part.contiguous(), table, bounds, out=out[start:stop])
+            continue
+        if compiled:
+            out[start:stop] = native.nf4_fake(part.contiguous(), table, bounds)
+            continue
+        full = (stop - start) - (stop - start) % NF4_BLOCKSIZE
+        blocks = part[:full].view(-1, NF4_BLOCKSIZE)
         amax = blocks.abs().amax(dim=1)
         idx = _nf4_block_codes(blocks, amax, tail=False)
-        out[start:stop] = (table[idx] * amax.unsqueeze(1)).view(-1)
-    if full < n:
-        rest = flat[full:].to(torch.float32)
-        amax = rest.abs().amax().clamp(min=_ABSMAX_FLOOR)
-        out[full:] = table[_nf4_block_codes(rest, amax, tail=True)] * amax
+        out[start : start + full] = (table[idx] * amax.unsqueeze(1)).view(-1)
+        if full < stop - start:  # the short last block of x
+            rest = part[full:]
+            amax = rest.abs().amax().clamp(min=_ABSMAX_FLOOR)
+            out[start + full : stop] = table[_nf4_block_codes(rest, amax, tail=True)] * amax
     return out.view(x.shape)
 
 
@@ -221,14 +228,21 @@ def int8_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def int8_dequantize(
     q: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """``q * absmax_row * fp32(1/127)`` in fp32, cast to ``dtype``. q: (..., cols) int8."""
+    """``q * absmax_row * fp32(1/127)`` in fp32, cast to ``dtype``. q: (..., cols) int8.
+
+    Row chunk by row chunk into the result, so no whole fp32 temporaries are made."""
     rows = q.reshape(-1, q.shape[-1])
-    return ((rows * absmax.unsqueeze(1)) * _INV127).view(q.shape).to(dtype)
+    out = torch.empty(rows.shape, dtype=dtype, device=q.device)
+    step = max(1, _CHUNK // max(rows.shape[1], 1))
+    for start in range(0, rows.shape[0], step):
+        part = slice(start, start + step)
+        out[part] = (rows[part] * absmax[part].unsqueeze(1)).mul_(_INV127)
+    return out.view(q.shape)
 
 
-def _int8_fake(x: torch.Tensor) -> torch.Tensor:
+def _int8_fake(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     q, absmax = int8_quantize(x)
-    return int8_dequantize(q, absmax, torch.float32)
+    return int8_dequantize(q, absmax, dtype)
 
 
 def fake_quantize(
@@ -242,8 +256,9 @@ def fake_quantize(
     """
     _check_scheme(scheme)
     _check_float(W, "W")
-    out = _nf4_fake(W) if scheme == "nf4" else _int8_fake(W)
-    return out.to(dtype or W.dtype)
+    if scheme == "nf4":
+        return _nf4_fake(W, dtype or W.dtype)
+    return _int8_fake(W, dtype or W.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,7 +443,9 @@ def qpissa_factors(
         subtract_adapter_(W_res, A, B, scaling=scaling)
         return W_res
 
-    qlora_error = _norm(W32 - quant(W32), select)
+    # Differences for the scores are taken in place in buffers of our own: each matrix-sized
+    # temporary held at once adds to decompose's peak (its plan: Target.working_bytes).
+    qlora_error = _norm(quant(W32).sub_(W32), select)
     errors: list[float] = []
     refit_errors: list[float] = []
     # The best candidate so far: (error, t, refit, adapter Q_t was quantized against, adapter).
@@ -436,30 +453,34 @@ def qpissa_factors(
     Q = None
     prev = None  # (A_{t-1}, B_{t-1}), which Q_{t-1} was quantized against
     for t in range(1, iters + 2):
-        target = W32 if Q is None else W32 - Q
+        first = Q is None
+        target = W32 if first else W32 - Q
+        if t <= iters:  # Q_{t-1} is not needed past W - Q_{t-1}, except Q_T (the last one)
+            Q = None
         A, B, res = pissa_factors(
             target,
             rank,
             scaling=scaling,
             adapter_dtype=adapter_dtype,
             residual_dtype=work,
-            inplace=Q is not None,  # target is then our own temporary
+            inplace=not first,  # target is then our own temporary
             **svd_kwargs,
         )
         del target
-        if Q is not None:
+        if not first:
             # res = (W - Q_{t-1}) - s * B_t @ A_t: the refit candidate of round t - 1.
             refit_errors.append(_norm(res, select))
             if refit_errors[-1] < best[0]:
                 best = (refit_errors[-1], t - 1, True, prev, (A, B))
         if t > iters:
+            del res
             break
         # For t = 1, pissa_factors' residual is W - s * B @ A already.
         W_res = res if t == 1 else residual(A, B)
         del res
         Q = quant(W_res)
         # W - (Q + s * B @ A) = W_res - Q.
-        errors.append(_norm(W_res - Q, select))
+        errors.append(_norm(W_res.sub_(Q), select))
         del W_res
         if best is None or errors[-1] < best[0]:
             best = (errors[-1], t, False, (A, B), (A, B))
@@ -469,8 +490,11 @@ def qpissa_factors(
     # less); rebuilding it is deterministic, so it is the very residual that was scored.
     best_error, t_best, refit, (Aq, Bq), (A, B) = best
     if t_best != iters:  # Q holds Q_T
+        Q = None
         Q = quant(residual(Aq, Bq))
-    R, rounds = _settle(Q, scheme, residual_dtype)
+    R = _round_residual(Q, scheme, residual_dtype)
+    del Q
+    R, rounds = _settle(R, scheme)
     if fan_in_fan_out:
         R = R.mT.contiguous()
     info = {
@@ -488,11 +512,11 @@ def qpissa_factors(
     return QPissaFactors(A, B, R, info)
 
 
-def _settle(Q: torch.Tensor, scheme: str, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
-    """Round deq(Q(W_res)) to ``dtype`` and re-quantize until it is a fixed point.
+def _round_residual(Q: torch.Tensor, scheme: str, dtype: torch.dtype) -> torch.Tensor:
+    """deq(Q(W_res)) rounded to ``dtype``, the start of :func:`_settle`.
 
-    Q: (out, in) fp32/fp64 dequantized values. Returns (R (out, in) ``dtype``, rounds): the
-    number of whole-matrix re-quantizations that changed R.
+    Q: (out, in) fp32/fp64 dequantized values. A separate step so that the caller can drop Q
+    (a whole fp32 matrix) before the re-quantization rounds run.
     """
     if scheme == "int8":
         # A row's largest value dequantizes to fl(fl(127 * a) * fp32(1/127)), which is a - 1 ulp
@@ -508,20 +532,34 @@ def _settle(Q: torch.Tensor, scheme: str, dtype: torch.dtype) -> tuple[torch.Ten
         R = int8_dequantize(q, a, dtype)
     else:
         R = Q.to(dtype)
+    if not _all_finite(R):
+        raise _does_not_fit(dtype, Q)
+    return R
+
+
+def _settle(R: torch.Tensor, scheme: str) -> tuple[torch.Tensor, int]:
+    """Re-quantize R (:func:`_round_residual`'s result) in its dtype until it is a fixed point.
+
+    Returns (R, rounds): the number of whole-matrix re-quantizations that changed R.
+    """
     for rounds in range(_MAX_SETTLE_ROUNDS + 1):
-        if not torch.isfinite(R).all():
-            raise InputError(
-                f"the quantized residual does not fit in {dtype} (max |value| "
-                f"{Q.abs().max().item():.3g}); store the residual as bfloat16 or float32"
-            )
         nxt = fake_quantize(R, scheme)
         if torch.equal(nxt, R):
             return R, rounds
+        if not _all_finite(nxt):
+            raise _does_not_fit(R.dtype, R)
         R = nxt
     # Not expected for finite values (see the module docstring); a silent fallback would store
     # a residual whose quantization differs from the one that was scored.
     raise RuntimeError(
-        f"{scheme} residual in {dtype} did not settle after {_MAX_SETTLE_ROUNDS} rounds"
+        f"{scheme} residual in {R.dtype} did not settle after {_MAX_SETTLE_ROUNDS} rounds"
+    )
+
+
+def _does_not_fit(dtype: torch.dtype, values: torch.Tensor) -> InputError:
+    return InputError(
+        f"the quantized residual does not fit in {dtype} (max |value| "
+        f"{values.float().abs().max().item():.3g}); store the residual as bfloat16 or float32"
     )
 
 
@@ -556,6 +594,12 @@ def _check_float(x: object, what: str) -> None:
     _check_float_dtype(x.dtype, f"{what} dtype")
 
 
+def _all_finite(x: torch.Tensor) -> bool:
+    """``torch.isfinite(x).all()``, chunk by chunk: on a whole matrix it holds 1.75 matrices of
+    temporaries (fp32), which would set QPiSSA's peak."""
+    return all(bool(torch.isfinite(c).all()) for c in x.detach().reshape(-1).split(_CHUNK))
+
+
 def _check_finite(x: torch.Tensor, what: str) -> None:
-    if not torch.isfinite(x).all():
+    if not _all_finite(x):
         raise InputError(f"{what} has inf or NaN values; they cannot be quantized")

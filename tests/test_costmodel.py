@@ -123,8 +123,28 @@ def test_dry_run_prices_and_sizes_qpissa(tiny_llama, tmp_path):
     batch = qpissa.batches[0]
     assert _batch_cost(qpissa, batch) > 6 * _batch_cost(plain, batch)  # T + 1 = 6 SVDs and more
     t = batch[0]
-    ten = 10 * t.out_features * t.in_features * 4  # fp32 matrices of the member in work
-    assert qpissa.batch_working_bytes(batch) == plain.batch_working_bytes(batch) + ten
+    four = 4 * t.out_features * t.in_features * 4  # fp32 matrices of the member in work
+    assert qpissa.batch_working_bytes(batch) == plain.batch_working_bytes(batch) + four
+    assert max(len(b) for b in plain.batches) > 1  # same-shape matrices batched ...
+    assert all(len(b) == 1 for b in qpissa.batches)  # ... but QPiSSA takes one at a time
+
+
+def test_plan_keeps_the_largest_buffers_of_all_batches(tiny_llama, tmp_path, monkeypatch):
+    """Buffers are reused and grown, never shrunk: a plan with a wide batch of small matrices
+    and a narrow one of large matrices must count the wide batch's buffers together with the
+    large matrices' temporaries, which is more than either batch's own working set."""
+    plan = make_plan(tiny_llama, tmp_path / "out", Options(rank=8, batch_memory=1 << 30))
+    parts = [b[0].memory(plan.oversample, len(b), plan.overlap) for b in plan.batches]
+    held = {k: max(h[k] for h, _ in parts) for k in parts[0][0]}
+    assert plan.working_bytes == sum(held.values()) + max(f for _, f in parts)
+    wide, narrow = plan.batches[:2]
+    fake = {  # buffers by name and fresh bytes: the wide batch's work buffer is the largest
+        wide[0].name: ({"read": 10, "work": 100, "out": 1, "sketch": 0}, 5),
+        narrow[0].name: ({"read": 50, "work": 20, "out": 2, "sketch": 0}, 70),
+    }
+    monkeypatch.setattr(type(wide[0]), "memory", lambda self, *a: fake[self.name])
+    assert plan.batch_working_bytes(wide) == 116 and plan.batch_working_bytes(narrow) == 142
+    assert plan.peak_working_bytes([wide, narrow]) == 50 + 100 + 2 + 70
 
 
 def test_seconds_grow_with_work():

@@ -434,10 +434,10 @@ def test_compiled_nf4_has_the_torch_paths_bits(kind, monkeypatch):
     else:
         x = _inputs(kind, torch.float32)
     code, mid = quant._nf4_tables(x.device)
+    assert native.has_nf4_fake()  # the install builds it (pissa-svd env)
     compiled = native.nf4_fake(x.reshape(-1), code, mid)
-    assert compiled is not None  # the install builds it (pissa-svd env)
-    monkeypatch.setattr(native, "nf4_fake", lambda *a: None)
-    reference = quant._nf4_fake(x).nan_to_num(7.0)  # torch; NaN != NaN for torch.equal
+    monkeypatch.setattr(native, "has_nf4_fake", lambda: False)
+    reference = quant._nf4_fake(x, torch.float32).nan_to_num(7.0)  # torch; NaN != NaN
     assert torch.equal(compiled.view(x.shape).nan_to_num(7.0), reference)
     monkeypatch.undo()
     for threads in (1, 2, 3):
@@ -454,3 +454,22 @@ def test_compiled_nf4_takes_parameters_and_leaves_odd_views_to_torch():
     x = torch.randn(256)
     negated = x._neg_view()  # a lazily negated view: its memory holds x
     assert torch.equal(fake_quantize(negated, "nf4"), fake_quantize(-x, "nf4"))
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nf4_in_chunks_is_the_whole_matrix_rounded(monkeypatch, compiled, dtype):
+    """fake_quantize runs in chunks of whole blocks (the short last block ends the last
+    chunk) and rounds each chunk into the result's dtype: the same bits as quantizing the
+    whole matrix in fp32 at once and rounding after, with no whole fp32 copy of a bf16 input."""
+    from pissa_svd import native, quant
+
+    x = (torch.randn(37, 61, generator=torch.Generator().manual_seed(6)) * 0.02).to(dtype)
+    if not compiled:
+        monkeypatch.setattr(native, "has_nf4_fake", lambda: False)
+    whole = quant._nf4_fake(x.float(), torch.float32).to(dtype)  # 2257 values: one chunk
+    monkeypatch.setattr(quant, "_CHUNK", 2 * quant.NF4_BLOCKSIZE)  # 18 chunks, tail in the last
+    chunked = fake_quantize(x, "nf4")
+    assert chunked.dtype == dtype and chunked.shape == x.shape
+    assert torch.equal(chunked, whole)
+    assert torch.equal(fake_quantize(x, "nf4", dtype=torch.float32).to(dtype), whole)
