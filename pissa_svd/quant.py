@@ -172,7 +172,7 @@ def _nf4_fake(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """deq(Q(x)) computed in fp32 and rounded to ``dtype``, same shape as x.
 
     Chunk by chunk (whole blocks; the short last block ends the last chunk), so besides the
-    result only one chunk's fp32 temporaries (tens of MB) exist at a time: QPiSSA settles a bf16
+    result only one chunk's fp32 temporaries (a few MB) exist at a time: QPiSSA settles a bf16
     residual this way without a whole fp32 copy of it. A CPU chunk goes through the compiled
     loop (csrc/nf4.h: one pass, the same bits, many times faster) when the native module has
     it; straight into the result when that is fp32."""
@@ -597,7 +597,8 @@ def _check_float(x: object, what: str) -> None:
 def _all_finite(x: torch.Tensor) -> bool:
     """``torch.isfinite(x).all()``, chunk by chunk: on a whole matrix it holds 1.75 matrices of
     temporaries (fp32), which would set QPiSSA's peak."""
-    return all(bool(torch.isfinite(c).all()) for c in x.detach().reshape(-1).split(_CHUNK))
+    chunks = x.detach().reshape(-1).split(_CHUNK)
+    return bool(torch.stack([torch.isfinite(c).all() for c in chunks]).all())  # one sync
 
 
 def _check_finite(x: torch.Tensor, what: str) -> None:
