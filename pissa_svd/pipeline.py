@@ -57,7 +57,13 @@ from .linalg import (
 )
 from .output import check_out, copy_files, human, move_into_place, plain_number, write_json
 from .output import progress as _progress
-from .pissa import adapter_factors, adapter_range_problem, copy_rows_, subtract_adapter_
+from .pissa import (
+    AdapterRangeError,
+    adapter_factors,
+    adapter_range_problem,
+    copy_rows_,
+    subtract_adapter_,
+)
 from .targets import module_name, select, task_type
 
 ADAPTER_DIR = "pissa_init"
@@ -1052,10 +1058,7 @@ def _decompose_batch(
         )
     _sync(Wf)
     if problem := adapter_range_problem(A, B, S, plan.scaling):
-        raise InputError(
-            f"the adapter of {t0.name!r} {problem} in {t0.adapter_dtype} at --alpha "
-            f"{plain_number(plan.alpha)} (scaling {plan.scaling:g}); use an alpha nearer --rank"
-        )
+        raise _alpha_error(plan, t0, problem)
     # The engine's work: svd_lowrank and the residual, with its rounding to the output dtype
     # and its norm, which run fused with it (or QPiSSA).
     t_engine = time.perf_counter()
@@ -1120,6 +1123,13 @@ def _sync(x: torch.Tensor) -> None:
         torch.cuda.synchronize(x.device)
 
 
+def _alpha_error(plan: Plan, t: Target, problem: str) -> InputError:
+    return InputError(
+        f"the adapter of {t.name!r} {problem} in {t.adapter_dtype} at --alpha "
+        f"{plain_number(plan.alpha)} (scaling {plan.scaling:g}); use an alpha nearer --rank"
+    )
+
+
 def _qpissa_batch(plan: Plan, batch: list[Target], Wf: torch.Tensor, seeds, svd_kwargs, out):
     """QPiSSA, one matrix at a time (each alternates its own SVD and quantization), each
     quantization-ready residual (already in the output dtype) copied into ``out`` as soon as
@@ -1134,18 +1144,21 @@ def _qpissa_batch(plan: Plan, batch: list[Target], Wf: torch.Tensor, seeds, svd_
     res_sq = []
 
     def member(i: int):
-        f = qpissa_factors(
-            Wf[i],
-            t0.rank,
-            scheme=o.quantize,
-            iters=o.quant_iters,
-            scaling=plan.scaling,
-            fan_in_fan_out=t0.transposed,
-            adapter_dtype=dtype_to_torch(t0.adapter_dtype),
-            residual_dtype=dtype_to_torch(t0.residual_dtype),
-            seed=seeds[i],
-            **svd_kwargs,
-        )
+        try:
+            f = qpissa_factors(
+                Wf[i],
+                t0.rank,
+                scheme=o.quantize,
+                iters=o.quant_iters,
+                scaling=plan.scaling,
+                fan_in_fan_out=t0.transposed,
+                adapter_dtype=dtype_to_torch(t0.adapter_dtype),
+                residual_dtype=dtype_to_torch(t0.residual_dtype),
+                seed=seeds[i],
+                **svd_kwargs,
+            )
+        except AdapterRangeError as exc:
+            raise _alpha_error(plan, batch[i], exc.problem) from None
         res_sq.append(copy_rows_(out[i], f.W_res, measure="src"))
         return f._replace(W_res=None)
 

@@ -65,10 +65,7 @@ def pissa_factors(
     U, S, Vh = svd
     A, B = adapter_factors(U, S, Vh, scaling=scaling, adapter_dtype=adapter_dtype)
     if problem := adapter_range_problem(A, B, S, scaling):
-        raise ValueError(
-            f"the adapter {problem} in {adapter_dtype} at scaling {scaling:g}; use a scaling "
-            "nearer 1 (lora_alpha nearer r) or a wider adapter_dtype"
-        )
+        raise AdapterRangeError(problem, adapter_dtype, scaling)
     work = U.dtype
     inplace = inplace and W.dtype == work and _batch_of_rows(W) is not None
     # Not inplace, the residual is a fresh tensor for the caller: contiguous, as safetensors
@@ -87,6 +84,17 @@ def adapter_factors(
     A = (root.unsqueeze(-1) * Vh).to(adapter_dtype)
     B = (U * root.unsqueeze(-2)).to(adapter_dtype)
     return A, B
+
+
+class AdapterRangeError(ValueError):
+    """The scaling puts the adapter out of its dtype's range (:func:`adapter_range_problem`)."""
+
+    def __init__(self, problem: str, dtype: torch.dtype, scaling: float):
+        self.problem = problem
+        super().__init__(
+            f"the adapter {problem} in {dtype} at scaling {scaling:g}; use a scaling nearer 1 "
+            "(lora_alpha nearer r) or a wider adapter_dtype"
+        )
 
 
 def adapter_range_problem(

@@ -269,6 +269,11 @@ def test_non_finite_weights_of_one_batch_are_all_named(ckpt, tmp_path, run_cli):
         (["--rank", "4", "--alpha", "1e-300"], "overflows in F32 at --alpha 1e-300"),
         # fp16 zeros and subnormals: an exact model, but an adapter with nothing left in it
         (["--rank", "4", "--alpha", "1e14", "--adapter-dtype", "fp16"], "underflows (keeps"),
+        (["--rank", "4", "--alpha", "1e-300", "--quantize", "nf4"], "overflows in F32 at --alpha"),
+        (
+            ["--rank", "4", "--alpha", "1e14", "--adapter-dtype", "fp16", "--quantize", "int8"],
+            "underflows (keeps",
+        ),
         (["--rank", "4", "--processes", "4"], "--processes only sizes a --dry-run plan"),
         (["--rank", "4", "--quant-iters", "2"], "add --quantize nf4 or int8"),
     ],
