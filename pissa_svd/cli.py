@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -485,7 +486,9 @@ def run() -> None:
     is closed and OUT is in place, so only the standard streams need flushing. An exception
     main() does not handle (``--help``, ``--version``, a bug) exits the normal way.
     """
-    sys.stdout = _Stdout(sys.stdout)
+    if sys.stderr is None:  # started with 2>&-: messages go nowhere, the exit code still tells
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
+    sys.stdout = _Stdout(sys.stdout if sys.stdout is not None else _ClosedStream())
     try:
         code = main()
     except KeyboardInterrupt as exc:  # before any work: while loading torch, say
@@ -536,6 +539,19 @@ class _Stdout:
                     file=sys.stderr,
                 )
             return None
+
+
+class _ClosedStream:
+    """Standard output of a process started with it closed (``>&-``): every write fails."""
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+    def flush(self) -> None:  # nothing is ever buffered
+        pass
+
+    def isatty(self) -> bool:
+        return False
 
 
 def _print_product(text: str) -> None:

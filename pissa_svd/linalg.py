@@ -246,8 +246,9 @@ def svd_lowrank(
         raise ValueError(f"W must be a 2-D (m, n) or 3-D (b, m, n) tensor, got {_describe(W)}")
     if not W.is_floating_point():
         raise ValueError(f"W must be floating point (bf16/fp16/fp32/fp64), got {W.dtype}")
+    W = W.detach()  # an initialization: nothing here is differentiated
     m, n = W.shape[-2:]
-    if not isinstance(rank, int) or not 1 <= rank <= min(m, n):
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(m, n):
         raise ValueError(f"rank must be an int in [1, min(m, n) = {min(m, n)}], got {rank!r}")
     if niter < 0:
         raise ValueError(f"niter must be >= 0, got {niter}")
@@ -274,14 +275,21 @@ def svd_lowrank(
     width = min(rank + p, min(m, n))  # sketch columns
 
     with ieee_matmuls(X.device):
-        if use_native:
-            U, S, Vh = _native_svd(X, rank, niter, width, method, seeds)
-        elif X.shape[0] == 1:
-            # One matrix runs as 2-D: each step is then one plain GEMM or LAPACK call rather
-            # than a batched one over a batch of one (bench/RESULTS.md: ``one-as-2d``).
-            U, S, Vh = (x[None] for x in _torch_svd(X[0], rank, niter, width, method, seeds, work))
-        else:
-            U, S, Vh = _torch_svd(X, rank, niter, width, method, seeds, work)
+        try:
+            if use_native:
+                U, S, Vh = _native_svd(X, rank, niter, width, method, seeds)
+            elif X.shape[0] == 1:
+                # One matrix runs as 2-D: each step is then one plain GEMM or LAPACK call
+                # rather than a batched one over a batch of one (bench/RESULTS.md: ``one-as-2d``).
+                U, S, Vh = (
+                    x[None] for x in _torch_svd(X[0], rank, niter, width, method, seeds, work)
+                )
+            else:
+                U, S, Vh = _torch_svd(X, rank, niter, width, method, seeds, work)
+        except torch.linalg.LinAlgError:
+            if not bool(torch.isfinite(W).all()):  # checked only here: it costs a pass over W
+                raise ValueError("W holds NaN or inf values; an SVD of it is undefined") from None
+            raise
     if not batched:
         U, S, Vh = U[0], S[0], Vh[0]
     return U.contiguous(), S.contiguous(), Vh.contiguous()

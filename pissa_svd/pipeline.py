@@ -62,6 +62,7 @@ from .pissa import (
     adapter_factors,
     adapter_range_problem,
     copy_rows_,
+    rounding_overflowed,
     subtract_adapter_,
 )
 from .targets import module_name, select, task_type
@@ -163,9 +164,11 @@ class Target:
         on, up to four more matrices in the working precision: Q_t, W - Q_t (or the residual),
         and the residual rounded to its dtype with its re-quantization, with the SVD's
         temporaries (~2.2-2.8 matrices measured on 5632 x 2048 and 14336 x 4096), plus what
-        the allocator keeps. QPiSSA sketches matrices it computed, never the weight as loaded.
-        Planned against measured peaks: ``python bench/memory_plan.py`` (bench/RESULTS.md,
-        "Memory plan")."""
+        the allocator keeps: glibc keeps freed blocks under its 32 MiB mmap threshold for
+        reuse, and on 1024 x 2816 matrices (11.5 MB) a run held ~7 matrices, so three more
+        are planned, up to 32 MiB each. QPiSSA sketches matrices it computed, never the weight
+        as loaded. Planned against measured peaks: ``python bench/memory_plan.py``
+        (bench/RESULTS.md, "Memory plan")."""
         m, n = self.out_features, self.in_features
         work = self.work_bytes // (m * n)
         held = costmodel.buffer_bytes(
@@ -182,7 +185,8 @@ class Target:
         held["sketch"] = batch * m * n * 2 if sketch_copy else 0
         block = min(self.rank + oversample, min(m, n))
         fresh = batch * costmodel.svd_temporaries(m, n, block, self.method, niter) * work
-        return held, fresh + (4 * self.work_bytes if quantize else 0)
+        kept = 3 * min(self.work_bytes, MMAP_THRESHOLD)
+        return held, fresh + (4 * self.work_bytes + kept if quantize else 0)
 
     def working_bytes(self, *args, **kwargs) -> int:
         """Peak bytes held while a batch of this target's shape is processed, from no buffers
@@ -992,7 +996,9 @@ def _decompose_batch(
     start = time.perf_counter()
     work = "F64" if t0.info.dtype == "F64" else "F32"
     shape = (len(batch), *t0.info.shape)
-    Wf = scratch.matrices("work", work, shape, plan.device)
+    # QPiSSA quantizes whole matrices, flattened: rows padded for the GEMMs would cost it a
+    # contiguous copy of each.
+    Wf = scratch.matrices("work", work, shape, plan.device, padded=not o.quantize)
     sketch_dtype = SKETCH_DTYPES[o.sketch_dtype]
     # A bf16 sketch of bf16 weights reads the weights themselves (one matrix: as loaded, or
     # its one copy on the GPU; several: copied into one batch), not a copy rounded from Wf;
@@ -1059,6 +1065,14 @@ def _decompose_batch(
     _sync(Wf)
     if problem := adapter_range_problem(A, B, S, plan.scaling):
         raise _alpha_error(plan, t0, problem)
+    for t, dst, sq in zip(batch, out, res_sq, strict=True):
+        if rounding_overflowed(dst, sq):
+            exc = InputError(
+                f"the residual of {t.name!r} does not fit in {t.residual_dtype} (its values "
+                "overflow to inf); store it wider with --residual-dtype bf16 or fp32"
+            )
+            exc.pissa_discard = True  # the rerun changes the options: no --resume
+            raise exc
     # The engine's work: svd_lowrank and the residual, with its rounding to the output dtype
     # and its norm, which run fused with it (or QPiSSA).
     t_engine = time.perf_counter()
@@ -1189,6 +1203,7 @@ def _qpissa_batch(plan: Plan, batch: list[Target], Wf: torch.Tensor, seeds, svd_
 
 
 HUGE_PAGE = 2 << 20  # bytes, x86-64 and arm64 (4 KB base pages)
+MMAP_THRESHOLD = 32 << 20  # glibc's largest dynamic mmap threshold on 64-bit
 
 
 def huge_page_buffer(nbytes: int) -> torch.Tensor:
@@ -1233,13 +1248,19 @@ class _Scratch:
             self._bufs[key] = buf
         return buf[:nbytes]
 
-    def matrices(self, key: str, st_dtype: str, shape: tuple[int, ...], device: str = "cpu"):
+    def matrices(
+        self, key: str, st_dtype: str, shape: tuple[int, ...], device: str = "cpu", padded=True
+    ):
         """An uninitialized ``st_dtype`` batch of matrices ``shape``: on the CPU carved from
-        buffer ``key``, rows padded for the GEMMs (``padded_empty``); on an accelerator a fresh
-        allocation (whose caching allocator already reuses memory)."""
+        buffer ``key``, rows padded for the GEMMs (``padded_empty``) unless ``padded`` is
+        False; on an accelerator a fresh allocation (whose caching allocator already reuses
+        memory)."""
         dtype = dtype_to_torch(st_dtype)
         if device != "cpu":
             return torch.empty(shape, dtype=dtype, device=device)
+        if not padded:
+            nbytes = math.prod(shape) * dtype.itemsize
+            return self.get(key, nbytes).view(dtype).view(shape)
         return padded_empty(shape, dtype, buffer=self.get(key, padded_nbytes(shape, dtype)))
 
 

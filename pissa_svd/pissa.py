@@ -13,6 +13,7 @@ residual comes back in the stored layout while A and B keep the shapes above (PE
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -56,8 +57,10 @@ def pissa_factors(
     fp32 (fp64 for fp64 input), so rounding W_res to ``residual_dtype`` is the only error left
     in ``W_res + s * B @ A``.
     """
-    if scaling <= 0:
-        raise ValueError(f"scaling must be > 0, got {scaling}")
+    if not (scaling > 0 and math.isfinite(scaling)):
+        raise ValueError(f"scaling must be a finite number > 0, got {scaling}")
+    if isinstance(W, torch.Tensor):
+        W = W.detach()  # an initialization: nothing here is differentiated
     adapter_dtype = adapter_dtype or W.dtype
     residual_dtype = residual_dtype or W.dtype
     if svd is None:
@@ -72,7 +75,12 @@ def pissa_factors(
     # and most consumers need (padded rows would only speed up the one GEMM below).
     res = W if inplace else W.to(work, memory_format=torch.contiguous_format, copy=True)
     out = None if residual_dtype == work else torch.empty_like(res, dtype=residual_dtype)
-    subtract_adapter_(res, A, B, scaling=scaling, fan_in_fan_out=fan_in_fan_out, out=out)
+    sumsq = subtract_adapter_(res, A, B, scaling=scaling, fan_in_fan_out=fan_in_fan_out, out=out)
+    if out is not None and rounding_overflowed(out, sumsq.max()):
+        raise ValueError(
+            f"the residual does not fit in {residual_dtype} (its values overflow to inf); "
+            "use a wider residual_dtype (bfloat16 or float32)"
+        )
     return PissaFactors(A, B, res if out is None else out)
 
 
@@ -129,6 +137,22 @@ def block_rows(W: torch.Tensor) -> int:
     """Rows of W (..., rows, cols) per block: ``BLOCK_ELEMENTS`` on a CPU, all on a GPU."""
     rows, cols = W.shape[-2:]
     return rows if W.device.type != "cpu" else max(1, BLOCK_ELEMENTS // max(cols, 1))
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """``torch.isfinite(x).all()``, block by block: on a whole matrix it holds 1.75 matrices of
+    temporaries (fp32), which would set QPiSSA's peak. One host sync."""
+    blocks = x.detach().reshape(-1).split(BLOCK_ELEMENTS)
+    return bool(torch.stack([torch.isfinite(b).all() for b in blocks]).all())
+
+
+def rounding_overflowed(rounded: torch.Tensor, sumsq: torch.Tensor) -> bool:
+    """Whether rounding a finite residual whose sum of squares is ``sumsq`` into ``rounded``
+    (fp16, say) overflowed to inf. No entry exceeds the Frobenius norm, so only a residual
+    whose norm is beyond the dtype's largest value is scanned."""
+    if not rounded.is_floating_point() or float(sumsq) ** 0.5 <= torch.finfo(rounded.dtype).max:
+        return False
+    return not all_finite(rounded)
 
 
 def sum_squares(block: torch.Tensor) -> torch.Tensor:

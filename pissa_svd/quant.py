@@ -44,13 +44,14 @@ int8 scales, a few fp32 ulps), and the function checks the fixed point before re
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import torch
 
 from . import native
 from .errors import InputError
-from .pissa import pissa_factors, subtract_adapter_
+from .pissa import all_finite, pissa_factors, subtract_adapter_
 
 SCHEMES = ("nf4", "int8")
 NORMS = ("fro", "nuc")
@@ -256,6 +257,9 @@ def fake_quantize(
     """
     _check_scheme(scheme)
     _check_float(W, "W")
+    if dtype is not None:
+        _check_float_dtype(dtype, "dtype")
+    W = W.detach()
     if scheme == "nf4":
         return _nf4_fake(W, dtype or W.dtype)
     return _int8_fake(W, dtype or W.dtype)
@@ -420,8 +424,9 @@ def qpissa_factors(
         raise InputError(f"W must be a 2-D weight matrix, got shape {tuple(W.shape)}")
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise InputError(f"iters must be an int >= 1 (the paper uses 1 to 5), got {iters!r}")
-    if scaling <= 0:
-        raise InputError(f"scaling (lora_alpha / r) must be > 0, got {scaling}")
+    if not (scaling > 0 and math.isfinite(scaling)):
+        raise InputError(f"scaling (lora_alpha / r) must be a finite number > 0, got {scaling}")
+    W = W.detach()  # an initialization: nothing here is differentiated
     _check_finite(W, "W")
     adapter_dtype = adapter_dtype or W.dtype
     residual_dtype = residual_dtype or W.dtype
@@ -532,7 +537,7 @@ def _round_residual(Q: torch.Tensor, scheme: str, dtype: torch.dtype) -> torch.T
         R = int8_dequantize(q, a, dtype)
     else:
         R = Q.to(dtype)
-    if not _all_finite(R):
+    if not all_finite(R):
         raise _does_not_fit(dtype, Q)
     return R
 
@@ -546,7 +551,7 @@ def _settle(R: torch.Tensor, scheme: str) -> tuple[torch.Tensor, int]:
         nxt = fake_quantize(R, scheme)
         if torch.equal(nxt, R):
             return R, rounds
-        if not _all_finite(nxt):
+        if not all_finite(nxt):
             raise _does_not_fit(R.dtype, R)
         R = nxt
     # Not expected for finite values (see the module docstring); a silent fallback would store
@@ -594,13 +599,6 @@ def _check_float(x: object, what: str) -> None:
     _check_float_dtype(x.dtype, f"{what} dtype")
 
 
-def _all_finite(x: torch.Tensor) -> bool:
-    """``torch.isfinite(x).all()``, chunk by chunk: on a whole matrix it holds 1.75 matrices of
-    temporaries (fp32), which would set QPiSSA's peak."""
-    chunks = x.detach().reshape(-1).split(_CHUNK)
-    return bool(torch.stack([torch.isfinite(c).all() for c in chunks]).all())  # one sync
-
-
 def _check_finite(x: torch.Tensor, what: str) -> None:
-    if not _all_finite(x):
+    if not all_finite(x):
         raise InputError(f"{what} has inf or NaN values; they cannot be quantized")

@@ -196,7 +196,7 @@ def finished(staging: Path, plan, adapter_file: str, adapter_config: dict) -> di
 
 def _verified(staging: Path, plan, adapter_file: str, adapter_config: dict) -> dict[str, dict]:
     from .adapter import LoraAdapter, peft_key
-    from .convert import _check_target
+    from .convert import _check_quantized, _check_target
 
     d = staging / PROGRESS_DIR
     rows = {r["name"]: r for p in sorted(d.glob("rank-*.jsonl")) for r in _rows(p)}
@@ -216,7 +216,14 @@ def _verified(staging: Path, plan, adapter_file: str, adapter_config: dict) -> d
         shard = shard_of[name]
         if shard not in files:
             files[shard] = SafetensorsFile.open(staging / shard)
-        check = _check_target(by_name[name].info, files[shard].tensors[name], ad, m)
+        src, done = by_name[name].info, files[shard].tensors[name]
+        record = rows[name].get("quantization")
+        if plan.options.quantize and not isinstance(record, dict):
+            continue  # a QPiSSA residual is checked against its recorded error: none, redo it
+        if plan.options.quantize:
+            check = _check_quantized(src, done, ad, m, record)
+        else:
+            check = _check_target(src, done, ad, m)
         if check.ok:
             good[name] = rows[name]
     return good

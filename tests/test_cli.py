@@ -225,6 +225,29 @@ def test_non_finite_weight_is_bad_input(ckpt, tmp_path, run_cli, bad_value):
     assert "kept" not in errors[0] and not out.exists() and leftovers(tmp_path) == []
 
 
+def test_residual_overflowing_its_dtype_is_bad_input(tmp_path, run_cli):
+    """An fp16 weight near fp16's limit whose top-1 component leaves -2 x 60000 on the
+    diagonal: the residual cannot be stored in fp16. One line naming the tensor and the fix,
+    no OUT (before the check it was written full of inf, exit 0)."""
+    model = tiny_llama_model(dtype=torch.float16)
+    q = model.model.layers[0].self_attn.q_proj.weight
+    with torch.no_grad():
+        q.fill_(60000.0)
+        q.fill_diagonal_(-60000.0)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    out = tmp_path / "out"
+    code, _, err = run_cli("decompose", src, "--rank", "1", "--out", out)
+    errors = [line for line in screen_lines(err) if not line.startswith("Writing model")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert "the residual of 'model.layers.0.self_attn.q_proj.weight' does not fit in F16" in err
+    assert "--residual-dtype bf16 or fp32" in err and not out.exists()
+    code, _, err = run_cli(
+        "decompose", src, "--rank", "1", "--out", out, "--residual-dtype", "fp32", "--quiet"
+    )
+    assert code == 0 and out.is_dir(), err
+
+
 def test_non_finite_weights_of_one_batch_are_all_named(ckpt, tmp_path, run_cli):
     """Same-shape tensors are read as one batch: every bad one in it is named at once, not
     one per rerun."""
@@ -644,6 +667,34 @@ def _resume_args(ckpt, out):
     return ["decompose", ckpt, "--rank", "4", "--out", out, "--batch-memory", "0", "--resume"]
 
 
+def test_resume_reuses_finished_qpissa_tensors(ckpt, tmp_path, monkeypatch, run_cli):
+    """QPiSSA residuals are checked as verify checks them (a fixed point with the recorded
+    error), not as W - s B@A, which they never are: before, --resume redid every one."""
+    from pissa_svd import pipeline
+    from pissa_svd.pipeline import decompose
+
+    real, calls = pipeline._decompose_batch, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("injected failure")
+        return real(*args, **kwargs)
+
+    out, opts = tmp_path / "out", ["--rank", "4", "--quantize", "nf4", "--quant-iters", "1"]
+    monkeypatch.setattr(pipeline, "_decompose_batch", failing)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        decompose(ckpt, out, rank=4, quantize="nf4", quant_iters=1, quiet=True)
+    monkeypatch.undo()
+    code, _, err = run_cli("decompose", ckpt, *opts, "--out", out, "--resume", "--quiet")
+    assert code == 0, err
+    assert json.loads((out / "pissa_report.json").read_text())["totals"]["resumed"] == 3
+    clean = tmp_path / "clean"
+    assert run_cli("decompose", ckpt, *opts, "--out", clean, "--quiet")[0] == 0
+    for f in [*clean.glob("*.safetensors"), *clean.glob("pissa_init/*.safetensors")]:
+        assert (out / f.relative_to(clean)).read_bytes() == f.read_bytes(), f.name
+
+
 @pytest.mark.parametrize("resuming", [False, True], ids=["start-over", "resume"])
 def test_a_live_runs_staging_is_never_touched(ckpt, tmp_path, monkeypatch, run_cli, resuming):
     """A second run on the same --out while the first is still writing .OUT.partial (it holds
@@ -840,6 +891,39 @@ def test_printed_product_failing_to_write_is_an_error(ckpt, tmp_path):
             os.close(write)
         assert head.returncode == 0 and not head.stderr.strip(), (args, head.stderr)
     assert not (tmp_path / "out").exists()
+
+
+def test_closed_standard_streams(ckpt, tmp_path):
+    """Started with stdout closed (>&-): decompose still writes OUT and exits 0 with one
+    warning, env fails in one line (exit 2); with stderr closed (2>&-), bad input still exits
+    2. Python sees a closed stream as None, which used to end in a traceback, exit 120."""
+    cmd = [PYTHON, "-m", "pissa_svd"]
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [*cmd, "decompose", str(ckpt), "--rank", "4", "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: os.close(1),
+    )
+    lines = [line for line in screen_lines(run.stderr) if line.startswith("pissa-svd")]
+    assert run.returncode == 0 and out.is_dir(), run.stderr
+    assert lines == ["pissa-svd: warning: could not write to standard output (Bad file descriptor)"]
+    env = subprocess.run(
+        [*cmd, "env"], stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1)
+    )
+    assert env.returncode == 2 and "Traceback" not in env.stderr, env.stderr
+    assert screen_lines(env.stderr) == [
+        "pissa-svd: error: could not write to standard output (Bad file descriptor); "
+        "redirect it to a file or pipe that accepts it"
+    ]
+    bad = subprocess.run(
+        [*cmd, "decompose", str(tmp_path / "nowhere"), "--rank", "4", "--out", str(out)],
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: os.close(2),
+    )
+    assert bad.returncode == 2 and bad.stdout == ""
 
 
 def test_single_file_source_says_the_output_has_no_config(tmp_path, run_cli):

@@ -123,8 +123,9 @@ def test_dry_run_prices_and_sizes_qpissa(tiny_llama, tmp_path):
     batch = qpissa.batches[0]
     assert _batch_cost(qpissa, batch) > 6 * _batch_cost(plain, batch)  # T + 1 = 6 SVDs and more
     t = batch[0]
-    four = 4 * t.out_features * t.in_features * 4  # fp32 matrices of the member in work
-    assert qpissa.batch_working_bytes(batch) == plain.batch_working_bytes(batch) + four
+    work = t.out_features * t.in_features * 4  # one fp32 matrix of the member
+    kept = 3 * min(work, 32 << 20)  # what glibc may keep of its freed temporaries
+    assert qpissa.batch_working_bytes(batch) == plain.batch_working_bytes(batch) + 4 * work + kept
     assert max(len(b) for b in plain.batches) > 1  # same-shape matrices batched ...
     assert all(len(b) == 1 for b in qpissa.batches)  # ... but QPiSSA takes one at a time
 

@@ -164,3 +164,37 @@ def test_block_norms_are_accurate_where_one_fp32_reduction_is_not():
     X = torch.randn(2048, 5632, generator=g) * 0.02 + 0.01  # a mean keeps the error one-sided
     exact = float(X.double().square().sum())
     assert abs(float(sum_squares(X)) / exact - 1) < 1e-6
+
+
+def test_residual_that_overflows_its_dtype_is_refused():
+    W = torch.full((32, 48), 60000.0)
+    W[torch.arange(32), torch.arange(32)] = -60000.0
+    with pytest.raises(ValueError, match="residual does not fit in torch.float16"):
+        pissa_factors(W.half(), 1)
+    A, B, W_res = pissa_factors(W.half(), 1, residual_dtype=torch.float32)
+    assert torch.isfinite(W_res).all() and W_res.abs().max() > 65504
+
+
+def test_library_takes_parameters_and_names_bad_values():
+    """A model's nn.Parameter (requires grad) is the natural input: it is read, not
+    differentiated. NaN/inf weights and a non-finite scaling are ValueErrors that say so."""
+    from pissa_svd.quant import fake_quantize, qpissa_factors
+
+    W = torch.nn.Parameter(_w())
+    A, B, W_res = pissa_factors(W, 4)
+    ref = pissa_factors(W.detach().clone(), 4)
+    assert all(torch.equal(x, y) for x, y in zip((A, B, W_res), ref, strict=True))
+    assert not (A.requires_grad or B.requires_grad or W_res.requires_grad)
+    assert not svd_lowrank(W, 4)[0].requires_grad
+    assert not qpissa_factors(W, 4, iters=1).W_res.requires_grad
+    assert not fake_quantize(W, "int8").requires_grad and not fake_quantize(W, "nf4").requires_grad
+    for bad in (float("nan"), float("inf")):
+        X = _w()
+        X[3, 5] = bad
+        with pytest.raises(ValueError, match="W holds NaN or inf values"):
+            pissa_factors(X, 4)
+    for scaling in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="finite number > 0"):
+            pissa_factors(_w(), 4, scaling=scaling)
+    with pytest.raises(ValueError, match="rank must be an int"):
+        svd_lowrank(_w(), True)

@@ -229,3 +229,27 @@ def test_verify_quantized_residual_rounded_to_16_bits(
     code, stdout, _ = run_cli("verify", src, out, "--quiet")
     assert code == 0 and "PASS: 21 adapted tensors" in stdout, stdout
     _verify_catches_tampering(src, out, "model.layers.1.self_attn.o_proj.weight", run_cli, tmp_path)
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_verify_passes_a_matrix_the_adapter_captures_whole(tiny_llama, run_cli, tmp_path, scheme):
+    """Rank 32 = min(32, 64) for k_proj/v_proj: the adapter holds all of W, the quantization
+    error is ~1e-8 of ||W|| and the recomputed one differs from the recorded one by fp32
+    rounding alone. A 0.1% relative slack alone failed these; tampering still fails."""
+    from pissa_svd.pipeline import decompose
+
+    out = tmp_path / "out"
+    decompose(tiny_llama, out, rank=32, quantize=scheme, quant_iters=1, quiet=True)
+    code, _, err = run_cli("verify", tiny_llama, out)
+    assert code == 0, err
+    from safetensors.torch import save_file
+
+    src = {k: v for f in Path(tiny_llama).glob("*.safetensors") for k, v in load_file(f).items()}
+    shard = next(f for f in out.glob("*.safetensors") if "v_proj" in str(load_file(f).keys()))
+    tensors = load_file(shard)
+    name = next(k for k in tensors if k.endswith("v_proj.weight"))
+    changed = tensors[name] + 0.01 * src[name]  # a residual off by 1% of W, requantized
+    tensors[name] = fake_quantize(changed, scheme)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    code, out_text, _ = run_cli("verify", tiny_llama, out)
+    assert code == 1 and "FAIL" in out_text
