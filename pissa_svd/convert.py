@@ -538,15 +538,19 @@ def _check_quantized(s: TensorInfo, o: TensorInfo, ad, module: str, record: dict
     work = torch.float64 if W.dtype == torch.float64 else torch.float32
     E = W.to(work) - V.to(work) - ad.delta(module, work)
     err = float(torch.linalg.matrix_norm(E))
-    # Reports written before refitted adapters were scored have no best_error.
-    want = record.get("best_error", record["errors"][record["best_iter"] - 1])
     # 0.1% of the recorded error for the arithmetic (fp32 sums, GEMMs done differently), with a
     # floor of a few rounding units of the operands for a matrix the adapter captures almost
-    # whole (an error near 1e-8 ||W||), plus what the stored residual's scales may differ from
-    # the scored ones.
+    # whole (an error near 1e-8 ||W||).
     w_norm = float(torch.linalg.matrix_norm(W.double()))
     floor = 4 * torch.finfo(work).eps * (w_norm + float(torch.linalg.matrix_norm(V.double())))
-    slack = 1e-3 * want + floor + _scale_slack(E, V, scheme, dtype_to_torch(o.dtype), err + want)
+    if "stored_error" in record:  # the error of the stored residual itself
+        want = record["stored_error"]
+        slack = 1e-3 * want + floor
+    else:  # older reports: the scored one, which the stored residual's scales may move
+        # (reports written before refitted adapters were scored have no best_error)
+        want = record.get("best_error", record["errors"][record["best_iter"] - 1])
+        slack = 1e-3 * want + floor
+        slack += _scale_slack(E, V, scheme, dtype_to_torch(o.dtype), err + want)
     row.ratio = abs(err - want) / (slack + 1e-12)  # <= 1 passes
     row.rel = err / max(w_norm, 1e-30)
     row.ok = record.get("norm") != "fro" or row.ratio <= 1.0

@@ -1173,6 +1173,10 @@ def _qpissa_batch(plan: Plan, batch: list[Target], Wf: torch.Tensor, seeds, svd_
             )
         except AdapterRangeError as exc:
             raise _alpha_error(plan, batch[i], exc.problem) from None
+        except InputError as exc:  # its residual does not fit the residual dtype, ...
+            err = InputError(f"{batch[i].name!r}: {exc}")
+            err.pissa_discard = True  # the rerun changes the options: no --resume
+            raise err from None
         res_sq.append(copy_rows_(out[i], f.W_res, measure="src"))
         return f._replace(W_res=None)
 
@@ -1193,6 +1197,7 @@ def _qpissa_batch(plan: Plan, batch: list[Target], Wf: torch.Tensor, seeds, svd_
                 "best_iter",
                 "best_refit",
                 "best_error",
+                "stored_error",
                 "qlora_error",
                 "error_reduction",
             )

@@ -413,9 +413,10 @@ def qpissa_factors(
         dtype and a fixed point of quantization in it (see the module docstring).
         ``info``: ``scheme``, ``norm``, ``errors`` and ``refit_errors`` (one per round, in that
         norm), ``best_iter`` (the round t of the chosen Q_t, 1-based), ``best_refit`` (whether
-        the adapter is the refitted one), ``best_error``, ``qlora_error``
-        (``||W - deq(Q(W))||``), ``error_reduction`` (``1 - best_error / qlora_error``) and
-        ``settle_rounds``.
+        the adapter is the refitted one), ``best_error`` (the chosen candidate's, in the
+        working precision), ``stored_error`` (``||W - deq(Q(W_res)) - s B@A||``, dequantized in
+        the working precision, of what is returned, whose scales a bf16/fp16 residual rounds), ``qlora_error`` (``||W - deq(Q(W))||``),
+        ``error_reduction`` (``1 - stored_error / qlora_error``) and ``settle_rounds``.
     """
     _check_scheme(scheme)
     _check_norm(select)
@@ -500,6 +501,10 @@ def qpissa_factors(
     R = _round_residual(Q, scheme, residual_dtype)
     del Q
     R, rounds = _settle(R, scheme)
+    # What is stored may score worse than what was chosen: a bf16/fp16 residual rounds each
+    # block's (row's) scale, which for int8 adds error of int8's own size. Report that one, with
+    # the residual as a loader dequantizes it (in fp32, as verify does).
+    stored_error = _norm(residual(A, B).sub_(quant(R)), select)
     if fan_in_fan_out:
         R = R.mT.contiguous()
     info = {
@@ -510,8 +515,9 @@ def qpissa_factors(
         "best_iter": t_best,
         "best_refit": refit,
         "best_error": best_error,
+        "stored_error": stored_error,
         "qlora_error": qlora_error,
-        "error_reduction": _reduction(best_error, qlora_error),
+        "error_reduction": _reduction(stored_error, qlora_error),
         "settle_rounds": rounds,
     }
     return QPissaFactors(A, B, R, info)

@@ -177,8 +177,13 @@ def finished(staging: Path, plan, adapter_file: str, adapter_config: dict) -> di
                 f"--resume: the record of the interrupted run in {staging} is damaged; run "
                 "without --resume to start over"
             )
-        what = {"source": "source files (size or modification time)", "options": "options"}
-        named = " and ".join(what.get(k, "targets") for k in now if recorded[k] != now[k])
+        what = {
+            "source": "source files (size or modification time)",
+            "options": "options",
+            "batches": "targets, dtypes or batches (--targets, --exclude, --adapter-dtype, "
+            "--residual-dtype, --batch-memory)",
+        }
+        named = " and ".join(what[k] for k in now if recorded[k] != now[k])
         raise Untouched(
             f"--resume: the interrupted run in {staging} had other {named}; rerun with the "
             "same ones to continue it, or without --resume to start over"

@@ -242,6 +242,11 @@ def test_residual_overflowing_its_dtype_is_bad_input(tmp_path, run_cli):
     assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
     assert "the residual of 'model.layers.0.self_attn.q_proj.weight' does not fit in F16" in err
     assert "--residual-dtype bf16 or fp32" in err and not out.exists()
+    code, _, err = run_cli("decompose", src, "--rank", "1", "--out", out, "--quantize", "nf4")
+    errors = [line for line in screen_lines(err) if not line.startswith("Writing model")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert "'model.layers.0.self_attn.q_proj.weight': the quantized residual does not fit" in err
+    assert "--resume" not in err and not out.exists()  # the same options fail the same way
     code, _, err = run_cli(
         "decompose", src, "--rank", "1", "--out", out, "--residual-dtype", "fp32", "--quiet"
     )

@@ -56,7 +56,7 @@ def test_verify_reads_reports_without_refit_fields(tiny_llama, qout, run_cli, tm
     for r in report["matrices"]:
         q = r["quantization"]
         q["errors"][q["best_iter"] - 1] = q.pop("best_error")
-        del q["refit_errors"], q["best_refit"]
+        del q["refit_errors"], q["best_refit"], q["stored_error"]
     (old / "pissa_report.json").write_text(json.dumps(report))
     code, stdout, _ = run_cli("verify", tiny_llama, old, "--quiet")
     assert code == 0, stdout
@@ -253,3 +253,22 @@ def test_verify_passes_a_matrix_the_adapter_captures_whole(tiny_llama, run_cli, 
     save_file(tensors, shard, metadata={"format": "pt"})
     code, out_text, _ = run_cli("verify", tiny_llama, out)
     assert code == 1 and "FAIL" in out_text
+
+
+def test_verify_checks_the_recorded_error_of_the_stored_residual(tiny_llama, qout, tmp_path):
+    """The report records the stored residual's own error (stored_error), so verify needs no
+    allowance for rounded scales: a 1% larger lora_B, which only moves the error to second
+    order, fails, as does a wrong record."""
+    from safetensors.torch import save_file
+
+    from pissa_svd.convert import verify
+
+    assert verify(tiny_llama, qout, quiet=True).passed
+    changed = Path(shutil.copytree(qout, tmp_path / "changed"))
+    path = changed / "pissa_init" / "adapter_model.safetensors"
+    adapter = load_file(path)
+    key = next(k for k in adapter if "layers.0.self_attn.q_proj.lora_B" in k)
+    adapter[key] = adapter[key] * 1.01
+    save_file(adapter, path, metadata={"format": "pt"})
+    result = verify(tiny_llama, changed, quiet=True)
+    assert not result.passed and "q_proj" in result.worst().name

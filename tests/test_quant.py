@@ -473,3 +473,22 @@ def test_nf4_in_chunks_is_the_whole_matrix_rounded(monkeypatch, compiled, dtype)
     assert chunked.dtype == dtype and chunked.shape == x.shape
     assert torch.equal(chunked, whole)
     assert torch.equal(fake_quantize(x, "nf4", dtype=torch.float32).to(dtype), whole)
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_reported_error_is_that_of_the_stored_residual(scheme):
+    """A bf16 residual rounds the int8 row scales (and NF4 block scales): what is stored
+    scores differently from the chosen candidate (for int8 up to 6.6% worse on a bf16 Llama).
+    error_reduction is that of the stored residual."""
+    from pissa_svd.quant import qpissa_factors
+
+    g = torch.Generator().manual_seed(11)
+    W = torch.randn(96, 160, generator=g) * 0.02
+    f = qpissa_factors(W, 8, scheme=scheme, iters=2, residual_dtype=torch.bfloat16)
+    E = W.double() - fake_quantize(f.W_res, scheme, dtype=torch.float32).double()
+    E -= f.B.double() @ f.A.double()
+    stored = float(torch.linalg.matrix_norm(E))
+    info = f.info
+    assert info["stored_error"] == pytest.approx(stored, rel=1e-5)
+    assert info["error_reduction"] == pytest.approx(1 - stored / info["qlora_error"], rel=1e-5)
+    assert info["best_error"] != info["stored_error"]  # the rounded scales do move it
