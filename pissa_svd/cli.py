@@ -354,6 +354,12 @@ def _to_lora(args: argparse.Namespace) -> int:
         f"  Change from init: median {r['median_change']:.3f}, max {r['max_change']:.3f} "
         "(||B'A' - BA|| / ||BA||)"
     )
+    if r["quantized"]:
+        print(
+            f"  The residual was {r['quantized']}-quantized (QPiSSA), the original is not: on "
+            "it the LoRA gives the trained\n  model up to the quantization error (stored_error "
+            "in pissa_report.json)."
+        )
     if r["other_base"]:
         print(
             f"pissa-svd: warning: the trained adapter was saved on {r['other_base']}, not on the "

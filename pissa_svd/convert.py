@@ -129,7 +129,17 @@ def to_lora(
         "median_change": median,
         "max_change": max(changes),
         "other_base": _other_base(ini, tr),
+        "quantized": _quantize_scheme(ini.root.parent),
     }
+
+
+def _quantize_scheme(decomposed: Path) -> str | None:
+    """``nf4``/``int8`` when decompose wrote ``decomposed`` with --quantize, else None."""
+    try:
+        scheme = json.loads((decomposed / REPORT_FILE).read_text()).get("quantize")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return scheme if isinstance(scheme, str) else None
 
 
 def _check_same_layout(

@@ -272,3 +272,12 @@ def test_verify_checks_the_recorded_error_of_the_stored_residual(tiny_llama, qou
     save_file(adapter, path, metadata={"format": "pt"})
     result = verify(tiny_llama, changed, quiet=True)
     assert not result.passed and "q_proj" in result.worst().name
+
+
+def test_to_lora_of_a_qpissa_init_says_what_it_gives(qout, run_cli, tmp_path):
+    init = qout / "pissa_init"
+    code, stdout, err = run_cli(
+        "to-lora", "--init", init, "--trained", init, "--out", tmp_path / "lora"
+    )
+    assert code == 0, err
+    assert "The residual was nf4-quantized (QPiSSA), the original is not" in stdout
