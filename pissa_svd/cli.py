@@ -512,7 +512,7 @@ class _Stdout:
     any other error says so once on stderr.
 
     Where the printed text is the command's product (``env``, ``decompose --dry-run``),
-    :func:`_product_written` turns that error into the command's own failure instead."""
+    :func:`_print_product` turns that error into the command's own failure instead."""
 
     def __init__(self, stream):
         self._stream, self._failed = stream, False

@@ -135,11 +135,18 @@ def to_lora(
 
 def _quantize_scheme(decomposed: Path) -> str | None:
     """``nf4``/``int8`` when decompose wrote ``decomposed`` with --quantize, else None."""
-    try:
-        scheme = json.loads((decomposed / REPORT_FILE).read_text()).get("quantize")
-    except (OSError, ValueError, AttributeError):
-        return None
+    scheme = _report(decomposed).get("quantize")
     return scheme if isinstance(scheme, str) else None
+
+
+def _report(decomposed: Path) -> dict:
+    """The report decompose wrote into its output folder ``decomposed``; {} where there is
+    none, or it is unreadable."""
+    try:
+        report = json.loads((decomposed / REPORT_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return report if isinstance(report, dict) else {}
 
 
 def _check_same_layout(
@@ -257,11 +264,7 @@ def _doubled_config(config: dict) -> dict:
 
 def _original_model(decomposed: Path) -> str | None:
     """The checkpoint decompose read, from the report in its output folder ``decomposed``."""
-    report = decomposed / REPORT_FILE
-    try:
-        source = json.loads(report.read_text()).get("source")
-    except (OSError, ValueError, AttributeError):
-        return None
+    source = _report(decomposed).get("source")
     if not isinstance(source, str):
         return None
     p = Path(source)
@@ -515,11 +518,8 @@ def verify(
 
 def _quantized_rows(out: Path) -> dict[str, dict]:
     """For a QPiSSA output (decompose --quantize): tensor name -> its quantization record."""
-    try:
-        report = json.loads((out / REPORT_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(report, dict) or not report.get("quantize"):
+    report = _report(out)
+    if not report.get("quantize"):
         return {}
     return {r["name"]: r["quantization"] for r in report.get("matrices", []) if "quantization" in r}
 

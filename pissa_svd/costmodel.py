@@ -130,7 +130,14 @@ def buffer_bytes(
     }
 
 
-def working_bytes(
+def working_bytes(*args, **kwargs) -> int:
+    """Peak bytes held while a batch of (m, n) matrices is decomposed, from no buffers at all:
+    :func:`memory`'s parts summed (same arguments)."""
+    held, fresh = memory(*args, **kwargs)
+    return sum(held.values()) + fresh
+
+
+def memory(
     m: int,
     n: int,
     block: int,
@@ -141,12 +148,12 @@ def working_bytes(
     overlap: bool = False,
     method: str = "krylov2",
     niter: int = 4,
-) -> int:
-    """Peak bytes held while a batch of ``batch`` (m, n) matrices is decomposed, from no buffers
-    at all: :func:`buffer_bytes`, and per member the SVD's temporaries
-    (:func:`svd_temporaries`)."""
+) -> tuple[dict[str, int], int]:
+    """Bytes a batch of ``batch`` (m, n) matrices holds while it is decomposed: the reusable
+    buffers by name (:func:`buffer_bytes`), and what it allocates afresh, per member the SVD's
+    temporaries (:func:`svd_temporaries`)."""
     held = buffer_bytes(m, n, batch, src_itemsize, work_itemsize, res_itemsize, overlap)
-    return sum(held.values()) + batch * svd_temporaries(m, n, block, method, niter) * work_itemsize
+    return held, batch * svd_temporaries(m, n, block, method, niter) * work_itemsize
 
 
 def svd_temporaries(m: int, n: int, block: int, method: str, niter: int) -> int:
@@ -202,10 +209,11 @@ def seconds(feats: dict[str, float], device_kind: str, io_bytes: float = 0.0) ->
 
 __all__ = [
     "FEATURES",
-    "buffer_bytes",
     "MODEL_FILE",
+    "buffer_bytes",
     "coefficients",
     "features",
+    "memory",
     "predict",
     "seconds",
     "svd_temporaries",

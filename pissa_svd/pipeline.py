@@ -170,21 +170,21 @@ class Target:
         as loaded. Planned against measured peaks: ``python bench/memory_plan.py``
         (bench/RESULTS.md, "Memory plan")."""
         m, n = self.out_features, self.in_features
-        work = self.work_bytes // (m * n)
-        held = costmodel.buffer_bytes(
+        held, fresh = costmodel.memory(
             m,
             n,
+            min(self.rank + oversample, min(m, n)),
             batch,
             dtype_nbytes(self.info.dtype, (1,)),
-            work,
+            self.work_bytes // (m * n),
             dtype_nbytes(self.residual_dtype, (1,)),
             overlap,
+            self.method,
+            niter,
         )
         sketch_copy = bf16_sketch and self.method != "exact"
         sketch_copy &= batch > 1 or self.info.dtype != "BF16" or quantize
         held["sketch"] = batch * m * n * 2 if sketch_copy else 0
-        block = min(self.rank + oversample, min(m, n))
-        fresh = batch * costmodel.svd_temporaries(m, n, block, self.method, niter) * work
         kept = 3 * min(self.work_bytes, MMAP_THRESHOLD)
         return held, fresh + (4 * self.work_bytes + kept if quantize else 0)
 
@@ -1022,12 +1022,10 @@ def _decompose_batch(
             if len(bad) == 1
             else f"{len(bad)} tensors hold ({', '.join(repr(t.name) for t in bad)})"
         )
-        exc = InputError(
+        raise _not_resumable(
             f"{what} NaN or inf values; fix the checkpoint, or leave "
             f"{'it' if len(bad) == 1 else 'them'} out with --exclude"
         )
-        exc.pissa_discard = True  # either way the source or the plan changes: no --resume
-        raise exc
     seeds = [derive_seed(t.name, o.seed) for t in batch]
     svd_kwargs = dict(
         niter=o.niter,
@@ -1046,13 +1044,11 @@ def _decompose_batch(
             U, S, Vh = svd_lowrank(X.mT if t0.transposed else X, t0.rank, seed=seeds, **svd_kwargs)
     except torch.linalg.LinAlgError as exc:  # e.g. a Gram matrix overflowing fp32
         w, t = max(zip(w_norms, batch, strict=True), key=lambda p: p[0])
-        err = InputError(
+        raise _not_resumable(
             f"the SVD of {t.name!r}{f' (in a batch of {len(batch)})' if len(batch) > 1 else ''}"
             f" failed ({str(exc).splitlines()[0]}); a norm of {w:.3g} may be beyond what an "
             "fp32 SVD handles: try --method exact, or leave it out with --exclude"
-        )
-        err.pissa_discard = True  # the rerun changes the plan: no --resume
-        raise err from None
+        ) from None
     t_svd = time.perf_counter()
     if not o.quantize:
         A, B = adapter_factors(
@@ -1067,12 +1063,10 @@ def _decompose_batch(
         raise _alpha_error(plan, t0, problem)
     for t, dst, sq in zip(batch, out, res_sq, strict=True):
         if rounding_overflowed(dst, sq):
-            exc = InputError(
+            raise _not_resumable(
                 f"the residual of {t.name!r} does not fit in {t.residual_dtype} (its values "
                 "overflow to inf); store it wider with --residual-dtype bf16 or fp32"
             )
-            exc.pissa_discard = True  # the rerun changes the options: no --resume
-            raise exc
     # The engine's work: svd_lowrank and the residual, with its rounding to the output dtype
     # and its norm, which run fused with it (or QPiSSA).
     t_engine = time.perf_counter()
@@ -1137,6 +1131,14 @@ def _sync(x: torch.Tensor) -> None:
         torch.cuda.synchronize(x.device)
 
 
+def _not_resumable(message: str) -> InputError:
+    """Bad input found in a batch whose fix changes the source or the options, which --resume
+    would refuse anyway: the run's finished tensors are removed, not kept (``pissa_discard``)."""
+    exc = InputError(message)
+    exc.pissa_discard = True
+    return exc
+
+
 def _alpha_error(plan: Plan, t: Target, problem: str) -> InputError:
     return InputError(
         f"the adapter of {t.name!r} {problem} in {t.adapter_dtype} at --alpha "
@@ -1174,9 +1176,7 @@ def _qpissa_batch(plan: Plan, batch: list[Target], Wf: torch.Tensor, seeds, svd_
         except AdapterRangeError as exc:
             raise _alpha_error(plan, batch[i], exc.problem) from None
         except InputError as exc:  # its residual does not fit the residual dtype, ...
-            err = InputError(f"{batch[i].name!r}: {exc}")
-            err.pissa_discard = True  # the rerun changes the options: no --resume
-            raise err from None
+            raise _not_resumable(f"{batch[i].name!r}: {exc}") from None
         res_sq.append(copy_rows_(out[i], f.W_res, measure="src"))
         return f._replace(W_res=None)
 

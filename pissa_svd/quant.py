@@ -414,9 +414,10 @@ def qpissa_factors(
         ``info``: ``scheme``, ``norm``, ``errors`` and ``refit_errors`` (one per round, in that
         norm), ``best_iter`` (the round t of the chosen Q_t, 1-based), ``best_refit`` (whether
         the adapter is the refitted one), ``best_error`` (the chosen candidate's, in the
-        working precision), ``stored_error`` (``||W - deq(Q(W_res)) - s B@A||``, dequantized in
-        the working precision, of what is returned, whose scales a bf16/fp16 residual rounds), ``qlora_error`` (``||W - deq(Q(W))||``),
-        ``error_reduction`` (``1 - stored_error / qlora_error``) and ``settle_rounds``.
+        working precision), ``stored_error`` (``||W - deq(Q(W_res)) - s B@A||`` of what is
+        returned, dequantized in the working precision; a bf16/fp16 residual rounds the
+        scales), ``qlora_error`` (``||W - deq(Q(W))||``), ``error_reduction``
+        (``1 - stored_error / qlora_error``) and ``settle_rounds``.
     """
     _check_scheme(scheme)
     _check_norm(select)
@@ -503,8 +504,9 @@ def qpissa_factors(
     R, rounds = _settle(R, scheme)
     # What is stored may score worse than what was chosen: a bf16/fp16 residual rounds each
     # block's (row's) scale, which for int8 adds error of int8's own size. Report that one, with
-    # the residual as a loader dequantizes it (in fp32, as verify does).
-    stored_error = _norm(residual(A, B).sub_(quant(R)), select)
+    # the residual as a loader dequantizes it (in fp32, as verify does). A residual in the
+    # working dtype is that already: _settle found it a fixed point of quant.
+    stored_error = _norm(residual(A, B).sub_(R if R.dtype == work else quant(R)), select)
     if fan_in_fan_out:
         R = R.mT.contiguous()
     info = {

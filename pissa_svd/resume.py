@@ -222,10 +222,10 @@ def _verified(staging: Path, plan, adapter_file: str, adapter_config: dict) -> d
         if shard not in files:
             files[shard] = SafetensorsFile.open(staging / shard)
         src, done = by_name[name].info, files[shard].tensors[name]
-        record = rows[name].get("quantization")
-        if plan.options.quantize and not isinstance(record, dict):
-            continue  # a QPiSSA residual is checked against its recorded error: none, redo it
         if plan.options.quantize:
+            record = rows[name].get("quantization")
+            if not isinstance(record, dict):
+                continue  # a QPiSSA residual is checked against its recorded error: none, redo
             check = _check_quantized(src, done, ad, m, record)
         else:
             check = _check_target(src, done, ad, m)

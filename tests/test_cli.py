@@ -647,13 +647,14 @@ def test_resume_refuses_other_options_or_nothing_to_resume(slow_ckpt, tmp_path):
     assert (tmp_path / ".out.partial").is_dir()  # the interrupted run's work is still there
 
 
-def _failed_run(ckpt: Path, out: Path, monkeypatch, after: int) -> Path:
-    """A run that fails in its SVD call number ``after + 1`` (batch_memory 0: one tensor per
-    call), leaving ``after`` finished tensors in its staging folder, which is returned."""
+def _failed_run(ckpt: Path, out: Path, monkeypatch, after: int, **options) -> Path:
+    """A run (rank 4, ``options``) that fails in its batch number ``after + 1`` (batch_memory
+    0: one tensor per batch), leaving ``after`` finished tensors in its staging folder, which
+    is returned."""
     from pissa_svd import pipeline
     from pissa_svd.pipeline import decompose
 
-    real, calls = pipeline.svd_lowrank, []
+    real, calls = pipeline._decompose_batch, []
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -661,10 +662,10 @@ def _failed_run(ckpt: Path, out: Path, monkeypatch, after: int) -> Path:
             raise RuntimeError("injected failure")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "svd_lowrank", failing)
+    monkeypatch.setattr(pipeline, "_decompose_batch", failing)
     with pytest.raises(RuntimeError, match="injected failure"):
-        decompose(ckpt, out, rank=4, batch_memory=0, quiet=True)
-    monkeypatch.setattr(pipeline, "svd_lowrank", real)
+        decompose(ckpt, out, rank=4, batch_memory=0, quiet=True, **options)
+    monkeypatch.setattr(pipeline, "_decompose_batch", real)
     return out.parent / f".{out.name}.partial"
 
 
@@ -675,22 +676,8 @@ def _resume_args(ckpt, out):
 def test_resume_reuses_finished_qpissa_tensors(ckpt, tmp_path, monkeypatch, run_cli):
     """QPiSSA residuals are checked as verify checks them (a fixed point with the recorded
     error), not as W - s B@A, which they never are: before, --resume redid every one."""
-    from pissa_svd import pipeline
-    from pissa_svd.pipeline import decompose
-
-    real, calls = pipeline._decompose_batch, []
-
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > 3:
-            raise RuntimeError("injected failure")
-        return real(*args, **kwargs)
-
     out, opts = tmp_path / "out", ["--rank", "4", "--quantize", "nf4", "--quant-iters", "1"]
-    monkeypatch.setattr(pipeline, "_decompose_batch", failing)
-    with pytest.raises(RuntimeError, match="injected failure"):
-        decompose(ckpt, out, rank=4, quantize="nf4", quant_iters=1, quiet=True)
-    monkeypatch.undo()
+    _failed_run(ckpt, out, monkeypatch, after=3, quantize="nf4", quant_iters=1)
     code, _, err = run_cli("decompose", ckpt, *opts, "--out", out, "--resume", "--quiet")
     assert code == 0, err
     assert json.loads((out / "pissa_report.json").read_text())["totals"]["resumed"] == 3
