@@ -163,10 +163,10 @@ class Target:
         afresh: the SVD's temporaries and, with QPiSSA (``quantize``), for the member it works
         on, up to four more matrices in the working precision: Q_t, W - Q_t (or the residual),
         and the residual rounded to its dtype with its re-quantization, with the SVD's
-        temporaries (~2.2-2.8 matrices measured on 5632 x 2048 and 14336 x 4096), plus what
-        the allocator keeps: glibc keeps freed blocks under its 32 MiB mmap threshold for
-        reuse, and on 1024 x 2816 matrices (11.5 MB) a run held ~7 matrices, so three more
-        are planned, up to 32 MiB each. QPiSSA sketches matrices it computed, never the weight
+        temporaries (2.8-3.4 matrices on 14336 x 4096 and 5632 x 2048: ``python
+        bench/qpissa_peak.py M N``), plus what the allocator keeps: glibc keeps freed blocks
+        under its 32 MiB mmap threshold for reuse (4 layers of 1024 x 2816 peaked 1.08-1.10x a
+        plan without it), so three more are planned, up to 32 MiB each. QPiSSA sketches matrices it computed, never the weight
         as loaded. Planned against measured peaks: ``python bench/memory_plan.py``
         (bench/RESULTS.md, "Memory plan")."""
         m, n = self.out_features, self.in_features
