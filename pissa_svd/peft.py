@@ -47,7 +47,7 @@ from .linalg import (
     resolve_method,
     svd_lowrank,
 )
-from .pissa import pissa_factors
+from .pissa import pissa_factors, sum_squares
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # Quantized layers and weights, by class name or module prefix: bitsandbytes, GPTQ, AWQ, HQQ,
@@ -498,7 +498,7 @@ def _initialize_group(
         if nonzero:
             W[i].addmm_(B.to(device, work), A.to(device, work), alpha=t.scaling)
         folded.append(nonzero)
-    w_norms = torch.linalg.vector_norm(W, dim=(-2, -1)).double()
+    w2 = sum_squares(W).cpu()  # ||W_i||_F^2, before the SVD overwrites W
     seeds = [derive_seed(f"{t.name}.weight", seed) for t in group]
     U, S, Vh = svd_lowrank(
         W,
@@ -528,7 +528,6 @@ def _initialize_group(
 
     resolved = resolve_method(method, out, inp, t0.rank, p, niter)
     S = S.double().cpu()
-    w2 = (w_norms**2).cpu()
     rows = {}
     for i, t in enumerate(group):
         captured = float((S[i] ** 2).sum())

@@ -668,6 +668,8 @@ def _write_all(plan: Plan, tmp: Path, team: Team, done: dict[str, dict] | None) 
             "seed": o.seed,
             "quantize": o.quantize,
             "quant_iters": o.quant_iters if o.quantize else None,
+            # How the errors of the QPiSSA records were summed (verify reads it).
+            "error_sums": "per row, in fp64" if o.quantize else None,
             "device": plan.device,
             "fan_in_fan_out": plan.fan_in_fan_out,
             "load_check": plan.load_check,

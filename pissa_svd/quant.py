@@ -51,7 +51,8 @@ import torch
 
 from . import native
 from .errors import InputError
-from .pissa import all_finite, pissa_factors, subtract_adapter_
+from .linalg import ieee_matmuls
+from .pissa import all_finite, block_rows, frobenius, pissa_factors, subtract_adapter_, sum_squares
 
 SCHEMES = ("nf4", "int8")
 NORMS = ("fro", "nuc")
@@ -272,7 +273,7 @@ def fake_quantize(
 
 def _norm(E: torch.Tensor, norm: str) -> float:
     if norm == "fro":
-        return torch.linalg.matrix_norm(E).item()
+        return frobenius(E)
     return torch.linalg.svdvals(E).sum().item()
 
 
@@ -504,9 +505,8 @@ def qpissa_factors(
     R, rounds = _settle(R, scheme)
     # What is stored may score worse than what was chosen: a bf16/fp16 residual rounds each
     # block's (row's) scale, which for int8 adds error of int8's own size. Report that one, with
-    # the residual as a loader dequantizes it (in fp32, as verify does). A residual in the
-    # working dtype is that already: _settle found it a fixed point of quant.
-    stored_error = _norm(residual(A, B).sub_(R if R.dtype == work else quant(R)), select)
+    # the residual as a loader dequantizes it (in fp32, as verify does).
+    stored_error = _stored_error(W32, A, B, R, scaling, scheme, select)
     if fan_in_fan_out:
         R = R.mT.contiguous()
     info = {
@@ -523,6 +523,41 @@ def qpissa_factors(
         "settle_rounds": rounds,
     }
     return QPissaFactors(A, B, R, info)
+
+
+def _stored_error(
+    W32: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    R: torch.Tensor,
+    scaling: float,
+    scheme: str,
+    norm: str,
+) -> float:
+    """``||W - deq(Q(R)) - s B@A||`` in the norm ``norm``, dequantized in W32's dtype.
+
+    W32: (out, in) working copy; R: (out, in) stored residual; A: (r, in); B: (out, r). The
+    Frobenius norm goes row block by row block, so it holds one block's temporaries, not the
+    two matrices the whole difference takes. Blocks start on a quantization block (NF4 blocks
+    run over the row-major flattening; int8 scales are per row), so each block dequantizes
+    exactly as within the whole. A residual in the working dtype is its own dequantization:
+    _settle found it a fixed point of the quantizer.
+    """
+    work = W32.dtype
+
+    def error_rows(lo: int, hi: int) -> torch.Tensor:
+        E = W32[lo:hi].clone()
+        with ieee_matmuls(E.device):
+            E.addmm_(B[lo:hi].to(work), A.to(work), alpha=-scaling)
+        return E.sub_(R[lo:hi] if R.dtype == work else fake_quantize(R[lo:hi], scheme, dtype=work))
+
+    rows, cols = W32.shape
+    if norm != "fro":
+        return _norm(error_rows(0, rows), norm)
+    unit = NF4_BLOCKSIZE // math.gcd(cols, NF4_BLOCKSIZE) if scheme == "nf4" else 1
+    step = max(unit, block_rows(W32) // unit * unit)
+    total = sum(sum_squares(error_rows(lo, lo + step)) for lo in range(0, rows, step))
+    return float(torch.as_tensor(total).sqrt())
 
 
 def _round_residual(Q: torch.Tensor, scheme: str, dtype: torch.dtype) -> torch.Tensor:

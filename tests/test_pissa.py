@@ -158,12 +158,17 @@ def test_subtract_adapter_needs_rows_it_can_update_in_place():
 
 
 def test_block_norms_are_accurate_where_one_fp32_reduction_is_not():
-    from pissa_svd.pissa import sum_squares
+    from pissa_svd.pissa import frobenius, sum_squares
 
     g = torch.Generator().manual_seed(5)
     X = torch.randn(2048, 5632, generator=g) * 0.02 + 0.01  # a mean keeps the error one-sided
     exact = float(X.double().square().sum())
     assert abs(float(sum_squares(X)) / exact - 1) < 1e-6
+    assert abs(frobenius(X) / exact**0.5 - 1) < 1e-6
+    batch = X[:1536].view(3, 512, 5632)  # one sum per matrix of a batch
+    per_matrix = batch.double().square().sum((-2, -1))
+    assert sum_squares(batch).shape == (3,)
+    torch.testing.assert_close(sum_squares(batch), per_matrix, rtol=1e-6, atol=0)
 
 
 def test_residual_that_overflows_its_dtype_is_refused():

@@ -53,6 +53,7 @@ def test_verify_reads_reports_without_refit_fields(tiny_llama, qout, run_cli, tm
     ``errors[best_iter - 1]``: verify checks against it, and still catches a wrong one."""
     old = Path(shutil.copytree(qout, tmp_path / "old"))
     report = json.loads((old / "pissa_report.json").read_text())
+    assert report.pop("error_sums") == "per row, in fp64"  # older reports summed in fp32
     for r in report["matrices"]:
         q = r["quantization"]
         q["errors"][q["best_iter"] - 1] = q.pop("best_error")
