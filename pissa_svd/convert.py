@@ -38,7 +38,7 @@ from .errors import InputError
 from .fused import FusedParam, fused_params, unmapped_params
 from .output import check_out, copy_files, plain_number, progress, staged, write_json
 from .pipeline import ADAPTER_DIR, REPORT_FILE
-from .pissa import frobenius
+from .pissa import sum_squares
 from .targets import module_name
 
 _CHUNK_ELEMENTS = 1 << 22  # verify works on row blocks of ~4M elements: fp64 temporaries stay small
@@ -540,38 +540,60 @@ def _check_quantized(s: TensorInfo, o: TensorInfo, ad, module: str, record: dict
     which for a Conv1D weight (``fan_in_fan_out``, stored (in, out)) is its transpose, as
     transformers transposes it before quantizing (and decompose quantized it so).
     """
-    from .quant import fake_quantize
+    from .quant import NF4_BLOCKSIZE, fake_quantize
 
     scheme = record["scheme"]
     row = TensorCheck(s.name, "target", s.shape, f"{s.dtype}->{o.dtype} {scheme}", True)
     W, R = read_tensor(s), read_tensor(o)
     if ad.fan_in_fan_out:
-        W, R = W.mT, R.mT.contiguous()
-    # deq(Q(R)) in fp32: what a loader dequantizes (R itself, but not rounded to R's dtype).
-    V = fake_quantize(R, scheme, dtype=torch.float32)
-    if not torch.equal(V.to(R.dtype), R):
-        row.ok, row.ratio, row.note = False, math.inf, f"not a {scheme} fixed point"
-        return row
+        W, R = W.mT, R.mT
     work = torch.float64 if W.dtype == torch.float64 else torch.float32
-    E = W.to(work) - V.to(work) - ad.delta(module, work)
-    err = frobenius(E)
-    if record.get("fp32_sums") and E.dtype == torch.float32:
-        # An older decompose took its errors with one fp32 reduction over the matrix, which
-        # drifts by more than the tolerance below (4.5e-3 at 14336 x 4096): the same here.
-        err = float(torch.linalg.matrix_norm(E))
+    B, A = ad.B[module].to(work) * ad.scaling(module), ad.A[module].to(work)
+    # Reports without stored_error scored a residual whose scales may have moved since.
+    scales_moved = "stored_error" not in record
+    # An older decompose took its errors with one fp32 reduction over the whole matrix, which
+    # drifts by more than the tolerance below (4.5e-3 at 14336 x 4096): the same for those.
+    whole = torch.empty(W.shape, dtype=work) if record.get("fp32_sums") else None
+    rows, cols = W.shape
+    # Row blocks that start on a quantization block (NF4 blocks run over the row-major
+    # flattening, int8 scales are per row), so each dequantizes as within the whole matrix:
+    # a few blocks' temporaries, not several matrices (a 405B projection is 3.5 GB in fp32).
+    unit = NF4_BLOCKSIZE // math.gcd(cols, NF4_BLOCKSIZE) if scheme == "nf4" else 1
+    step = max(unit, _CHUNK_ELEMENTS // max(cols, 1) // unit * unit)
+    err_sq = w_sq = v_sq = inner = 0.0
+    for lo in range(0, rows, step):
+        Rc = R[lo : lo + step].contiguous()
+        # deq(Q(R)) in fp32: what a loader dequantizes (R itself, but not rounded to R's dtype).
+        V = fake_quantize(Rc, scheme, dtype=torch.float32)
+        if not torch.equal(V.to(R.dtype), Rc):
+            row.ok, row.ratio, row.note = False, math.inf, f"not a {scheme} fixed point"
+            return row
+        Wc = W[lo : lo + step].to(work)
+        E = (Wc - V.to(work)).sub_(B[lo : lo + step] @ A)
+        err_sq += float(sum_squares(E))
+        w_sq += float(sum_squares(Wc.double()))
+        v_sq += float(sum_squares(V.double()))
+        if scales_moved:
+            inner += _block_inner(E, V, scheme)
+        if whole is not None:
+            whole[lo : lo + step] = E
+    err = math.sqrt(err_sq)
+    if whole is not None and work == torch.float32:
+        err = float(torch.linalg.matrix_norm(whole))
+    del whole
     # 0.1% of the recorded error for the arithmetic (fp32 sums, GEMMs done differently), with a
     # floor of a few rounding units of the operands for a matrix the adapter captures almost
     # whole (an error near 1e-8 ||W||).
-    w_norm = float(torch.linalg.matrix_norm(W.double()))
-    floor = 4 * torch.finfo(work).eps * (w_norm + float(torch.linalg.matrix_norm(V.double())))
-    if "stored_error" in record:  # the error of the stored residual itself
+    w_norm = math.sqrt(w_sq)
+    floor = 4 * torch.finfo(work).eps * (w_norm + math.sqrt(v_sq))
+    if not scales_moved:  # the error of the stored residual itself
         want = record["stored_error"]
         slack = 1e-3 * want + floor
     else:  # older reports: the scored one, which the stored residual's scales may move
         # (reports written before refitted adapters were scored have no best_error)
         want = record.get("best_error", record["errors"][record["best_iter"] - 1])
         slack = 1e-3 * want + floor
-        slack += _scale_slack(E, V, scheme, dtype_to_torch(o.dtype), err + want)
+        slack += _scale_slack(inner, v_sq, R.numel(), scheme, dtype_to_torch(o.dtype), err + want)
     row.ratio = abs(err - want) / (slack + 1e-12)  # <= 1 passes
     row.rel = err / max(w_norm, 1e-30)
     row.ok = record.get("norm") != "fro" or row.ratio <= 1.0
@@ -580,7 +602,20 @@ def _check_quantized(s: TensorInfo, o: TensorInfo, ad, module: str, record: dict
     return row
 
 
-def _scale_slack(E: torch.Tensor, V: torch.Tensor, scheme: str, res: torch.dtype, e_sum: float):
+def _block_inner(E: torch.Tensor, V: torch.Tensor, scheme: str) -> float:
+    """sum_b |<E_b, V_b>| over the quantization blocks b of a row block (see _scale_slack):
+    NF4 blocks of 64 over the row-major flattening (the last one short), int8 rows."""
+    e, v = E.double(), V.double()
+    if scheme == "nf4":
+        pad = -e.numel() % 64
+        e = torch.nn.functional.pad(e.reshape(-1), (0, pad)).view(-1, 64)
+        v = torch.nn.functional.pad(v.reshape(-1), (0, pad)).view(-1, 64)
+    return float((e * v).sum(dim=1).abs().sum())
+
+
+def _scale_slack(
+    inner: float, v_sq: float, numel: int, scheme: str, res: torch.dtype, e_sum: float
+) -> float:
     """How far the recorded error may be from ``||E||_F``, E = W - V - s B@A, V = deq(Q(R)).
 
     Decompose scored Q = deq(Q(W_res)) in fp32, then stored R, Q rounded to the residual dtype
@@ -596,6 +631,8 @@ def _scale_slack(E: torch.Tensor, V: torch.Tensor, scheme: str, res: torch.dtype
     block's values, so this is far tighter than rho ||V||, the triangle inequality's bound: a
     changed adapter or residual still fails. (A scale rounded to a subnormal adds at most half
     the residual dtype's subnormal spacing per value.)
+
+    ``inner``: sum_b |<E_b, V_b>| (:func:`_block_inner`); ``v_sq``: ||V||^2; ``numel``: V's.
     """
     fi = torch.finfo(res)
     rho = fi.eps / 2 if fi.bits < 32 else 0.0
@@ -603,14 +640,8 @@ def _scale_slack(E: torch.Tensor, V: torch.Tensor, scheme: str, res: torch.dtype
         rho += 64 * 1.5 * 2.0**-23
     if rho == 0.0:
         return 0.0
-    e, v = E.double(), V.double()
-    if scheme == "nf4":  # blocks of 64 over the row-major flattening
-        pad = -e.numel() % 64
-        e = torch.nn.functional.pad(e.reshape(-1), (0, pad)).view(-1, 64)
-        v = torch.nn.functional.pad(v.reshape(-1), (0, pad)).view(-1, 64)
-    inner = float((e * v).sum(dim=1).abs().sum())
-    sq = 2 * rho * inner + rho**2 * float((v * v).sum())
-    return sq / max(e_sum, 1e-30) + math.sqrt(V.numel()) * fi.tiny * fi.eps / 2
+    sq = 2 * rho * inner + rho**2 * v_sq
+    return sq / max(e_sum, 1e-30) + math.sqrt(numel) * fi.tiny * fi.eps / 2
 
 
 def _check_copy(s: TensorInfo, o: TensorInfo) -> TensorCheck:

@@ -48,9 +48,14 @@ def test_residuals_are_nf4_fixed_points_and_the_report_says_so(tiny_llama, qout,
     assert code == 0 and "quantization error" in stdout
 
 
-def test_verify_reads_reports_without_refit_fields(tiny_llama, qout, run_cli, tmp_path):
+def test_verify_reads_reports_without_refit_fields(
+    tiny_llama, qout, run_cli, tmp_path, monkeypatch
+):
     """A report from before refitted adapters were scored records the chosen error only in
     ``errors[best_iter - 1]``: verify checks against it, and still catches a wrong one."""
+    from pissa_svd import convert
+
+    monkeypatch.setattr(convert, "_CHUNK_ELEMENTS", 1000)  # blocks of rows, the sums whole
     old = Path(shutil.copytree(qout, tmp_path / "old"))
     report = json.loads((old / "pissa_report.json").read_text())
     assert report.pop("error_sums") == "per row, in fp64"  # older reports summed in fp32
@@ -185,12 +190,14 @@ def _verify_catches_tampering(src: Path, good: Path, name: str, run_cli, tmp_pat
 
 @pytest.mark.parametrize("scheme", ["nf4", "int8"])
 def test_verify_quantized_conv1d_in_the_orientation_bitsandbytes_quantizes(
-    scheme, tiny_gpt2, run_cli, tmp_path
+    scheme, tiny_gpt2, run_cli, tmp_path, monkeypatch
 ):
     """GPT-2's Conv1D weights are stored (in, out); transformers transposes them before
     bitsandbytes quantizes them, and decompose quantized them so: verify checks the fixed
-    point and the error in that (out, in) orientation."""
-    from pissa_svd import decompose
+    point and the error in that (out, in) orientation, here in blocks of a few rows."""
+    from pissa_svd import convert, decompose
+
+    monkeypatch.setattr(convert, "_CHUNK_ELEMENTS", 1000)
 
     out = tmp_path / "out"
     decompose(tiny_gpt2, out, rank=4, niter=4, quantize=scheme, quant_iters=2, quiet=True)
@@ -209,11 +216,15 @@ def test_verify_quantized_conv1d_in_the_orientation_bitsandbytes_quantizes(
 @pytest.mark.parametrize("scheme", ["nf4", "int8"])
 @pytest.mark.parametrize("residual_dtype", [None, "bf16"])
 def test_verify_quantized_residual_rounded_to_16_bits(
-    scheme, residual_dtype, tiny_llama, tiny_llama_bf16, run_cli, tmp_path
+    scheme, residual_dtype, tiny_llama, tiny_llama_bf16, run_cli, tmp_path, monkeypatch
 ):
     """In bf16 the stored residual's scales are the scored ones rounded (quant._settle), so
-    its error is not exactly the recorded one; verify allows for that rounding only."""
-    from pissa_svd import decompose
+    its error is not exactly the recorded one; verify allows for that rounding only. Verify
+    goes in row blocks that start on a quantization block: down_proj's 176 columns put an NF4
+    block boundary every 4 rows, and 1000 values give blocks of 4 rows (5 would not do)."""
+    from pissa_svd import convert, decompose
+
+    monkeypatch.setattr(convert, "_CHUNK_ELEMENTS", 1000)
 
     src = tiny_llama if residual_dtype else tiny_llama_bf16
     out = tmp_path / "out"
