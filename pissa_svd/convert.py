@@ -540,7 +540,7 @@ def _check_quantized(s: TensorInfo, o: TensorInfo, ad, module: str, record: dict
     which for a Conv1D weight (``fan_in_fan_out``, stored (in, out)) is its transpose, as
     transformers transposes it before quantizing (and decompose quantized it so).
     """
-    from .quant import NF4_BLOCKSIZE, fake_quantize
+    from .quant import fake_quantize, quantized_row_blocks
 
     scheme = record["scheme"]
     row = TensorCheck(s.name, "target", s.shape, f"{s.dtype}->{o.dtype} {scheme}", True)
@@ -558,25 +558,23 @@ def _check_quantized(s: TensorInfo, o: TensorInfo, ad, module: str, record: dict
     # Row blocks that start on a quantization block (NF4 blocks run over the row-major
     # flattening, int8 scales are per row), so each dequantizes as within the whole matrix:
     # a few blocks' temporaries, not several matrices (a 405B projection is 3.5 GB in fp32).
-    unit = NF4_BLOCKSIZE // math.gcd(cols, NF4_BLOCKSIZE) if scheme == "nf4" else 1
-    step = max(unit, _CHUNK_ELEMENTS // max(cols, 1) // unit * unit)
     err_sq = w_sq = v_sq = inner = 0.0
-    for lo in range(0, rows, step):
-        Rc = R[lo : lo + step].contiguous()
+    for lo, hi in quantized_row_blocks(rows, cols, scheme, _CHUNK_ELEMENTS // max(cols, 1)):
+        Rc = R[lo:hi].contiguous()
         # deq(Q(R)) in fp32: what a loader dequantizes (R itself, but not rounded to R's dtype).
         V = fake_quantize(Rc, scheme, dtype=torch.float32)
         if not torch.equal(V.to(R.dtype), Rc):
             row.ok, row.ratio, row.note = False, math.inf, f"not a {scheme} fixed point"
             return row
-        Wc = W[lo : lo + step].to(work)
-        E = (Wc - V.to(work)).sub_(B[lo : lo + step] @ A)
+        Wc = W[lo:hi].to(work)
+        E = (Wc - V.to(work)).sub_(B[lo:hi] @ A)
         err_sq += float(sum_squares(E))
         w_sq += float(sum_squares(Wc.double()))
         v_sq += float(sum_squares(V.double()))
         if scales_moved:
             inner += _block_inner(E, V, scheme)
         if whole is not None:
-            whole[lo : lo + step] = E
+            whole[lo:hi] = E
     err = math.sqrt(err_sq)
     if whole is not None and work == torch.float32:
         err = float(torch.linalg.matrix_norm(whole))

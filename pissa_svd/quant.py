@@ -525,6 +525,16 @@ def qpissa_factors(
     return QPissaFactors(A, B, R, info)
 
 
+def quantized_row_blocks(rows: int, cols: int, scheme: str, target: int) -> list[tuple[int, int]]:
+    """(start, stop) row ranges of about ``target`` rows covering a (rows, cols) matrix, each
+    starting on a quantization block: an NF4 block of the row-major flattening (every
+    64 / gcd(cols, 64) rows), an int8 row. Each range then quantizes as it does within the
+    whole matrix, the short last NF4 block ending the last range."""
+    unit = NF4_BLOCKSIZE // math.gcd(cols, NF4_BLOCKSIZE) if scheme == "nf4" else 1
+    step = max(unit, target // unit * unit)
+    return [(lo, min(lo + step, rows)) for lo in range(0, rows, step)]
+
+
 def _stored_error(
     W32: torch.Tensor,
     A: torch.Tensor,
@@ -554,9 +564,8 @@ def _stored_error(
     rows, cols = W32.shape
     if norm != "fro":
         return _norm(error_rows(0, rows), norm)
-    unit = NF4_BLOCKSIZE // math.gcd(cols, NF4_BLOCKSIZE) if scheme == "nf4" else 1
-    step = max(unit, block_rows(W32) // unit * unit)
-    total = sum(sum_squares(error_rows(lo, lo + step)) for lo in range(0, rows, step))
+    blocks = quantized_row_blocks(rows, cols, scheme, block_rows(W32))
+    total = sum(sum_squares(error_rows(lo, hi)) for lo, hi in blocks)
     return float(torch.as_tensor(total).sqrt())
 
 
