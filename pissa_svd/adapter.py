@@ -11,6 +11,7 @@ Adapters are small (rank x (in + out) per module), so they are loaded whole.
 from __future__ import annotations
 
 import math
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -155,8 +156,6 @@ class LoraAdapter:
 
     def save(self, dest: Path) -> None:
         """Write ``dest/adapter_config.json`` and ``dest/adapter_model.safetensors``."""
-        from safetensors.torch import save_file
-
         dest.mkdir(parents=True, exist_ok=True)
         tensors = {**self.extra}
         for module in self.modules:
@@ -164,7 +163,22 @@ class LoraAdapter:
             tensors[peft_key(module, "B")] = self.B[module].contiguous()
         write_json(dest / ADAPTER_CONFIG, self.config)
         path = dest / ADAPTER_FILE
-        guarded(lambda: save_file(tensors, str(path), metadata={"format": "pt"}), path)
+        guarded(lambda: _save_safetensors(tensors, path), path)
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' ``save_file``, with a file-system error it wraps (its message ends in
+    "(os error N)", e.g. 28 for a full disk) raised as that OSError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as exc:
+        code = re.search(r"\(os error (\d+)\)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
 
 
 def fused_container(config: dict, module: str) -> str | None:
@@ -274,7 +288,7 @@ def _positive(value, integer: bool) -> bool:
 def _check_numbers(config: dict, path: Path) -> None:
     """r and lora_alpha, and their patterns, are what the LoRA scaling is made of."""
     for key, integer in (("r", True), ("lora_alpha", False)):
-        if key in config and config[key] is not None and not _positive(config[key], integer):
+        if key in config and not _positive(config[key], integer):  # null too: PEFT fails
             raise InputError(f"{path}: {key} must be a positive number, got {config[key]!r}")
     for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
         patterns = config.get(key) or {}

@@ -38,7 +38,7 @@ from .errors import InputError
 from .fused import FusedParam, fused_params, unmapped_params
 from .output import check_out, copy_files, plain_number, progress, staged, write_json
 from .pipeline import ADAPTER_DIR, REPORT_FILE
-from .pissa import sum_squares
+from .pissa import all_finite, sum_squares
 from .targets import module_name
 
 _CHUNK_ELEMENTS = 1 << 22  # verify works on row blocks of ~4M elements: fp64 temporaries stay small
@@ -105,7 +105,9 @@ def to_lora(
         # The output keeps the trained adapter's scaling s1, so the init's B is rescaled by
         # s0 / s1 (1 unless the two configs disagree on alpha).
         A = torch.cat([A1.to(dtype), A0.to(dtype)], dim=1)
-        B = torch.cat([B1.to(dtype), B0.to(dtype) * (-s0 / s1)], dim=2)
+        B0s = B0.to(dtype) * (-s0 / s1)
+        _check_rescaled(B0s, B0, s0 / s1, m, dtype)
+        B = torch.cat([B1.to(dtype), B0s], dim=2)
         A_out[m], B_out[m] = fused[m].join(A, B) if m in fused else (A[0], B[0])
         changes.append(_relative_change(A1, B1, s1, A0, B0, s0))
     median = sorted(changes)[len(changes) // 2]
@@ -225,6 +227,19 @@ def _same_folder(a: str | Path | None, b: str | Path | None) -> bool | None:
     if a is None or b is None or not (Path(a).is_dir() and Path(b).is_dir()):
         return None
     return Path(a).resolve() == Path(b).resolve()
+
+
+def _check_rescaled(B0s, B0, ratio: float, module: str, dtype: torch.dtype) -> None:
+    """The init's B times -s0 / s1 must still be that in ``dtype``: alphas far apart
+    overflow it to inf or round it to zeros, and the LoRA would lose the init's term."""
+    want = abs(ratio) * float(torch.linalg.vector_norm(B0.double()))
+    got = float(torch.linalg.vector_norm(B0s.double()))
+    if not (math.isfinite(got) and abs(got - want) <= 0.01 * want):
+        raise InputError(
+            f"{module}: the init adapter's lora_B scaled by its scaling over the trained one's "
+            f"({ratio:.3g}) does not fit in {dtype}; save the trained adapter with the init's "
+            "lora_alpha (and r), or in float32"
+        )
 
 
 def _relative_change(A1, B1, s1: float, A0, B0, s0: float) -> float:
@@ -413,11 +428,17 @@ def _merge_shard(sf: SafetensorsFile, dest: Path, targets, replaced, bar) -> Non
             run = []
             W = read_tensor(info)
             if info.name in replaced:
-                w.write(info.name, replaced[info.name].to(W.dtype))
+                merged = replaced[info.name].to(W.dtype)
             else:
                 work = torch.float64 if W.dtype == torch.float64 else torch.float32
-                merged = W.to(work) + targets[info.name](work)
-                w.write(info.name, merged.to(W.dtype))
+                merged = (W.to(work) + targets[info.name](work)).to(W.dtype)
+            if not all_finite(merged) and all_finite(W):
+                raise InputError(
+                    f"{info.name}: merging the adapter gives values beyond the range of "
+                    f"{info.dtype} (the base's dtype); the adapter's update is too large for "
+                    "it (check its lora_alpha), or merge into a float32 copy of the base"
+                )
+            w.write(info.name, merged)
             bar.update(info.nbytes)
         w.copy(run)
         bar.update(sum(i.nbytes for i in run))

@@ -219,6 +219,15 @@ class Plan:
         return sum(_flops(self.batch_features([t])) for t in self.targets)
 
     @property
+    def residual_bytes(self) -> int:
+        """Bytes of OUT's tensors: the targets in their residual dtype, the rest as stored."""
+        by_name = {t.name: t for t in self.targets}
+        return sum(
+            dtype_nbytes(by_name[i.name].residual_dtype, i.shape) if i.name in by_name else i.nbytes
+            for i in self.ckpt.tensors()
+        )
+
+    @property
     def bf16_sketch(self) -> bool:
         return SKETCH_DTYPES[self.options.sketch_dtype] is not None
 
@@ -342,7 +351,7 @@ class Plan:
             f"  memory       peak ~{human(rss + self.working_bytes)}: runtime {human(rss)}"
             f" + buffers and the largest batch's temporaries {human(self.working_bytes)}"
             f" (the whole checkpoint is {human(ck.total_bytes)})",
-            f"  disk         residual {human(ck.total_bytes)}, adapter {human(adapter)}",
+            f"  disk         residual {human(self.residual_bytes)}, adapter {human(adapter)}",
         ]
         if self.load_check is not None:
             lines.append(f"  loading      {self.load_check}")
@@ -1315,13 +1324,8 @@ def _write_index(plan: Plan, tmp: Path) -> None:
     ck = plan.ckpt
     if ck.index is None:
         return
-    by_name = {t.name: t for t in plan.targets}
-    total = sum(
-        dtype_nbytes(by_name[i.name].residual_dtype, i.shape) if i.name in by_name else i.nbytes
-        for i in ck.tensors()
-    )
     index = dict(ck.index)
-    index["metadata"] = {**(index.get("metadata") or {}), "total_size": total}
+    index["metadata"] = {**(index.get("metadata") or {}), "total_size": plan.residual_bytes}
     write_json(tmp / INDEX_NAME, index)
 
 

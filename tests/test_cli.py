@@ -478,6 +478,26 @@ def test_dry_run_writes_nothing(ckpt, tmp_path, run_cli):
     assert code == 0 and "sequential (--overlap off)" in stdout
 
 
+@pytest.mark.parametrize("residual_dtype", [None, "fp64", "bf16"])
+def test_dry_run_disk_figure_is_what_the_run_writes(ckpt, tmp_path, run_cli, residual_dtype):
+    """The residual's size follows --residual-dtype (fp64 doubles the targets' bytes of this
+    fp32 checkpoint, bf16 halves them); it is the index's total_size the run writes."""
+    from pissa_svd.output import human
+
+    out = tmp_path / "out"
+    args = ["decompose", ckpt, "--rank", "8", "--out", out, "--quiet"]
+    args += ["--residual-dtype", residual_dtype] if residual_dtype else []
+    code, stdout, _ = run_cli(*args, "--dry-run")
+    assert code == 0
+    assert run_cli(*args)[0] == 0
+    written = json.loads((out / "model.safetensors.index.json").read_text())
+    total = written["metadata"]["total_size"]
+    assert f"disk         residual {human(total)}," in stdout
+    source = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    grew = {None: 1, "fp64": 2, "bf16": 0.5}[residual_dtype]
+    assert (total > source["metadata"]["total_size"]) == (grew > 1)
+
+
 @pytest.mark.parametrize("overlap", ["off", "on"])
 def test_disk_full_is_one_line(ckpt, tmp_path, run_cli, monkeypatch, overlap):
     from pissa_svd import checkpoint

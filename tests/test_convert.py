@@ -354,6 +354,8 @@ def test_merging_the_lora_into_the_original_equals_merging_pissa_into_the_residu
     [
         ("r", 0, "r must be a positive number, got 0"),
         ("lora_alpha", -8, "lora_alpha must be a positive number"),
+        ("lora_alpha", None, "lora_alpha must be a positive number, got None"),
+        ("r", None, "r must be a positive number, got None"),
         ("rank_pattern", {"q_proj": "x"}, "rank_pattern must map module patterns"),
         ("alpha_pattern", ["q_proj"], "alpha_pattern must map module patterns"),
         ("target_parameters", "gate_up_proj", "target_parameters must be a list"),
@@ -546,3 +548,66 @@ def test_bin_adapter_with_other_objects_is_one_line_of_bad_input(out, run_cli, t
     proc = subprocess.run([PYTHON, "-m", "pissa_svd", *cmd], capture_output=True, text=True)
     assert proc.returncode == 2 and "unreadable" in proc.stderr, proc.stderr
     assert proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_merge_that_overflows_the_base_dtype_is_bad_input(tiny_llama, run_cli, tmp_path):
+    """An adapter whose update is beyond fp16's range (lora_alpha 8e7) would merge into an
+    fp16 checkpoint as inf: one line, exit 2, no OUT. The same into an fp32 copy is fine."""
+    src = save_tiny_llama(tmp_path / "fp16", dtype=torch.float16)
+    res = _decompose(src, tmp_path / "res")
+    big = _copy_adapter(res / "pissa_init", tmp_path / "big", config={"lora_alpha": 8e7})
+    code, _, err = run_cli("merge", res, "--adapter", big, "--out", tmp_path / "m", "--quiet")
+    line = err.strip().splitlines()[-1]  # (before it: transformers saving the source)
+    assert code == 2 and "Traceback" not in err and line.startswith("pissa-svd: ")
+    assert "beyond the range of F16" in line and "merge into a float32 copy" in line
+    assert not (tmp_path / "m").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".m")]
+    code, _, err = run_cli("merge", res, "--adapter", res / "pissa_init", "--out", tmp_path / "m")
+    assert code == 0, err
+
+
+def test_to_lora_with_alphas_too_far_apart_for_the_dtype_is_bad_input(out, run_cli, tmp_path):
+    """The LoRA holds the init's B times -s0 / s1; with fp16 adapters and the trained one at
+    lora_alpha 8e9 (s0 / s1 = 1e-9) that rounds to zeros and the LoRA would lose the init's
+    term."""
+    to_fp16 = lambda t: {k: v.half() for k, v in t.items()}  # noqa: E731
+    init = _copy_adapter(out / "pissa_init", tmp_path / "init", tensors=to_fp16)
+    far = _copy_adapter(init, tmp_path / "far", config={"lora_alpha": 8e9})
+    dest = tmp_path / "lora"
+    code, _, err = run_cli("to-lora", "--init", init, "--trained", far, "--out", dest)
+    assert code == 2 and "does not fit in torch.float16" in err and "Traceback" not in err
+    assert not dest.exists()
+    near = _copy_adapter(init, tmp_path / "near", config={"lora_alpha": 2 * RANK})
+    code, _, err = run_cli("to-lora", "--init", init, "--trained", near, "--out", dest)
+    assert code == 0, err
+
+
+def test_to_lora_on_a_full_disk_is_one_line(out, trained, run_cli, tmp_path, monkeypatch):
+    """safetensors reports a full disk as its own error type ("... (os error 28)"): one line
+    naming the file, exit 2, nothing left behind. Other safetensors errors are not hidden."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    adapter_dir, _ = trained
+    message = "Error while serializing: I/O error: No space left on device (os error 28)"
+
+    def full(*args, **kwargs):
+        raise SafetensorError(message)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    dest = tmp_path / "lora"
+    args = ("to-lora", "--init", out / "pissa_init", "--trained", adapter_dir, "--out", dest)
+    code, _, err = run_cli(*args)
+    assert code == 2 and "Traceback" not in err
+    assert "disk full while writing" in err and "adapter_model.safetensors" in err
+    assert not dest.exists() and not [p for p in tmp_path.iterdir() if p.name != "lora"]
+
+    def other(*args, **kwargs):
+        raise SafetensorError("Error while serializing: something else")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", other)
+    with pytest.raises(SafetensorError, match="something else"):
+        from pissa_svd.convert import to_lora
+
+        to_lora(out / "pissa_init", adapter_dir, dest)
+    assert not dest.exists()
