@@ -421,7 +421,7 @@ def _verify(args: argparse.Namespace) -> int:
         return 0
     print(
         f"pissa-svd verify: FAIL: {len(res.failures)} of {len(res.rows)} tensors mismatch; "
-        f"worst {worst.name}: {worst.note}"
+        f"worst {worst.name}: {worst.note}{f'; {res.hint}' if res.hint else ''}"
     )
     return 1
 

@@ -467,6 +467,7 @@ class TensorCheck:
 @dataclass
 class VerifyResult:
     rows: list[TensorCheck] = field(default_factory=list)
+    hint: str = ""  # why the failures may be the report's, not the tensors'
 
     @property
     def passed(self) -> bool:
@@ -530,6 +531,8 @@ def verify(
                 row = _check_quantized(s, o, ad, targets[name], quantized[name])
             else:
                 row = _check_target(s, o, ad, targets[name])
+                if not row.ok and not result.hint and not quantized:
+                    result.hint = _quantized_hint(o, ad.fan_in_fan_out)
         else:
             row = _check_copy(s, o)
         result.rows.append(row)
@@ -538,18 +541,77 @@ def verify(
     return result
 
 
+def _quantized_hint(o: TensorInfo, fan_in_fan_out: bool) -> str:
+    """For a residual that failed the plain check with no quantization record: whether it is
+    a quantizer's fixed point, i.e. a --quantize output checked without its report."""
+    from .quant import fake_quantize
+
+    R = read_tensor(o)
+    if o.dtype not in FLOAT_DTYPES or R.ndim != 2:
+        return ""
+    R = R.mT.contiguous() if fan_in_fan_out else R
+    for scheme in ("nf4", "int8"):
+        if torch.equal(fake_quantize(R, scheme), R):
+            return (
+                f"{o.name} is an {scheme} fixed point: OUT looks like a decompose --quantize "
+                f"output checked without its {REPORT_FILE}; restore the report from that run"
+            )
+    return ""
+
+
 def _quantized_rows(out: Path) -> dict[str, dict]:
-    """For a QPiSSA output (decompose --quantize): tensor name -> its quantization record."""
+    """For a QPiSSA output (decompose --quantize): tensor name -> what its residual is checked
+    against, from the report's records: ``scheme``, ``norm``, ``want`` (the recorded error),
+    ``scales_moved`` and ``fp32_sums`` (see :func:`_check_quantized`). A report that cannot be
+    read, or whose records are broken, is bad input: it decides how OUT is checked."""
+    path = out / REPORT_FILE
     report = _report(out)
+    if not report and path.exists():
+        raise InputError(
+            f"{path} is not a readable decompose report; restore it from the decompose run "
+            "(a --quantize output is checked against it), or remove it to check OUT as plain "
+            "PiSSA"
+        )
     if not report.get("quantize"):
         return {}
-    # Reports without "error_sums" summed each error in one fp32 reduction (see _check_quantized).
-    legacy = {"fp32_sums": "error_sums" not in report}
-    return {
-        r["name"]: {**r["quantization"], **legacy}
-        for r in report.get("matrices", [])
-        if "quantization" in r
-    }
+    # Reports without "error_sums" summed each error in one fp32 reduction.
+    fp32_sums = "error_sums" not in report
+    rows = {}
+    for r in report.get("matrices") or []:
+        if not isinstance(r, dict) or "quantization" not in r:
+            continue
+        q, name = r["quantization"], r.get("name")
+        want = _recorded_error(q) if isinstance(q, dict) else None
+        if want is None or not isinstance(name, str) or q.get("scheme") not in ("nf4", "int8"):
+            raise InputError(
+                f"{path}: the quantization record of {name!r} is incomplete or corrupt; "
+                "restore the report from the decompose run, or rerun decompose"
+            )
+        rows[name] = {
+            "scheme": q["scheme"],
+            "norm": q.get("norm"),
+            "want": want,
+            # Reports without stored_error scored a residual whose scales may have moved since.
+            "scales_moved": "stored_error" not in q,
+            "fp32_sums": fp32_sums,
+        }
+    return rows
+
+
+def _recorded_error(q: dict) -> float | None:
+    """The error decompose recorded for the stored residual: ``stored_error``; in older
+    reports the chosen candidate's, ``best_error``, or before refits were scored
+    ``errors[best_iter - 1]``. None where the record has no such finite number."""
+    if "stored_error" in q:
+        value = q["stored_error"]
+    elif "best_error" in q:
+        value = q["best_error"]
+    else:
+        errors, t = q.get("errors"), q.get("best_iter")
+        ok = isinstance(errors, list) and isinstance(t, int) and 1 <= t <= len(errors)
+        value = errors[t - 1] if ok else None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if number and math.isfinite(value) and value >= 0 else None
 
 
 def _check_quantized(s: TensorInfo, o: TensorInfo, ad, module: str, record: dict) -> TensorCheck:
@@ -570,8 +632,7 @@ def _check_quantized(s: TensorInfo, o: TensorInfo, ad, module: str, record: dict
         W, R = W.mT, R.mT
     work = torch.float64 if W.dtype == torch.float64 else torch.float32
     B, A = ad.B[module].to(work) * ad.scaling(module), ad.A[module].to(work)
-    # Reports without stored_error scored a residual whose scales may have moved since.
-    scales_moved = "stored_error" not in record
+    scales_moved = record["scales_moved"]
     # An older decompose took its errors with one fp32 reduction over the whole matrix, which
     # drifts by more than the tolerance below (4.5e-3 at 14336 x 4096): the same for those.
     whole = torch.empty(W.shape, dtype=work) if record.get("fp32_sums") else None
@@ -605,17 +666,13 @@ def _check_quantized(s: TensorInfo, o: TensorInfo, ad, module: str, record: dict
     # whole (an error near 1e-8 ||W||).
     w_norm = math.sqrt(w_sq)
     floor = 4 * torch.finfo(work).eps * (w_norm + math.sqrt(v_sq))
-    if not scales_moved:  # the error of the stored residual itself
-        want = record["stored_error"]
-        slack = 1e-3 * want + floor
-    else:  # older reports: the scored one, which the stored residual's scales may move
-        # (reports written before refitted adapters were scored have no best_error)
-        want = record.get("best_error", record["errors"][record["best_iter"] - 1])
-        slack = 1e-3 * want + floor
+    want = record["want"]
+    slack = 1e-3 * want + floor
+    if scales_moved:  # older reports: the scored error, which the stored scales may move
         slack += _scale_slack(inner, v_sq, R.numel(), scheme, dtype_to_torch(o.dtype), err + want)
     row.ratio = abs(err - want) / (slack + 1e-12)  # <= 1 passes
     row.rel = err / max(w_norm, 1e-30)
-    row.ok = record.get("norm") != "fro" or row.ratio <= 1.0
+    row.ok = record["norm"] != "fro" or row.ratio <= 1.0
     if not row.ok:
         row.note = f"quantization error {err:.4g}, decompose recorded {want:.4g}"
     return row

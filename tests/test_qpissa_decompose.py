@@ -293,3 +293,48 @@ def test_to_lora_of_a_qpissa_init_says_what_it_gives(qout, run_cli, tmp_path):
     )
     assert code == 0, err
     assert "The residual was nf4-quantized (QPiSSA), the original is not" in stdout
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (lambda path: path.write_text("{not json"), "is not a readable decompose report"),
+        (
+            lambda path: _edit_records(path, lambda q: q.pop("stored_error")),
+            "incomplete or corrupt",
+        ),
+        (lambda path: _edit_records(path, lambda q: q.update(stored_error="abc")), "corrupt"),
+        (lambda path: _edit_records(path, lambda q: q.update(scheme="nf3")), "corrupt"),
+    ],
+)
+def test_verify_with_a_broken_report_is_bad_input(
+    tiny_llama, qout, run_cli, tmp_path, change, says
+):
+    """The report says how a QPiSSA residual is checked: a broken one is one line, exit 2."""
+    broken = Path(shutil.copytree(qout, tmp_path / "broken"))
+    change(broken / "pissa_report.json")
+    code, _, err = run_cli("verify", tiny_llama, broken, "--quiet")
+    assert code == 2 and says in err and "Traceback" not in err, err
+
+
+def _edit_records(path: Path, fn) -> None:
+    """Apply ``fn`` to every quantization record of the report at ``path``; the popped
+    stored_error leaves records with neither errors nor best_error."""
+    report = json.loads(path.read_text())
+    for r in report["matrices"]:
+        q = r["quantization"]
+        fn(q)
+        q.pop("best_error", None), q.pop("errors", None)
+    path.write_text(json.dumps(report))
+
+
+def test_verify_without_the_report_says_the_residual_is_quantized(
+    tiny_llama, qout, run_cli, tmp_path
+):
+    """Without its report a QPiSSA output fails the plain check; the failure says why."""
+    bare = Path(shutil.copytree(qout, tmp_path / "bare"))
+    (bare / "pissa_report.json").unlink()
+    code, stdout, _ = run_cli("verify", tiny_llama, bare, "--quiet")
+    assert code == 1 and "is an nf4 fixed point" in stdout and "pissa_report.json" in stdout
+    code, stdout, _ = run_cli("verify", tiny_llama, qout, "--quiet")
+    assert code == 0 and "fixed point:" not in stdout
