@@ -580,22 +580,32 @@ def _quantized_rows(out: Path) -> dict[str, dict]:
     for r in report.get("matrices") or []:
         if not isinstance(r, dict) or "quantization" not in r:
             continue
-        q, name = r["quantization"], r.get("name")
-        want = _recorded_error(q) if isinstance(q, dict) else None
-        if want is None or not isinstance(name, str) or q.get("scheme") not in ("nf4", "int8"):
+        name, check = r.get("name"), quantized_check(r["quantization"], fp32_sums)
+        if check is None or not isinstance(name, str):
             raise InputError(
                 f"{path}: the quantization record of {name!r} is incomplete or corrupt; "
                 "restore the report from the decompose run, or rerun decompose"
             )
-        rows[name] = {
-            "scheme": q["scheme"],
-            "norm": q.get("norm"),
-            "want": want,
-            # Reports without stored_error scored a residual whose scales may have moved since.
-            "scales_moved": "stored_error" not in q,
-            "fp32_sums": fp32_sums,
-        }
+        rows[name] = check
     return rows
+
+
+def quantized_check(q, fp32_sums: bool = False) -> dict | None:
+    """What :func:`_check_quantized` checks a residual against, from its quantization record
+    ``q`` (a report's, or a resumed run's): ``scheme``, ``norm``, ``want`` (the recorded
+    error), ``scales_moved`` (an older record, of the scored residual, not the stored one)
+    and ``fp32_sums`` (the record's error was summed in one fp32 reduction). None for a
+    record without a known scheme or a finite error."""
+    want = _recorded_error(q) if isinstance(q, dict) else None
+    if want is None or q.get("scheme") not in ("nf4", "int8"):
+        return None
+    return {
+        "scheme": q["scheme"],
+        "norm": q.get("norm"),
+        "want": want,
+        "scales_moved": "stored_error" not in q,
+        "fp32_sums": fp32_sums,
+    }
 
 
 def _recorded_error(q: dict) -> float | None:

@@ -7,11 +7,13 @@ replaced with ``--overwrite``, after the new one is finished.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -87,13 +89,60 @@ def staged(out: Path, overwrite: bool) -> Iterator[Path]:
     is left as it was.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    held = try_lock(tmp)  # new, so ours: it tells later runs that this one is alive
     try:
         yield tmp
         move_into_place(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if held is not None:
+            os.close(held)
+
+
+# A temporary sibling this much older than its last change, which no live process holds, was
+# left by a run that was killed (SIGKILL, out of memory, power loss) before it could clean up.
+# The age keeps a folder that a starting run has made but not yet locked out of reach.
+STALE_AFTER = 60.0  # seconds
+
+
+def try_lock(folder: Path) -> int | None:
+    """Hold ``folder`` for this process: an exclusive lock on the folder itself (it moves with
+    the folder, and goes with the process however it ends). Returns the descriptor to close
+    when done, or None while another process holds it."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove the temporary siblings of ``out`` that killed runs left: older than
+    ``STALE_AFTER`` and held by no live process. Saying so, on stderr."""
+    for tmp in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
+        try:
+            if tmp.is_symlink() or not tmp.is_dir():
+                continue
+            if time.time() - tmp.stat().st_mtime < STALE_AFTER:
+                continue
+            fd = try_lock(tmp)
+        except OSError:  # gone meanwhile, or not ours to open
+            continue
+        if fd is None:  # a live run's
+            continue
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            os.close(fd)
+        print(f"pissa-svd: removed {tmp}, left by an interrupted run", file=sys.stderr)
 
 
 def move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:

@@ -21,6 +21,7 @@ import torch
 
 from .checkpoint import SafetensorsFile, read_tensor
 from .errors import InputError
+from .output import try_lock
 
 PROGRESS_DIR = ".pissa_progress"
 PLAN_FILE = "plan.json"
@@ -84,17 +85,12 @@ def lock(staging: Path) -> int:
     """Hold ``staging`` for this run: an exclusive lock on the folder itself (it moves with
     the folder when it becomes OUT, and goes with the process). Returns the descriptor to
     close when done; raises :class:`Busy` when another run holds it."""
-    import fcntl
-
-    fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+    fd = try_lock(staging)
+    if fd is None:
         raise Busy(
             f"{staging} is in use by another pissa-svd run writing the same --out; wait for it "
             "to finish, or choose another --out"
-        ) from None
+        )
     return fd
 
 
@@ -201,7 +197,7 @@ def finished(staging: Path, plan, adapter_file: str, adapter_config: dict) -> di
 
 def _verified(staging: Path, plan, adapter_file: str, adapter_config: dict) -> dict[str, dict]:
     from .adapter import LoraAdapter, peft_key
-    from .convert import _check_quantized, _check_target
+    from .convert import _check_quantized, _check_target, quantized_check
 
     d = staging / PROGRESS_DIR
     rows = {r["name"]: r for p in sorted(d.glob("rank-*.jsonl")) for r in _rows(p)}
@@ -223,8 +219,8 @@ def _verified(staging: Path, plan, adapter_file: str, adapter_config: dict) -> d
             files[shard] = SafetensorsFile.open(staging / shard)
         src, done = by_name[name].info, files[shard].tensors[name]
         if plan.options.quantize:
-            record = rows[name].get("quantization")
-            if not isinstance(record, dict):
+            record = quantized_check(rows[name].get("quantization"))
+            if record is None:
                 continue  # a QPiSSA residual is checked against its recorded error: none, redo
             check = _check_quantized(src, done, ad, m, record)
         else:

@@ -611,3 +611,33 @@ def test_to_lora_on_a_full_disk_is_one_line(out, trained, run_cli, tmp_path, mon
 
         to_lora(out / "pissa_init", adapter_dir, dest)
     assert not dest.exists()
+
+
+def test_a_killed_run_s_temporary_folder_is_removed_by_the_next(out, run_cli, tmp_path):
+    """merge and to-lora write into a hidden ``.OUT.tmp-*`` sibling; one that a SIGKILL left
+    (older than a minute, held by no process) goes at the next run into the same OUT, said on
+    stderr. A fresh one, or one a live run holds, stays."""
+    import os
+    import time
+
+    from pissa_svd.output import STALE_AFTER, try_lock
+
+    dest = tmp_path / "merged"
+    folders = {k: tmp_path / f".merged.tmp-{k}" for k in ("killed", "fresh", "live")}
+    for folder in folders.values():
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"partial")
+    old = time.time() - 2 * STALE_AFTER
+    for k in ("killed", "live"):
+        os.utime(folders[k], (old, old))
+    held = try_lock(folders["live"])
+    try:
+        code, _, err = run_cli(
+            "merge", out, "--adapter", out / "pissa_init", "--out", dest, "--quiet"
+        )
+    finally:
+        os.close(held)
+    assert code == 0, err
+    assert f"removed {folders['killed']}, left by an interrupted run" in err
+    assert not folders["killed"].exists() and folders["fresh"].exists() and folders["live"].exists()
+    assert dest.is_dir()
