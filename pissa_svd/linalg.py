@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import operator
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -242,19 +243,14 @@ def svd_lowrank(
     Returns:
         (U (..., m, rank), S (..., rank), Vh (..., rank, n)) in fp32 (fp64 for fp64 input).
     """
-    if not isinstance(W, torch.Tensor) or W.ndim not in (2, 3):
-        raise ValueError(f"W must be a 2-D (m, n) or 3-D (b, m, n) tensor, got {_describe(W)}")
-    if not W.is_floating_point():
-        raise ValueError(f"W must be floating point (bf16/fp16/fp32/fp64), got {W.dtype}")
+    check_weight(W)
     W = W.detach()  # an initialization: nothing here is differentiated
     m, n = W.shape[-2:]
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(m, n):
         raise ValueError(f"rank must be an int in [1, min(m, n) = {min(m, n)}], got {rank!r}")
-    if niter < 0:
-        raise ValueError(f"niter must be >= 0, got {niter}")
+    _check_count(niter, "niter")
     p = default_oversample(method, oversample)
-    if p < 0:
-        raise ValueError(f"oversample must be >= 0, got {p}")
+    _check_count(p, "oversample")
     method = resolve_method(method, m, n, rank, p, niter)
     low = check_sketch_dtype(sketch_dtype) is not None and method != "exact"
     if low and backend == "native":
@@ -397,18 +393,59 @@ def _torch_svd(X, rank, niter, width, method, seeds, work=None):
     return U[..., :rank], S[..., :rank], Vh[..., :rank, :]
 
 
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+def check_weight(W: object, what: str = "W") -> None:
+    """ValueError unless ``W`` is a 2-D (m, n) or 3-D (b, m, n) bf16/fp16/fp32/fp64 tensor
+    with values (not on the meta device)."""
+    if not isinstance(W, torch.Tensor) or W.ndim not in (2, 3):
+        raise ValueError(f"{what} must be a 2-D (m, n) or 3-D (b, m, n) tensor, got {_describe(W)}")
+    if W.dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"{what} must be floating point (bf16/fp16/fp32/fp64), got {W.dtype}; upcast fp8 "
+            "or integer weights first"
+        )
+    if W.device.type == "meta":
+        raise ValueError(f"{what} is on the meta device, so it has no values; load them first")
+
+
+def check_float_dtype(dtype: object, what: str) -> None:
+    """ValueError unless ``dtype`` is torch.bfloat16/float16/float32/float64."""
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"{what} must be torch.bfloat16, torch.float16, torch.float32 or torch.float64, "
+            f"got {dtype!r}"
+        )
+
+
+def _check_count(value: object, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what} must be an int >= 0, got {value!r}")
+
+
 def _describe(x: object) -> str:
     if isinstance(x, torch.Tensor):
         return f"shape {tuple(x.shape)}"
     return type(x).__name__
 
 
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
+
+
 def _seeds(seed: int | Sequence[int], b: int) -> list[int]:
-    if isinstance(seed, int):
-        return [seed] * b if b == 1 else [seed + i for i in range(b)]
-    seeds = [int(s) for s in seed]
+    """One seed per batch member: ``seed + i`` for an int, or the given ones."""
+    try:
+        seeds = [operator.index(seed) + i for i in range(b)]
+    except TypeError:
+        try:
+            seeds = [operator.index(s) for s in seed]
+        except TypeError:
+            raise ValueError(f"seed must be an int or one int per matrix, got {seed!r}") from None
     if len(seeds) != b:
         raise ValueError(f"got {len(seeds)} seeds for a batch of {b} matrices")
+    if not all(SEED_MIN <= s <= SEED_MAX for s in seeds):
+        raise ValueError(f"seeds must be ints in [-2**63, 2**64 - 1], got {seed!r}")
     return seeds
 
 

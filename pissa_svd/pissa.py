@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 
 from . import native
-from .linalg import ieee_matmuls, svd_lowrank
+from .linalg import FLOAT_DTYPES, check_float_dtype, check_weight, ieee_matmuls, svd_lowrank
 
 
 class PissaFactors(NamedTuple):
@@ -59,12 +59,16 @@ def pissa_factors(
     """
     if not (scaling > 0 and math.isfinite(scaling)):
         raise ValueError(f"scaling must be a finite number > 0, got {scaling}")
-    if isinstance(W, torch.Tensor):
-        W = W.detach()  # an initialization: nothing here is differentiated
+    check_weight(W)
+    W = W.detach()  # an initialization: nothing here is differentiated
     adapter_dtype = adapter_dtype or W.dtype
     residual_dtype = residual_dtype or W.dtype
+    check_float_dtype(adapter_dtype, "adapter_dtype")
+    check_float_dtype(residual_dtype, "residual_dtype")
     if svd is None:
         svd = svd_lowrank(W.mT if fan_in_fan_out else W, rank, **svd_kwargs)
+    else:
+        _check_svd(svd, W.mT if fan_in_fan_out else W, rank)
     U, S, Vh = svd
     A, B = adapter_factors(U, S, Vh, scaling=scaling, adapter_dtype=adapter_dtype)
     if problem := adapter_range_problem(A, B, S, scaling):
@@ -82,6 +86,28 @@ def pissa_factors(
             "use a wider residual_dtype (bfloat16 or float32)"
         )
     return PissaFactors(A, B, res if out is None else out)
+
+
+def _check_svd(svd: object, W: torch.Tensor, rank: int) -> None:
+    """ValueError unless ``svd`` is (U, S, Vh) of rank ``rank`` for W (..., m, n): U
+    (..., m, rank), S (..., rank) finite and >= 0, Vh (..., rank, n), float tensors on W's
+    device."""
+    lead, (m, n) = tuple(W.shape[:-2]), tuple(W.shape[-2:])
+    want = {"U": (*lead, m, rank), "S": (*lead, rank), "Vh": (*lead, rank, n)}
+    if not isinstance(svd, (tuple, list)) or len(svd) != 3:
+        raise ValueError("svd must be a tuple (U, S, Vh), as svd_lowrank returns")
+    for (name, shape), t in zip(want.items(), svd, strict=True):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(
+                f"svd's {name} must have shape {shape} for W {tuple(W.shape)} at rank {rank}, "
+                f"got {got}"
+            )
+        if t.dtype not in FLOAT_DTYPES or t.device != W.device:
+            raise ValueError(f"svd's {name} must be a float tensor on {W.device}")
+    S = svd[1]
+    if not (all_finite(S) and bool((S >= 0).all())):
+        raise ValueError("svd's singular values S must be finite and >= 0")
 
 
 def adapter_factors(

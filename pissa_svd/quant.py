@@ -51,7 +51,7 @@ import torch
 
 from . import native
 from .errors import InputError
-from .linalg import ieee_matmuls
+from .linalg import FLOAT_DTYPES, ieee_matmuls
 from .pissa import all_finite, block_rows, frobenius, pissa_factors, subtract_adapter_, sum_squares
 
 SCHEMES = ("nf4", "int8")
@@ -624,8 +624,6 @@ def _does_not_fit(dtype: torch.dtype, values: torch.Tensor) -> InputError:
 # Checks
 # --------------------------------------------------------------------------------------------
 
-_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
-
 
 def _check_scheme(scheme: str) -> None:
     if scheme not in SCHEMES:
@@ -638,7 +636,7 @@ def _check_norm(norm: str) -> None:
 
 
 def _check_float_dtype(dtype: torch.dtype, what: str) -> None:
-    if dtype not in _FLOAT_DTYPES:
+    if dtype not in FLOAT_DTYPES:
         raise InputError(
             f"{what} is {dtype}; quantization needs bfloat16, float16, float32 or float64 "
             "(upcast fp8 or integer weights first)"

@@ -359,11 +359,33 @@ def test_bf16_sketch_on_exact_low_rank_stays_finite():
         ((torch.zeros(4, 4, dtype=torch.int32), 1), "floating point"),
         ((torch.zeros(4, 5), 0), "rank"),
         ((torch.zeros(4, 5), 5), "rank"),
+        ((torch.zeros(4, 5, dtype=torch.float8_e4m3fn), 1), "upcast fp8"),
+        ((torch.zeros(4, 5, device="meta"), 1), "meta device"),
+        ((torch.zeros(4, 5), 1, {"niter": 2.5}), "niter must be an int >= 0, got 2.5"),
+        ((torch.zeros(4, 5), 1, {"niter": -1}), "niter must be an int >= 0"),
+        ((torch.zeros(4, 5), 1, {"oversample": 1.5}), "oversample must be an int >= 0"),
+        ((torch.zeros(4, 5), 1, {"seed": 1.5}), "seed must be an int or one int per matrix"),
+        ((torch.zeros(4, 5), 1, {"seed": 2**70}), r"seeds must be ints in \[-2\*\*63"),
+        ((torch.zeros(2, 4, 5), 1, {"seed": [1]}), "got 1 seeds for a batch of 2"),
     ],
 )
 def test_bad_arguments_raise_value_error(args, match):
+    *args, kwargs = args if isinstance(args[-1], dict) else (*args, {})
     with pytest.raises(ValueError, match=match):
-        svd_lowrank(*args)
+        svd_lowrank(*args, **kwargs)
+
+
+def test_seeds_may_be_any_integer_type():
+    """numpy and 0-d torch integers are seeds, as are sequences of them; the same ints give
+    the same bits."""
+    import numpy as np
+
+    W = torch.randn(2, 30, 20, generator=torch.Generator().manual_seed(0))
+    ref = svd_lowrank(W, 4, seed=[5, 6])
+    for seed in (np.int64(5), torch.tensor(5), [np.int32(5), torch.tensor(6)], (5, 6)):
+        assert all(
+            torch.equal(a, b) for a, b in zip(svd_lowrank(W, 4, seed=seed), ref, strict=True)
+        )
 
 
 def test_bad_sketch_dtype_raises_value_error():

@@ -203,3 +203,23 @@ def test_library_takes_parameters_and_names_bad_values():
             pissa_factors(_w(), 4, scaling=scaling)
     with pytest.raises(ValueError, match="rank must be an int"):
         svd_lowrank(_w(), True)
+
+
+def test_bad_library_arguments_are_value_errors_that_say_what():
+    W = _w()
+    U, S, Vh = svd_lowrank(W, 6)
+    cases = [
+        (dict(svd=(U, S, Vh)), r"svd's U must have shape \(96, 4\) .* at rank 4, got \(96, 6\)"),
+        (dict(svd=(U[:, :4], S[:4], Vh[:4].mT)), r"svd's Vh must have shape \(4, 160\)"),
+        (dict(svd=(U[:, :4], -S[:4], Vh[:4])), "S must be finite and >= 0"),
+        (dict(svd=(U[:, :4], S[:4])), r"svd must be a tuple \(U, S, Vh\)"),
+        (dict(adapter_dtype=torch.int8), "adapter_dtype must be torch.bfloat16"),
+        (dict(residual_dtype="fp16"), "residual_dtype must be torch.bfloat16.*got 'fp16'"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            pissa_factors(W, 4, **kwargs)
+    with pytest.raises(ValueError, match="upcast fp8"):
+        pissa_factors(W.to(torch.float8_e4m3fn), 4)
+    A, B, _ = pissa_factors(W, 4, svd=(U[:, :4], S[:4], Vh[:4]))  # a wider SVD, cut to r
+    assert A.shape == (4, 160) and B.shape == (96, 4)
