@@ -65,7 +65,7 @@ from .pissa import (
     rounding_overflowed,
     subtract_adapter_,
 )
-from .targets import module_name, select, task_type
+from .targets import module_name, never_target, select, task_type
 
 ADAPTER_DIR = "pissa_init"
 REPORT_FILE = "pissa_report.json"
@@ -469,8 +469,16 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
                 residual_dtype=residual_dtype or info.dtype,
             )
         )
+    if patterns and targets and not o.quiet:
+        _note_never_targets(ckpt, patterns, exclude)
     if too_small:
         most, name, out_f, in_f = min(too_small)
+        if most == 0:  # no rank fits: only --exclude helps
+            raise InputError(
+                f"target tensor {name!r} is empty ({out_f} x {in_f}): there is nothing to "
+                f"decompose; leave it out with --exclude (e.g. --exclude "
+                f"'^{re.escape(name.removesuffix('.weight'))}$')"
+            )
         raise InputError(
             f"--rank {o.rank} is larger than {len(too_small)} target(s) allow, down to tensor "
             f"{name!r} ({out_f} x {in_f}, at most {most}); lower --rank to {most} or leave "
@@ -1370,6 +1378,29 @@ def _compile_patterns(patterns: list[str] | None, flag: str) -> list[str] | None
         except re.error as exc:
             raise InputError(f"{flag} pattern {p!r} is not a valid regex ({exc})") from None
     return list(patterns)
+
+
+def _note_never_targets(ckpt: Checkpoint, patterns: list[str], exclude: list[str]) -> None:
+    """Say which modules --targets matches that are never targets, rather than drop them
+    silently: they are copied unchanged."""
+    heads = sorted(
+        {
+            m
+            for i in ckpt.tensors()
+            if len(i.shape) == 2
+            and (m := module_name(i.name)) is not None
+            and never_target(m)
+            and any(re.search(p, m) for p in patterns)
+            and not any(re.search(p, m) for p in exclude or [])
+        }
+    )
+    if heads:
+        shown = ", ".join(heads[:3]) + (f" and {len(heads) - 3} more" if len(heads) > 3 else "")
+        print(
+            f"pissa-svd: note: --targets also matches {shown}: embeddings and output heads are "
+            "never targets (PEFT adapts embeddings with other keys), so they are copied unchanged",
+            file=sys.stderr,
+        )
 
 
 def _no_targets(ckpt: Checkpoint, src_path: Path, o: Options, patterns) -> None:

@@ -478,6 +478,40 @@ def test_dry_run_writes_nothing(ckpt, tmp_path, run_cli):
     assert code == 0 and "sequential (--overlap off)" in stdout
 
 
+def test_targets_matching_a_head_say_it_is_not_adapted(ckpt, tmp_path, run_cli):
+    """lm_head is never a target: --targets that also match it say so, rather than drop it
+    without a word. --quiet keeps it quiet."""
+    out = tmp_path / "out"
+    args = ["decompose", ckpt, "--rank", "4", "--targets", "(q_proj|lm_head)", "--out", out]
+    code, _, err = run_cli(*args, "--dry-run")
+    assert code == 0
+    assert "--targets also matches lm_head: embeddings and output heads are never targets" in err
+    code, _, err = run_cli(*args, "--dry-run", "--exclude", "lm_head")
+    assert code == 0 and "also matches" not in err
+    code, _, err = run_cli(*args, "--dry-run", "--quiet")
+    assert code == 0 and "also matches" not in err
+
+
+def test_an_empty_target_says_exclude_it(tmp_path, run_cli):
+    """A 0 x 64 q_proj allows no rank at all: the message says to leave it out, and how."""
+    from safetensors.torch import save_file
+
+    from .conftest import tiny_llama_model
+
+    src = tmp_path / "src"
+    src.mkdir()
+    tensors = {k: v.contiguous() for k, v in tiny_llama_model().state_dict().items()}
+    tensors["model.layers.1.self_attn.q_proj.weight"] = torch.zeros(0, 64)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    args = ["decompose", src, "--rank", "4", "--out", out]
+    assert_bad_input(run_cli, args, "is empty (0 x 64): there is nothing to decompose", out)
+    code, _, err = run_cli(*args)
+    exclude = err.split("--exclude (e.g. --exclude ")[1].rstrip().rstrip(")").strip("'")
+    code, _, err = run_cli(*args, "--exclude", exclude, "--quiet")
+    assert code == 0, err
+
+
 @pytest.mark.parametrize("residual_dtype", [None, "fp64", "bf16"])
 def test_dry_run_disk_figure_is_what_the_run_writes(ckpt, tmp_path, run_cli, residual_dtype):
     """The residual's size follows --residual-dtype (fp64 doubles the targets' bytes of this
