@@ -11,6 +11,7 @@ never leaves an OUT that looks finished.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import mmap
 import os
@@ -384,9 +385,9 @@ _RENAMED_ON_LOAD = ("language_model.", "vision_tower.", "multi_modal_projector."
 
 def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) -> Plan:
     """Validate everything that can be validated before writing a byte."""
-    o = options
-    if not isinstance(o.rank, int) or o.rank <= 0:
-        raise InputError(f"--rank must be a positive integer, got {o.rank}")
+    o = _library_types(options)
+    if not _is_int(o.rank) or o.rank <= 0:
+        raise InputError(f"--rank must be a positive integer, got {o.rank!r}")
     if o.niter < 0:
         raise InputError(f"--niter must be >= 0, got {o.niter}")
     if o.oversample is not None and o.oversample < 0:
@@ -471,6 +472,14 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
         )
     if patterns and targets and not o.quiet:
         _note_never_targets(ckpt, patterns, exclude)
+    wide = sorted({t.residual_dtype for t in targets} & {"F32", "F64"})
+    if o.quantize == "int8" and wide and not o.quiet:
+        print(
+            f"pissa-svd: note: bitsandbytes casts an 8-bit weight to fp16 before it quantizes "
+            f"it, so a {'/'.join(wide)} int8 residual loads rounded, not as stored; pass "
+            "--residual-dtype fp16 for a residual that loads exactly",
+            file=sys.stderr,
+        )
     if too_small:
         most, name, out_f, in_f = min(too_small)
         if most == 0:  # no rank fits: only --exclude helps
@@ -1367,6 +1376,48 @@ def _device(device: str) -> str:
             )
         return device
     raise InputError(f"--device must be auto, cpu or cuda, got {device!r}")
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _library_types(o: Options) -> Options:
+    """Options as the command line makes them, from what a library caller may pass: a regex
+    string for a list of them, torch dtypes and devices for their names. Other types that
+    would fail deep inside are refused here, naming the option."""
+    patterns = {}
+    for key in ("targets", "exclude"):
+        value = getattr(o, key)
+        if isinstance(value, str):
+            value = [value]  # one regex, not its letters
+        if value is not None and not (
+            isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        ):
+            raise InputError(f"{key} must be a regex string or a list of them, got {value!r}")
+        patterns[key] = None if value is None else list(value)
+    dtypes = {}
+    for key in ("adapter_dtype", "residual_dtype"):
+        value = getattr(o, key)
+        if isinstance(value, torch.dtype):
+            value = str(value).removeprefix("torch.")
+        if value is not None and not isinstance(value, str):
+            raise InputError(f"{key} must be a dtype name such as 'bf16', got {value!r}")
+        dtypes[key] = value
+    device = str(o.device) if isinstance(o.device, torch.device) else o.device
+    for key in ("niter", "seed", "quant_iters"):
+        if not _is_int(getattr(o, key)):
+            raise InputError(f"{key} must be an integer, got {getattr(o, key)!r}")
+    for key in ("oversample", "batch_memory", "processes"):
+        if getattr(o, key) is not None and not _is_int(getattr(o, key)):
+            raise InputError(
+                f"{key} must be an integer (bytes for batch_memory), got {getattr(o, key)!r}"
+            )
+    if o.alpha is not None and not isinstance(o.alpha, (int, float)) or isinstance(o.alpha, bool):
+        raise InputError(f"alpha must be a number, got {o.alpha!r}")
+    if o.quantize is None and o.quant_iters != Options.quant_iters:
+        raise InputError("quant_iters is for quantize='nf4' or 'int8' (QPiSSA); pass quantize too")
+    return dataclasses.replace(o, **patterns, **dtypes, device=device)
 
 
 def _compile_patterns(patterns: list[str] | None, flag: str) -> list[str] | None:

@@ -16,9 +16,18 @@ Quantizers (values identical to bitsandbytes', checked bit for bit in tests/test
 - ``int8``: LLM.int8's row-wise absmax: ``q = round(x * (127 / absmax_row))`` (round half to
   even), dequantized as ``q * absmax_row / 127``; no outlier decomposition (threshold 0).
 
-Both quantize the fp32 values of the input (bf16/fp16 widen exactly; fp64 is rounded to fp32,
-as bitsandbytes does). A Conv1D weight (``fan_in_fan_out``) is quantized in its (out, in)
-orientation, because transformers transposes Conv1D weights before quantizing them.
+Both quantize the fp32 values of the input (bf16/fp16 widen exactly; fp64 is rounded to fp32),
+as bitsandbytes' ``quantize_4bit`` and ``int8_vectorwise_quant`` do. A Conv1D weight
+(``fan_in_fan_out``) is quantized in its (out, in) orientation, because transformers transposes
+Conv1D weights before quantizing them.
+
+Loading caveat for int8: bitsandbytes' 8-bit layer (``Int8Params``) casts a weight to fp16
+before it quantizes it. An fp16 residual loads exactly; a bf16 one too while its values stay in
+fp16's normal range (a row's scale above ~8e-3); an fp32/fp64 one is rounded to fp16 first, so
+the loaded 8-bit weights differ from the stored fixed point by that rounding (about 1e-5
+absolute on a tiny Llama, moving the loaded model's error from the recorded one by up to
+0.25%). Store int8 residuals in fp16 for exact loading; decompose says so when it writes a
+wider one.
 
 The stored residual
 -------------------

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from pissa_svd import InputError, decompose
 from pissa_svd.convert import verify
@@ -506,3 +508,37 @@ def test_side_folders_are_copied_without_weights_or_adapters(tiny_llama, tmp_pat
     assert (out / "1_Pooling/config.json").read_text() == side["1_Pooling/config.json"]
     assert not copied & {"onnx/model.onnx", "run/adapter_config.json", ".git/HEAD"}
     assert not copied & {"2_Normalize/.keep"}  # hidden files stay behind
+
+
+def test_library_options_take_python_types_or_say_which_is_wrong(tiny_llama, tmp_path):
+    """decompose() from Python: a regex string is one pattern (not its letters), torch dtypes
+    and devices stand for their names; other wrong types are an InputError naming the option."""
+    from pissa_svd.pipeline import decompose as run
+
+    report = run(
+        tiny_llama,
+        tmp_path / "o",
+        rank=4,
+        targets="q_proj",
+        exclude="layers\\.0\\.",
+        adapter_dtype=torch.bfloat16,
+        device=torch.device("cpu"),
+        quiet=True,
+    )
+    assert {m["name"].split(".")[-2] for m in report["matrices"]} == {"q_proj"}
+    assert len(report["matrices"]) == 2  # layers 1 and 2
+    adapter = load_file(tmp_path / "o" / "pissa_init" / "adapter_model.safetensors")
+    assert {t.dtype for t in adapter.values()} == {torch.bfloat16}
+    bad = [
+        (dict(rank=True), "--rank must be a positive integer, got True"),
+        (dict(rank="4"), "--rank must be a positive integer, got '4'"),
+        (dict(rank=4, batch_memory="512M"), "batch_memory must be an integer (bytes"),
+        (dict(rank=4, alpha="8"), "alpha must be a number, got '8'"),
+        (dict(rank=4, seed="1"), "seed must be an integer, got '1'"),
+        (dict(rank=4, targets=[1]), "targets must be a regex string or a list of them"),
+        (dict(rank=4, quant_iters=3), "quant_iters is for quantize="),
+    ]
+    for kwargs, match in bad:
+        with pytest.raises(InputError, match=re.escape(match)):
+            run(tiny_llama, tmp_path / "bad", quiet=True, **kwargs)
+        assert not (tmp_path / "bad").exists()

@@ -338,3 +338,17 @@ def test_verify_without_the_report_says_the_residual_is_quantized(
     assert code == 1 and "is an nf4 fixed point" in stdout and "pissa_report.json" in stdout
     code, stdout, _ = run_cli("verify", tiny_llama, qout, "--quiet")
     assert code == 0 and "fixed point:" not in stdout
+
+
+def test_int8_with_a_wide_residual_says_how_to_load_it_exactly(tiny_llama, run_cli, tmp_path):
+    """bitsandbytes casts an 8-bit weight to fp16 before quantizing it: an fp32 int8 residual
+    loads rounded. decompose says so, and an fp16 residual is a fixed point after that cast."""
+    out = tmp_path / "out"
+    args = ["decompose", tiny_llama, "--rank", "4", "--quantize", "int8", "--quant-iters", "1"]
+    code, _, err = run_cli(*args, "--out", out, "--dry-run")
+    assert code == 0 and "casts an 8-bit weight to fp16" in err and "--residual-dtype fp16" in err
+    code, _, err = run_cli(*args, "--out", out, "--residual-dtype", "fp16", "--quiet")
+    assert code == 0 and "casts an 8-bit weight" not in err
+    R = _tensors(out)["model.layers.0.mlp.down_proj.weight"]
+    assert R.dtype == torch.float16
+    assert torch.equal(fake_quantize(R.half(), "int8"), R)  # what Int8Params quantizes
