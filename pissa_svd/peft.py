@@ -153,7 +153,8 @@ def initialize(
     Refused with :class:`InputError` (nothing is modified): quantized base layers
     (bitsandbytes, GPTQ, AWQ, ... or any weight that is not a plain bf16/fp16/fp32/fp64
     tensor), weights on the meta device, merged adapters, weights tied to another module,
-    LoRA variants other than DoRA, and a rank above min(out, in).
+    another adapter on the same layer (it shares the base weight the residual replaces), LoRA
+    variants other than DoRA, and a rank above min(out, in).
 
     Args:
         peft_model: a ``PeftModel`` (or ``LoraModel``, or any module holding PEFT LoRA layers).
@@ -313,6 +314,13 @@ def _collect(model: torch.nn.Module, name: str) -> tuple[list[_Target], dict[str
             raise InputError(
                 f"{mname}: the base weight is on the meta device; load the model's weights "
                 "before initializing"
+            )
+        others = sorted(a for a in layer.r if a != name)
+        if others:
+            raise InputError(
+                f"{mname}: adapter(s) {', '.join(map(repr, others))} share its base weight, which "
+                f"PiSSA replaces with the residual of {name!r}, changing their output; initialize "
+                "a model that holds one adapter (delete_adapter() the others first)"
             )
         if wrapper:
             targets += _expert_targets(mname, layer, name, weight)

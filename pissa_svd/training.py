@@ -21,7 +21,7 @@ import contextlib
 import math
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -432,6 +432,22 @@ def _to(batch, device: torch.device):
     return batch
 
 
+def _model_loss(model: nn.Module, batch: object) -> torch.Tensor:
+    """``model(**batch).loss``, or an InputError saying what the batch lacks."""
+    if not isinstance(batch, Mapping):
+        raise InputError(
+            f"a batch is a {type(batch).__name__}: without loss_fn, batches must be dicts of "
+            "tensors for model(**batch) (e.g. input_ids and labels), or pass loss_fn"
+        )
+    loss = getattr(model(**batch), "loss", None)
+    if not isinstance(loss, torch.Tensor):
+        raise InputError(
+            "the model's output has no loss: add labels to the batches (transformers computes "
+            "the loss from them), or pass loss_fn(model, batch)"
+        )
+    return loss
+
+
 def fit(
     model: nn.Module,
     batches: Iterable,
@@ -464,9 +480,11 @@ def fit(
     """
     from tqdm.auto import tqdm
 
-    if steps < 1 or grad_accum < 1 or log_every < 1:
+    counts = (steps, grad_accum, log_every)
+    if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in counts):
         raise InputError(
-            f"steps, grad_accum and log_every must be >= 1, got {steps}, {grad_accum}, {log_every}"
+            f"steps, grad_accum and log_every must be ints >= 1, got {steps!r}, {grad_accum!r}, "
+            f"{log_every!r}"
         )
     if save_every is not None and (save_every < 1 or save_dir is None):
         raise InputError("save_every needs a save_dir and must be >= 1")
@@ -494,7 +512,7 @@ def fit(
         for _ in range(grad_accum):
             batch = _to(next(micro), device)
             with autocast:
-                loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
+                loss = loss_fn(model, batch) if loss_fn is not None else _model_loss(model, batch)
             (loss / grad_accum).backward()
             total += loss.detach().float()
         if max_grad_norm is not None:

@@ -372,6 +372,15 @@ def test_named_adapter_among_several():
     with pytest.raises(InputError, match="no adapter named 'nope'"):
         initialize(model, adapter_name="nope")
 
+    # Two adapters on one layer share its base weight: the residual of one would change the
+    # other's output, so nothing is changed and the error says so.
+    shared = lora(make_llama(), target_modules=["q_proj", "v_proj"])
+    shared.add_adapter("b", LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj"]))
+    before = {n: p.detach().clone() for n, p in shared.named_parameters()}
+    with pytest.raises(InputError, match="adapter\\(s\\) 'b' share its base weight"):
+        initialize(shared)
+    assert all(torch.equal(p, before[n]) for n, p in shared.named_parameters())
+
 
 def test_dora_output_unchanged():
     """DoRA's magnitude is ||W||'s column norms; W_res + s * B @ A keeps W, so it stays valid."""

@@ -321,6 +321,14 @@ def test_fit_accumulates_and_reports_the_micro_batch_mean(out):
     assert losses == [pytest.approx(expected, abs=1e-5)]
     with pytest.raises(InputError, match="ran out after 1 of 4 micro-batches"):
         fit(model, iter([b1]), steps=2, grad_accum=2, progress=False)
+    # The usual mistakes, each named: no labels, a tuple batch, a fractional step count.
+    for batches, kwargs, match in [
+        ([{"input_ids": i1}], {}, "output has no loss: add labels"),
+        ([(i1, i1)], {}, "a batch is a tuple: without loss_fn, batches must be dicts"),
+        ([b1], {"steps": 1.5}, "must be ints >= 1, got 1.5"),
+    ]:
+        with pytest.raises(InputError, match=match):
+            fit(model, batches, **{"steps": 1, **kwargs}, progress=False)
 
 
 def test_fit_plain_module_with_loss_fn(tmp_path):
