@@ -176,6 +176,8 @@ def initialize(
         by ``True``.
     """
     _check_options(niter, method, oversample, backend)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InputError(f"seed must be an int, got {seed!r}")
     try:
         check_sketch_dtype(sketch_dtype)
     except ValueError as exc:

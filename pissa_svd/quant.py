@@ -323,13 +323,26 @@ def quantization_error(
     if (
         Wo.ndim != 2
         or Ro.shape != Wo.shape
-        or (A is not None and (B.shape[0] != Wo.shape[0] or A.shape[1] != Wo.shape[1]))
+        or (
+            A is not None
+            and (
+                A.ndim != 2
+                or B.ndim != 2
+                or B.shape[0] != Wo.shape[0]
+                or A.shape[1] != Wo.shape[1]
+                or A.shape[0] != B.shape[1]
+            )
+        )
     ):
         raise InputError(
             f"shapes do not match: W {tuple(W.shape)}, W_res_q {tuple(W_res_q.shape)}"
             + ("" if A is None else f", A {tuple(A.shape)}, B {tuple(B.shape)}")
             + "; W is (out, in), A (r, in) and B (out, r)"
         )
+    if dtype not in (torch.float32, torch.float64):
+        raise InputError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+    if not (scaling > 0 and math.isfinite(scaling)):
+        raise InputError(f"scaling (lora_alpha / r) must be a finite number > 0, got {scaling}")
     E = Wo.to(dtype) - fake_quantize(Ro, scheme, dtype=torch.float32).to(dtype)
     if A is not None:
         E.addmm_(B.to(dtype), A.to(dtype), alpha=-scaling)
@@ -430,7 +443,7 @@ def qpissa_factors(
         (``1 - stored_error / qlora_error``) and ``settle_rounds``.
     """
     _check_scheme(scheme)
-    _check_norm(select)
+    _check_norm(select, "select")
     _check_float(W, "W")
     if W.ndim != 2:
         raise InputError(f"W must be a 2-D weight matrix, got shape {tuple(W.shape)}")
@@ -639,9 +652,9 @@ def _check_scheme(scheme: str) -> None:
         raise InputError(f"unknown quantization scheme {scheme!r}: use one of {', '.join(SCHEMES)}")
 
 
-def _check_norm(norm: str) -> None:
+def _check_norm(norm: str, what: str = "norm") -> None:
     if norm not in NORMS:
-        raise InputError(f"unknown norm {norm!r}: use 'fro' (Frobenius) or 'nuc' (nuclear)")
+        raise InputError(f"unknown {what} {norm!r}: use 'fro' (Frobenius) or 'nuc' (nuclear)")
 
 
 def _check_float_dtype(dtype: torch.dtype, what: str) -> None:

@@ -32,6 +32,7 @@ from .adapter import ADAPTER_FILE, LoraAdapter
 from .checkpoint import Checkpoint, read_tensor
 from .errors import InputError, read_json
 from .loadcheck import model_class
+from .output import staged
 from .pipeline import ADAPTER_DIR
 
 BACKENDS = ("auto", "peft", "torch")
@@ -347,7 +348,11 @@ def load_trainable(
 
 
 def save_adapter(
-    module: nn.Module, save_dir: str | os.PathLike, *, base_config: dict | None = None
+    module: nn.Module,
+    save_dir: str | os.PathLike,
+    *,
+    base_config: dict | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write the adapters of a :class:`PiSSALinear`-patched module in PEFT's format.
 
@@ -357,6 +362,10 @@ def save_adapter(
     (default: the one :func:`apply_pissa` loaded) with r, lora_alpha, use_rslora,
     target_modules and fan_in_fan_out set from the layers (one r and scaling for all of them). Load the result on the residual model with
     ``PeftModel.from_pretrained(residual_model, save_dir)``. Returns ``save_dir``.
+
+    The folder is written whole into a temporary sibling and renamed into place. One that
+    exists and is not empty (e.g. decompose's ``pissa_init``, which to-lora needs) is only
+    replaced with ``overwrite=True``.
     """
     layers = {n: m for n, m in module.named_modules() if isinstance(m, PiSSALinear)}
     if not layers:
@@ -393,9 +402,16 @@ def save_adapter(
     ):
         config.setdefault(key, default)
     save_dir = Path(save_dir)
+    if save_dir.is_dir() and not any(save_dir.iterdir()):
+        save_dir.rmdir()  # an empty folder made for it: nothing to keep
+    if save_dir.exists() and not overwrite:
+        raise InputError(
+            f"{save_dir} already exists; pass overwrite=True to replace it, or another folder"
+        )
     A = {n: m.lora_A.detach().cpu() for n, m in layers.items()}
     B = {n: m.lora_B.detach().cpu() for n, m in layers.items()}
-    LoraAdapter(save_dir, config, A, B).save(save_dir)
+    with staged(save_dir, overwrite) as tmp:
+        LoraAdapter(save_dir, config, A, B).save(tmp)
     return save_dir
 
 

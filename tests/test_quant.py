@@ -369,7 +369,7 @@ def test_svd_kwargs_reach_the_svd():
         ({"iters": 0}, "iters must be an int >= 1"),
         ({"iters": 2.0}, "iters must be an int >= 1"),
         ({"iters": True}, "iters must be an int >= 1"),
-        ({"select": "spectral"}, "unknown norm 'spectral'"),
+        ({"select": "spectral"}, "unknown select 'spectral'"),
         ({"scaling": 0.0}, "scaling"),
         ({"residual_dtype": torch.int8}, "residual_dtype is torch.int8"),
     ],
@@ -400,6 +400,13 @@ def test_fake_quantize_rejects_bad_input():
         fake_quantize(torch.ones(4, 4).to(torch.float8_e5m2), "nf4")
     with pytest.raises(InputError, match="shapes do not match"):
         error_reduction(torch.ones(4, 8), torch.ones(4, 8), torch.ones(2, 4), torch.ones(4, 2))
+    W, A, B = torch.ones(4, 8), torch.ones(2, 8), torch.ones(4, 2)
+    with pytest.raises(InputError, match="shapes do not match"):  # ranks of A and B differ
+        quantization_error(W, W, A[:1], B)
+    with pytest.raises(InputError, match="scaling .* must be a finite number > 0, got -1"):
+        quantization_error(W, W, A, B, scaling=-1.0)
+    with pytest.raises(InputError, match="dtype must be torch.float32 or torch.float64"):
+        error_reduction(W, W, A, B, dtype=torch.float16)
 
 
 def test_fp16_residual_that_overflows_is_a_clear_error():

@@ -354,6 +354,24 @@ def test_fit_plain_module_with_loss_fn(tmp_path):
 # --- saving ------------------------------------------------------------------------------------
 
 
+def test_save_adapter_replaces_a_folder_only_when_asked(out, tmp_path):
+    """Saving onto an existing adapter (decompose's pissa_init, which to-lora needs) is
+    refused unless overwrite=True; an empty folder is fine; nothing is left half-written."""
+    model = load_trainable(out, backend="torch")
+    taken = tmp_path / "pissa_init"
+    taken.mkdir()
+    (taken / "adapter_config.json").write_text("{}")
+    with pytest.raises(InputError, match="already exists; pass overwrite=True"):
+        save_adapter(model, taken)
+    assert (taken / "adapter_config.json").read_text() == "{}"
+    save_adapter(model, taken, overwrite=True)
+    assert json.loads((taken / ADAPTER_CONFIG).read_text())["peft_type"] == "LORA"
+    (tmp_path / "empty").mkdir()
+    save_adapter(model, tmp_path / "empty")
+    assert (tmp_path / "empty" / ADAPTER_CONFIG).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "pissa_init"]
+
+
 def test_saved_adapter_reloads_in_peft(tiny_llama, out, ids, tmp_path):
     from peft import PeftModel
 
