@@ -227,11 +227,7 @@ def apply_pissa(
         try:
             layer = module.get_submodule(name)
         except AttributeError:
-            raise InputError(
-                f"{adapter_file}: targets module {name!r}, which the model does not have; "
-                "apply it to the architecture that was decomposed (submodule names must match "
-                "its tensor names)"
-            ) from None
+            raise InputError(_missing_module(module, name, adapter_file)) from None
         kind = "Conv1D" if fan else "nn.Linear"
         ok = _is_conv1d(layer) if fan else isinstance(layer, nn.Linear)
         if not ok or isinstance(layer, PiSSALinear):
@@ -345,6 +341,28 @@ def load_trainable(
 
 
 # --- saving -----------------------------------------------------------------------------------
+
+
+def _missing_module(module: nn.Module, name: str, adapter_file: Path) -> str:
+    """Why the adapter's module ``name`` is not in ``module``: fused experts (one parameter
+    for all experts of a layer, as transformers 5 builds mixture-of-experts models), which
+    only PEFT's target_parameters LoRA adapts, or another architecture."""
+    # transformers may also rename the container on load (Mixtral's block_sparse_moe -> mlp).
+    fused = [
+        m
+        for n, m in module.named_modules()
+        if n.endswith(".experts") and not isinstance(m, nn.ModuleList)
+    ]
+    if ".experts." in name and fused:
+        return (
+            f"{adapter_file}: targets expert module {name!r}, but this model fuses its "
+            f"experts ({type(fused[0]).__name__}); the torch backend adapts nn.Linear layers "
+            "only: use backend='peft', which loads per-expert adapters onto fused experts"
+        )
+    return (
+        f"{adapter_file}: targets module {name!r}, which the model does not have; apply it "
+        "to the architecture that was decomposed (submodule names must match its tensor names)"
+    )
 
 
 def save_adapter(

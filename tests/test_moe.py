@@ -495,3 +495,16 @@ def test_targets_chosen_with_a_pattern_are_load_checked(tmp_path):
     assert report["load_check"].startswith("every target gets its adapter")
     report = decompose(src, tmp_path / "c", rank=4, quiet=True)
     assert report["load_check"] is None
+
+
+def test_torch_backend_on_fused_experts_points_to_peft(tmp_path):
+    """transformers builds Mixtral's experts as one fused parameter: the torch backend, which
+    adapts nn.Linear layers, says to use the peft backend, which loads them."""
+    from pissa_svd.training import load_trainable
+
+    src = save_tiny_moe(tmp_path / "src", "mixtral")
+    out = tmp_path / "out"
+    decompose(src, out, rank=4, quiet=True)
+    with pytest.raises(InputError, match="this model fuses its experts .*use backend='peft'"):
+        load_trainable(out, backend="torch")
+    assert load_trainable(out, backend="peft") is not None
