@@ -322,9 +322,16 @@ def _decompose(args: argparse.Namespace) -> int:
     report = execute(plan)
     if not args.quiet and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks
         t = report["totals"]
+        reused = t.get("resumed", 0)
+        what, svd = f"{t['matrices']} matrices decomposed", f"SVD {t['svd_seconds']:.1f} s"
+        if reused:  # the report's SVD seconds include the interrupted run's
+            what = (
+                f"{t['matrices']} matrices ({t['matrices'] - reused} decomposed now, {reused} "
+                "reused from the interrupted run)"
+            )
+            svd += " over both runs"
         print(
-            f"pissa-svd: {t['matrices']} matrices decomposed in {t['seconds']:.1f} s "
-            f"(SVD {t['svd_seconds']:.1f} s), mean captured energy "
+            f"pissa-svd: {what} in {t['seconds']:.1f} s ({svd}), mean captured energy "
             f"{100 * t['mean_energy_fraction']:.1f}%, peak RSS {t['peak_rss_bytes'] / 1e9:.2f} GB\n"
             f"  residual model: {plan.out}\n"
             f"  adapter:        {plan.out / 'pissa_init'}  (r={plan.options.rank}, "
