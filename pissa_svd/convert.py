@@ -544,14 +544,14 @@ def verify(
 def _quantized_hint(o: TensorInfo, fan_in_fan_out: bool) -> str:
     """For a residual that failed the plain check with no quantization record: whether it is
     a quantizer's fixed point, i.e. a --quantize output checked without its report."""
-    from .quant import fake_quantize
+    from .quant import _fake_quantize
 
     R = read_tensor(o)
     if o.dtype not in FLOAT_DTYPES or R.ndim != 2:
         return ""
     R = R.mT.contiguous() if fan_in_fan_out else R
     for scheme in ("nf4", "int8"):
-        if torch.equal(fake_quantize(R, scheme), R):
+        if torch.equal(_fake_quantize(R, scheme), R):
             return (
                 f"{o.name} is an {scheme} fixed point: OUT looks like a decompose --quantize "
                 f"output checked without its {REPORT_FILE}; restore the report from that run"
@@ -633,7 +633,7 @@ def _check_quantized(s: TensorInfo, o: TensorInfo, ad, module: str, record: dict
     which for a Conv1D weight (``fan_in_fan_out``, stored (in, out)) is its transpose, as
     transformers transposes it before quantizing (and decompose quantized it so).
     """
-    from .quant import fake_quantize, quantized_row_blocks
+    from .quant import _fake_quantize, quantized_row_blocks
 
     scheme = record["scheme"]
     row = TensorCheck(s.name, "target", s.shape, f"{s.dtype}->{o.dtype} {scheme}", True)
@@ -654,7 +654,7 @@ def _check_quantized(s: TensorInfo, o: TensorInfo, ad, module: str, record: dict
     for lo, hi in quantized_row_blocks(rows, cols, scheme, _CHUNK_ELEMENTS // max(cols, 1)):
         Rc = R[lo:hi].contiguous()
         # deq(Q(R)) in fp32: what a loader dequantizes (R itself, but not rounded to R's dtype).
-        V = fake_quantize(Rc, scheme, dtype=torch.float32)
+        V = _fake_quantize(Rc, scheme, dtype=torch.float32)
         if not torch.equal(V.to(R.dtype), Rc):
             row.ok, row.ratio, row.note = False, math.inf, f"not a {scheme} fixed point"
             return row

@@ -295,9 +295,9 @@ class Plan:
                 sketch_dtype=SKETCH_DTYPES[o.sketch_dtype],
             )
         if o.quantize:
-            from .quant import fake_quantize
+            from .quant import _fake_quantize
 
-            fake_quantize(small[0], o.quantize, dtype=small.dtype)
+            _fake_quantize(small[0], o.quantize, dtype=small.dtype)
         _sync(small)
         return _rss_bytes()
 

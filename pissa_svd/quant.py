@@ -269,6 +269,12 @@ def fake_quantize(
     _check_float(W, "W")
     if dtype is not None:
         _check_float_dtype(dtype, "dtype")
+    _check_finite(W, "W")  # an inf makes its whole block (row) NaN
+    return _fake_quantize(W, scheme, dtype)
+
+
+def _fake_quantize(W: torch.Tensor, scheme: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """:func:`fake_quantize` without its checks, for inputs known to be good (one pass less)."""
     W = W.detach()
     if scheme == "nf4":
         return _nf4_fake(W, dtype or W.dtype)
@@ -465,7 +471,7 @@ def qpissa_factors(
     W32 = Wo.to(work).contiguous()
 
     def quant(x: torch.Tensor) -> torch.Tensor:
-        return fake_quantize(x, scheme, dtype=work)
+        return _fake_quantize(x, scheme, dtype=work)
 
     def residual(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """W - s * B @ A from the stored A, B, computed exactly as pissa_factors does."""
@@ -581,7 +587,7 @@ def _stored_error(
         E = W32[lo:hi].clone()
         with ieee_matmuls(E.device):
             E.addmm_(B[lo:hi].to(work), A.to(work), alpha=-scaling)
-        return E.sub_(R[lo:hi] if R.dtype == work else fake_quantize(R[lo:hi], scheme, dtype=work))
+        return E.sub_(R[lo:hi] if R.dtype == work else _fake_quantize(R[lo:hi], scheme, dtype=work))
 
     rows, cols = W32.shape
     if norm != "fro":
@@ -622,7 +628,7 @@ def _settle(R: torch.Tensor, scheme: str) -> tuple[torch.Tensor, int]:
     Returns (R, rounds): the number of whole-matrix re-quantizations that changed R.
     """
     for rounds in range(_MAX_SETTLE_ROUNDS + 1):
-        nxt = fake_quantize(R, scheme)
+        nxt = _fake_quantize(R, scheme)
         if torch.equal(nxt, R):
             return R, rounds
         if not all_finite(nxt):

@@ -396,6 +396,9 @@ def test_bad_weights_raise_input_error(W, message):
 def test_fake_quantize_rejects_bad_input():
     with pytest.raises(InputError, match="unknown quantization scheme"):
         fake_quantize(torch.ones(4, 4), "int4")
+    for scheme in ("nf4", "int8"):  # an inf would make its block (row) NaN without a word
+        with pytest.raises(InputError, match="W has inf or NaN values"):
+            fake_quantize(torch.tensor([[1.0, float("inf")], [0.5, 0.25]]), scheme)
     with pytest.raises(InputError, match="float8"):
         fake_quantize(torch.ones(4, 4).to(torch.float8_e5m2), "nf4")
     with pytest.raises(InputError, match="shapes do not match"):
