@@ -547,7 +547,7 @@ def _quantized_hint(o: TensorInfo, fan_in_fan_out: bool) -> str:
     from .quant import _fake_quantize
 
     R = read_tensor(o)
-    if o.dtype not in FLOAT_DTYPES or R.ndim != 2:
+    if o.dtype not in FLOAT_DTYPES or R.ndim != 2 or not all_finite(R):
         return ""
     R = R.mT.contiguous() if fan_in_fan_out else R
     for scheme in ("nf4", "int8"):
@@ -653,10 +653,18 @@ def _check_quantized(s: TensorInfo, o: TensorInfo, ad, module: str, record: dict
     err_sq = w_sq = v_sq = inner = 0.0
     for lo, hi in quantized_row_blocks(rows, cols, scheme, _CHUNK_ELEMENTS // max(cols, 1)):
         Rc = R[lo:hi].contiguous()
+        if not all_finite(Rc):
+            row.ok, row.ratio, row.note = False, math.inf, "non-finite values in the residual"
+            return row
         # deq(Q(R)) in fp32: what a loader dequantizes (R itself, but not rounded to R's dtype).
         V = _fake_quantize(Rc, scheme, dtype=torch.float32)
         if not torch.equal(V.to(R.dtype), Rc):
             row.ok, row.ratio, row.note = False, math.inf, f"not a {scheme} fixed point"
+            if scheme == "int8" and record["fp32_sums"] and o.dtype in ("F32", "F64"):
+                row.note += (
+                    " (written by an older pissa-svd, whose int8 skipped the fp16 cast that "
+                    "bitsandbytes' 8-bit loading makes: rerun decompose)"
+                )
             return row
         Wc = W[lo:hi].to(work)
         E = (Wc - V.to(work)).sub_(B[lo:hi] @ A)

@@ -472,14 +472,6 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
         )
     if patterns and targets and not o.quiet:
         _note_never_targets(ckpt, patterns, exclude)
-    wide = sorted({t.residual_dtype for t in targets} & {"F32", "F64"})
-    if o.quantize == "int8" and wide and not o.quiet:
-        print(
-            f"pissa-svd: note: bitsandbytes casts an 8-bit weight to fp16 before it quantizes "
-            f"it, so a {'/'.join(wide)} int8 residual loads rounded, not as stored; pass "
-            "--residual-dtype fp16 for a residual that loads exactly",
-            file=sys.stderr,
-        )
     if too_small:
         most, name, out_f, in_f = min(too_small)
         if most == 0:  # no rank fits: only --exclude helps

@@ -14,20 +14,13 @@ Quantizers (values identical to bitsandbytes', checked bit for bit in tests/test
   kernel, which also compares with ``>``). Double quantization of the absmax values
   (``bnb_4bit_use_double_quant``) is not modelled: absmax is kept in fp32.
 - ``int8``: LLM.int8's row-wise absmax: ``q = round(x * (127 / absmax_row))`` (round half to
-  even), dequantized as ``q * absmax_row / 127``; no outlier decomposition (threshold 0).
+  even), dequantized as ``q * absmax_row / 127``; no outlier decomposition (threshold 0). Of
+  the values rounded to fp16 first: bitsandbytes' 8-bit layer (``Int8Params``) casts a weight
+  to fp16 before it quantizes it, whatever its dtype, so that is what an 8-bit model holds.
 
-Both quantize the fp32 values of the input (bf16/fp16 widen exactly; fp64 is rounded to fp32),
-as bitsandbytes' ``quantize_4bit`` and ``int8_vectorwise_quant`` do. A Conv1D weight
-(``fan_in_fan_out``) is quantized in its (out, in) orientation, because transformers transposes
-Conv1D weights before quantizing them.
-
-Loading caveat for int8: bitsandbytes' 8-bit layer (``Int8Params``) casts a weight to fp16
-before it quantizes it. An fp16 residual loads exactly; a bf16 one too while its values stay in
-fp16's normal range (a row's scale above ~8e-3); an fp32/fp64 one is rounded to fp16 first, so
-the loaded 8-bit weights differ from the stored fixed point by that rounding (about 1e-5
-absolute on a tiny Llama, moving the loaded model's error from the recorded one by up to
-0.25%). Store int8 residuals in fp16 for exact loading; decompose says so when it writes a
-wider one.
+NF4 quantizes the fp32 values of the input (bf16/fp16 widen exactly; fp64 is rounded to fp32),
+as bitsandbytes' ``quantize_4bit`` does. A Conv1D weight (``fan_in_fan_out``) is quantized in
+its (out, in) orientation, because transformers transposes Conv1D weights before quantizing.
 
 The stored residual
 -------------------
@@ -38,10 +31,10 @@ one for NF4: the largest value of each block dequantizes to exactly ``±absmax``
 re-quantizing finds the same absmax and, since every scaled value is within a few ulps of its
 code, the same codes. It is not one
 
-- in bf16/fp16: rounding ``absmax`` to bf16 changes the scale, and ``code * bf16(absmax)``
-  rounds differently from ``code * absmax``;
-- for int8, even in fp32: a row's largest value dequantizes to ``fl(fl(127 * a) * fp32(1/127))``,
-  often one ulp below ``a``, so every re-quantization can lower the scale by another ulp.
+- in bf16 (and for NF4 in fp16): rounding ``absmax`` to it changes the scale, and
+  ``code * bf16(absmax)`` rounds differently from ``code * absmax``. (A row's largest int8
+  value dequantizes to ``fl(fl(127 * a) * fp32(1/127))``, often one ulp below ``a``; the fp16
+  cast rounds it back to ``a``, an fp16 number, so int8 is stable in fp32 and fp16.)
 
 So R is obtained by first iterating the int8 scale map on the scale vector to its fixed point,
 then re-quantizing the values rounded to the residual dtype until they stop changing: one round
@@ -214,11 +207,13 @@ def _nf4_fake(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def int8_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """LLM.int8 row-wise absmax quantization of ``x``: (rows, cols) or (..., cols).
+    """LLM.int8 row-wise absmax quantization of ``x``: (rows, cols) or (..., cols), of its
+    values rounded to fp16 first, as bitsandbytes' 8-bit layer (``Int8Params``) casts a weight
+    to fp16 before ``int8_vectorwise_quant``: what an 8-bit model loaded from ``x`` holds.
 
     Returns (q (..., cols) int8 in -127..127, absmax (rows,) fp32 with rows = numel / cols).
     An all-zero row gets codes 0 (bitsandbytes computes 0 * inf there; its dequantized row is
-    0 either way).
+    0 either way). Values beyond fp16's range are an InputError (8-bit loading makes them inf).
     """
     _check_float(x, "x")
     if x.ndim < 1 or x.shape[-1] == 0:
@@ -228,8 +223,13 @@ def int8_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     absmax = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)
     step = max(1, _CHUNK // rows.shape[1])
     for start in range(0, rows.shape[0], step):
-        r32 = rows[start : start + step].to(torch.float32)
+        r32 = rows[start : start + step].to(torch.float16).to(torch.float32)
         amax = r32.abs().amax(dim=1)
+        if not bool(torch.isfinite(amax).all()):
+            raise InputError(
+                "int8: values beyond fp16's range (65504), which bitsandbytes' 8-bit loading "
+                "casts weights to; use nf4, or scale the weights down"
+            )
         scale = (127.0 / amax).nan_to_num_(posinf=0.0)  # zero rows: codes 0
         q[start : start + step] = torch.round(r32 * scale.unsqueeze(1)).to(torch.int8)
         absmax[start : start + step] = amax
@@ -603,20 +603,9 @@ def _round_residual(Q: torch.Tensor, scheme: str, dtype: torch.dtype) -> torch.T
     Q: (out, in) fp32/fp64 dequantized values. A separate step so that the caller can drop Q
     (a whole fp32 matrix) before the re-quantization rounds run.
     """
-    if scheme == "int8":
-        # A row's largest value dequantizes to fl(fl(127 * a) * fp32(1/127)), which is a - 1 ulp
-        # for many scales a, so each re-quantization can shave one more ulp off the scale (up
-        # to ~10 rounds). Iterate that map on the (rows,) scale vector to its fixed point first;
-        # the codes do not change, so the matrix then needs no such rounds.
-        q, a = int8_quantize(Q)
-        for _ in range(64):
-            nxt = (a * 127.0) * _INV127
-            if torch.equal(nxt, a):
-                break
-            a = nxt
-        R = int8_dequantize(q, a, dtype)
-    else:
-        R = Q.to(dtype)
+    # (int8: a row's largest value dequantizes to fl(fl(127 a) * fp32(1/127)), often a - 1 ulp,
+    # but re-quantizing casts it to fp16 first, which rounds it back to a, an fp16 number.)
+    R = Q.to(dtype)
     if not all_finite(R):
         raise _does_not_fit(dtype, Q)
     return R

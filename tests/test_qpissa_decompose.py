@@ -340,15 +340,25 @@ def test_verify_without_the_report_says_the_residual_is_quantized(
     assert code == 0 and "fixed point:" not in stdout
 
 
-def test_int8_with_a_wide_residual_says_how_to_load_it_exactly(tiny_llama, run_cli, tmp_path):
-    """bitsandbytes casts an 8-bit weight to fp16 before quantizing it: an fp32 int8 residual
-    loads rounded. decompose says so, and an fp16 residual is a fixed point after that cast."""
-    out = tmp_path / "out"
-    args = ["decompose", tiny_llama, "--rank", "4", "--quantize", "int8", "--quant-iters", "1"]
-    code, _, err = run_cli(*args, "--out", out, "--dry-run")
-    assert code == 0 and "casts an 8-bit weight to fp16" in err and "--residual-dtype fp16" in err
-    code, _, err = run_cli(*args, "--out", out, "--residual-dtype", "fp16", "--quiet")
-    assert code == 0 and "casts an 8-bit weight" not in err
-    R = _tensors(out)["model.layers.0.mlp.down_proj.weight"]
-    assert R.dtype == torch.float16
-    assert torch.equal(fake_quantize(R.half(), "int8"), R)  # what Int8Params quantizes
+def test_int8_residuals_load_in_8_bits_as_stored(tiny_llama, run_cli, tmp_path):
+    """bitsandbytes' 8-bit layer casts a weight to fp16 before quantizing it; the int8
+    residual is a fixed point of exactly that, in fp32 as in fp16, so it loads as stored."""
+    for dtype in ("fp32", "fp16"):
+        out = tmp_path / dtype
+        args = ["decompose", tiny_llama, "--rank", "4", "--quantize", "int8", "--quant-iters", "1"]
+        code, _, err = run_cli(*args, "--out", out, "--residual-dtype", dtype, "--quiet")
+        assert code == 0, err
+        for name, R in _tensors(out).items():
+            if name.endswith("proj.weight"):
+                assert torch.equal(fake_quantize(R.half(), "int8", dtype=R.dtype), R), name
+        code, stdout, _ = run_cli("verify", tiny_llama, out, "--quiet")
+        assert code == 0, stdout
+
+
+def test_verify_fails_a_quantized_residual_with_inf(tiny_llama, qout, run_cli, tmp_path):
+    """A non-finite value in a QPiSSA residual is a failed check (exit 1), not bad input."""
+    bad = Path(shutil.copytree(qout, tmp_path / "bad"))
+    name = "model.layers.0.self_attn.o_proj.weight"
+    _rewrite(bad, name, lambda t: t.index_fill(0, torch.tensor([0]), float("inf")))
+    code, stdout, _ = run_cli("verify", tiny_llama, bad, "--quiet")
+    assert code == 1 and f"worst {name}: non-finite values in the residual" in stdout, stdout
