@@ -645,7 +645,8 @@ def _check_quantized(s: TensorInfo, o: TensorInfo, ad, module: str, record: dict
     scales_moved = record["scales_moved"]
     # An older decompose took its errors with one fp32 reduction over the whole matrix, which
     # drifts by more than the tolerance below (4.5e-3 at 14336 x 4096): the same for those.
-    whole = torch.empty(W.shape, dtype=work) if record.get("fp32_sums") else None
+    legacy_sum = record["fp32_sums"] and work == torch.float32
+    whole = torch.empty(W.shape, dtype=work) if legacy_sum else None
     rows, cols = W.shape
     # Row blocks that start on a quantization block (NF4 blocks run over the row-major
     # flattening, int8 scales are per row), so each dequantizes as within the whole matrix:
@@ -675,9 +676,7 @@ def _check_quantized(s: TensorInfo, o: TensorInfo, ad, module: str, record: dict
             inner += _block_inner(E, V, scheme)
         if whole is not None:
             whole[lo:hi] = E
-    err = math.sqrt(err_sq)
-    if whole is not None and work == torch.float32:
-        err = float(torch.linalg.matrix_norm(whole))
+    err = math.sqrt(err_sq) if whole is None else float(torch.linalg.matrix_norm(whole))
     del whole
     # 0.1% of the recorded error for the arithmetic (fp32 sums, GEMMs done differently), with a
     # floor of a few rounding units of the operands for a matrix the adapter captures almost

@@ -1405,7 +1405,7 @@ def _library_types(o: Options) -> Options:
             raise InputError(
                 f"{key} must be an integer (bytes for batch_memory), got {getattr(o, key)!r}"
             )
-    if o.alpha is not None and not isinstance(o.alpha, (int, float)) or isinstance(o.alpha, bool):
+    if o.alpha is not None and (isinstance(o.alpha, bool) or not isinstance(o.alpha, (int, float))):
         raise InputError(f"alpha must be a number, got {o.alpha!r}")
     if o.quantize is None and o.quant_iters != Options.quant_iters:
         raise InputError("quant_iters is for quantize='nf4' or 'int8' (QPiSSA); pass quantize too")

@@ -36,11 +36,10 @@ code, the same codes. It is not one
   value dequantizes to ``fl(fl(127 * a) * fp32(1/127))``, often one ulp below ``a``; the fp16
   cast rounds it back to ``a``, an fp16 number, so int8 is stable in fp32 and fp16.)
 
-So R is obtained by first iterating the int8 scale map on the scale vector to its fixed point,
-then re-quantizing the values rounded to the residual dtype until they stop changing: one round
-for NF4 in bf16/fp16 (afterwards absmax is representable in that dtype), none in fp32
-(``info["settle_rounds"]``). The result differs from deq(Q(W_res)) only by that rounding (for
-int8 scales, a few fp32 ulps), and the function checks the fixed point before returning.
+So R is obtained by re-quantizing the values rounded to the residual dtype until they stop
+changing: one round in bf16 (and for NF4 in fp16; afterwards absmax is representable in that
+dtype), none in fp32 (``info["settle_rounds"]``). The result differs from deq(Q(W_res)) only by
+that rounding, and the function checks the fixed point before returning.
 """
 
 from __future__ import annotations
