@@ -36,6 +36,7 @@ from .checkpoint import (
 )
 from .errors import InputError
 from .fused import FusedParam, fused_params, unmapped_params
+from .linalg import svd_lowrank
 from .output import check_out, copy_files, plain_number, progress, staged, write_json
 from .pipeline import ADAPTER_DIR, REPORT_FILE
 from .pissa import all_finite, sum_squares
@@ -304,8 +305,9 @@ def merge(
     ``base`` is a checkpoint folder or file (for a PiSSA run: the decompose output, the
     residual model); OUT gets the same shards, dtypes and side files (config, tokenizer).
     An adapter whose recorded base is another local folder is merged, and the summary's
-    ``other_base`` names that folder; the two PiSSA mix-ups that decompose's report proves
-    are refused (see :func:`_check_base`).
+    ``other_base`` names that folder. The two PiSSA mix-ups are refused: a LoRA for the
+    original merged into its residual (:func:`_check_base`, :func:`_check_residual_rank`), and
+    an adapter trained on a residual merged into the original (:func:`_holds_update`).
     """
     base_path, out = Path(base), Path(out)
     ck = Checkpoint.open(base_path)
@@ -315,24 +317,33 @@ def merge(
     targets = _match_targets(infos, ad, str(base_path))  # an adapter that does not fit, first
     replaced = _match_extra(infos, ad, str(base_path))
     other = _check_base(ad, ck.root)
+    _check_residual_rank(ad, ck.root)
+    merged = partial(_merged, targets=targets, twice=partial(_counted_twice, ad, ck.root))
+    first = next((infos[name] for name in infos if name in targets), None)
+    if first is not None:  # the PiSSA mix-up shows on every target: refused before any work
+        merged(first, read_tensor(first))
     bar = progress(ck.total_bytes, "merge", quiet)
-    with staged(out, overwrite) as tmp:
-        for shard in ck.shards:
-            dest = tmp / shard
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            _merge_shard(ck.files[shard], dest, targets, replaced, bar)
-        if ck.index is not None:
-            write_json(tmp / INDEX_NAME, ck.index)  # same dtypes, so the same total_size
-        copy_files(ck.root, [f for f in ck.extra_files if f != REPORT_FILE], tmp)
-    bar.close()
+    try:
+        with staged(out, overwrite) as tmp:
+            for shard in ck.shards:
+                dest = tmp / shard
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                _merge_shard(ck.files[shard], dest, targets, merged, replaced, bar)
+            if ck.index is not None:
+                write_json(tmp / INDEX_NAME, ck.index)  # same dtypes, so the same total_size
+            copy_files(ck.root, [f for f in ck.extra_files if f != REPORT_FILE], tmp)
+    finally:
+        bar.close()  # an error's line then starts on a line of its own
     return {"out": str(out), "merged": len(targets), "replaced": len(replaced), "other_base": other}
 
 
 def _check_base(ad: LoraAdapter, root: Path) -> str | None:
     """The adapter's recorded base when it is a local folder other than ``root``, the folder
-    merged into; an error when decompose reports show a PiSSA mix-up: the update of an adapter
-    for the original model does not belong on its residual, nor that of an adapter trained on
-    a residual on any folder that is not one (the original, or a copy of it)."""
+    merged into; an error when decompose's report shows that ``root`` is the PiSSA residual of
+    that folder: the update of an adapter for the original model does not belong on it.
+
+    The reverse mix-up, an adapter trained on a residual merged into the original (or a copy,
+    wherever the residual now is), is told from the weights (:func:`_holds_update`)."""
     other = _other_folder(ad, root)
     if other is None:
         return None
@@ -341,21 +352,71 @@ def _check_base(ad: LoraAdapter, root: Path) -> str | None:
             f"adapter {ad.root} was made for {other}, and {root} is the PiSSA residual of that "
             f"model; merge it into {other}, or merge the adapter trained on the residual instead"
         )
-    # Trained on a PiSSA residual, merged into a folder that is none (no decompose report):
-    # the original, or a copy of it, whatever its path.
-    if (Path(other) / REPORT_FILE).is_file() and not (root / REPORT_FILE).is_file():
-        raise InputError(
-            f"adapter {ad.root} was trained on the PiSSA residual {other}, and {root} is no "
-            f"PiSSA residual; merge it into {other}, or convert it with pissa-svd to-lora to "
-            f"merge into the original model"
-        )
     return other
+
+
+def _check_residual_rank(ad: LoraAdapter, root: Path) -> None:
+    """Into a PiSSA residual (``root`` has decompose's report) goes only an adapter trained from
+    its ``pissa_init``, of the rank the report records. A rank-2r LoRA for the original model
+    (``to-lora``'s, or PEFT's own conversion, which records the residual as its base) is not."""
+    matrices = _report(root).get("matrices")
+    ranks = {rec.get("module"): rec.get("rank") for rec in matrices or [] if isinstance(rec, dict)}
+    for m in ad.modules:
+        r, rank = ranks.get(m), ad.A[m].shape[-2]
+        if isinstance(r, int) and rank != r:
+            original = _original_model(root) or "the original model"
+            raise InputError(
+                f"{m}: the adapter has rank {rank}, and {root} is a PiSSA residual of rank {r} "
+                f"(its {REPORT_FILE}); only an adapter trained from its {ADAPTER_DIR} merges "
+                f"into it. A rank-{2 * r} one converted for the original model (pissa-svd "
+                f"to-lora, or PEFT's path_initial_model_for_weight_conversion) merges into "
+                f"{original}"
+            )
+
+
+def _holds_update(W: torch.Tensor, D: torch.Tensor, merged: torch.Tensor, rank: int) -> bool:
+    """Whether the weight ``W`` already holds the rank-``rank`` update ``D`` (``merged`` =
+    W + D) as its principal part: the mix-up of merging a PiSSA adapter into the weight it was
+    decomposed from, which counts the top-r components twice.
+
+    A PiSSA adapter's ``s B A`` is (up to training) W_r, the best rank-r approximation of W,
+    and W - W_r is orthogonal to W_r (Frobenius inner product; exactly so for any
+    Rayleigh-Ritz truncation). So on the original weight <W, D> / ||D||^2 is near 1 and
+    ||D||^2 near the top-r energy of W; on the residual <W, D> is near 0. A LoRA's update
+    that lay along W that much and held half of W's top-r energy would double W's leading
+    components: no fine-tune. The top-r energy, an SVD, is computed only where the inner
+    product already points to the mix-up.
+    """
+    dd, ww = float(sum_squares(D)), float(sum_squares(W))
+    if not dd > 0:
+        return False
+    inner = (float(sum_squares(merged)) - ww - dd) / 2  # <W, D> with no other pass
+    if not 0.5 <= inner / dd <= 1.5:
+        return False
+    k = min(rank, *W.shape[-2:])
+    top = float(svd_lowrank(W, k, niter=2, backend="torch")[1].double().square().sum())
+    return dd >= 0.5 * top
+
+
+def _counted_twice(ad: LoraAdapter, root: Path, name: str) -> InputError:
+    recorded = ad.config.get("base_model_name_or_path")
+    where = (
+        f" ({recorded})"
+        if isinstance(recorded, str) and _same_folder(recorded, root) is not True
+        else ""
+    )
+    return InputError(
+        f"{name}: the adapter's update s*B@A is the principal part of this weight: it is a "
+        f"PiSSA adapter, and {root} is the model it was decomposed from (or a copy), so merging "
+        f"would count those components twice; merge it into the PiSSA residual it was trained "
+        f"on{where}, or convert it with pissa-svd to-lora to merge into the original model"
+    )
 
 
 def _match_targets(
     infos: dict[str, TensorInfo], ad: LoraAdapter, where: str
-) -> dict[str, Callable[[torch.dtype], torch.Tensor]]:
-    """tensor name -> its update in the stored layout, checking that every module's weight
+) -> dict[str, tuple[Callable[[torch.dtype], torch.Tensor], int]]:
+    """tensor name -> (its update in the stored layout, the update's rank), checking that every module's weight
     exists and fits. Fused experts (:mod:`pissa_svd.fused`) update one tensor per expert."""
     shapes = {
         module: info.shape
@@ -370,7 +431,7 @@ def _match_targets(
             for name in p.index:
                 info = infos[f"{name}.weight"]
                 _check_float(info, where)
-                targets[info.name] = partial(p.delta, ad.A[m], ad.B[m], name)
+                targets[info.name] = (partial(p.delta, ad.A[m], ad.B[m], name), p.rank)
             continue
         info = infos.get(f"{m}.weight")
         if info is None:
@@ -385,7 +446,7 @@ def _match_targets(
                 f"{expected}; the adapter belongs to a different model"
             )
         _check_float(info, where)
-        targets[info.name] = partial(ad.stored_delta, m)
+        targets[info.name] = (partial(ad.stored_delta, m), ad.A[m].shape[-2])
     return targets
 
 
@@ -414,7 +475,7 @@ def _match_extra(
     return replaced
 
 
-def _merge_shard(sf: SafetensorsFile, dest: Path, targets, replaced, bar) -> None:
+def _merge_shard(sf: SafetensorsFile, dest: Path, targets, merged, replaced, bar) -> None:
     entries = [(i.name, i.dtype, i.shape) for i in sf.tensors.values()]
     meta = {**sf.metadata, "format": sf.metadata.get("format", "pt")}
     with StreamingWriter(dest, entries, meta) as w:
@@ -427,21 +488,33 @@ def _merge_shard(sf: SafetensorsFile, dest: Path, targets, replaced, bar) -> Non
             bar.update(sum(i.nbytes for i in run))
             run = []
             W = read_tensor(info)
-            if info.name in replaced:
-                merged = replaced[info.name].to(W.dtype)
-            else:
-                work = torch.float64 if W.dtype == torch.float64 else torch.float32
-                merged = (W.to(work) + targets[info.name](work)).to(W.dtype)
-            if not all_finite(merged) and all_finite(W):
-                raise InputError(
-                    f"{info.name}: merging the adapter gives values beyond the range of "
-                    f"{info.dtype} (the base's dtype); the adapter's update is too large for "
-                    "it (check its lora_alpha), or merge into a float32 copy of the base"
-                )
-            w.write(info.name, merged)
+            w.write(
+                info.name,
+                replaced[info.name].to(W.dtype) if info.name in replaced else merged(info, W),
+            )
             bar.update(info.nbytes)
         w.copy(run)
         bar.update(sum(i.nbytes for i in run))
+
+
+def _merged(info: TensorInfo, W: torch.Tensor, *, targets, twice) -> torch.Tensor:
+    """``W + s B @ A`` in W's dtype, summed in fp32 (fp64 for fp64); an error where the sum
+    overflows that dtype, or where W already holds the update (:func:`_holds_update`)."""
+    work = torch.float64 if W.dtype == torch.float64 else torch.float32
+    delta, rank = targets[info.name]
+    Ww, D = W.to(work), delta(work)
+    merged = Ww + D
+    if _holds_update(Ww, D, merged, rank):
+        raise twice(info.name)
+    del Ww, D
+    merged = merged.to(W.dtype)
+    if not all_finite(merged) and all_finite(W):
+        raise InputError(
+            f"{info.name}: merging the adapter gives values beyond the range of "
+            f"{info.dtype} (the base's dtype); the adapter's update is too large for "
+            "it (check its lora_alpha), or merge into a float32 copy of the base"
+        )
+    return merged
 
 
 # ---------------------------------------------------------------------------------------------

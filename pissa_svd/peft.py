@@ -38,6 +38,7 @@ from .adapter import unwrapped
 from .errors import InputError
 from .linalg import (
     BACKENDS,
+    FLOAT_DTYPES,
     METHODS,
     check_sketch_dtype,
     default_batch_memory,
@@ -49,7 +50,6 @@ from .linalg import (
 )
 from .pissa import pissa_factors, sum_squares
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # Quantized layers and weights, by class name or module prefix: bitsandbytes, GPTQ, AWQ, HQQ,
 # EETQ, AQLM, quanto, torchao, ... Matched by name so that the check needs none of them
 # installed; PEFT's LoRA wrappers for bitsandbytes reuse the names Linear4bit / Linear8bitLt.

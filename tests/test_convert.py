@@ -341,7 +341,8 @@ def test_merging_the_lora_into_the_original_equals_merging_pissa_into_the_residu
     lora = _to_lora(run_cli, out, adapter_dir, tmp_path / "lora")
     a, b = tmp_path / "a", tmp_path / "b"
     assert run_cli("merge", out, "--adapter", adapter_dir, "--out", a, "--quiet")[0] == 0
-    assert run_cli("merge", tiny_llama, "--adapter", lora, "--out", b, "--quiet")[0] == 0
+    code, _, err = run_cli("merge", tiny_llama, "--adapter", lora, "--out", b, "--quiet")
+    assert code == 0, err
     ta = {k: v for f in sorted(a.glob("*.safetensors")) for k, v in load_file(f).items()}
     tb = {k: v for f in sorted(b.glob("*.safetensors")) for k, v in load_file(f).items()}
     assert ta.keys() == tb.keys()
@@ -418,8 +419,8 @@ def test_merge_refuses_the_pissa_mixups_and_warns_on_another_base(
     code, _, err = run_cli("merge", out, "--adapter", lora, "--out", tmp_path / "m")
     assert code == 2 and "is the PiSSA residual of that model" in err and err.count("\n") == 1
     code, _, err = run_cli("merge", tiny_llama, "--adapter", adapter_dir, "--out", tmp_path / "m")
-    assert code == 2 and "trained on the PiSSA residual" in err and "to-lora" in err
-    assert not (tmp_path / "m").exists()
+    assert code == 2 and "is the principal part of this weight" in err and "to-lora" in err
+    assert err.count("\n") == 1 and not (tmp_path / "m").exists()
     # The right pairings: no warning.
     for base, adapter in ((out, adapter_dir), (tiny_llama, lora)):
         code, _, err = run_cli(
@@ -427,11 +428,12 @@ def test_merge_refuses_the_pissa_mixups_and_warns_on_another_base(
         )
         assert code == 0 and err == "", err
         shutil.rmtree(tmp_path / "ok")
-    # A copy of the original (another path, no decompose report): still no residual, refused.
+    # A copy of the original (another path, no decompose report): refused from the weights.
     copy = tmp_path / "copy"
     shutil.copytree(tiny_llama, copy)
     code, _, err = run_cli("merge", copy, "--adapter", adapter_dir, "--out", tmp_path / "m")
-    assert code == 2 and "is no PiSSA residual" in err and not (tmp_path / "m").exists()
+    assert code == 2 and "principal part" in err and str(out) in err
+    assert not (tmp_path / "m").exists()
     # A copy of the residual: merged, with one line of warning (it may be another one).
     other = tmp_path / "other"
     shutil.copytree(out, other)
@@ -441,6 +443,41 @@ def test_merge_refuses_the_pissa_mixups_and_warns_on_another_base(
     assert code == 0 and (tmp_path / "w").is_dir()
     assert err.startswith("pissa-svd: warning: the adapter was saved on ") and err.count("\n") == 1
     assert str(out.resolve()) in err
+
+
+def test_merge_tells_the_mixups_apart_without_the_residual_folder(
+    tiny_llama, out, trained, run_cli, tmp_path
+):
+    """The residual moved away (trained on one machine, merged on another) or re-saved without
+    its report: the adapter still goes into the residual only, told from the weights."""
+    adapter_dir, _ = trained
+    moved = tmp_path / "adapter"
+    shutil.copytree(adapter_dir, moved)
+    config = json.loads((moved / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "gone")
+    (moved / "adapter_config.json").write_text(json.dumps(config))
+    code, _, err = run_cli("merge", tiny_llama, "--adapter", moved, "--out", tmp_path / "m")
+    assert code == 2 and "is the principal part of this weight" in err and err.count("\n") == 1
+    assert not (tmp_path / "m").exists()
+    resaved = tmp_path / "resaved"  # the residual without pissa_report.json
+    shutil.copytree(out, resaved, ignore=shutil.ignore_patterns("pissa_report.json"))
+    code, _, err = run_cli("merge", resaved, "--adapter", moved, "--out", tmp_path / "ok")
+    assert code == 0, err
+
+
+def test_merge_refuses_a_converted_lora_on_the_residual(out, trained, run_cli, tmp_path):
+    """PEFT's own conversion (path_initial_model_for_weight_conversion) writes the same rank-2r
+    LoRA as to-lora but records the residual as its base: the report's rank tells them apart."""
+    adapter_dir, model = trained
+    converted = tmp_path / "converted"
+    model.save_pretrained(
+        converted, path_initial_model_for_weight_conversion=str(out / "pissa_init")
+    )
+    config = json.loads((converted / "adapter_config.json").read_text())
+    assert config["r"] == 2 * RANK and Path(config["base_model_name_or_path"]) == out
+    code, _, err = run_cli("merge", out, "--adapter", converted, "--out", tmp_path / "m")
+    assert code == 2 and f"is a PiSSA residual of rank {RANK}" in err and "to-lora" in err
+    assert err.count("\n") == 1 and not (tmp_path / "m").exists()
 
 
 _ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
