@@ -18,6 +18,7 @@ import json
 import math
 import mmap
 import os
+import re
 import struct
 import warnings
 from collections.abc import Iterable, Iterator
@@ -319,6 +320,7 @@ class Checkpoint:
                 f"{SINGLE_NAME} and ignores the index); remove whichever is stale"
             )
         if index_path.is_file():
+            _refuse_outside_link(src, index_path, str(index_path))
             index = _read_index(index_path)
             shards = list(dict.fromkeys(index["weight_map"].values()))
             files = {s: SafetensorsFile.open(_inside(src, s, index_path)) for s in shards}
@@ -454,14 +456,36 @@ def _hub_blobs(root: Path) -> list[str]:
     return []
 
 
+_SHARD = re.compile(r"(.+)-(\d+)-of-(\d+)\.safetensors")
+
+
 def _check_index_against_shards(
     index_path: Path, index: dict, files: dict[str, SafetensorsFile]
 ) -> None:
-    for name, shard in index["weight_map"].items():
+    """The index and its shards must agree both ways (transformers loads what the index
+    lists, so a tensor or shard it leaves out would be dropped from the model), and no shard
+    of the same numbered set (``model-00002-of-00004.safetensors``) may be left out of it."""
+    wm = index["weight_map"]
+    for name, shard in wm.items():
         if name not in files[shard].tensors:
             raise InputError(
                 f"{index_path}: says tensor {name!r} is in {shard}, but it is not; "
                 "the index and shards are inconsistent"
+            )
+    for shard, f in files.items():
+        for name in f.tensors:
+            if wm.get(name) != shard:
+                raise InputError(
+                    f"{index_path}: does not list tensor {name!r} of {shard}; the index and "
+                    "shards are inconsistent: re-save the checkpoint"
+                )
+    sets = {m.group(1, 3) for s in files if (m := _SHARD.fullmatch(s))}
+    for p in sorted(index_path.parent.glob("*.safetensors")):
+        m = _SHARD.fullmatch(p.name)
+        if m and m.group(1, 3) in sets and p.name not in files:
+            raise InputError(
+                f"{index_path}: does not list {p.name}, a shard of the same set; the index "
+                "and shards are inconsistent: re-save the checkpoint"
             )
 
 

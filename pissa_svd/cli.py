@@ -477,10 +477,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pissa-svd: error: {os_error_message(exc)}{_kept(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except RankFailure as exc:
-        print(f"pissa-svd: error: {exc}; OUT was not written{_kept(exc)}", file=sys.stderr)
+        out = getattr(exc, "pissa_out", "OUT was not written")
+        print(f"pissa-svd: error: {exc}; {out}{_kept(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
-        unwritten = "" if args.command in ("verify", "env") else "; OUT was not written"
+        out = getattr(exc, "pissa_out", "OUT was not written")
+        unwritten = "" if args.command in ("verify", "env") else f"; {out}"
         print(f"\npissa-svd: interrupted{unwritten}{_kept(exc)}", file=sys.stderr)
         return _interrupted_code(exc)
     except Exception as exc:  # a bug: its traceback follows; first say what was kept

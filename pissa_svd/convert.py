@@ -34,7 +34,7 @@ from .checkpoint import (
     dtype_to_torch,
     read_tensor,
 )
-from .errors import InputError
+from .errors import InputError, read_json
 from .fused import FusedParam, fused_params, unmapped_params
 from .linalg import svd_lowrank
 from .output import check_out, copy_files, plain_number, progress, staged, write_json
@@ -611,7 +611,56 @@ def verify(
         result.rows.append(row)
         bar.update(s.nbytes)
     bar.close()
+    residual = next((out_infos[n].dtype for n in targets if n in out_infos), None)
+    result.rows += _check_configs(src_ck.root, out_ck.root, ad, residual)
     return result
+
+
+# init_lora_weights that make PEFT change the base weights when it builds the LoRA layers, before
+# loading the saved A and B: on a residual model they would subtract the principal part again.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+def _check_configs(
+    src: Path, out: Path, ad: LoraAdapter, residual: str | None
+) -> list[TensorCheck]:
+    """What loading OUT as a model and the adapter with PEFT reads besides the weights: the
+    adapter must not re-initialize its base, and OUT's config.json is SRC's, but for a dtype
+    naming the stored residual's where that is wider (decompose's ``_retag_config``)."""
+    rows = []
+
+    def fail(name: str, note: str) -> None:
+        rows.append(TensorCheck(name, "config", (), "", False, math.inf, note=note))
+
+    init = ad.config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        fail(
+            str(ad.root / "adapter_config.json"),
+            f"init_lora_weights is {init!r}: PEFT would change the residual when it loads the "
+            "adapter; decompose writes true",
+        )
+    have = [(root / "config.json").is_file() for root in (src, out)]
+    if have == [True, False]:
+        fail(str(out / "config.json"), "missing in OUT")
+    if not all(have):
+        return rows
+    want, got = (read_json(root / "config.json", "config") for root in (src, out))
+    keys = ("dtype", "torch_dtype")
+    stored = dtype_to_torch(residual) if residual in FLOAT_DTYPES else None
+    for k in keys:
+        named = getattr(torch, str(want.get(k)), None)
+        wider = (
+            str(stored).removeprefix("torch.")
+            if stored and isinstance(named, torch.dtype) and stored.itemsize > named.itemsize
+            else None
+        )
+        if k in got and got.get(k) not in (want.get(k), wider):
+            fail(str(out / "config.json"), f"{k} is {got.get(k)!r}, SRC's is {want.get(k)!r}")
+    if {k: v for k, v in want.items() if k not in keys} != {
+        k: v for k, v in got.items() if k not in keys
+    }:
+        fail(str(out / "config.json"), "differs from SRC's config.json")
+    return rows
 
 
 def _quantized_hint(o: TensorInfo, fan_in_fan_out: bool) -> str:

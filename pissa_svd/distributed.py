@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import RankFailure
+from .errors import InputError, RankFailure
 
 
 @dataclass
@@ -67,6 +67,7 @@ class Team:
         except RuntimeError as exc:
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             first = re.sub(r"^\[[^\]]*\]\s*", "", text)  # gloo prefixes its source location
+            first = first.split(". This is typically caused")[0]  # gloo's advice, and emoji
             err = RankFailure(
                 f"rank {self.rank} lost contact with another process of the run ({first}); "
                 "torchrun's summary names the rank that died"
@@ -84,12 +85,25 @@ class Team:
 
 def team_from_env(device_type: str) -> Team:
     """Join the torchrun process group if the environment describes one (WORLD_SIZE > 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = env_world_size()
     if world <= 1:
         return Team()
     import torch.distributed as dist
 
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank = _env_int("RANK", None)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if rank is None or not 0 <= rank < world or local_rank < 0:
+        raise InputError(
+            f"WORLD_SIZE={world} with RANK={os.environ.get('RANK')} and LOCAL_RANK="
+            f"{os.environ.get('LOCAL_RANK')}: each process needs a RANK from 0 to {world - 1}; "
+            "start the processes with torchrun, which sets them"
+        )
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if not os.environ.get(name) and not dist.is_initialized():
+            raise InputError(
+                f"WORLD_SIZE={world} but {name} is not set: start the processes with torchrun, "
+                "which sets it"
+            )
     if device_type == "cuda":
         import torch
 
@@ -106,6 +120,24 @@ def team_from_env(device_type: str) -> Team:
         _group=group,
         _owns=owns,
     )
+
+
+def env_world_size() -> int:
+    """WORLD_SIZE, as torchrun sets it; 1 when unset."""
+    return max(1, _env_int("WORLD_SIZE", 1))
+
+
+def _env_int(name: str, default: int | None) -> int | None:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise InputError(
+            f"the environment variable {name}={raw!r} is not an integer; unset it, or start "
+            "the processes with torchrun, which sets it"
+        ) from None
 
 
 def assign(costs: list[float], world: int) -> list[int]:

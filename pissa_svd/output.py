@@ -13,7 +13,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,23 +61,45 @@ def check_out(out: Path, overwrite: bool, sources: dict[str, Path]) -> None:
 
 
 def _replaceable(out: Path) -> bool:
-    """An OUT that --overwrite may replace: empty, or a model or adapter folder (what these
-    commands write), never a folder of other things that merely has OUT's name, nor one that
-    holds other models or adapters in subfolders (besides decompose's own adapter)."""
+    """An OUT that --overwrite may replace: empty, or what these commands write (safetensors
+    weights, an adapter config or decompose's report, at its top), never a folder of other
+    things that merely has OUT's name, nor one that holds other models or adapters anywhere
+    below it (besides decompose's own ``pissa_init``): a user's training checkpoints saved
+    inside an output."""
     names = {p.name for p in out.iterdir()}
-    markers = {"config.json", "adapter_config.json", "pissa_report.json"}
+    markers = {"pissa_report.json", "adapter_config.json"}
     if names and not (names & markers or any(n.endswith(".safetensors") for n in names)):
         return False
     return not any(
-        sub.is_dir() and sub.name != "pissa_init" and _holds_weights(sub) for sub in out.iterdir()
+        sub.is_dir() and not sub.is_symlink() and sub.name != "pissa_init" and _holds_model(sub)
+        for sub in out.iterdir()
     )
 
 
-def _holds_weights(folder: Path) -> bool:
-    """A model or adapter folder: safetensors weights or a PEFT adapter config in it."""
-    return any(
-        p.suffix == ".safetensors" or p.name == "adapter_config.json" for p in folder.iterdir()
-    )
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
+
+
+def _holds_model(folder: Path) -> bool:
+    """Model or adapter weights, or a PEFT adapter config, anywhere in ``folder`` (links not
+    followed)."""
+    for _, _, files in os.walk(folder):
+        if any(f.endswith(WEIGHT_SUFFIXES) or f == "adapter_config.json" for f in files):
+            return True
+    return False
+
+
+def check_free(out: Path, overwrite: bool) -> None:
+    """Raise unless ``out`` may be created, or replaced with ``overwrite``, now: a long run
+    checks again at its end what :func:`check_out` allowed at its start."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not overwrite:
+        raise InputError(f"{out} appeared during the run; pass --overwrite to replace it")
+    if out.is_symlink() or not out.is_dir() or not _replaceable(out):
+        raise InputError(
+            f"{out} changed during the run and no longer looks like an earlier output; it was "
+            "left as it is: move it away and run again"
+        )
 
 
 @contextmanager
@@ -92,8 +113,12 @@ def staged(out: Path, overwrite: bool) -> Iterator[Path]:
     _remove_stale(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     held = try_lock(tmp)  # new, so ours: it tells later runs that this one is alive
+    mark = tmp / STAGED_MARK  # written once locked: an unlocked folder with it is a dead run's
+    mark.touch()
     try:
         yield tmp
+        check_free(out, overwrite)
+        mark.unlink()
         move_into_place(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -103,10 +128,10 @@ def staged(out: Path, overwrite: bool) -> Iterator[Path]:
             os.close(held)
 
 
-# A temporary sibling this much older than its last change, which no live process holds, was
-# left by a run that was killed (SIGKILL, out of memory, power loss) before it could clean up.
-# The age keeps a folder that a starting run has made but not yet locked out of reach.
-STALE_AFTER = 60.0  # seconds
+# Marks a temporary sibling as this tool's (a user's folder may match its name pattern). It is
+# written once the folder is locked, so a marked folder that no live process holds was left by
+# a run that was killed (SIGKILL, out of memory, power loss) before it could clean up.
+STAGED_MARK = ".pissa-svd-staging"
 
 
 def try_lock(folder: Path) -> int | None:
@@ -125,13 +150,11 @@ def try_lock(folder: Path) -> int | None:
 
 
 def _remove_stale(out: Path) -> None:
-    """Remove the temporary siblings of ``out`` that killed runs left: older than
-    ``STALE_AFTER`` and held by no live process. Saying so, on stderr."""
+    """Remove the temporary siblings of ``out`` that killed runs left: marked as ours
+    (``STAGED_MARK``) and held by no live process. Saying so, on stderr."""
     for tmp in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
         try:
-            if tmp.is_symlink() or not tmp.is_dir():
-                continue
-            if time.time() - tmp.stat().st_mtime < STALE_AFTER:
+            if tmp.is_symlink() or not tmp.is_dir() or not (tmp / STAGED_MARK).is_file():
                 continue
             fd = try_lock(tmp)
         except OSError:  # gone meanwhile, or not ours to open
@@ -153,8 +176,7 @@ def move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     if not out.exists():
         os.rename(tmp, out)
         return
-    if not overwrite:  # appeared while we were working
-        raise InputError(f"{out} appeared during the run; pass --overwrite to replace it")
+    check_free(out, overwrite)  # appeared or changed while we were working
     # Swap: the old OUT is only removed once the new one is in place.
     trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
     old = trash / out.name

@@ -42,7 +42,7 @@ from .checkpoint import (
     map_tensor,
     read_tensor,
 )
-from .distributed import Team, assign, team_from_env
+from .distributed import Team, assign, env_world_size, team_from_env
 from .errors import InputError, RankFailure, os_error_message, read_json
 from .linalg import (
     BACKENDS,
@@ -56,7 +56,15 @@ from .linalg import (
     resolve_method,
     svd_lowrank,
 )
-from .output import check_out, copy_files, human, move_into_place, plain_number, write_json
+from .output import (
+    check_free,
+    check_out,
+    copy_files,
+    human,
+    move_into_place,
+    plain_number,
+    write_json,
+)
 from .output import progress as _progress
 from .pissa import (
     AdapterRangeError,
@@ -356,7 +364,7 @@ class Plan:
         ]
         if self.load_check is not None:
             lines.append(f"  loading      {self.load_check}")
-        k = o.processes or int(os.environ.get("WORLD_SIZE", "1"))
+        k = o.processes or env_world_size()
         costs = [_batch_cost(self, b) for b in self.batches]
         owner = assign(costs, k)
         coef, note = costmodel.coefficients(self.device_kind)
@@ -598,7 +606,12 @@ def execute(plan: Plan) -> dict:
         if not team.leader:
             tmp, done = _from_leader(team)
             _write_all(plan, Path(tmp), team, done)
-            return _from_leader(team)  # done only once rank 0 has renamed OUT into place
+            try:
+                return _from_leader(team)  # done only once rank 0 has renamed OUT into place
+            except RankFailure as exc:
+                if (plan.out / REPORT_FILE).is_file() and not Path(tmp).exists():
+                    exc.pissa_out = "rank 0 may have written OUT before: check it with verify"
+                raise
         staging = resume.staging_dir(plan.out)
         owned = False  # from here on staging is ours, even once its progress record is gone
         held: list[int] = []  # the staging folder's lock, held until this run ends
@@ -607,6 +620,7 @@ def execute(plan: Plan) -> dict:
             owned = True
             team.broadcast(("ok", (str(staging), done)))
             report = _write_all(plan, staging, team, done)
+            check_free(plan.out, plan.options.overwrite)  # while the work can still be resumed
             shutil.rmtree(staging / resume.PROGRESS_DIR)
             move_into_place(staging, plan.out, plan.options.overwrite)
         except BaseException as exc:
@@ -627,7 +641,11 @@ def execute(plan: Plan) -> dict:
         finally:
             for fd in held:
                 os.close(fd)
-        team.broadcast(("ok", report))
+        try:
+            team.broadcast(("ok", report))
+        except BaseException as exc:  # a peer died, or torchrun stopped us, after the rename
+            exc.pissa_out = "OUT was written and is complete"
+            raise
         return report
     finally:
         team.close()

@@ -137,19 +137,40 @@ def adapter_range_problem(
     """Why A and B do not represent sqrt(S / s) Vh and U sqrt(S / s) in their dtype, or None.
 
     A scaling far from 1 pushes the factors out of the adapter dtype's range: too small an
-    alpha overflows them to inf; too large a one (``--alpha 1e14`` in fp16) rounds them to
+    alpha overflows them to inf; too large a one (``--alpha 5e13`` in fp16) rounds them to
     zeros and subnormals, a model that is still exact but an adapter that has lost its
     principal directions. Rows of Vh and columns of U are unit vectors, so each of
-    ||A||_F^2 and ||B||_F^2 must be sum(S) / s; rounding in range changes that by ~eps.
+    ||A||_F^2 and ||B||_F^2 is sum(S) / s; an entry below the dtype's normal range is
+    rounded with an absolute error up to tiny * eps / 2, and those errors may add up to at
+    most twice the dtype's relative precision (eps) of that norm. Larger still (``--alpha
+    1e37`` in fp32), the factors are in range but their product B @ A, whose entries are about
+    ||S|| / s / sqrt(out * in), is not in the working precision (S's dtype): the residual
+    W - s B A, and PEFT's forward, would lose it (weights that small to begin with are no
+    fault of the scaling: their residual is as exact as they allow).
     """
     if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):
         return "overflows"
     want = S.double().sum(-1) / scaling
     for F in (A, B):
-        got = torch.linalg.vector_norm(F.double(), dim=(-2, -1)) ** 2
-        kept = torch.where(want > 0, got / want, torch.ones_like(want)).min().item()
-        if kept < 0.99:
-            return f"underflows (keeps {100 * kept:.3g}% of its norm)"
+        fi = torch.finfo(F.dtype)
+        small = (F.abs() < fi.tiny).sum(dim=(-2, -1)).double()  # subnormals and zeros
+        rel = (small * (fi.tiny * fi.eps / 2) ** 2 / want.clamp_min(1e-300)).sqrt()
+        rel = torch.where(want > 0, rel, torch.zeros_like(rel)).max().item()
+        if rel > 2 * fi.eps:
+            share = small.max().item() / F[..., :, :].shape[-2:].numel()
+            return (
+                f"underflows ({100 * share:.3g}% of its values below the normal range: "
+                f"{rel:.2g} relative error)"
+            )
+    work = torch.finfo(S.dtype)
+    entry = torch.linalg.vector_norm(S.double(), dim=-1) / scaling
+    entry = entry / math.sqrt(A.shape[-1] * B.shape[-2])
+    low = work.tiny / work.eps  # entries this small or smaller lose precision in S's dtype
+    if bool(((entry < low) & (entry * scaling >= low)).any()):  # the scaling's doing
+        return (
+            f"underflows (its product B @ A has entries near {entry.max().item():.2g}, "
+            f"beyond {S.dtype}'s precision)"
+        )
     return None
 
 

@@ -300,6 +300,37 @@ def test_checkpoint_index_is_validated(tmp_path):
         Checkpoint.open(tmp_path)
 
 
+def test_index_and_shards_must_agree_both_ways(tmp_path):
+    """A tensor of a listed shard that the index leaves out, or a shard of the numbered set it
+    leaves out, would be dropped from the model by transformers: refused, not mirrored.
+    Other .safetensors files (an adapter, Mistral's consolidated.safetensors) are fine."""
+    for i, names in ((1, ["a", "b"]), (2, ["c"]), (3, ["d"])):
+        save_file(
+            {n: torch.zeros(2) for n in names}, tmp_path / f"model-0000{i}-of-00003.safetensors"
+        )
+    save_file({"x": torch.zeros(2)}, tmp_path / "consolidated.safetensors")
+    index = tmp_path / "model.safetensors.index.json"
+
+    def with_map(weight_map):
+        index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+    full = {"a": 1, "b": 1, "c": 2, "d": 3}
+    with_map({k: f"model-0000{v}-of-00003.safetensors" for k, v in full.items()})
+    assert [t.name for t in Checkpoint.open(tmp_path).tensors()] == ["a", "b", "c", "d"]
+    with_map({k: f"model-0000{v}-of-00003.safetensors" for k, v in full.items() if k != "b"})
+    with pytest.raises(InputError, match="does not list tensor 'b' of model-00001-of-00003"):
+        Checkpoint.open(tmp_path)
+    with_map({k: f"model-0000{v}-of-00003.safetensors" for k, v in full.items() if k != "c"})
+    with pytest.raises(InputError, match="does not list model-00002-of-00003.safetensors, a shard"):
+        Checkpoint.open(tmp_path)
+    outside = tmp_path.parent / "index-elsewhere.json"
+    with_map({k: f"model-0000{v}-of-00003.safetensors" for k, v in full.items()})
+    index.rename(outside)
+    index.symlink_to(outside)
+    with pytest.raises(InputError, match="is a link to .*outside the checkpoint folder"):
+        Checkpoint.open(tmp_path)
+
+
 def test_hugging_face_cache_snapshot_opens(tmp_path):
     """A hub cache snapshot (what snapshot_download returns): every file is a link to
     ../../blobs/HASH. Links from the snapshot into its own repo's blobs/ are followed; a link

@@ -296,11 +296,13 @@ def test_non_finite_weights_of_one_batch_are_all_named(ckpt, tmp_path, run_cli):
         (["--rank", "4", "--frobnicate"], "(see pissa-svd decompose --help)"),
         (["--rank", "4", "--alpha", "1e-300"], "overflows in F32 at --alpha 1e-300"),
         # fp16 zeros and subnormals: an exact model, but an adapter with nothing left in it
-        (["--rank", "4", "--alpha", "1e14", "--adapter-dtype", "fp16"], "underflows (keeps"),
+        (["--rank", "4", "--alpha", "1e14", "--adapter-dtype", "fp16"], "underflows ("),
         (["--rank", "4", "--alpha", "1e-300", "--quantize", "nf4"], "overflows in F32 at --alpha"),
+        # fp32 factors in range, but their product below fp32's precision: a wrong residual
+        (["--rank", "4", "--alpha", "1e37", "--adapter-dtype", "fp32"], "its product B @ A"),
         (
             ["--rank", "4", "--alpha", "1e14", "--adapter-dtype", "fp16", "--quantize", "int8"],
-            "underflows (keeps",
+            "underflows (",
         ),
         (["--rank", "4", "--processes", "4"], "--processes only sizes a --dry-run plan"),
         (["--rank", "4", "--quant-iters", "2"], "add --quantize nf4 or int8"),
@@ -316,6 +318,7 @@ def test_out_exists_needs_overwrite(ckpt, tmp_path, run_cli):
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     (out / "config.json").write_text("{}")  # an earlier output, say
+    (out / "model.safetensors").write_bytes(b"")
     code, _, err = run_cli("decompose", ckpt, "--rank", "4", "--out", out)
     assert code == 2 and "already exists" in err and len(screen_lines(err)) == 1
     assert (out / "keep.txt").read_text() == "user data"
@@ -342,6 +345,20 @@ def test_overwrite_only_replaces_an_earlier_output(ckpt, tmp_path, run_cli):
     code, _, err = run_cli(*args)
     assert code == 2 and "does not look like one" in err
     assert (out / "other_model" / "model.safetensors").exists()
+    # Another model deeper down (a user's training checkpoints saved inside an earlier output),
+    # or only a config.json and other files at the top (a home folder): refused too.
+    (out / "other_model" / "model.safetensors").unlink()
+    deep = out / "training" / "checkpoint-250"
+    deep.mkdir(parents=True)
+    (deep / "adapter_model.safetensors").write_bytes(b"")
+    (out / "model.safetensors").write_bytes(b"")
+    code, _, err = run_cli(*args)
+    assert code == 2 and "does not look like one" in err and deep.is_dir()
+    for p in (out / "model.safetensors", deep / "adapter_model.safetensors"):
+        p.unlink()
+    code, _, err = run_cli(*args)
+    assert code == 2 and "does not look like one" in err
+    assert (out / "notes.txt").read_text() == "user data"
     empty = tmp_path / "empty"
     empty.mkdir()
     assert run_cli("decompose", ckpt, "--rank", "4", "--out", empty, "--overwrite")[0] == 0
@@ -416,6 +433,36 @@ def test_failure_after_the_last_tensor_leaves_nothing_behind(ckpt, tmp_path, run
     out.rmdir()
     code, _, err = run_cli("decompose", ckpt, "--rank", "4", "--out", out, "--quiet")
     assert code == 0 and err == "" and (out / "pissa_init").is_dir()
+
+
+def test_out_that_appears_during_the_run(ckpt, tmp_path, run_cli, monkeypatch):
+    """What --overwrite may replace is checked again at the end: a user's folder that appeared
+    at OUT meanwhile is left alone, and the finished work is kept for --resume."""
+    from pissa_svd import pipeline
+
+    out = tmp_path / "out"
+    real = pipeline._write_all
+
+    def then_a_user_writes_out(*args):
+        report = real(*args)
+        (out / "thesis").mkdir(parents=True)
+        (out / "thesis" / "ch1.tex").write_text("user data")
+        return report
+
+    monkeypatch.setattr(pipeline, "_write_all", then_a_user_writes_out)
+    for extra, says in (
+        ("--overwrite", "no longer looks like an earlier output"),
+        (None, "appeared"),
+    ):
+        args = ("decompose", ckpt, "--rank", "4", "--out", out, "--quiet")
+        code, _, err = run_cli(*args, *([extra] if extra else []))
+        assert code == 2 and says in err and len(screen_lines(err)) == 1, err
+        assert "21 finished tensors kept" in err and "--resume" in err
+        assert (out / "thesis" / "ch1.tex").read_text() == "user data"
+        shutil.rmtree(out)
+    monkeypatch.undo()
+    code, _, err = run_cli("decompose", ckpt, "--rank", "4", "--out", out, "--resume", "--quiet")
+    assert code == 0 and (out / "pissa_init").is_dir() and leftovers(tmp_path) == [], err
 
 
 @pytest.mark.parametrize("kind", ["folder", "file", "symlink"])

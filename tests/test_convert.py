@@ -137,6 +137,37 @@ def test_verify_fails_a_changed_copied_tensor(tiny_llama, out, run_cli, tmp_path
     assert code == 1 and f"worst {name}: bytes differ" in stdout
 
 
+@pytest.mark.parametrize(
+    ("file", "change", "says"),
+    [
+        ("pissa_init/adapter_config.json", {"init_lora_weights": "pissa"}, "PEFT would change"),
+        ("pissa_init/adapter_config.json", {"init_lora_weights": "olora"}, "PEFT would change"),
+        ("config.json", {"dtype": "float16"}, "dtype is 'float16', SRC's is 'float32'"),
+        ("config.json", {"vocab_size": 512}, "differs from SRC's config.json"),
+    ],
+)
+def test_verify_fails_configs_that_load_another_model(
+    tiny_llama, out, run_cli, tmp_path, file, change, says
+):
+    """The weights check out, but PEFT or transformers would build another model from them:
+    an init that makes PEFT redo the SVD on the residual, or a config.json that differs."""
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    config = json.loads((bad / file).read_text())
+    (bad / file).write_text(json.dumps({**config, **change}))
+    code, stdout, _ = run_cli("verify", tiny_llama, bad, "--quiet")
+    assert code == 1 and "FAIL: 1 of" in stdout and says in stdout, stdout
+
+
+def test_verify_passes_a_config_naming_a_wider_residual(tiny_llama_bf16, run_cli, tmp_path):
+    """decompose names an fp32 residual of a bf16 model in config.json (so that it loads
+    unrounded); verify accepts that, and only that, change."""
+    dst = _decompose(tiny_llama_bf16, tmp_path / "out", residual_dtype="fp32")
+    assert json.loads((dst / "config.json").read_text())["dtype"] == "float32"
+    code, stdout, _ = run_cli("verify", tiny_llama_bf16, dst, "--quiet")
+    assert code == 0, stdout
+
+
 def test_verify_verbose_table_and_bound(tiny_llama, out, run_cli):
     code, stdout, _ = run_cli("verify", tiny_llama, out, "--quiet", "--verbose")
     assert code == 0
@@ -651,22 +682,22 @@ def test_to_lora_on_a_full_disk_is_one_line(out, trained, run_cli, tmp_path, mon
 
 
 def test_a_killed_run_s_temporary_folder_is_removed_by_the_next(out, run_cli, tmp_path):
-    """merge and to-lora write into a hidden ``.OUT.tmp-*`` sibling; one that a SIGKILL left
-    (older than a minute, held by no process) goes at the next run into the same OUT, said on
-    stderr. A fresh one, or one a live run holds, stays."""
+    """merge and to-lora write into a hidden ``.OUT.tmp-*`` sibling, marked as theirs; one that
+    a SIGKILL left (marked, held by no process) goes at the next run into the same OUT, said on
+    stderr, however recent. One a live run holds stays, and so does a user's folder that only
+    has such a name, however old."""
     import os
-    import time
 
-    from pissa_svd.output import STALE_AFTER, try_lock
+    from pissa_svd.output import STAGED_MARK, try_lock
 
     dest = tmp_path / "merged"
-    folders = {k: tmp_path / f".merged.tmp-{k}" for k in ("killed", "fresh", "live")}
-    for folder in folders.values():
+    folders = {k: tmp_path / f".merged.tmp-{k}" for k in ("killed", "users", "live")}
+    for k, folder in folders.items():
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(b"partial")
-    old = time.time() - 2 * STALE_AFTER
-    for k in ("killed", "live"):
-        os.utime(folders[k], (old, old))
+        if k != "users":
+            (folder / STAGED_MARK).touch()
+    os.utime(folders["users"], (0, 0))
     held = try_lock(folders["live"])
     try:
         code, _, err = run_cli(
@@ -676,5 +707,6 @@ def test_a_killed_run_s_temporary_folder_is_removed_by_the_next(out, run_cli, tm
         os.close(held)
     assert code == 0, err
     assert f"removed {folders['killed']}, left by an interrupted run" in err
-    assert not folders["killed"].exists() and folders["fresh"].exists() and folders["live"].exists()
-    assert dest.is_dir()
+    assert not folders["killed"].exists() and folders["live"].exists()
+    assert (folders["users"] / "model.safetensors").read_bytes() == b"partial"
+    assert dest.is_dir() and not (dest / STAGED_MARK).exists()

@@ -119,6 +119,32 @@ def test_a_killed_rank_leaves_no_out_and_the_run_resumes(src, tmp_path):
     assert files(out) == files(one)
 
 
+def test_a_rank_lost_after_out_was_written_says_so(src, tmp_path):
+    """Rank 1 dies once rank 0 has renamed OUT into place: OUT is complete, and rank 0 must not
+    say that it was not written (it may also finish before it notices)."""
+    out = tmp_path / "out"
+    fault = textwrap.dedent(
+        f"""
+        import time
+        real, calls = pipeline._from_leader, []
+        def leaving(team):
+            calls.append(1)
+            if len(calls) == 2:  # the final word, sent after the rename
+                deadline = time.time() + 120
+                while not os.path.exists({str(out / "pissa_report.json")!r}) and time.time() < deadline:
+                    time.sleep(0.05)
+                os._exit(1)
+            return real(team)
+        pipeline._from_leader = leaving
+        """
+    )
+    proc = torchrun(["decompose", src, "--rank", 8, "--out", out, "--quiet"], tmp_path, fault)
+    assert proc.returncode != 0 and "OUT was not written" not in proc.stderr, proc.stderr[-3000:]
+    one = tmp_path / "one"
+    decompose(src, one, rank=8, niter=4, quiet=True)
+    assert files(out) == files(one)
+
+
 def test_assign_balances_deterministically():
     costs = [5.0, 1.0, 4.0, 3.0, 3.0, 2.0]
     owner = assign(costs, 2)
@@ -127,3 +153,28 @@ def test_assign_balances_deterministically():
     assert sorted(loads) == [9.0, 9.0]
     assert assign(costs, 1) == [0] * 6
     assert sorted(set(assign([1.0] * 4, 4))) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"WORLD_SIZE": "2"}, "each process needs a RANK from 0 to 1"),
+        ({"WORLD_SIZE": "2", "RANK": "5"}, "each process needs a RANK from 0 to 1"),
+        ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not an integer"),
+        ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "x"}, "LOCAL_RANK='x' is not an integer"),
+        ({"WORLD_SIZE": "2", "RANK": "1"}, "MASTER_ADDR is not set"),
+    ],
+)
+def test_a_broken_distributed_environment_is_bad_input(
+    src, tmp_path, run_cli, monkeypatch, env, says
+):
+    """Processes started by hand with half of torchrun's variables: one line and exit 2 before
+    any work, not a traceback from the rendezvous (or a wait for a peer that never comes)."""
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "out"
+    code, _, err = run_cli("decompose", src, "--rank", "4", "--out", out, "--quiet")
+    assert code == 2 and says in err and err.count("\n") == 1, err
+    assert not out.exists()

@@ -48,13 +48,23 @@ def test_reconstruction_within_rounding(dtype, adapter, residual, scaling):
 
 
 @pytest.mark.parametrize(
-    ("scaling", "match"), [(1e-300, "overflows"), (1e14, r"underflows \(keeps")]
+    ("scaling", "dtype", "match"),
+    [
+        (1e-300, torch.float16, "overflows"),
+        (1e14, torch.float16, r"underflows \(100% of its values below the normal range"),
+        (1e9, torch.float16, r"underflows \(.* relative error"),  # subnormals only
+        (1e36, torch.float32, r"its product B @ A has entries near \d"),
+        (1e36, torch.bfloat16, r"its product B @ A"),
+    ],
 )
-def test_scaling_out_of_the_adapter_dtype_range_is_refused(scaling, match):
-    """An fp16 adapter at an absurd scaling would be all inf, or all zeros and subnormals
-    (a model still exact through the residual, but an adapter with nothing in it)."""
+def test_scaling_out_of_the_adapter_dtype_range_is_refused(scaling, dtype, match):
+    """An adapter at an absurd scaling would be all inf, or zeros and subnormals (a model
+    still exact through the residual, but an adapter with nothing in it); fp32 factors can be
+    in range while their product is not, and the residual W - s B A would be wrong."""
     with pytest.raises(ValueError, match=match):
-        pissa_factors(_w(), 16, scaling=scaling, adapter_dtype=torch.float16)
+        pissa_factors(_w(), 16, scaling=scaling, adapter_dtype=dtype)
+    A, B, _ = pissa_factors(_w(), 16, scaling=1e20, adapter_dtype=torch.float32)  # in range
+    assert A.abs().max() > 0 and B.abs().max() > 0
     A, B, _ = pissa_factors(_w(), 16, scaling=1e3, adapter_dtype=torch.float16)  # in range
     assert A.abs().max() > 0 and B.abs().max() > 0
     Z = torch.zeros(96, 160)  # S = 0: nothing to keep, nothing refused
