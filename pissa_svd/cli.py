@@ -382,6 +382,8 @@ def _merge(args: argparse.Namespace) -> int:
     r = merge(args.base, args.adapter, args.out, overwrite=args.overwrite, quiet=args.quiet)
     if not args.quiet:
         extra = f", {r['replaced']} tensors replaced (modules_to_save)" if r["replaced"] else ""
+        if r["untied"]:
+            extra += ", tied embeddings untied as in training (tie_word_embeddings false)"
         print(f"pissa-svd: merged {r['merged']} weights{extra} into {r['out']}")
     if r["other_base"]:
         print(

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import LoraAdapter
+from .adapter import PEFT_PREFIX, LoraAdapter
 from .checkpoint import (
     FLOAT_DTYPES,
     INDEX_NAME,
@@ -37,11 +37,14 @@ from .checkpoint import (
 from .errors import InputError, read_json
 from .fused import FusedParam, fused_params, unmapped_params
 from .linalg import svd_lowrank
+from .loadcheck import tied_to_input_embedding
 from .output import check_out, copy_files, plain_number, progress, staged, write_json
 from .pipeline import ADAPTER_DIR, REPORT_FILE
 from .pissa import all_finite, sum_squares
 from .targets import module_name
 
+CONFIG_NAME = "config.json"
+_TIE = "tie_word_embeddings"
 _CHUNK_ELEMENTS = 1 << 22  # verify works on row blocks of ~4M elements: fp64 temporaries stay small
 
 
@@ -304,6 +307,9 @@ def merge(
 
     ``base`` is a checkpoint folder or file (for a PiSSA run: the decompose output, the
     residual model); OUT gets the same shards, dtypes and side files (config, tokenizer).
+    Tensors the adapter saves whole (modules_to_save) replace the base's; where one is a weight
+    tied to others (tied input and output embeddings) that training left untied, OUT unties
+    them as PEFT's merge_and_unload does (:func:`_untie`).
     An adapter whose recorded base is another local folder is merged, and the summary's
     ``other_base`` names that folder. The two PiSSA mix-ups are refused: a LoRA for the
     original merged into its residual (:func:`_check_base`, :func:`_check_residual_rank`), and
@@ -315,7 +321,9 @@ def merge(
     check_out(out, overwrite, {"the base checkpoint": base_path, "the adapter": ad.root})
     infos = {t.name: t for t in ck.tensors()}
     targets = _match_targets(infos, ad, str(base_path))  # an adapter that does not fit, first
-    replaced = _match_extra(infos, ad, str(base_path))
+    tied = _tied_weights(ck, ad)
+    replaced = _match_extra(infos, ad, str(base_path), tied)
+    added, untie = _untie(infos, tied, replaced)
     other = _check_base(ad, ck.root)
     _check_residual_rank(ad, ck.root)
     merged = partial(_merged, targets=targets, twice=partial(_counted_twice, ad, ck.root))
@@ -328,13 +336,22 @@ def merge(
             for shard in ck.shards:
                 dest = tmp / shard
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                _merge_shard(ck.files[shard], dest, targets, merged, replaced, bar)
+                _merge_shard(ck.files[shard], dest, targets, merged, replaced, added, bar)
             if ck.index is not None:
-                write_json(tmp / INDEX_NAME, ck.index)  # same dtypes, so the same total_size
-            copy_files(ck.root, [f for f in ck.extra_files if f != REPORT_FILE], tmp)
+                write_json(tmp / INDEX_NAME, _with_added(ck.index, added, infos))
+            skip = {REPORT_FILE, CONFIG_NAME} if untie else {REPORT_FILE}
+            copy_files(ck.root, [f for f in ck.extra_files if f not in skip], tmp)
+            if untie:
+                write_json(tmp / CONFIG_NAME, _untied_config(ck.read_json(CONFIG_NAME)))
     finally:
         bar.close()  # an error's line then starts on a line of its own
-    return {"out": str(out), "merged": len(targets), "replaced": len(replaced), "other_base": other}
+    return {
+        "out": str(out),
+        "merged": len(targets),
+        "replaced": len(replaced),
+        "untied": untie,
+        "other_base": other,
+    }
 
 
 def _check_base(ad: LoraAdapter, root: Path) -> str | None:
@@ -459,13 +476,15 @@ def _check_float(info: TensorInfo, where: str) -> None:
 
 
 def _match_extra(
-    infos: dict[str, TensorInfo], ad: LoraAdapter, where: str
+    infos: dict[str, TensorInfo], ad: LoraAdapter, where: str, tied: list[str]
 ) -> dict[str, torch.Tensor]:
-    """Non-LoRA adapter tensors (modules_to_save) replace the base tensor of the same name."""
+    """Non-LoRA adapter tensors (modules_to_save) replace the base tensor of the same name; a
+    weight tied to a stored one (``tied``, :func:`_tied_weights`) need not be stored."""
+    stored = next((infos[n] for n in tied if n in infos), None)
     replaced = {}
     for key, t in ad.extra.items():
-        name = key.removeprefix("base_model.model.")
-        info = infos.get(name)
+        name = key.removeprefix(PEFT_PREFIX)
+        info = infos.get(name, stored if name in tied else None)
         if info is None or info.shape != tuple(t.shape):
             raise InputError(
                 f"the adapter holds {key} {tuple(t.shape)}, which matches no tensor of {where}; "
@@ -475,26 +494,111 @@ def _match_extra(
     return replaced
 
 
-def _merge_shard(sf: SafetensorsFile, dest: Path, targets, merged, replaced, bar) -> None:
-    entries = [(i.name, i.dtype, i.shape) for i in sf.tensors.values()]
+def _merge_shard(sf: SafetensorsFile, dest: Path, targets, merged, replaced, added, bar) -> None:
+    """Write one shard; ``added`` (new tensor -> the stored tensor it follows, and takes its
+    shape, dtype and, unless ``replaced`` holds it, values from) are written after that one."""
+    after = {i.name: [n for n, src in added.items() if src == i.name] for i in sf.tensors.values()}
+    entries = [
+        (name, i.dtype, i.shape) for i in sf.tensors.values() for name in [i.name, *after[i.name]]
+    ]
     meta = {**sf.metadata, "format": sf.metadata.get("format", "pt")}
     with StreamingWriter(dest, entries, meta) as w:
         run: list[TensorInfo] = []  # consecutive untouched tensors, copied in one go
         for info in sf.tensors.values():
-            if info.name not in targets and info.name not in replaced:
+            if info.name not in targets and info.name not in replaced and not after[info.name]:
                 run.append(info)
                 continue
             w.copy(run)
             bar.update(sum(i.nbytes for i in run))
             run = []
             W = read_tensor(info)
-            w.write(
-                info.name,
-                replaced[info.name].to(W.dtype) if info.name in replaced else merged(info, W),
-            )
+            if info.name in replaced:
+                w.write(info.name, replaced[info.name].to(W.dtype))
+            else:
+                w.write(info.name, merged(info, W) if info.name in targets else W)
+            for name in after[info.name]:  # W is the tied weight's original value
+                w.write(name, replaced[name].to(W.dtype) if name in replaced else W)
             bar.update(info.nbytes)
         w.copy(run)
         bar.update(sum(i.nbytes for i in run))
+
+
+def _tied_weights(ck: Checkpoint, ad: LoraAdapter) -> list[str]:
+    """The weights tied together in the base model (input and output embedding, where
+    config.json's tie_word_embeddings ties them) when the adapter saves one of them whole
+    (modules_to_save); else []. Found in the model transformers builds from config.json, on
+    the meta device, only where the adapter saves modules and the config may tie them."""
+    saved = {key.removeprefix(PEFT_PREFIX) for key in ad.extra}
+    if not saved or CONFIG_NAME not in ck.extra_files:
+        return []
+    config = ck.read_json(CONFIG_NAME)
+    if not isinstance(config, dict) or not _may_tie(config):
+        return []
+    try:
+        tied = tied_to_input_embedding(ck.root, config)
+    except Exception as exc:  # transformers missing, or unable to build the model
+        raise InputError(
+            f"{ck.root / CONFIG_NAME} may tie the input and output embeddings, and the adapter "
+            "saves whole modules (modules_to_save); transformers cannot build this model "
+            f"({type(exc).__name__}) to tell whether those are tied, so the merge could come "
+            "out wrong: merge with PEFT (merge_and_unload), or with a transformers that "
+            "builds this model"
+        ) from None
+    return tied if len(tied) > 1 and saved & set(tied) else []
+
+
+def _may_tie(config: dict) -> bool:
+    """Whether config.json may tie the embeddings: tie_word_embeddings true at the top level
+    or in text_config (multimodal configs), or in neither (the model's default decides)."""
+    values = [c.get(_TIE) for c in (config, config.get("text_config")) if isinstance(c, dict)]
+    return True in values or all(v is None for v in values)
+
+
+def _untie(
+    infos: dict[str, TensorInfo], tied: list[str], replaced: dict[str, torch.Tensor]
+) -> tuple[dict[str, str], bool]:
+    """The tied weights OUT must add (each -> the stored one it takes shape, dtype and shard
+    from), and whether OUT must untie them; drops redundant copies from ``replaced``.
+
+    PEFT trains a module it saves as a copy, which the weights tied to it do not follow: they
+    keep the original weight, unless ensure_weight_tying ties the copies too, and then the
+    adapter holds each of them, all equal. Equal copies replace what the base stores, and the
+    weights stay tied. Otherwise, as PEFT's merge_and_unload, OUT unties them: every one
+    stored, the adapter's copy or the original weight, and tie_word_embeddings false.
+    """
+    if not tied:
+        return {}, False
+    stored = next(n for n in tied if n in infos)  # _match_extra found one for the adapter's
+    dtype = dtype_to_torch(infos[stored].dtype)
+    copies = [replaced.get(n) for n in tied]
+    if all(c is not None and torch.equal(c.to(dtype), copies[0].to(dtype)) for c in copies):
+        for n in tied:
+            if n not in infos:
+                del replaced[n]
+        return {}, False
+    return {n: stored for n in tied if n not in infos}, True
+
+
+def _with_added(index: dict, added: dict[str, str], infos: dict[str, TensorInfo]) -> dict:
+    """The index with each added tensor in the shard of the tensor it follows."""
+    if not added:
+        return index  # same dtypes, so the same total_size
+    index = copy.deepcopy(index)
+    meta = index.get("metadata")
+    for name, src in added.items():
+        index["weight_map"][name] = index["weight_map"][src]
+        if isinstance(meta, dict) and isinstance(meta.get("total_size"), int):
+            meta["total_size"] += infos[src].nbytes
+    return index
+
+
+def _untied_config(config: dict) -> dict:
+    """config.json with tie_word_embeddings false, at the top level and in text_config."""
+    config = copy.deepcopy(config)
+    for c in (config, config.get("text_config")):
+        if isinstance(c, dict):
+            c[_TIE] = False
+    return config
 
 
 def _merged(info: TensorInfo, W: torch.Tensor, *, targets, twice) -> torch.Tensor:

@@ -152,6 +152,18 @@ def model_class(config: dict):
     return transformers.AutoModel
 
 
+def tied_to_input_embedding(folder: Path, config: dict) -> list[str]:
+    """The names of the parameters that share the input embedding's weight, it included (the
+    output embedding's too where ``tie_word_embeddings`` ties them), in the model transformers
+    builds from ``folder``'s config.json (``config``). Raises what transformers raises where it
+    cannot build the model."""
+    import transformers
+
+    model = _meta_model(folder, config, transformers)
+    weight = model.get_input_embeddings().weight
+    return [n for n, p in model.named_parameters(remove_duplicate=False) if p is weight]
+
+
 def _meta_model(folder: Path, config: dict, transformers) -> torch.nn.Module:
     with _quiet(transformers):
         cfg = transformers.AutoConfig.from_pretrained(str(folder))

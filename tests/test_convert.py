@@ -281,6 +281,116 @@ def test_merge_bad_input(out, tiny_gpt2, run_cli, tmp_path):
     assert code == 2 and "--overwrite" in err
 
 
+def _train_lora(src: Path, dest: Path, **lora):
+    """A plain LoRA (``lora``: LoraConfig's settings) trained a few AdamW steps on ``src``,
+    saved by PEFT to ``dest``; returns the trained PeftModel."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(_causal_lm(src), LoraConfig(r=4, init_lora_weights=False, **lora))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    data = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
+    model.train()
+    for _ in range(3):
+        model(input_ids=data, labels=data).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    model.save_pretrained(dest)
+    return model
+
+
+def _tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(ckpt.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+@pytest.fixture(scope="module")
+def tied_llama(tmp_path_factory) -> Path:
+    """The tiny Llama, sharded, with its input and output embeddings tied (lm_head not stored)."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tied") / "ckpt", tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize(
+    ("model", "saved", "targets", "embedding"),
+    [
+        ("llama", "embed_tokens", ["q_proj", "v_proj"], "model.embed_tokens.weight"),
+        ("gpt2", "lm_head", ["c_attn"], "transformer.wte.weight"),
+    ],
+)
+def test_merge_unties_the_embeddings_as_training_did(
+    model, saved, targets, embedding, tied_llama, tiny_gpt2, ids, run_cli, tmp_path
+):
+    """PEFT trains a saved module (modules_to_save) as a copy, and the weight tied to it keeps
+    the original: the merged model has both, untied, as PEFT's merge_and_unload makes it."""
+    src = tied_llama if model == "llama" else tiny_gpt2
+    assert json.loads((src / "config.json").read_text())["tie_word_embeddings"] is True
+    original = _tensors(src)
+    assert "lm_head.weight" not in original
+    trained = _train_lora(src, tmp_path / "ad", target_modules=targets, modules_to_save=[saved])
+    merged = tmp_path / "merged"
+    code, stdout, err = run_cli("merge", src, "--adapter", tmp_path / "ad", "--out", merged)
+    assert code == 0, err
+    assert torch.allclose(_logits(_causal_lm(merged), ids), _logits(trained, ids), atol=1e-5)
+    assert json.loads((merged / "config.json").read_text())["tie_word_embeddings"] is False
+    assert "1 tensors replaced" in stdout and "untied" in stdout
+    got = _tensors(merged)
+    copy = load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    if saved == "lm_head":  # the trained head, next to the original embedding
+        assert torch.equal(got["lm_head.weight"], copy["base_model.model.lm_head.weight"])
+        assert torch.equal(got[embedding], original[embedding])
+    else:  # the trained embedding, and the head it was tied to keeps the original
+        assert torch.equal(got[embedding], copy[f"base_model.model.{embedding}"])
+        assert torch.equal(got["lm_head.weight"], original[embedding])
+    index = merged / "model.safetensors.index.json"
+    if index.exists():  # lm_head is in its embedding's shard, and counted in total_size
+        index = json.loads(index.read_text())
+        assert index["weight_map"]["lm_head.weight"] == index["weight_map"][embedding]
+        assert index["metadata"]["total_size"] == sum(t.nbytes for t in got.values())
+
+
+def test_merge_keeps_embeddings_tied_by_ensure_weight_tying(tied_llama, ids, run_cli, tmp_path):
+    """With ensure_weight_tying PEFT ties the trained copies: the adapter holds both, equal,
+    and the merged model stays tied, with the trained embedding."""
+    trained = _train_lora(
+        tied_llama,
+        tmp_path / "ad",
+        target_modules=["q_proj"],
+        modules_to_save=["embed_tokens"],
+        ensure_weight_tying=True,
+    )
+    merged = tmp_path / "merged"
+    code, stdout, err = run_cli("merge", tied_llama, "--adapter", tmp_path / "ad", "--out", merged)
+    assert code == 0, err
+    assert "untied" not in stdout
+    assert json.loads((merged / "config.json").read_text())["tie_word_embeddings"] is True
+    got, copy = _tensors(merged), load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    assert "lm_head.weight" not in got
+    want = copy["base_model.model.model.embed_tokens.weight"]
+    assert torch.equal(got["model.embed_tokens.weight"], want)
+    assert not torch.equal(want, _tensors(tied_llama)["model.embed_tokens.weight"])
+    assert torch.allclose(_logits(_causal_lm(merged), ids), _logits(trained, ids), atol=1e-5)
+
+
+def test_merge_refuses_tied_embeddings_transformers_cannot_build(
+    tiny_gpt2, run_cli, tmp_path, capsys
+):
+    """Which weights are tied comes from the model transformers builds; where it cannot, a
+    saved module may be one of them, and merge refuses rather than guess."""
+    from peft import LoraConfig, get_peft_model
+
+    src = Path(shutil.copytree(tiny_gpt2, tmp_path / "src"))
+    get_peft_model(
+        _causal_lm(src), LoraConfig(r=4, target_modules=["c_attn"], modules_to_save=["wte"])
+    ).save_pretrained(tmp_path / "ad")
+    config = json.loads((src / "config.json").read_text())
+    config.update(model_type="not-a-model", architectures=["NotAModelForCausalLM"])
+    (src / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()  # transformers' loading bar
+    code, _, err = run_cli("merge", src, "--adapter", tmp_path / "ad", "--out", tmp_path / "m")
+    assert code == 2 and "merge_and_unload" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "m").exists()
+
+
 # ------------------------------------------------------------------------------------------
 # to-lora
 
