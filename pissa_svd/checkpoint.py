@@ -19,6 +19,7 @@ import math
 import mmap
 import os
 import re
+import stat
 import struct
 import warnings
 from collections.abc import Iterable, Iterator
@@ -506,6 +507,22 @@ def build_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw, offsets
+
+
+def has_layout(path: Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict) -> bool:
+    """Whether ``path`` is a regular file (not a link) with the size and header bytes that
+    ``StreamingWriter(path, entries, metadata)`` gives the file it creates."""
+    header, offsets = build_header(entries, metadata)
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != len(header) + (
+            offsets[-1][1] if offsets else 0
+        ):
+            return False
+        with open(path, "rb") as f:
+            return f.read(len(header)) == header
+    except OSError:
+        return False
 
 
 def _reserve(fd: int, size: int) -> None:

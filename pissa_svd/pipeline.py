@@ -595,7 +595,8 @@ def execute(plan: Plan) -> dict:
     """Run a plan; under torchrun, as one of WORLD_SIZE processes (see distributed.py).
 
     Rank 0 owns OUT: it stages the temporary folder, creates every file and copies the
-    untouched tensors; every rank then decomposes its share of the batches into those files;
+    untouched tensors (on --resume: copies them again, and creates again the files that are
+    not as planned); every rank then decomposes its share of the batches into those files;
     rank 0 writes the index, adapter config and report and renames the folder into place. If
     any rank fails, every rank raises an error naming it and the tensor, and no OUT appears.
     """
@@ -604,8 +605,8 @@ def execute(plan: Plan) -> dict:
         if team.world > 1 and plan.device.startswith("cuda"):
             plan.device = f"cuda:{team.local_rank}"
         if not team.leader:
-            tmp, done = _from_leader(team)
-            _write_all(plan, Path(tmp), team, done)
+            tmp, done, redo = _from_leader(team)
+            _write_all(plan, Path(tmp), team, done, redo)
             try:
                 return _from_leader(team)  # done only once rank 0 has renamed OUT into place
             except RankFailure as exc:
@@ -616,10 +617,10 @@ def execute(plan: Plan) -> dict:
         owned = False  # from here on staging is ours, even once its progress record is gone
         held: list[int] = []  # the staging folder's lock, held until this run ends
         try:
-            done = _open_staging(plan, staging, held)
+            done, redo = _open_staging(plan, staging, held)
             owned = True
-            team.broadcast(("ok", (str(staging), done)))
-            report = _write_all(plan, staging, team, done)
+            team.broadcast(("ok", (str(staging), done, redo)))
+            report = _write_all(plan, staging, team, done, redo)
             check_free(plan.out, plan.options.overwrite)  # while the work can still be resumed
             shutil.rmtree(staging / resume.PROGRESS_DIR)
             move_into_place(staging, plan.out, plan.options.overwrite)
@@ -651,17 +652,17 @@ def execute(plan: Plan) -> dict:
         team.close()
 
 
-def _write_all(plan: Plan, tmp: Path, team: Team, done: dict[str, dict] | None) -> dict:
-    """``done``: report rows of tensors already finished in ``tmp`` (resume), or None when the
-    files must be created first."""
+def _write_all(
+    plan: Plan, tmp: Path, team: Team, done: dict[str, dict], redo: set[str] | None
+) -> dict:
+    """``done``: report rows of tensors already finished in ``tmp`` (resume); ``redo``: the
+    files to create (None: all of them, a fresh start)."""
     o, ck = plan.options, plan.ckpt
     t_start = time.perf_counter()
-    prepare = done is None
-    done = done or {}
     todo = [b for b in plan.batches if not all(t.name in done for t in b)]
     owner = assign([_batch_cost(plan, b) for b in todo], team.world)
     mine = [b for b, r in zip(todo, owner, strict=True) if r == team.rank]
-    prepare_bytes = ck.total_bytes - sum(t.info.nbytes for t in plan.targets) if prepare else 0
+    prepare_bytes = ck.total_bytes - sum(t.info.nbytes for t in plan.targets)
     bar = _progress(
         sum(t.info.nbytes for b in mine for t in b) + (prepare_bytes if team.leader else 0),
         "decompose" if team.world == 1 else f"decompose [rank {team.rank}/{team.world}]",
@@ -670,10 +671,10 @@ def _write_all(plan: Plan, tmp: Path, team: Team, done: dict[str, dict] | None) 
     )
     rows: list[dict] = []
     try:
-        # Phase 1 (rank 0): every file with its header, and the tensors that are only copied.
-        if prepare:
-            prep = _attempt(lambda: _prepare(plan, tmp, bar) if team.leader else None, team)
-            _agree(team, prep)
+        # Phase 1 (rank 0): every file with its header, and the tensors that are only copied
+        # (again on a resume: the staged copies are never trusted).
+        prep = _attempt(lambda: _prepare(plan, tmp, bar, redo) if team.leader else None, team)
+        _agree(team, prep)
         # Phase 2 (every rank): its batches, in file order, straight into those files.
         failure = _attempt(lambda: _decompose_share(plan, tmp, mine, bar, rows, team.rank), team)
         shared = team.all_gather((failure, rows, _rss_bytes()))
@@ -731,10 +732,12 @@ def _write_all(plan: Plan, tmp: Path, team: Team, done: dict[str, dict] | None) 
         bar.close()
 
 
-def _open_staging(plan: Plan, staging: Path, held: list[int]) -> dict[str, dict] | None:
+def _open_staging(
+    plan: Plan, staging: Path, held: list[int]
+) -> tuple[dict[str, dict], set[str] | None]:
     """Start the staging folder, or with ``resume`` reopen it, and lock it (its descriptor is
-    appended to ``held``); returns the finished tensors' report rows (None: the files must be
-    created first). A folder another live run holds is never touched (resume.Busy)."""
+    appended to ``held``); returns the finished tensors' report rows and the files to create
+    (None: all of them). A folder another live run holds is never touched (resume.Busy)."""
     if plan.options.resume:
         if not staging.is_dir():
             raise InputError(
@@ -742,11 +745,12 @@ def _open_staging(plan: Plan, staging: Path, held: list[int]) -> dict[str, dict]
                 "exist); run without --resume"
             )
         held.append(resume.lock(staging))
-        done = resume.finished(
-            staging, plan, f"{ADAPTER_DIR}/{ADAPTER_FILE}", _adapter_config(plan)
-        )
+        adapter_file = f"{ADAPTER_DIR}/{ADAPTER_FILE}"
+        layouts = {s: (_shard_entries(plan, s), _shard_meta(plan, s)) for s in plan.ckpt.shards}
+        layouts[adapter_file] = (_adapter_entries(plan), ADAPTER_META)
+        done, redo = resume.finished(staging, plan, adapter_file, _adapter_config(plan), layouts)
         if resume.is_prepared(staging):
-            return done
+            return done, redo
         # Stopped while creating the files: nothing was finished; create them again.
         resume.remove(staging)
     elif staging.exists() or staging.is_symlink():
@@ -761,7 +765,7 @@ def _open_staging(plan: Plan, staging: Path, held: list[int]) -> dict[str, dict]
         resume.remove(staging)
     resume.start(staging, plan)
     held.append(resume.lock(staging))
-    return None
+    return {}, None
 
 
 def _keep_or_remove(staging: Path) -> str | None:
@@ -841,6 +845,9 @@ def _shard_meta(plan: Plan, shard: str) -> dict[str, str]:
     return {**meta, "format": meta.get("format", "pt")}
 
 
+ADAPTER_META = {"format": "pt"}
+
+
 def _adapter_entries(plan: Plan) -> list[tuple[str, str, tuple[int, ...]]]:
     entries = []
     for t in plan.targets:
@@ -851,18 +858,28 @@ def _adapter_entries(plan: Plan) -> list[tuple[str, str, tuple[int, ...]]]:
     return entries
 
 
-def _prepare(plan: Plan, tmp: Path, bar) -> None:
-    """Create every output file at its final size, and copy the tensors that are not targets.
+def _prepare(plan: Plan, tmp: Path, bar, redo: set[str] | None) -> None:
+    """Create the output files at their final size (``redo``; None: every file), and copy the
+    tensors that are not targets into every shard.
 
-    Copies go file-to-file (copy_file_range), in runs of consecutive tensors.
+    Copies go file-to-file (copy_file_range), in runs of consecutive tensors. On a resume
+    (``redo`` not None) the staged shards keep their finished targets, but their copies are
+    written again from the source: they may have been changed since, as may the source's bytes
+    without its size or modification time.
     """
     targets = {t.name for t in plan.targets}
-    (tmp / ADAPTER_DIR).mkdir()
-    StreamingWriter(
-        tmp / ADAPTER_DIR / ADAPTER_FILE, _adapter_entries(plan), {"format": "pt"}, owned=()
-    ).close()
+    if redo:
+        resume.forget(tmp, {t.name for s in redo for t in plan.ckpt.files[s].tensors.values()})
+    if redo is None:
+        (tmp / ADAPTER_DIR).mkdir()
+        StreamingWriter(
+            tmp / ADAPTER_DIR / ADAPTER_FILE, _adapter_entries(plan), ADAPTER_META, owned=()
+        ).close()
     for shard in plan.ckpt.shards:
         dest = tmp / shard
+        create = redo is None or shard in redo
+        if create and redo is not None:
+            dest.unlink(missing_ok=True)  # a damaged file, or a link: never written through
         dest.parent.mkdir(parents=True, exist_ok=True)
         sf = plan.ckpt.files[shard]
         copied = [i for i in sf.tensors.values() if i.name not in targets]
@@ -870,6 +887,7 @@ def _prepare(plan: Plan, tmp: Path, bar) -> None:
             dest,
             _shard_entries(plan, shard),
             _shard_meta(plan, shard),
+            create=create,
             owned=[i.name for i in copied],
         ) as w:
             run: list[TensorInfo] = []  # consecutive untouched tensors, copied in one go
@@ -881,7 +899,8 @@ def _prepare(plan: Plan, tmp: Path, bar) -> None:
                     run.append(info)
             w.copy(run)
         bar.update(sum(i.nbytes for i in copied))
-    resume.mark_prepared(tmp)
+    if redo is None:
+        resume.mark_prepared(tmp)
 
 
 def _decompose_share(
@@ -905,7 +924,7 @@ def _decompose_share(
     aw = StreamingWriter(
         tmp / ADAPTER_DIR / ADAPTER_FILE,
         _adapter_entries(plan),
-        {"format": "pt"},
+        ADAPTER_META,
         create=False,
         owned=[peft_key(t.module, w) for t in mine for w in "AB"],
     )

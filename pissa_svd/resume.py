@@ -5,9 +5,11 @@ there (``.pissa_progress/rank-K.jsonl``: one JSON line per tensor, written after
 and adapter bytes are in place). A run that fails or is interrupted after finishing some tensors
 keeps that folder; ``--resume`` re-checks each journaled tensor (``W_res + s B@A == W`` within
 rounding, as ``pissa-svd verify`` does, reading the bytes back from the staging files) and
-decomposes only the rest. The work is deterministic, so the result is byte-identical to an
-uninterrupted run. A plan fingerprint (options, source files, batches) guards against resuming
-with different settings.
+decomposes only the rest. Every staged shard must still have its planned size and header, else
+it is created again (its finished tensors are then redone), and the tensors that are only copied
+are copied from the source again, so nothing else in the staging folder is trusted. The work is
+deterministic, so the result is byte-identical to an uninterrupted run. A plan fingerprint
+(options, source path and files, batches) guards against resuming with different settings.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import SafetensorsFile, read_tensor
+from .checkpoint import SafetensorsFile, has_layout, read_tensor
 from .errors import InputError
 from .output import try_lock
 
@@ -34,11 +36,14 @@ def staging_dir(out: Path) -> Path:
 
 def fingerprint(plan) -> dict:
     """Everything that decides the output bytes."""
-    o = plan.options
+    o, ck = plan.options, plan.ckpt
     return {
         "source": [
-            [shard, os.stat(sf.path).st_size, os.stat(sf.path).st_mtime_ns]
-            for shard, sf in plan.ckpt.files.items()
+            os.path.realpath(ck.root if ck.index is not None else ck.files[ck.shards[0]].path),
+            *(
+                [shard, os.stat(sf.path).st_size, os.stat(sf.path).st_mtime_ns]
+                for shard, sf in ck.files.items()
+            ),
         ],
         "options": [
             o.rank,
@@ -151,11 +156,27 @@ def journaled(staging: Path) -> int:
     return sum(len(_rows(p)) for p in d.glob("rank-*.jsonl"))
 
 
-def finished(staging: Path, plan, adapter_file: str, adapter_config: dict) -> dict[str, dict]:
-    """The journaled tensors of an earlier run that still check out: name -> report row.
+def forget(staging: Path, names: set[str]) -> None:
+    """Drop ``names`` from the journals (their bytes are about to be made again), so that no
+    later resume can take them for finished."""
+    for path in (staging / PROGRESS_DIR).glob("rank-*.jsonl"):
+        rows = _rows(path)
+        keep = [r for r in rows if r["name"] not in names]
+        if len(keep) != len(rows):
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
+            os.replace(tmp, path)
 
-    Raises InputError when there is nothing to resume, the plan differs or the staged files
-    are damaged.
+
+def finished(
+    staging: Path, plan, adapter_file: str, adapter_config: dict, layouts: dict[str, tuple]
+) -> tuple[dict[str, dict], set[str]]:
+    """The journaled tensors of an earlier run that still check out (name -> report row), and
+    the staged shards to create again: those without the size and header of their planned
+    ``layouts`` (shard -> (entries, metadata)), whose finished tensors are not reused.
+
+    Raises InputError when there is nothing to resume, the plan differs or the staged adapter
+    file (which every finished tensor needs) is damaged.
     """
     d = staging / PROGRESS_DIR
     if not is_ours(staging):
@@ -174,7 +195,7 @@ def finished(staging: Path, plan, adapter_file: str, adapter_config: dict) -> di
                 "without --resume to start over"
             )
         what = {
-            "source": "source files (size or modification time)",
+            "source": "source (path, or its files' size or modification time)",
             "options": "options",
             "batches": "targets, dtypes or batches (--targets, --exclude, --adapter-dtype, "
             "--residual-dtype, --batch-memory)",
@@ -185,9 +206,14 @@ def finished(staging: Path, plan, adapter_file: str, adapter_config: dict) -> di
             "same ones to continue it, or without --resume to start over"
         )
     if not is_prepared(staging):
-        return {}
+        return {}, set()
+    redo = {
+        f for f, (entries, meta) in layouts.items() if not has_layout(staging / f, entries, meta)
+    }
     try:
-        return _verified(staging, plan, adapter_file, adapter_config)
+        if adapter_file in redo:
+            raise InputError(f"{adapter_file} lost its planned size or header")
+        return _verified(staging, plan, adapter_file, adapter_config, redo), redo
     except (InputError, OSError, KeyError, ValueError) as exc:
         raise Untouched(
             f"--resume: the interrupted run in {staging} is damaged ({exc}); run without "
@@ -195,14 +221,17 @@ def finished(staging: Path, plan, adapter_file: str, adapter_config: dict) -> di
         ) from None
 
 
-def _verified(staging: Path, plan, adapter_file: str, adapter_config: dict) -> dict[str, dict]:
+def _verified(
+    staging: Path, plan, adapter_file: str, adapter_config: dict, redo: set[str]
+) -> dict[str, dict]:
     from .adapter import LoraAdapter, peft_key
     from .convert import _check_quantized, _check_target, quantized_check
 
     d = staging / PROGRESS_DIR
     rows = {r["name"]: r for p in sorted(d.glob("rank-*.jsonl")) for r in _rows(p)}
     by_name = {t.name: t for t in plan.targets}
-    rows = {n: r for n, r in rows.items() if n in by_name}
+    shard_of = {i.name: s for s, f in plan.ckpt.files.items() for i in f.tensors.values()}
+    rows = {n: r for n, r in rows.items() if n in by_name and shard_of[n] not in redo}
     if not rows:
         return {}
     aw = SafetensorsFile.open(staging / adapter_file)
@@ -210,7 +239,6 @@ def _verified(staging: Path, plan, adapter_file: str, adapter_config: dict) -> d
     A = {m: read_tensor(aw.tensors[peft_key(m, "A")]) for m in modules}
     B = {m: read_tensor(aw.tensors[peft_key(m, "B")]) for m in modules}
     ad = LoraAdapter(staging, adapter_config, A, B)
-    shard_of = {i.name: s for s, f in plan.ckpt.files.items() for i in f.tensors.values()}
     files: dict[str, SafetensorsFile] = {}
     good = {}
     for m, name in modules.items():

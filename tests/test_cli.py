@@ -856,6 +856,109 @@ def test_resume_of_a_damaged_run_is_one_line(ckpt, tmp_path, monkeypatch, run_cl
     assert "Traceback" not in err and not out.exists()
 
 
+@pytest.fixture
+def ten_shards(tmp_path) -> Path:
+    """A tiny Llama in 10 shards, the last holding only lm_head (a copied tensor)."""
+    path = tmp_path / "ten"
+    model = tiny_llama_model(
+        intermediate_size=128, num_hidden_layers=2, vocab_size=128, max_position_embeddings=64
+    )
+    model.save_pretrained(path, max_shard_size="50KB")
+    return path
+
+
+def _set_tensor_bytes(path: Path, name: str, fill: int) -> None:
+    """Overwrite the first bytes of tensor ``name`` in place (the file keeps its size)."""
+    (n,) = struct.unpack("<Q", path.read_bytes()[:8])
+    begin = 8 + n + _header(path)[name]["data_offsets"][0]
+    with open(path, "r+b") as f:
+        f.seek(begin)
+        f.write(bytes([fill]) * 64)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["truncated", "deleted", "linked", "copied_bytes", "finished_shard", "source_same_mtime"],
+)
+def test_resume_repairs_the_staged_copies(ten_shards, tmp_path, monkeypatch, run_cli, damage):
+    """Whatever happened to the staged shards' copied tensors, or to a source shard whose bytes
+    changed but whose size and modification time did not (cp -p, rsync -t), the resumed OUT
+    is the bytes of an uninterrupted run on the source as it is now."""
+    src, out = ten_shards, tmp_path / "out"
+    staging = _failed_run(src, out, monkeypatch, after=3)
+    index = json.loads(_index(src).read_text())["weight_map"]
+    last, embed = index["lm_head.weight"], index["model.embed_tokens.weight"]
+    assert list(index.values()).count(last) == 1  # the last shard holds no target
+    resumed = 3
+    if damage == "truncated":
+        os.truncate(staging / last, 1000)
+    elif damage == "deleted":
+        (staging / last).unlink()
+    elif damage == "linked":  # the staged file is now a link to a file outside it
+        outside = tmp_path / "outside.safetensors"
+        outside.write_bytes((staging / last).read_bytes())
+        (staging / last).unlink()
+        (staging / last).symlink_to(outside)
+        before = outside.read_bytes()
+    elif damage == "copied_bytes":
+        _set_tensor_bytes(staging / embed, "model.embed_tokens.weight", 7)
+    elif damage == "finished_shard":  # a shard holding finished tensors: they are redone
+        journal = (staging / ".pissa_progress" / "rank-0.jsonl").read_text().splitlines()
+        finished = [json.loads(line)["name"] for line in journal]
+        shard = index[finished[0]]
+        resumed -= sum(index[n] == shard for n in finished)
+        assert resumed < 3
+        os.truncate(staging / shard, 1000)
+    else:
+        st = os.stat(src / embed)
+        _set_tensor_bytes(src / embed, "model.embed_tokens.weight", 7)
+        os.utime(src / embed, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert os.stat(src / embed).st_size == st.st_size
+    code, _, err = run_cli(*_resume_args(src, out), "--quiet")
+    assert code == 0 and err == "", err
+    report = json.loads((out / "pissa_report.json").read_text())
+    assert report["totals"]["resumed"] == resumed and leftovers(tmp_path) == []
+    if damage == "linked":
+        assert not (out / last).is_symlink() and outside.read_bytes() == before
+    clean = tmp_path / "clean"
+    code, _, err = run_cli("decompose", src, "--rank", "4", "--out", clean, "--quiet")
+    assert code == 0, err
+    made = sorted(str(p.relative_to(clean)) for p in clean.rglob("*.safetensors"))
+    assert made == sorted(str(p.relative_to(out)) for p in out.rglob("*.safetensors"))
+    assert len(made) == 11
+    for name in [*made, "model.safetensors.index.json"]:
+        assert (out / name).read_bytes() == (clean / name).read_bytes(), name
+
+
+def test_a_made_again_shard_leaves_the_journal(ten_shards, tmp_path, monkeypatch, run_cli):
+    """A resume that makes a damaged shard again forgets its finished tensors at once: a resume
+    stopped before redoing them leaves none of them journaled for the next one to trust."""
+    src, out = ten_shards, tmp_path / "out"
+    staging = _failed_run(src, out, monkeypatch, after=3)
+    index = json.loads(_index(src).read_text())["weight_map"]
+    journal = staging / ".pissa_progress" / "rank-0.jsonl"
+    names = [json.loads(line)["name"] for line in journal.read_text().splitlines()]
+    shard = index[names[0]]
+    os.truncate(staging / shard, 1000)
+    _failed_run(src, out, monkeypatch, after=0, resume=True)
+    kept = [json.loads(line)["name"] for line in journal.read_text().splitlines()]
+    assert kept == [n for n in names if index[n] != shard] and len(kept) < 3
+    code, _, err = run_cli(*_resume_args(src, out), "--quiet")
+    assert code == 0 and err == "", err
+    assert json.loads((out / "pissa_report.json").read_text())["totals"]["resumed"] == len(kept)
+
+
+def test_resume_refuses_a_source_at_another_path(ten_shards, tmp_path, monkeypatch, run_cli):
+    """The source's path is part of what a resume compares, not only its files' sizes and
+    modification times."""
+    out = tmp_path / "out"
+    _failed_run(ten_shards, out, monkeypatch, after=3)
+    moved = Path(shutil.copytree(ten_shards, tmp_path / "moved", copy_function=shutil.copy2))
+    code, _, err = run_cli(*_resume_args(moved, out), "--quiet")
+    assert code == 2 and len(screen_lines(err)) == 1 and "had other source" in err, err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_run_keeps_finished_tensors_for_resume(slow_ckpt, tmp_path, sig):
     out = tmp_path / "out"

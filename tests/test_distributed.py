@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import struct
 import subprocess
 import textwrap
 from pathlib import Path
@@ -111,7 +113,16 @@ def test_a_killed_rank_leaves_no_out_and_the_run_resumes(src, tmp_path):
     assert "local_rank: 1" in proc.stderr  # torchrun's summary names the rank that died
     assert not out.exists()
 
-    # Rank 0's finished tensors were kept; a resumed 2-process run gives a 1-process run's bytes.
+    # Rank 0's finished tensors were kept; a resumed 2-process run gives a 1-process run's bytes,
+    # with a staged shard that lost its size, and a copied tensor changed in place.
+    staging = tmp_path / ".out.partial"
+    weight_map = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    os.truncate(staging / weight_map["lm_head.weight"], 1000)
+    with open(staging / weight_map["model.embed_tokens.weight"], "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        begin = json.loads(f.read(n))["model.embed_tokens.weight"]["data_offsets"][0]
+        f.seek(8 + n + begin)
+        f.write(b"\x07" * 64)
     proc = torchrun(["decompose", src, "--rank", 8, "--out", out, "--resume", "--quiet"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = tmp_path / "one"
