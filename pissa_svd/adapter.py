@@ -268,7 +268,12 @@ def pattern_value(patterns: dict, module: str, default):
 def _read_config(root: Path, what: str) -> dict:
     path = root / ADAPTER_CONFIG
     if not path.is_file():
-        raise InputError(f"{what} {root}: no {ADAPTER_CONFIG}; pass a PEFT adapter folder")
+        hint = (
+            f" (the adapter decompose wrote is {root / 'pissa_init'})"
+            if (root / "pissa_init" / ADAPTER_CONFIG).is_file()
+            else ""
+        )
+        raise InputError(f"{what} {root}: no {ADAPTER_CONFIG}; pass a PEFT adapter folder{hint}")
     config = read_json(path)
     if not isinstance(config, dict):
         raise InputError(f"{path}: expected a JSON object; pass a PEFT adapter folder")

@@ -450,11 +450,13 @@ def _refuse_outside_link(root: Path, p: Path, what: str) -> None:
 def _hub_blobs(root: Path) -> list[str]:
     """The blobs/ folder of a Hugging Face cache snapshot (``models--org--name/snapshots/REV``,
     whose files are links to ``models--org--name/blobs/HASH``), else nothing."""
-    snapshots = Path(os.path.abspath(root)).parent
-    repo = snapshots.parent
-    if snapshots.name == "snapshots" and (repo / "blobs").is_dir():
-        return [os.path.realpath(repo / "blobs")]
-    return []
+    found = []
+    for where in (os.path.abspath(root), os.path.realpath(root)):  # SRC may link to a snapshot
+        snapshots = Path(where).parent
+        repo = snapshots.parent
+        if snapshots.name == "snapshots" and (repo / "blobs").is_dir():
+            found.append(os.path.realpath(repo / "blobs"))
+    return found
 
 
 _SHARD = re.compile(r"(.+)-(\d+)-of-(\d+)\.safetensors")

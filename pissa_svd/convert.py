@@ -91,6 +91,7 @@ def to_lora(
     A_out: dict[str, torch.Tensor] = {}
     B_out: dict[str, torch.Tensor] = {}
     changes: list[float] = []
+    defects: list[tuple[float, float, torch.dtype]] = []
     for m in tr.modules:
         # Per expert (E = 1 but for fused experts): A (E, r, in), B (E, out, r).
         if m in fused:
@@ -114,7 +115,9 @@ def to_lora(
         B = torch.cat([B1.to(dtype), B0s], dim=2)
         A_out[m], B_out[m] = fused[m].join(A, B) if m in fused else (A[0], B[0])
         changes.append(_relative_change(A1, B1, s1, A0, B0, s0))
+        defects.append((_unlike_an_init(A0, B0), _unlike_an_init(A1, B1), A1.dtype))
     median = sorted(changes)[len(changes) // 2]
+    _check_not_swapped(defects, ini, tr)
 
     config = _doubled_config(tr.config)
     base = _original_model(ini.root.parent)
@@ -261,6 +264,36 @@ def _relative_change(A1, B1, s1: float, A0, B0, s0: float) -> float:
     diff = float((gx * gy).sum().clamp_min(0).sqrt())
     ref = float((gx[:, r:, r:] * gy[:, r:, r:]).sum().clamp_min(0).sqrt())
     return diff / ref if ref > 0 else math.inf
+
+
+def _unlike_an_init(A: torch.Tensor, B: torch.Tensor) -> float:
+    """How far A (E, r, in) and B (E, out, r) are from a PiSSA init's factors, sqrt(S/s) Vh and
+    U sqrt(S/s), for which A A^T = B^T B = diag(S / s): the relative Frobenius distance of
+    both Gram matrices from their common diagonal. A rounding's worth for an init (fp32 or
+    bf16); training moves it, by a few percent after a few hundred steps."""
+    d = torch.float64
+    ga, gb = A.to(d) @ A.to(d).mT, B.to(d).mT @ B.to(d)
+    diag = torch.diag_embed(torch.diagonal(ga, dim1=-2, dim2=-1))
+    ref = float(torch.linalg.vector_norm(diag))
+    if ref == 0:
+        return 0.0
+    return float(torch.linalg.vector_norm(ga - diag) + torch.linalg.vector_norm(gb - diag)) / ref
+
+
+def _check_not_swapped(defects: list[tuple], ini: LoraAdapter, tr: LoraAdapter) -> None:
+    """Refuse --init and --trained given the other way round: the trained adapter's factors
+    are an init's to their dtype's rounding (an fp32 init's: a few 1e-7, bf16's: about 2e-3)
+    and the init's are ten times further off (the LoRA would undo the training)."""
+    n = len(defects)
+    init_defect = sorted(d[0] for d in defects)[n // 2]
+    trained_defect = sorted(d[1] for d in defects)[n // 2]
+    tol = max(1e-5, max(torch.finfo(d[2]).eps for d in defects))
+    if init_defect > 10 * tol and trained_defect < tol:
+        raise InputError(
+            f"the --trained adapter {tr.root} has the factors of an untouched PiSSA init and "
+            f"the --init adapter {ini.root} does not: were the two swapped? Pass decompose's "
+            "pissa_init as --init and the adapter saved after training as --trained"
+        )
 
 
 def _doubled_config(config: dict) -> dict:

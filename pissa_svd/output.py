@@ -28,7 +28,10 @@ def check_out(out: Path, overwrite: bool, sources: dict[str, Path]) -> None:
     """
     o = out.resolve()
     if out.name in ("", ".", "..") or Path.cwd().resolve().is_relative_to(o):
-        raise InputError(f"--out {out} is the current folder or one above it; name a new folder")
+        raise InputError(
+            f"--out {out} names no new folder (it ends in '.' or '..', or is the current folder "
+            "or one above it); name a new folder"
+        )
     where = o.parent  # the folder OUT's staging sibling is created in, or its nearest ancestor
     while not where.exists() and where != where.parent:
         where = where.parent
@@ -50,7 +53,12 @@ def check_out(out: Path, overwrite: bool, sources: dict[str, Path]) -> None:
             raise InputError(
                 f"{out} already exists; pass --overwrite to replace it, or choose another --out"
             )
-        if not out.is_dir() or out.is_symlink():
+        if out.is_symlink():
+            raise InputError(
+                f"{out} is a link; --overwrite does not replace links: remove it or choose "
+                "another --out"
+            )
+        if not out.is_dir():
             raise InputError(f"{out} exists and is not a folder; remove it or choose another --out")
         if not _replaceable(out):
             raise InputError(

@@ -347,6 +347,8 @@ def test_hugging_face_cache_snapshot_opens(tmp_path):
         (snap / name).symlink_to(Path("../../blobs") / blob)
     ck = Checkpoint.open(snap)
     assert [t.name for t in ck.tensors()] == ["a", "b"]
+    (tmp_path / "latest").symlink_to(snap)  # SRC a link to the snapshot
+    assert [t.name for t in Checkpoint.open(tmp_path / "latest").tensors()] == ["a", "b"]
     save_file({"b": torch.zeros(4)}, tmp_path / "elsewhere.safetensors")
     (snap / "m-2.safetensors").unlink()
     (snap / "m-2.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")

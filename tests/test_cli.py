@@ -366,6 +366,15 @@ def test_overwrite_only_replaces_an_earlier_output(ckpt, tmp_path, run_cli):
     assert run_cli("decompose", ckpt, "--rank", "4", "--out", empty, "--overwrite")[0] == 0
 
 
+def test_overwrite_does_not_replace_a_link(ckpt, tmp_path, run_cli):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    args = ("decompose", ckpt, "--rank", "4", "--out", tmp_path / "link", "--overwrite")
+    code, _, err = run_cli(*args)
+    assert code == 2 and "is a link; --overwrite does not replace links" in err
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "real").is_dir()
+
+
 @pytest.mark.parametrize("where", [".", "..", "file/out"])
 def test_out_that_cannot_be_a_new_folder(ckpt, tmp_path, run_cli, monkeypatch, where):
     work = tmp_path / "work"

@@ -586,6 +586,34 @@ def test_merge_refuses_the_pissa_mixups_and_warns_on_another_base(
     assert str(out.resolve()) in err
 
 
+def test_to_lora_refuses_swapped_init_and_trained(out, trained, run_cli, tmp_path):
+    """The LoRA of a swapped pair would undo the training, with exit 0: the init is told from
+    its factors (A A^T = B^T B diagonal), which training moves."""
+    adapter_dir, _ = trained
+    args = ("--trained", out / "pissa_init", "--init", adapter_dir, "--out", tmp_path / "lora")
+    code, _, err = run_cli("to-lora", *args)
+    assert code == 2 and "were the two swapped?" in err and not (tmp_path / "lora").exists()
+    # The same adapter as both: no training to undo, not refused (its change is reported as 0).
+    code, _, err = run_cli(
+        "to-lora",
+        "--init",
+        out / "pissa_init",
+        "--trained",
+        out / "pissa_init",
+        "--out",
+        tmp_path / "same",
+    )
+    assert code == 0, err
+
+
+def test_to_lora_given_the_decompose_output_points_to_its_adapter(out, trained, run_cli, tmp_path):
+    adapter_dir, _ = trained
+    code, _, err = run_cli(
+        "to-lora", "--init", out, "--trained", adapter_dir, "--out", tmp_path / "lora"
+    )
+    assert code == 2 and f"the adapter decompose wrote is {out / 'pissa_init'}" in err
+
+
 def test_merge_tells_the_mixups_apart_without_the_residual_folder(
     tiny_llama, out, trained, run_cli, tmp_path
 ):
