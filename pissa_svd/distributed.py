@@ -63,7 +63,8 @@ class Team:
     def _collective(self):
         """A peer that died (killed, out of memory) surfaces as a transport error here."""
         try:
-            yield
+            with _killable():
+                yield
         except RuntimeError as exc:
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             first = re.sub(r"^\[[^\]]*\]\s*", "", text)  # gloo prefixes its source location
@@ -110,7 +111,8 @@ def team_from_env(device_type: str) -> Team:
         torch.cuda.set_device(local_rank)  # one GPU per local rank, before NCCL starts
     owns = False
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        with _killable():  # the rendezvous waits for every process
+            dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
         owns = True
     group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
     return Team(
@@ -120,6 +122,26 @@ def team_from_env(device_type: str) -> Team:
         _group=group,
         _owns=owns,
     )
+
+
+@contextmanager
+def _killable():
+    """SIGTERM at its default action (the process ends) while blocked in torch.distributed:
+    a Python handler would only run once the C++ call returns, which a lost peer can delay
+    by gloo's 30-minute timeout, so ``kill`` and a scheduler's timeout could not stop the run.
+    What the run finished stays in its staging folder for --resume, as after SIGKILL."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        if handler is not None:  # None: not set from Python, so left at the default
+            signal.signal(signal.SIGTERM, handler)
 
 
 def env_world_size() -> int:

@@ -156,6 +156,38 @@ def test_a_rank_lost_after_out_was_written_says_so(src, tmp_path):
     assert files(out) == files(one)
 
 
+def test_sigterm_stops_a_process_waiting_for_its_peers(src, tmp_path):
+    """Blocked in the rendezvous (or a collective) for a peer that never comes, a process
+    still ends on SIGTERM (kill, a scheduler's timeout) instead of waiting for gloo's
+    30-minute timeout: a Python handler would not run until the C++ call returned."""
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    cmd = [PYTHON, "-m", "pissa_svd", "decompose", str(src), "--rank", "4"]
+    proc = subprocess.Popen([*cmd, "--out", str(tmp_path / "out"), "--quiet"], env=env)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # rank 0 serves the rendezvous store once it waits
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert proc.poll() is None, "the process ended before its rendezvous"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) != 0
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (tmp_path / "out").exists()
+
+
 def test_assign_balances_deterministically():
     costs = [5.0, 1.0, 4.0, 3.0, 3.0, 2.0]
     owner = assign(costs, 2)
