@@ -304,6 +304,7 @@ def options_from_args(args: argparse.Namespace):
 
 
 def _decompose(args: argparse.Namespace) -> int:
+    from . import resume
     from .pipeline import execute, make_plan
 
     # Options that would otherwise be ignored without a word.
@@ -317,7 +318,8 @@ def _decompose(args: argparse.Namespace) -> int:
 
     plan = make_plan(args.src, args.out, options_from_args(args))
     if args.dry_run:
-        _print_product(plan.describe())
+        note = resume.dry_run_note(plan)
+        _print_product(plan.describe() + (f"\n{note}" if note else ""))
         return 0
     report = execute(plan)
     if not args.quiet and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks

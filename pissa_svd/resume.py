@@ -168,16 +168,9 @@ def forget(staging: Path, names: set[str]) -> None:
             os.replace(tmp, path)
 
 
-def finished(
-    staging: Path, plan, adapter_file: str, adapter_config: dict, layouts: dict[str, tuple]
-) -> tuple[dict[str, dict], set[str]]:
-    """The journaled tensors of an earlier run that still check out (name -> report row), and
-    the staged shards to create again: those without the size and header of their planned
-    ``layouts`` (shard -> (entries, metadata)), whose finished tensors are not reused.
-
-    Raises InputError when there is nothing to resume, the plan differs or the staged adapter
-    file (which every finished tensor needs) is damaged.
-    """
+def check_plan(staging: Path, plan) -> None:
+    """Untouched unless ``staging`` holds an interrupted run of this very plan (options,
+    source, targets): what ``--resume`` (and ``--dry-run --resume``) requires."""
     d = staging / PROGRESS_DIR
     if not is_ours(staging):
         raise Untouched(
@@ -205,6 +198,42 @@ def finished(
             f"--resume: the interrupted run in {staging} had other {named}; rerun with the "
             "same ones to continue it, or without --resume to start over"
         )
+
+
+def dry_run_note(plan) -> str | None:
+    """What a run of ``plan`` would do with an interrupted run's staging folder, for
+    ``--dry-run``: continue it (``--resume``, after the same checks), or discard it."""
+    staging = staging_dir(plan.out)
+    if plan.options.resume:
+        if not staging.is_dir():
+            raise InputError(
+                f"--resume: no interrupted run of {plan.out} to continue ({staging} does not "
+                "exist); run without --resume"
+            )
+        check_plan(staging, plan)
+        return (
+            f"resume: {journaled(staging)} finished tensors in {staging} are re-checked and "
+            "reused; the rest is decomposed"
+        )
+    if is_ours(staging) and (n := journaled(staging)):
+        return (
+            f"note: {staging} holds {n} finished tensors of an interrupted run; this run would "
+            "start over and discard them (add --resume to continue it)"
+        )
+    return None
+
+
+def finished(
+    staging: Path, plan, adapter_file: str, adapter_config: dict, layouts: dict[str, tuple]
+) -> tuple[dict[str, dict], set[str]]:
+    """The journaled tensors of an earlier run that still check out (name -> report row), and
+    the staged shards to create again: those without the size and header of their planned
+    ``layouts`` (shard -> (entries, metadata)), whose finished tensors are not reused.
+
+    Raises InputError when there is nothing to resume, the plan differs or the staged adapter
+    file (which every finished tensor needs) is damaged.
+    """
+    check_plan(staging, plan)
     if not is_prepared(staging):
         return {}, set()
     redo = {

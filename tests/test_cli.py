@@ -779,6 +779,24 @@ def _failed_run(ckpt: Path, out: Path, monkeypatch, after: int, **options) -> Pa
     return out.parent / f".{out.name}.partial"
 
 
+def test_dry_run_says_what_a_run_would_do_with_an_interrupted_one(
+    ckpt, tmp_path, monkeypatch, run_cli
+):
+    """--dry-run names the finished tensors a plain run would discard, and with --resume makes
+    the same checks as the run would (here: other options), changing nothing."""
+    out = tmp_path / "out"
+    staging = _failed_run(ckpt, out, monkeypatch, after=3)
+    before = sorted(p.name for p in staging.rglob("*"))
+    dry = ["decompose", ckpt, "--rank", "4", "--out", out, "--batch-memory", "0", "--dry-run"]
+    code, stdout, _ = run_cli(*dry)
+    assert code == 0 and "holds 3 finished tensors of an interrupted run" in stdout
+    code, stdout, _ = run_cli(*dry, "--resume")
+    assert code == 0 and "resume: 3 finished tensors" in stdout
+    code, _, err = run_cli(*dry, "--resume", "--seed", "1")
+    assert code == 2 and "had other options" in err and len(screen_lines(err)) == 1
+    assert sorted(p.name for p in staging.rglob("*")) == before and not out.exists()
+
+
 def _resume_args(ckpt, out):
     return ["decompose", ckpt, "--rank", "4", "--out", out, "--batch-memory", "0", "--resume"]
 
