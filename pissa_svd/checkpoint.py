@@ -381,7 +381,10 @@ _WEIGHT_INDEXES = ("pytorch_model.bin.index.json", "tf_model.h5.index.json", IND
 def _extra_files(root: Path, shards: set[str]) -> list[str]:
     """The side files to copy, relative to ``root``: config, tokenizer, and those in
     subfolders (sentence-transformers' ``1_Pooling/``, ...), except weights of any format,
-    hidden files and folders, and PEFT adapters kept inside the checkpoint."""
+    hidden files and folders, and PEFT adapters kept inside the checkpoint. The weights of a
+    sentence-transformers module in a subfolder (``2_Dense/model.safetensors``, listed in
+    ``modules.json``) are the model's, and copied."""
+    modules = sentence_transformers_modules(root)
     out = []
     for folder, dirs, files in os.walk(root):
         here = Path(folder)
@@ -395,7 +398,8 @@ def _extra_files(root: Path, shards: set[str]) -> list[str]:
             rel = p.relative_to(root).as_posix()
             if rel in shards or name in _WEIGHT_INDEXES or not p.is_file():
                 continue
-            if name.endswith(_WEIGHT_SUFFIXES) or name.startswith("."):
+            own = here != root and any(here.is_relative_to(root / m) for m in modules)
+            if (name.endswith(_WEIGHT_SUFFIXES) and not own) or name.startswith("."):
                 continue
             if not os.access(p, os.R_OK):  # copied to OUT at the end: say so before any work
                 raise InputError(
@@ -404,6 +408,23 @@ def _extra_files(root: Path, shards: set[str]) -> list[str]:
                 )
             out.append(rel)
     return out
+
+
+def sentence_transformers_modules(root: Path) -> list[str]:
+    """The subfolders of a sentence-transformers model's modules (``modules.json``: each
+    module's ``path``, "" for the transformer at the top); [] for any other checkpoint."""
+    try:
+        entries = json.loads((root / "modules.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return []
+    paths = (
+        [e.get("path") for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+    )
+    return [
+        p
+        for p in paths
+        if isinstance(p, str) and p and ".." not in Path(p).parts and not os.path.isabs(p)
+    ]
 
 
 def _read_index(path: Path) -> dict:

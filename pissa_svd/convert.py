@@ -91,7 +91,7 @@ def to_lora(
     A_out: dict[str, torch.Tensor] = {}
     B_out: dict[str, torch.Tensor] = {}
     changes: list[float] = []
-    defects: list[tuple[float, float, torch.dtype]] = []
+    defects: list[tuple[float, float, torch.dtype, torch.dtype]] = []
     for m in tr.modules:
         # Per expert (E = 1 but for fused experts): A (E, r, in), B (E, out, r).
         if m in fused:
@@ -115,7 +115,7 @@ def to_lora(
         B = torch.cat([B1.to(dtype), B0s], dim=2)
         A_out[m], B_out[m] = fused[m].join(A, B) if m in fused else (A[0], B[0])
         changes.append(_relative_change(A1, B1, s1, A0, B0, s0))
-        defects.append((_unlike_an_init(A0, B0), _unlike_an_init(A1, B1), A1.dtype))
+        defects.append((_unlike_an_init(A0, B0), _unlike_an_init(A1, B1), A0.dtype, A1.dtype))
     median = sorted(changes)[len(changes) // 2]
     _check_not_swapped(defects, ini, tr)
 
@@ -287,8 +287,9 @@ def _check_not_swapped(defects: list[tuple], ini: LoraAdapter, tr: LoraAdapter) 
     n = len(defects)
     init_defect = sorted(d[0] for d in defects)[n // 2]
     trained_defect = sorted(d[1] for d in defects)[n // 2]
-    tol = max(1e-5, max(torch.finfo(d[2]).eps for d in defects))
-    if init_defect > 10 * tol and trained_defect < tol:
+    init_tol = max(1e-5, max(torch.finfo(d[2]).eps for d in defects))
+    trained_tol = max(1e-5, max(torch.finfo(d[3]).eps for d in defects))
+    if init_defect > 10 * init_tol and trained_defect < trained_tol:
         raise InputError(
             f"the --trained adapter {tr.root} has the factors of an untouched PiSSA init and "
             f"the --init adapter {ini.root} does not: were the two swapped? Pass decompose's "
@@ -415,12 +416,16 @@ def _check_residual_rank(ad: LoraAdapter, root: Path) -> None:
         r, rank = ranks.get(m), ad.A[m].shape[-2]
         if isinstance(r, int) and rank != r:
             original = _original_model(root) or "the original model"
+            converted = (
+                f". A rank-{2 * r} one converted for the original model (pissa-svd to-lora, or "
+                f"PEFT's path_initial_model_for_weight_conversion) merges into {original}"
+                if rank == 2 * r
+                else f" (of rank {r}); this one was made for another residual or model"
+            )
             raise InputError(
                 f"{m}: the adapter has rank {rank}, and {root} is a PiSSA residual of rank {r} "
                 f"(its {REPORT_FILE}); only an adapter trained from its {ADAPTER_DIR} merges "
-                f"into it. A rank-{2 * r} one converted for the original model (pissa-svd "
-                f"to-lora, or PEFT's path_initial_model_for_weight_conversion) merges into "
-                f"{original}"
+                f"into it{converted}"
             )
 
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .checkpoint import sentence_transformers_modules
 from .errors import InputError, disk_error
 
 
@@ -63,8 +64,9 @@ def check_out(out: Path, overwrite: bool, sources: dict[str, Path]) -> None:
         if not _replaceable(out):
             raise InputError(
                 f"--overwrite replaces an earlier output, but {out} does not look like one (no "
-                "config.json, adapter_config.json or .safetensors file in it, or other models "
-                "in its subfolders); choose another --out, or empty it yourself"
+                ".safetensors file, adapter_config.json or pissa_report.json at its top, or "
+                "other models or adapters in its subfolders); choose another --out, or empty "
+                "it yourself"
             )
 
 
@@ -73,15 +75,21 @@ def _replaceable(out: Path) -> bool:
     weights, an adapter config or decompose's report, at its top), never a folder of other
     things that merely has OUT's name, nor one that holds other models or adapters anywhere
     below it (besides decompose's own ``pissa_init``): a user's training checkpoints saved
-    inside an output."""
+    inside an output. The folders these commands write themselves (``pissa_init``, and a
+    sentence-transformers module's, which may hold its own weights) may hold weights at their
+    top, not below it (PEFT saves an adapter named X into ``X/``)."""
     names = {p.name for p in out.iterdir()}
     markers = {"pissa_report.json", "adapter_config.json"}
     if names and not (names & markers or any(n.endswith(".safetensors") for n in names)):
         return False
-    return not any(
-        sub.is_dir() and not sub.is_symlink() and sub.name != "pissa_init" and _holds_model(sub)
-        for sub in out.iterdir()
-    )
+    own = {"pissa_init", *sentence_transformers_modules(out)}
+    for sub in out.iterdir():
+        if not sub.is_dir() or sub.is_symlink():
+            continue
+        below = [d for d in sub.iterdir() if d.is_dir() and not d.is_symlink()]
+        if any(_holds_model(d) for d in below) if sub.name in own else _holds_model(sub):
+            return False
+    return True
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
@@ -118,7 +126,7 @@ def staged(out: Path, overwrite: bool) -> Iterator[Path]:
     is left as it was.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out)
+    remove_stale(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     held = try_lock(tmp)  # new, so ours: it tells later runs that this one is alive
     mark = tmp / STAGED_MARK  # written once locked: an unlocked folder with it is a dead run's
@@ -157,7 +165,7 @@ def try_lock(folder: Path) -> int | None:
     return fd
 
 
-def _remove_stale(out: Path) -> None:
+def remove_stale(out: Path) -> None:
     """Remove the temporary siblings of ``out`` that killed runs left: marked as ours
     (``STAGED_MARK``) and held by no live process. Saying so, on stderr."""
     for tmp in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):

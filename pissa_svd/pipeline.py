@@ -63,6 +63,7 @@ from .output import (
     human,
     move_into_place,
     plain_number,
+    remove_stale,
     write_json,
 )
 from .output import progress as _progress
@@ -614,6 +615,7 @@ def execute(plan: Plan) -> dict:
                     exc.pissa_out = "rank 0 may have written OUT before: check it with verify"
                 raise
         staging = resume.staging_dir(plan.out)
+        remove_stale(plan.out)  # what a killed merge or to-lora into the same OUT left
         owned = False  # from here on staging is ours, even once its progress record is gone
         held: list[int] = []  # the staging folder's lock, held until this run ends
         try:
@@ -1199,7 +1201,7 @@ def _not_resumable(message: str) -> InputError:
 def _alpha_error(plan: Plan, t: Target, problem: str) -> InputError:
     return InputError(
         f"the adapter of {t.name!r} {problem} in {t.adapter_dtype} at --alpha "
-        f"{plain_number(plan.alpha)} (scaling {plan.scaling:g}); use an alpha nearer --rank"
+        f"{plan.alpha:g} (scaling {plan.scaling:g}); use an alpha nearer --rank"
     )
 
 

@@ -169,7 +169,7 @@ def adapter_range_problem(
     if bool(((entry < low) & (entry * scaling >= low)).any()):  # the scaling's doing
         return (
             f"underflows (its product B @ A has entries near {entry.max().item():.2g}, "
-            f"beyond {S.dtype}'s precision)"
+            f"beyond what {str(S.dtype).removeprefix('torch.')} arithmetic resolves)"
         )
     return None
 

@@ -359,6 +359,14 @@ def test_overwrite_only_replaces_an_earlier_output(ckpt, tmp_path, run_cli):
     code, _, err = run_cli(*args)
     assert code == 2 and "does not look like one" in err
     assert (out / "notes.txt").read_text() == "user data"
+    # An adapter saved under an earlier output's own pissa_init/ (PEFT: one folder per name).
+    mine = tmp_path / "earlier"
+    assert run_cli("decompose", ckpt, "--rank", "4", "--out", mine, "--quiet")[0] == 0
+    (mine / "pissa_init" / "run1").mkdir()
+    (mine / "pissa_init" / "run1" / "adapter_model.safetensors").write_bytes(b"")
+    code, _, err = run_cli("decompose", ckpt, "--rank", "4", "--out", mine, "--overwrite")
+    assert code == 2 and "does not look like one" in err
+    assert (mine / "pissa_init" / "run1" / "adapter_model.safetensors").exists()
     empty = tmp_path / "empty"
     empty.mkdir()
     assert run_cli("decompose", ckpt, "--rank", "4", "--out", empty, "--overwrite")[0] == 0
@@ -442,6 +450,17 @@ def test_failure_after_the_last_tensor_leaves_nothing_behind(ckpt, tmp_path, run
     out.rmdir()
     code, _, err = run_cli("decompose", ckpt, "--rank", "4", "--out", out, "--quiet")
     assert code == 0 and err == "" and (out / "pissa_init").is_dir()
+
+
+def test_decompose_removes_a_killed_merges_temporary_folder(ckpt, tmp_path, run_cli):
+    from pissa_svd.output import STAGED_MARK
+
+    left = tmp_path / ".out.tmp-killed"
+    left.mkdir()
+    (left / STAGED_MARK).touch()
+    code, _, err = run_cli("decompose", ckpt, "--rank", "4", "--out", tmp_path / "out")
+    assert code == 0 and f"removed {left}, left by an interrupted run" in err
+    assert not left.exists()
 
 
 def test_out_that_appears_during_the_run(ckpt, tmp_path, run_cli, monkeypatch):

@@ -593,6 +593,16 @@ def test_to_lora_refuses_swapped_init_and_trained(out, trained, run_cli, tmp_pat
     args = ("--trained", out / "pissa_init", "--init", adapter_dir, "--out", tmp_path / "lora")
     code, _, err = run_cli("to-lora", *args)
     assert code == 2 and "were the two swapped?" in err and not (tmp_path / "lora").exists()
+    # A bf16 init and an fp32 trained adapter (the usual pair), swapped: each by its own dtype.
+    init16 = tmp_path / "init16"
+    ad = LoraAdapter.load(out / "pissa_init", "init")
+    bf16 = {m: t.to(torch.bfloat16) for m, t in ad.A.items()}
+    LoraAdapter(init16, ad.config, bf16, {m: t.to(torch.bfloat16) for m, t in ad.B.items()}).save(
+        init16
+    )
+    args = ("--trained", init16, "--init", adapter_dir, "--out", tmp_path / "lora16")
+    code, _, err = run_cli("to-lora", *args)
+    assert code == 2 and "were the two swapped?" in err
     # The same adapter as both: no training to undo, not refused (its change is reported as 0).
     code, _, err = run_cli(
         "to-lora",
@@ -634,7 +644,9 @@ def test_merge_tells_the_mixups_apart_without_the_residual_folder(
     assert code == 0, err
 
 
-def test_merge_refuses_a_converted_lora_on_the_residual(out, trained, run_cli, tmp_path):
+def test_merge_refuses_a_converted_lora_on_the_residual(
+    tiny_llama, out, trained, run_cli, tmp_path
+):
     """PEFT's own conversion (path_initial_model_for_weight_conversion) writes the same rank-2r
     LoRA as to-lora but records the residual as its base: the report's rank tells them apart."""
     adapter_dir, model = trained
@@ -647,6 +659,10 @@ def test_merge_refuses_a_converted_lora_on_the_residual(out, trained, run_cli, t
     code, _, err = run_cli("merge", out, "--adapter", converted, "--out", tmp_path / "m")
     assert code == 2 and f"is a PiSSA residual of rank {RANK}" in err and "to-lora" in err
     assert err.count("\n") == 1 and not (tmp_path / "m").exists()
+    # An adapter of another rank that is no conversion: not sent to the original model.
+    other = _decompose(tiny_llama, tmp_path / "other", rank=2 * RANK)
+    code, _, err = run_cli("merge", other, "--adapter", adapter_dir, "--out", tmp_path / "m")
+    assert code == 2 and "made for another residual or model" in err and "to-lora" not in err
 
 
 _ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from pissa_svd import InputError, decompose
 from pissa_svd.convert import verify
@@ -483,15 +483,27 @@ def test_native_backend_end_to_end(tiny_llama, tmp_path):
 
 def test_side_folders_are_copied_without_weights_or_adapters(tiny_llama, tmp_path):
     """sentence-transformers keeps its pooling and normalization settings in subfolders
-    (1_Pooling/config.json), which modules.json names: copied. Weights of any format, hidden
-    folders and PEFT adapters kept inside the checkpoint folder are not."""
+    (1_Pooling/config.json), which modules.json names: copied, with a module's own weights
+    (2_Dense/model.safetensors). Other weights of any format, hidden folders and PEFT adapters
+    kept inside the checkpoint folder are not."""
     import shutil
 
     src = tmp_path / "src"
     shutil.copytree(tiny_llama, src)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.models.Pooling",
+        },
+        {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
+    ]
     side = {
-        "modules.json": "[]",
+        "modules.json": json.dumps(modules),
         "1_Pooling/config.json": '{"pooling_mode_mean_tokens": true}',
+        "2_Dense/config.json": '{"in_features": 64, "out_features": 32}',
         "2_Normalize/.keep": "",
         "onnx/model.onnx": "weights",
         "onnx/config.json": "{}",
@@ -501,13 +513,19 @@ def test_side_folders_are_copied_without_weights_or_adapters(tiny_llama, tmp_pat
     for name, text in side.items():
         (src / name).parent.mkdir(parents=True, exist_ok=True)
         (src / name).write_text(text)
+    dense = {"linear.weight": torch.randn(32, 64)}  # a module's own weights: the model's
+    save_file(dense, src / "2_Dense" / "model.safetensors")
     out = tmp_path / "out"
     decompose(src, out, rank=4, quiet=True)
     copied = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert {"modules.json", "1_Pooling/config.json", "onnx/config.json"} <= copied
+    assert (out / "2_Dense" / "model.safetensors").read_bytes() == (
+        src / "2_Dense" / "model.safetensors"
+    ).read_bytes()
     assert (out / "1_Pooling/config.json").read_text() == side["1_Pooling/config.json"]
     assert not copied & {"onnx/model.onnx", "run/adapter_config.json", ".git/HEAD"}
     assert not copied & {"2_Normalize/.keep"}  # hidden files stay behind
+    decompose(src, out, rank=4, quiet=True, overwrite=True)  # its own module weights: ours
 
 
 def test_library_options_take_python_types_or_say_which_is_wrong(tiny_llama, tmp_path):
