@@ -393,6 +393,9 @@ def _extra_files(root: Path, shards: set[str]) -> list[str]:
             for d in dirs
             if not d.startswith(".") and not (here / d / "adapter_config.json").exists()
         )
+        for d in dirs:  # not walked into: what it holds would be dropped without a word
+            if (here / d).is_symlink():
+                _refuse_outside_link(root, here / d, str(here / d))
         for name in sorted(files):
             p = here / name
             rel = p.relative_to(root).as_posix()
@@ -401,6 +404,8 @@ def _extra_files(root: Path, shards: set[str]) -> list[str]:
             own = here != root and any(here.is_relative_to(root / m) for m in modules)
             if (name.endswith(_WEIGHT_SUFFIXES) and not own) or name.startswith("."):
                 continue
+            if p.is_symlink():  # copied into OUT: nothing from outside the checkpoint
+                _refuse_outside_link(root, p, str(p))
             if not os.access(p, os.R_OK):  # copied to OUT at the end: say so before any work
                 raise InputError(
                     f"{p}: cannot read it (permission denied); fix its permissions, or move it "

@@ -528,6 +528,32 @@ def test_side_folders_are_copied_without_weights_or_adapters(tiny_llama, tmp_pat
     decompose(src, out, rank=4, quiet=True, overwrite=True)  # its own module weights: ours
 
 
+@pytest.mark.parametrize("what", ["file", "folder"])
+def test_side_files_linked_from_outside_are_refused(tiny_llama, tmp_path, what):
+    """A side file or folder that links out of the checkpoint would be copied into OUT (a
+    file from anywhere, published with the model) or dropped without a word (a folder):
+    refused, as weights that link out are. Links inside the checkpoint are fine."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama, src)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("not the model's")
+    (src / "inside.json").write_text("{}")
+    (src / "alias.json").symlink_to(src / "inside.json")
+    if what == "file":
+        (src / "tokenizer.json").symlink_to(outside / "secret.txt")
+    else:
+        (src / "1_Pooling").symlink_to(outside)
+    with pytest.raises(InputError, match="is a link to .*outside the checkpoint folder"):
+        decompose(src, tmp_path / "out", rank=4, quiet=True)
+    assert not (tmp_path / "out").exists()
+    (src / ("tokenizer.json" if what == "file" else "1_Pooling")).unlink()
+    decompose(src, tmp_path / "out", rank=4, quiet=True)
+    assert (tmp_path / "out" / "alias.json").read_text() == "{}"
+
+
 def test_library_options_take_python_types_or_say_which_is_wrong(tiny_llama, tmp_path):
     """decompose() from Python: a regex string is one pattern (not its letters), torch dtypes
     and devices stand for their names; other wrong types are an InputError naming the option."""
