@@ -765,8 +765,7 @@ def _open_staging(
         if not plan.options.quiet:  # our own leftover from an interrupted run
             print(f"pissa-svd: starting over: removing {staging}", file=sys.stderr)
         resume.remove(staging)
-    resume.start(staging, plan)
-    held.append(resume.lock(staging))
+    held.append(resume.start(staging, plan))
     return {}, None
 
 

@@ -64,17 +64,23 @@ def fingerprint(plan) -> dict:
     }
 
 
-def start(staging: Path, plan) -> None:
-    """A fresh staging folder with the plan's fingerprint."""
+def start(staging: Path, plan) -> int:
+    """A fresh staging folder with the plan's fingerprint, locked before the fingerprint marks
+    it as ours (so no other run can take it for an abandoned one); returns the lock's
+    descriptor, as :func:`lock`."""
     from .output import guarded
 
     plan_file = staging / PROGRESS_DIR / PLAN_FILE
-    guarded(lambda: plan_file.parent.mkdir(parents=True), plan_file.parent)
+    guarded(lambda: staging.mkdir(parents=True), staging)
+    fd = lock(staging)  # a run that saw it before, with no fingerprint, refused to touch it
     try:
+        guarded(lambda: plan_file.parent.mkdir(), plan_file.parent)
         guarded(lambda: plan_file.write_text(json.dumps(fingerprint(plan))), plan_file)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # just created, and not yet marked as ours
+        os.close(fd)
         raise
+    return fd
 
 
 class Untouched(InputError):
