@@ -371,7 +371,7 @@ class Checkpoint:
 
 # Weight files of other formats are never copied to the residual model: they would hold the
 # original, not the residual, weights and a loader could pick them up.
-_WEIGHT_SUFFIXES = (
+WEIGHT_SUFFIXES = (
     ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx",
     ".onnx_data", ".tflite",
 )  # fmt: skip
@@ -402,7 +402,7 @@ def _extra_files(root: Path, shards: set[str]) -> list[str]:
             if rel in shards or name in _WEIGHT_INDEXES or not p.is_file():
                 continue
             own = here != root and any(here.is_relative_to(root / m) for m in modules)
-            if (name.endswith(_WEIGHT_SUFFIXES) and not own) or name.startswith("."):
+            if (name.endswith(WEIGHT_SUFFIXES) and not own) or name.startswith("."):
                 continue
             if p.is_symlink():  # copied into OUT: nothing from outside the checkpoint
                 _refuse_outside_link(root, p, str(p))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import PEFT_PREFIX, LoraAdapter
+from .adapter import ADAPTER_CONFIG, PEFT_PREFIX, LoraAdapter
 from .checkpoint import (
     FLOAT_DTYPES,
     INDEX_NAME,
@@ -471,8 +471,8 @@ def _counted_twice(ad: LoraAdapter, root: Path, name: str) -> InputError:
 def _match_targets(
     infos: dict[str, TensorInfo], ad: LoraAdapter, where: str
 ) -> dict[str, tuple[Callable[[torch.dtype], torch.Tensor], int]]:
-    """tensor name -> (its update in the stored layout, the update's rank), checking that every module's weight
-    exists and fits. Fused experts (:mod:`pissa_svd.fused`) update one tensor per expert."""
+    """tensor name -> (its update in the stored layout, the update's rank), checking that
+    every module's weight exists and fits. Fused experts (:mod:`pissa_svd.fused`) update one tensor per expert."""
     shapes = {
         module: info.shape
         for info in infos.values()
@@ -777,16 +777,16 @@ def _check_configs(
     init = ad.config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
         fail(
-            str(ad.root / "adapter_config.json"),
+            str(ad.root / ADAPTER_CONFIG),
             f"init_lora_weights is {init!r}: PEFT would change the residual when it loads the "
             "adapter; decompose writes true",
         )
-    have = [(root / "config.json").is_file() for root in (src, out)]
+    have = [(root / CONFIG_NAME).is_file() for root in (src, out)]
     if have == [True, False]:
-        fail(str(out / "config.json"), "missing in OUT")
+        fail(str(out / CONFIG_NAME), "missing in OUT")
     if not all(have):
         return rows
-    want, got = (read_json(root / "config.json", "config") for root in (src, out))
+    want, got = (read_json(root / CONFIG_NAME, "config") for root in (src, out))
     keys = ("dtype", "torch_dtype")
     stored = dtype_to_torch(residual) if residual in FLOAT_DTYPES else None
     for k in keys:
@@ -797,11 +797,11 @@ def _check_configs(
             else None
         )
         if k in got and got.get(k) not in (want.get(k), wider):
-            fail(str(out / "config.json"), f"{k} is {got.get(k)!r}, SRC's is {want.get(k)!r}")
+            fail(str(out / CONFIG_NAME), f"{k} is {got.get(k)!r}, SRC's is {want.get(k)!r}")
     if {k: v for k, v in want.items() if k not in keys} != {
         k: v for k, v in got.items() if k not in keys
     }:
-        fail(str(out / "config.json"), "differs from SRC's config.json")
+        fail(str(out / CONFIG_NAME), "differs from SRC's config.json")
     return rows
 
 

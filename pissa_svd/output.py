@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .checkpoint import sentence_transformers_modules
+from .checkpoint import WEIGHT_SUFFIXES, sentence_transformers_modules
 from .errors import InputError, disk_error
 
 
@@ -92,9 +92,6 @@ def _replaceable(out: Path) -> bool:
     return True
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
-
-
 def _holds_model(folder: Path) -> bool:
     """Model or adapter weights, or a PEFT adapter config, anywhere in ``folder`` (links not
     followed)."""
@@ -133,7 +130,6 @@ def staged(out: Path, overwrite: bool) -> Iterator[Path]:
     mark.touch()
     try:
         yield tmp
-        check_free(out, overwrite)
         mark.unlink()
         move_into_place(tmp, out, overwrite)
     except BaseException:
@@ -189,7 +185,7 @@ def move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; OUT is an ordinary folder
-    if not out.exists():
+    if not (out.exists() or out.is_symlink()):
         os.rename(tmp, out)
         return
     check_free(out, overwrite)  # appeared or changed while we were working

@@ -741,11 +741,7 @@ def _open_staging(
     appended to ``held``); returns the finished tensors' report rows and the files to create
     (None: all of them). A folder another live run holds is never touched (resume.Busy)."""
     if plan.options.resume:
-        if not staging.is_dir():
-            raise InputError(
-                f"--resume: no interrupted run of {plan.out} to continue ({staging} does not "
-                "exist); run without --resume"
-            )
+        resume.require(staging, plan.out)
         held.append(resume.lock(staging))
         adapter_file = f"{ADAPTER_DIR}/{ADAPTER_FILE}"
         layouts = {s: (_shard_entries(plan, s), _shard_meta(plan, s)) for s in plan.ckpt.shards}

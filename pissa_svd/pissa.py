@@ -157,7 +157,7 @@ def adapter_range_problem(
         rel = (small * (fi.tiny * fi.eps / 2) ** 2 / want.clamp_min(1e-300)).sqrt()
         rel = torch.where(want > 0, rel, torch.zeros_like(rel)).max().item()
         if rel > 2 * fi.eps:
-            share = small.max().item() / F[..., :, :].shape[-2:].numel()
+            share = small.max().item() / F.shape[-2:].numel()
             return (
                 f"underflows ({100 * share:.3g}% of its values below the normal range: "
                 f"{rel:.2g} relative error)"

@@ -206,16 +206,21 @@ def check_plan(staging: Path, plan) -> None:
         )
 
 
+def require(staging: Path, out: Path) -> None:
+    """What ``--resume`` needs first: a staging folder to continue."""
+    if not staging.is_dir():
+        raise InputError(
+            f"--resume: no interrupted run of {out} to continue ({staging} does not exist); "
+            "run without --resume"
+        )
+
+
 def dry_run_note(plan) -> str | None:
     """What a run of ``plan`` would do with an interrupted run's staging folder, for
     ``--dry-run``: continue it (``--resume``, after the same checks), or discard it."""
     staging = staging_dir(plan.out)
     if plan.options.resume:
-        if not staging.is_dir():
-            raise InputError(
-                f"--resume: no interrupted run of {plan.out} to continue ({staging} does not "
-                "exist); run without --resume"
-            )
+        require(staging, plan.out)
         check_plan(staging, plan)
         return (
             f"resume: {journaled(staging)} finished tensors in {staging} are re-checked and "
