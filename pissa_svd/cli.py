@@ -363,6 +363,12 @@ def _to_lora(args: argparse.Namespace) -> int:
         f"  Change from init: median {r['median_change']:.3f}, max {r['max_change']:.3f} "
         "(||B'A' - BA|| / ||BA||)"
     )
+    if r["unchanged"]:
+        print(
+            "pissa-svd: warning: the trained adapter's factors are the init's, so the LoRA is "
+            "zero; was --trained saved before training?",
+            file=sys.stderr,
+        )
     if r["quantized"]:
         print(
             f"  The residual was {r['quantized']}-quantized (QPiSSA), the original is not: on "

@@ -78,6 +78,11 @@ def to_lora(
     ini = LoraAdapter.load(init, "init adapter")
     tr = LoraAdapter.load(trained, "trained adapter")
     out = Path(out)
+    if ini.root.resolve() == tr.root.resolve():
+        raise InputError(
+            f"--init and --trained are the same adapter, {ini.root}: pass decompose's "
+            "pissa_init as --init and the adapter saved after training as --trained"
+        )
     check_out(out, overwrite, {"the init adapter": ini.root, "the trained adapter": tr.root})
     # Fused experts (pissa_svd.fused): the trained adapter in PEFT's fused layout over a
     # per-expert init (decompose's), or both fused (initialize on a target_parameters LoRA).
@@ -92,6 +97,7 @@ def to_lora(
     B_out: dict[str, torch.Tensor] = {}
     changes: list[float] = []
     defects: list[tuple[float, float, torch.dtype, torch.dtype]] = []
+    unchanged = True
     for m in tr.modules:
         # Per expert (E = 1 but for fused experts): A (E, r, in), B (E, out, r).
         if m in fused:
@@ -115,6 +121,8 @@ def to_lora(
         B = torch.cat([B1.to(dtype), B0s], dim=2)
         A_out[m], B_out[m] = fused[m].join(A, B) if m in fused else (A[0], B[0])
         changes.append(_relative_change(A1, B1, s1, A0, B0, s0))
+        unchanged &= s0 == s1 and torch.equal(A0.to(dtype), A1.to(dtype))
+        unchanged &= torch.equal(B0.to(dtype), B1.to(dtype))
         defects.append((_unlike_an_init(A0, B0), _unlike_an_init(A1, B1), A0.dtype, A1.dtype))
     median = sorted(changes)[len(changes) // 2]
     _check_not_swapped(defects, ini, tr)
@@ -138,6 +146,7 @@ def to_lora(
         "base_model": base,
         "median_change": median,
         "max_change": max(changes),
+        "unchanged": unchanged,
         "other_base": _other_base(ini, tr),
         "quantized": _quantize_scheme(ini.root.parent),
     }

@@ -603,17 +603,15 @@ def test_to_lora_refuses_swapped_init_and_trained(out, trained, run_cli, tmp_pat
     args = ("--trained", init16, "--init", adapter_dir, "--out", tmp_path / "lora16")
     code, _, err = run_cli("to-lora", *args)
     assert code == 2 and "were the two swapped?" in err
-    # The same adapter as both: no training to undo, not refused (its change is reported as 0).
-    code, _, err = run_cli(
-        "to-lora",
-        "--init",
-        out / "pissa_init",
-        "--trained",
-        out / "pissa_init",
-        "--out",
-        tmp_path / "same",
-    )
-    assert code == 0, err
+    # The same folder as both: a slip, refused; a copy of the init (no training): a zero LoRA,
+    # written with a warning.
+    init = out / "pissa_init"
+    code, _, err = run_cli("to-lora", "--init", init, "--trained", init, "--out", tmp_path / "s")
+    assert code == 2 and "are the same adapter" in err and not (tmp_path / "s").exists()
+    shutil.copytree(init, tmp_path / "copy")
+    args = ("--init", init, "--trained", tmp_path / "copy", "--out", tmp_path / "zero")
+    code, _, err = run_cli("to-lora", *args)
+    assert code == 0 and "the LoRA is zero" in err and (tmp_path / "zero").is_dir()
 
 
 def test_to_lora_given_the_decompose_output_points_to_its_adapter(out, trained, run_cli, tmp_path):
