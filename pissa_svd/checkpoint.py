@@ -386,16 +386,19 @@ def _extra_files(root: Path, shards: set[str]) -> list[str]:
     ``modules.json``) are the model's, and copied."""
     modules = sentence_transformers_modules(root)
     out = []
-    for folder, dirs, files in os.walk(root):
+    # Folders that link elsewhere in the checkpoint are walked too, so that OUT has them under
+    # their link names; a link to a folder above it (a cycle) is not followed.
+    for folder, dirs, files in os.walk(root, followlinks=True):
         here = Path(folder)
         dirs[:] = sorted(
             d
             for d in dirs
             if not d.startswith(".") and not (here / d / "adapter_config.json").exists()
         )
-        for d in dirs:  # not walked into: what it holds would be dropped without a word
+        for d in dirs:
             if (here / d).is_symlink():
                 _refuse_outside_link(root, here / d, str(here / d))
+        dirs[:] = [d for d in dirs if not here.resolve().is_relative_to((here / d).resolve())]
         for name in sorted(files):
             p = here / name
             rel = p.relative_to(root).as_posix()

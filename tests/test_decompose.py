@@ -550,8 +550,17 @@ def test_side_files_linked_from_outside_are_refused(tiny_llama, tmp_path, what):
         decompose(src, tmp_path / "out", rank=4, quiet=True)
     assert not (tmp_path / "out").exists()
     (src / ("tokenizer.json" if what == "file" else "1_Pooling")).unlink()
+    # A folder linking inside is copied under its link name too; one linking above it (a
+    # cycle) is not followed.
+    (src / "pool").mkdir()
+    (src / "pool" / "config.json").write_text('{"x": 1}')
+    (src / "1_Pooling").symlink_to(src / "pool")
+    (src / "pool" / "up").symlink_to(src)
     decompose(src, tmp_path / "out", rank=4, quiet=True)
     assert (tmp_path / "out" / "alias.json").read_text() == "{}"
+    assert (tmp_path / "out" / "1_Pooling" / "config.json").read_text() == '{"x": 1}'
+    assert (tmp_path / "out" / "pool" / "config.json").is_file()
+    assert not (tmp_path / "out" / "pool" / "up").exists()
 
 
 def test_library_options_take_python_types_or_say_which_is_wrong(tiny_llama, tmp_path):
