@@ -371,8 +371,11 @@ def merge(
     _check_residual_rank(ad, ck.root)
     merged = partial(_merged, targets=targets, twice=partial(_counted_twice, ad, ck.root))
     first = next((infos[name] for name in infos if name in targets), None)
-    if first is not None:  # the PiSSA mix-up shows on every target: refused before any work
-        merged(first, read_tensor(first))
+    if first is not None:  # the PiSSA mix-ups show on every target: refused before any work
+        W = read_tensor(first)
+        _check_converted(ad, first.name, W, ck.root)
+        merged(first, W)
+        del W
     bar = progress(ck.total_bytes, "merge", quiet)
     try:
         with staged(out, overwrite) as tmp:
@@ -436,6 +439,37 @@ def _check_residual_rank(ad: LoraAdapter, root: Path) -> None:
                 f"(its {REPORT_FILE}); only an adapter trained from its {ADAPTER_DIR} merges "
                 f"into it{converted}"
             )
+
+
+def _check_converted(ad: LoraAdapter, name: str, W: torch.Tensor, root: Path) -> None:
+    """Refuse a LoRA converted for the original model (``to-lora``'s, or PEFT's own conversion)
+    merged into a PiSSA residual, told from the weights where no report says what ``root`` is.
+
+    Such a LoRA's update is ``B'A' - BA``: the second half of its rank is an untouched PiSSA
+    init (:func:`_unlike_an_init`) whose update, ``-W_r``, the first half nearly cancels. On
+    the original weight <W, -W_r> = ||W_r||^2; on the residual, which lacks W_r, it is about 0.
+    A trained adapter's halves are no init, and an init's halves do not cancel."""
+    m = module_name(name)
+    if m not in ad.modules or ad.A[m].dim() != 2 or ad.rank(m) % 2:
+        return
+    k = ad.rank(m) // 2
+    A0, B0 = ad.A[m][k:], ad.B[m][:, k:]
+    if _unlike_an_init(A0[None], B0[None]) > 1e-2:  # a bf16 init's rounding is ~2e-3
+        return
+    s = ad.scaling(m)
+    init = (B0.double() * s) @ A0.double()
+    trained = (ad.B[m][:, :k].double() * s) @ ad.A[m][:k].double()
+    ii = float(sum_squares(init))
+    if not ii > 0 or float(sum_squares(trained + init)) > 0.25 * ii:
+        return
+    held = -float((W.double() * (init.mT if ad.fan_in_fan_out else init)).sum()) / ii
+    if held < 0.5:
+        raise InputError(
+            f"{name}: the adapter is a LoRA converted for the original model (its update is "
+            f"B'A' - BA, a trained adapter minus its PiSSA init), and {root} lacks that init's "
+            f"principal part: it is a PiSSA residual; merge the LoRA into the original model, "
+            "or merge the adapter trained on the residual into this one"
+        )
 
 
 def _holds_update(W: torch.Tensor, D: torch.Tensor, merged: torch.Tensor, rank: int) -> bool:

@@ -657,6 +657,31 @@ def test_merge_refuses_a_converted_lora_on_the_residual(
     code, _, err = run_cli("merge", out, "--adapter", converted, "--out", tmp_path / "m")
     assert code == 2 and f"is a PiSSA residual of rank {RANK}" in err and "to-lora" in err
     assert err.count("\n") == 1 and not (tmp_path / "m").exists()
+    # Into a copy of the residual without its report: told from the weights (the LoRA's
+    # second half is the init, negated), for PEFT's conversion and for to-lora's.
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("pissa_report.json"))
+    lora = _to_lora(run_cli, out, adapter_dir, tmp_path / "lora")
+    init16 = tmp_path / "init16" / "pissa_init"  # a bf16 init, as for a bf16 model
+    ad = LoraAdapter.load(out / "pissa_init", "init")
+    bf16 = {m: t.to(torch.bfloat16) for m, t in ad.A.items()}
+    B16 = {m: t.to(torch.bfloat16) for m, t in ad.B.items()}
+    LoraAdapter(init16, ad.config, bf16, B16).save(init16)
+    lora16 = _to_lora(run_cli, init16.parent, adapter_dir, tmp_path / "lora16")
+    for adapter in (converted, lora, lora16):
+        code, _, err = run_cli("merge", copy, "--adapter", adapter, "--out", tmp_path / "m")
+        assert code == 2 and "is a LoRA converted for the original model" in err, err
+        assert err.count("\n") == 1 and not (tmp_path / "m").exists()
+    # Into a copy of the original: fine, and so is the untrained init merged into the residual
+    # copy (its halves are an init too, but they do not cancel).
+    original = tmp_path / "original"
+    shutil.copytree(tiny_llama, original)
+    code, _, err = run_cli("merge", original, "--adapter", lora, "--out", tmp_path / "ok1")
+    assert code == 0, err
+    code, _, err = run_cli(
+        "merge", copy, "--adapter", out / "pissa_init", "--out", tmp_path / "ok2"
+    )
+    assert code == 0, err
     # An adapter of another rank that is no conversion: not sent to the original model.
     other = _decompose(tiny_llama, tmp_path / "other", rank=2 * RANK)
     code, _, err = run_cli("merge", other, "--adapter", adapter_dir, "--out", tmp_path / "m")
