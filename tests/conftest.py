@@ -91,6 +91,7 @@ TINY_MOE = {  # mixture-of-experts families with each naming of the experts' wei
             mlp_only_layers=[0],
         ),
     ),
+    "olmoe": ("OlmoeConfig", dict(intermediate_size=48, num_experts=4)),
     "glm4_moe": (
         "Glm4MoeConfig",
         dict(
