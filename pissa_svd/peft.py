@@ -153,7 +153,7 @@ def initialize(
     Refused with :class:`InputError` (nothing is modified): quantized base layers
     (bitsandbytes, GPTQ, AWQ, ... or any weight that is not a plain bf16/fp16/fp32/fp64
     tensor), weights on the meta device, merged adapters, weights tied to another module,
-    another adapter on the same layer (it shares the base weight the residual replaces), LoRA
+    any other LoRA adapter in the model (its base weights would change under it), LoRA
     variants other than DoRA, and a rank above min(out, in).
 
     Args:
@@ -286,6 +286,18 @@ def _collect(model: torch.nn.Module, name: str) -> tuple[list[_Target], dict[str
     for pname, param in root.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), []).append(pname)
 
+    # Another LoRA adapter anywhere in the model, on these layers or on others, sees base
+    # weights that PiSSA replaces with this adapter's residuals: its output would change.
+    others = {a for layer in root.modules() if isinstance(layer, LoraLayer) for a in layer.r} - {
+        name
+    }
+    if others:
+        raise InputError(
+            f"the model also holds adapter(s) {', '.join(map(repr, sorted(others)))}; PiSSA "
+            f"replaces the base weights under {name!r} with their residuals, which changes what "
+            "the others compute; initialize a model that holds one adapter (delete_adapter() "
+            "the others first)"
+        )
     targets: list[_Target] = []
     skipped: dict[str, str] = {}
     for mname, layer in root.named_modules():
@@ -316,13 +328,6 @@ def _collect(model: torch.nn.Module, name: str) -> tuple[list[_Target], dict[str
             raise InputError(
                 f"{mname}: the base weight is on the meta device; load the model's weights "
                 "before initializing"
-            )
-        others = sorted(a for a in layer.r if a != name)
-        if others:
-            raise InputError(
-                f"{mname}: adapter(s) {', '.join(map(repr, others))} share its base weight, which "
-                f"PiSSA replaces with the residual of {name!r}, changing their output; initialize "
-                "a model that holds one adapter (delete_adapter() the others first)"
             )
         if wrapper:
             targets += _expert_targets(mname, layer, name, weight)
