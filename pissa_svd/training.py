@@ -420,12 +420,7 @@ def save_adapter(
     ):
         config.setdefault(key, default)
     save_dir = Path(save_dir)
-    if save_dir.is_dir() and not any(save_dir.iterdir()):
-        save_dir.rmdir()  # an empty folder made for it: nothing to keep
-    if save_dir.exists() and not overwrite:
-        raise InputError(
-            f"{save_dir} already exists; pass overwrite=True to replace it, or another folder"
-        )
+    _claim(save_dir, overwrite)
     A = {n: m.lora_A.detach().cpu() for n, m in layers.items()}
     B = {n: m.lora_B.detach().cpu() for n, m in layers.items()}
     with staged(save_dir, overwrite) as tmp:
@@ -433,16 +428,45 @@ def save_adapter(
     return save_dir
 
 
-def save_checkpoint(model: nn.Module, save_dir: str | os.PathLike) -> Path:
-    """The adapter in PEFT format: ``save_pretrained`` for a PeftModel, else :func:`save_adapter`."""
+def save_checkpoint(
+    model: nn.Module, save_dir: str | os.PathLike, *, overwrite: bool = False
+) -> Path:
+    """The adapter in PEFT format: ``save_pretrained`` for a PeftModel, else :func:`save_adapter`.
+    Either way a ``save_dir`` that exists and is not empty is replaced only with ``overwrite``."""
+    save_dir = Path(save_dir)
     peft = sys.modules.get("peft")  # a PeftModel implies peft is already imported
-    if peft is not None and isinstance(model, peft.PeftModel):
-        model.save_pretrained(save_dir)
-        return Path(save_dir)
-    return save_adapter(model, save_dir)
+    if peft is None or not isinstance(model, peft.PeftModel):
+        return save_adapter(model, save_dir, overwrite=overwrite)
+    _claim(save_dir, overwrite)
+    with staged(save_dir, overwrite) as tmp:
+        model.save_pretrained(tmp)
+    return save_dir
+
+
+def _claim(save_dir: Path, overwrite: bool) -> None:
+    """Refuse a ``save_dir`` that holds something (unless ``overwrite``); an empty one made for
+    the save is removed, so that it is written like a new one."""
+    _check_free(save_dir, overwrite)
+    if save_dir.is_dir() and not any(save_dir.iterdir()):
+        save_dir.rmdir()
+
+
+def _check_free(save_dir: Path, overwrite: bool) -> None:
+    if (
+        not overwrite
+        and save_dir.exists()
+        and not (save_dir.is_dir() and not any(save_dir.iterdir()))
+    ):
+        raise InputError(
+            f"{save_dir} already exists; pass overwrite=True to replace it, or another folder"
+        )
 
 
 # --- training ---------------------------------------------------------------------------------
+
+
+def _finite_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _cycle(batches: Iterable, needed: int) -> Iterator:
@@ -506,8 +530,10 @@ def fit(
     has ``.loss`` (transformers style); or anything, when ``loss_fn(model, batch)`` returns the
     scalar loss instead. AdamW (``lr``, ``weight_decay``), gradients clipped to
     ``max_grad_norm`` (None: no clipping), bf16 autocast when the model is on CUDA (fp32 math
-    on CPU). Every ``save_every`` steps the adapter is written in PEFT format to
-    ``save_dir/checkpoint-<step>`` (:func:`save_checkpoint`). ``seed`` seeds torch (dropout).
+    on CPU). With a ``save_dir``, the adapter is written in PEFT format to
+    ``save_dir/checkpoint-<step>`` (:func:`save_checkpoint`) every ``save_every`` steps and
+    after the last step; a run whose checkpoint folders already exist is refused before its
+    first step. ``seed`` seeds torch (dropout).
     The progress bar shows the mean loss of the last ``log_every`` steps.
 
     Returns the loss of each step (mean over its micro-batches), as floats.
@@ -520,8 +546,29 @@ def fit(
             f"steps, grad_accum and log_every must be ints >= 1, got {steps!r}, {grad_accum!r}, "
             f"{log_every!r}"
         )
-    if save_every is not None and (save_every < 1 or save_dir is None):
-        raise InputError("save_every needs a save_dir and must be >= 1")
+    if save_every is not None and (
+        isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1
+    ):
+        raise InputError(f"save_every must be an int >= 1 or None, got {save_every!r}")
+    if save_every is not None and save_dir is None:
+        raise InputError("save_every needs a save_dir to write the checkpoints into")
+    if not (_finite_number(lr) and lr > 0):
+        raise InputError(f"lr must be a finite number > 0, got {lr!r}")
+    if not (_finite_number(weight_decay) and weight_decay >= 0):
+        raise InputError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    if max_grad_norm is not None and not (_finite_number(max_grad_norm) and max_grad_norm > 0):
+        raise InputError(
+            f"max_grad_norm must be a finite number > 0, or None for no clipping, got "
+            f"{max_grad_norm!r}"
+        )
+    # Checkpoints every save_every steps and after the last one; none may exist yet (a
+    # previous run's would be lost), checked before the first step rather than at its save.
+    saves: set[int] = set()
+    if save_dir is not None:
+        saves = set(range(save_every, steps + 1, save_every)) if save_every else set()
+        saves.add(steps)
+    for step in sorted(saves):
+        _check_free(Path(save_dir) / f"checkpoint-{step}", overwrite=False)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise InputError(
@@ -557,7 +604,7 @@ def fit(
         if step % log_every == 0 or step == steps:
             recent = losses[-log_every:]
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
-        if save_every is not None and step % save_every == 0:
+        if step in saves:
             save_checkpoint(model, Path(save_dir) / f"checkpoint-{step}")
     bar.close()
     model.train(was_training)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pissa_svd import decompose, pissa_factors
+from pissa_svd.adapter import ADAPTER_FILE
 from pissa_svd.errors import InputError
 from pissa_svd.pipeline import ADAPTER_CONFIG, ADAPTER_DIR
 from pissa_svd.training import (
@@ -326,9 +327,39 @@ def test_fit_accumulates_and_reports_the_micro_batch_mean(out):
         ([{"input_ids": i1}], {}, "output has no loss: add labels"),
         ([(i1, i1)], {}, "a batch is a tuple: without loss_fn, batches must be dicts"),
         ([b1], {"steps": 1.5}, "must be ints >= 1, got 1.5"),
+        ([b1], {"max_grad_norm": -1.0}, "max_grad_norm must be a finite number > 0"),
+        ([b1], {"max_grad_norm": float("nan")}, "max_grad_norm must be a finite number > 0"),
+        ([b1], {"lr": 0}, "lr must be a finite number > 0"),
+        ([b1], {"weight_decay": -0.1}, "weight_decay must be a finite number >= 0"),
+        ([b1], {"save_every": "1", "save_dir": "x"}, "save_every must be an int >= 1"),
+        ([b1], {"save_every": 1}, "save_every needs a save_dir"),
     ]:
         with pytest.raises(InputError, match=match):
             fit(model, batches, **{"steps": 1, **kwargs}, progress=False)
+
+
+@pytest.mark.parametrize("backend", ["torch", "peft"])
+def test_fit_saves_the_last_step_and_keeps_earlier_checkpoints(out, ids, tmp_path, backend):
+    """A save_dir gets the last step too (with or without save_every); a run whose checkpoint
+    folders exist (a previous run's) is refused before its first step, for both backends."""
+    model = load_trainable(out, backend=backend)
+    batch = {"input_ids": ids, "labels": ids}
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    fit(model, [batch], steps=5, save_every=2, save_dir=tmp_path / "a", progress=False)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "checkpoint-2", "checkpoint-4", "checkpoint-5",
+    ]  # fmt: skip
+    fit(model, [batch], steps=3, save_dir=tmp_path / "b", progress=False)
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["checkpoint-3"]
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert any(not torch.equal(trained[n], before[n]) for n in before)
+    saved = (tmp_path / "a" / "checkpoint-4" / ADAPTER_FILE).read_bytes()
+    with pytest.raises(InputError, match="checkpoint-4 already exists"):
+        fit(model, [batch], steps=4, save_every=4, save_dir=tmp_path / "a", progress=False)
+    assert (tmp_path / "a" / "checkpoint-4" / ADAPTER_FILE).read_bytes() == saved
+    for n, p in model.named_parameters():  # refused before any step
+        if p.requires_grad:
+            assert torch.equal(p, trained[n])
 
 
 def test_fit_plain_module_with_loss_fn(tmp_path):
