@@ -270,25 +270,58 @@ def svd_lowrank(
     seeds = _seeds(seed, X.shape[0])
     width = min(rank + p, min(m, n))  # sketch columns
 
+    def compute(X: torch.Tensor):
+        if use_native:
+            return _native_svd(X, rank, niter, width, method, seeds)
+        if X.shape[0] == 1:
+            # One matrix runs as 2-D: each step is then one plain GEMM or LAPACK call rather
+            # than a batched one over a batch of one (bench/RESULTS.md: ``one-as-2d``).
+            return (x[None] for x in _torch_svd(X[0], rank, niter, width, method, seeds, work))
+        return _torch_svd(X, rank, niter, width, method, seeds, work)
+
     with ieee_matmuls(X.device):
         try:
-            if use_native:
-                U, S, Vh = _native_svd(X, rank, niter, width, method, seeds)
-            elif X.shape[0] == 1:
-                # One matrix runs as 2-D: each step is then one plain GEMM or LAPACK call
-                # rather than a batched one over a batch of one (bench/RESULTS.md: ``one-as-2d``).
-                U, S, Vh = (
-                    x[None] for x in _torch_svd(X[0], rank, niter, width, method, seeds, work)
-                )
-            else:
-                U, S, Vh = _torch_svd(X, rank, niter, width, method, seeds, work)
+            U, S, Vh = compute(X)
+            shift = _out_of_range(S[..., 0], X)
         except torch.linalg.LinAlgError:
             if not bool(torch.isfinite(W).all()):  # checked only here: it costs a pass over W
                 raise ValueError("W holds NaN or inf values; an SVD of it is undefined") from None
-            raise
+            shift = _exponent(X)
+        if shift is not None:
+            # Weights so large or small that the power iteration's Gram matrices (which hold
+            # s_1^4) would overflow or lose their low bits: redone on W * 2^-e, which is exact,
+            # with S scaled back. Real weights (s_1 of 1 to 1e3) never come here.
+            U, S, Vh = compute(torch.ldexp(X, -shift[:, None, None]))
+            S = torch.ldexp(S, shift[:, None])
     if not batched:
         U, S, Vh = U[0], S[0], Vh[0]
     return U.contiguous(), S.contiguous(), Vh.contiguous()
+
+
+# The power iteration squares s_1 twice (a block of W Wᵀ W Ω, then its Gram matrix): in fp32
+# that stays clear of overflow and of subnormals for s_1 in [2^-24, 2^24].
+_SAFE_EXPONENT = {torch.float32: 24, torch.float64: 200, torch.bfloat16: 24}
+
+
+def _out_of_range(top: torch.Tensor, X: torch.Tensor) -> torch.Tensor | None:
+    """Per matrix, the power of two to divide X by when its largest singular value ``top``
+    is outside the range the fp32 (fp64) iteration handles exactly, or not finite; None when
+    every matrix is fine (the usual case: one check of b numbers)."""
+    limit = 2.0 ** _SAFE_EXPONENT.get(X.dtype, 24)
+    fine = (top == 0) | ((top >= 1 / limit) & (top <= limit))
+    if bool(fine.all()):
+        return None
+    return torch.where(fine, 0, _exponent(X, top)).to(torch.int32)
+
+
+def _exponent(X: torch.Tensor, top: torch.Tensor | None = None) -> torch.Tensor:
+    """log2 of each matrix's scale: of its largest singular value where that is finite and
+    nonzero, else of its largest entry times sqrt(m n) (an upper bound of s_1)."""
+    amax = X.abs().amax(dim=(-2, -1)).double() * math.sqrt(X.shape[-2] * X.shape[-1])
+    scale = (
+        amax if top is None else torch.where(torch.isfinite(top) & (top > 0), top.double(), amax)
+    )
+    return torch.where(scale > 0, torch.log2(scale).round(), 0).to(torch.int32)
 
 
 @contextlib.contextmanager

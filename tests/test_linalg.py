@@ -83,6 +83,30 @@ def test_oversampling_wins_on_a_geometric_spectrum(seed):
     assert halko < 1e-3 * krylov2 and krylov2 < 0.5 * peft
 
 
+@pytest.mark.parametrize("scale", [1e-25, 1e-9, 4.6e18, 1e30])
+@pytest.mark.parametrize("method", ["auto", "halko", "krylov"])
+def test_weights_far_from_unit_scale_are_as_accurate(method, scale):
+    """The power iteration's Gram matrices hold s_1^4: fp32 overflows for weights of 1e18
+    (an error blaming non-finite input) and loses its low bits for tiny ones. Such weights
+    are redone scaled by a power of two, so S is the unit-scale S times the scale, to fp32
+    rounding, batched, with the bf16 sketch too."""
+    W, _ = known(120, 200, decay=1.0)
+    W = torch.stack([W, 0.5 * W]).float()
+    ref = svd_lowrank(W, 8, method=method, seed=[3, 4])
+    got = svd_lowrank((W.double() * scale).float(), 8, method=method, seed=[3, 4])
+    torch.testing.assert_close(got[1].double() / scale, ref[1].double(), rtol=2e-5, atol=0)
+    overlap = torch.linalg.svdvals(ref[0].mT @ got[0])  # the same subspace
+    assert float(overlap.min()) > 1 - 1e-4
+    if method != "krylov":
+        bf16 = svd_lowrank(
+            (W.double() * scale).float(), 8, method=method, sketch_dtype=torch.bfloat16
+        )
+        assert (
+            torch.isfinite(bf16[0]).all()
+            and float((bf16[1].double() / scale / ref[1] - 1).abs().max()) < 1e-3
+        )
+
+
 def test_singular_values_and_subspaces_are_accurate():
     W, s = known(500, 800, decay=1.0)
     U, S, Vh = svd_lowrank(W, 16, method="krylov")  # fp64 in, fp64 out
