@@ -441,6 +441,8 @@ def check_weight(W: object, what: str = "W") -> None:
         )
     if W.device.type == "meta":
         raise ValueError(f"{what} is on the meta device, so it has no values; load them first")
+    if W.numel() == 0:
+        raise ValueError(f"{what} is empty (shape {tuple(W.shape)}); it has no singular values")
 
 
 def check_float_dtype(dtype: object, what: str) -> None:

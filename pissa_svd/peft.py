@@ -48,7 +48,7 @@ from .linalg import (
     resolve_method,
     svd_lowrank,
 )
-from .pissa import pissa_factors, sum_squares
+from .pissa import all_finite, pissa_factors, sum_squares
 
 # Quantized layers and weights, by class name or module prefix: bitsandbytes, GPTQ, AWQ, HQQ,
 # EETQ, AQLM, quanto, torchao, ... Matched by name so that the check needs none of them
@@ -194,6 +194,10 @@ def initialize(
             stacklevel=2,
         )
     _check_devices(targets, method, backend)
+    for t in targets:  # before any layer is modified: a NaN would surface midway otherwise
+        for what, x in (("base weight", t.weight), ("lora_A", t.A), ("lora_B", t.B)):
+            if not all_finite(x):
+                raise InputError(f"{t.name}: its {what} holds NaN or inf values; nothing changed")
     p = default_oversample(method, oversample)
     rows: dict[str, dict] = {}
     groups = _groups(targets, name, batch)
@@ -223,11 +227,13 @@ def initialize(
 
 
 def _check_options(niter: int, method: str, oversample: int | None, backend: str) -> None:
-    if not isinstance(niter, int) or niter < 0:
+    if isinstance(niter, bool) or not isinstance(niter, int) or niter < 0:
         raise InputError(f"niter must be an int >= 0 (power iterations), got {niter!r}")
     if method not in METHODS:
         raise InputError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    if oversample is not None and (not isinstance(oversample, int) or oversample < 0):
+    if oversample is not None and (
+        isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0
+    ):
         raise InputError(f"oversample must be an int >= 0 or None, got {oversample!r}")
     if backend not in BACKENDS:
         raise InputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")

@@ -69,6 +69,8 @@ def pissa_factors(
         svd = svd_lowrank(W.mT if fan_in_fan_out else W, rank, **svd_kwargs)
     else:
         _check_svd(svd, W.mT if fan_in_fan_out else W, rank)
+        if not all_finite(W):  # svd_lowrank says so itself
+            raise ValueError("W holds NaN or inf values; its residual would too")
     U, S, Vh = svd
     A, B = adapter_factors(U, S, Vh, scaling=scaling, adapter_dtype=adapter_dtype)
     if problem := adapter_range_problem(A, B, S, scaling):

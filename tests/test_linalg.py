@@ -415,6 +415,8 @@ def test_bf16_sketch_on_exact_low_rank_stays_finite():
         ((torch.zeros(4, 5), 1, {"seed": 1.5}), "seed must be an int or one int per matrix"),
         ((torch.zeros(4, 5), 1, {"seed": 2**70}), r"seeds must be ints in \[-2\*\*63"),
         ((torch.zeros(2, 4, 5), 1, {"seed": [1]}), "got 1 seeds for a batch of 2"),
+        ((torch.zeros(0, 4, 5), 1), r"W is empty \(shape \(0, 4, 5\)\)"),
+        ((torch.zeros(4, 5), 1, {"niter": True}), "niter must be an int >= 0, got True"),
     ],
 )
 def test_bad_arguments_raise_value_error(args, match):

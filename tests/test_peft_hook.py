@@ -465,6 +465,20 @@ def test_bad_options_and_merged_adapter():
     with pytest.raises(InputError, match="gesvdr.*cpu"):  # CPU weights: refused up front
         initialize(model, method="gesvdr")
     assert all(not layer.lora_B["default"].weight.any() for layer in layers(model).values())
+    for kwargs in ({"niter": True}, {"oversample": False}):
+        with pytest.raises(InputError, match="must be an int >= 0"):
+            initialize(model, **kwargs)
+    # A NaN in a later layer's weight: named, and refused before any layer changes.
+    two = lora(make_llama(), target_modules=["q_proj", "down_proj"])
+    before = {n: p.detach().clone() for n, p in two.named_parameters()}
+    down = layers(two)["model.layers.1.mlp.down_proj"].base_layer.weight
+    with torch.no_grad():
+        down[0, 0] = float("nan")
+    before[next(n for n, p in two.named_parameters() if p is down)][0, 0] = float("nan")
+    with pytest.raises(InputError, match=r"layers\.1\.mlp\.down_proj: its base weight holds NaN"):
+        initialize(two)
+    for n, p in two.named_parameters():
+        assert torch.equal(p.nan_to_num(), before[n].nan_to_num()), n
     model.merge_adapter()
     with pytest.raises(InputError, match="merged"):
         initialize(model)

@@ -231,5 +231,9 @@ def test_bad_library_arguments_are_value_errors_that_say_what():
             pissa_factors(W, 4, **kwargs)
     with pytest.raises(ValueError, match="upcast fp8"):
         pissa_factors(W.to(torch.float8_e4m3fn), 4)
+    bad = W.clone()
+    bad[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="W holds NaN or inf values"):  # svd given: no SVD of W
+        pissa_factors(bad, 4, svd=(U[:, :4], S[:4], Vh[:4]))
     A, B, _ = pissa_factors(W, 4, svd=(U[:, :4], S[:4], Vh[:4]))  # a wider SVD, cut to r
     assert A.shape == (4, 160) and B.shape == (96, 4)
