@@ -587,9 +587,10 @@ def _batches(targets: list[Target], budget: int) -> list[list[Target]]:
     return batches
 
 
-def decompose(src: str | os.PathLike, out: str | os.PathLike, **kwargs) -> dict:
-    """Library entry point: ``decompose("ckpt/", "out/", rank=64, niter=4)``; returns the report."""
-    return execute(make_plan(src, out, Options(**kwargs)))
+def decompose(src: str | os.PathLike, out: str | os.PathLike, *, rank: int, **kwargs) -> dict:
+    """Library entry point: ``decompose("ckpt/", "out/", rank=64, niter=4)``; returns the report.
+    The keywords are :class:`Options`' (the command's options), ``rank`` required as there."""
+    return execute(make_plan(src, out, Options(rank=rank, **kwargs)))
 
 
 def execute(plan: Plan) -> dict:
@@ -1431,6 +1432,9 @@ def _library_types(o: Options) -> Options:
             raise InputError(f"{key} must be a dtype name such as 'bf16', got {value!r}")
         dtypes[key] = value
     device = str(o.device) if isinstance(o.device, torch.device) else o.device
+    sketch = o.sketch_dtype
+    if isinstance(sketch, torch.dtype):
+        sketch = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(sketch, str(sketch))
     for key in ("niter", "seed", "quant_iters"):
         if not _is_int(getattr(o, key)):
             raise InputError(f"{key} must be an integer, got {getattr(o, key)!r}")
@@ -1443,7 +1447,7 @@ def _library_types(o: Options) -> Options:
         raise InputError(f"alpha must be a number, got {o.alpha!r}")
     if o.quantize is None and o.quant_iters != Options.quant_iters:
         raise InputError("quant_iters is for quantize='nf4' or 'int8' (QPiSSA); pass quantize too")
-    return dataclasses.replace(o, **patterns, **dtypes, device=device)
+    return dataclasses.replace(o, **patterns, **dtypes, device=device, sketch_dtype=sketch)
 
 
 def _compile_patterns(patterns: list[str] | None, flag: str) -> list[str] | None:

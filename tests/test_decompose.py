@@ -575,9 +575,11 @@ def test_library_options_take_python_types_or_say_which_is_wrong(tiny_llama, tmp
         targets="q_proj",
         exclude="layers\\.0\\.",
         adapter_dtype=torch.bfloat16,
+        sketch_dtype=torch.bfloat16,
         device=torch.device("cpu"),
         quiet=True,
     )
+    assert report["sketch_dtype"] == "bf16"
     assert {m["name"].split(".")[-2] for m in report["matrices"]} == {"q_proj"}
     assert len(report["matrices"]) == 2  # layers 1 and 2
     adapter = load_file(tmp_path / "o" / "pissa_init" / "adapter_model.safetensors")
