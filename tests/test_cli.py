@@ -186,21 +186,39 @@ def test_bad_checkpoint(case, ckpt, tmp_path, run_cli):
     assert_bad_input(run_cli, ["decompose", src, "--rank", "4", "--out", out], match, out)
 
 
-def test_svd_failing_on_huge_weights_is_bad_input(tmp_path, run_cli):
-    """Weights ~1e20 overflow the fp32 Gram matrix of the randomized SVD's small
-    eigenproblem: one line naming the tensor and what to try, not a traceback."""
+def test_huge_weights_decompose_and_verify(tmp_path, run_cli):
+    """Weights ~1e20 overflow the fp32 Gram matrices of the power iteration: the SVD redoes
+    them scaled by a power of two, so they decompose, and verify passes."""
     model = tiny_llama_model()
     with torch.no_grad():
         model.model.layers[0].self_attn.q_proj.weight.mul_(1e20)
     src = tmp_path / "src"
     model.save_pretrained(src)
-    name = "model.layers.0.self_attn.q_proj.weight"
+    out = tmp_path / "out"
+    code, _, err = run_cli("decompose", src, "--rank", "4", "--out", out, "--method", "krylov2")
+    assert code == 0, err
+    code, stdout, err = run_cli("verify", src, out)
+    assert code == 0 and "PASS" in stdout, stdout + err
+
+
+def test_svd_failing_is_bad_input(tmp_path, run_cli, monkeypatch):
+    """An SVD that fails all the same: one line naming the tensor and what to try, not a
+    traceback, and no OUT."""
+    from pissa_svd import pipeline
+
+    def fail(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.cholesky: The factorization could not be completed")
+
+    model = tiny_llama_model()
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    monkeypatch.setattr(pipeline, "svd_lowrank", fail)
     out = tmp_path / "out"
     code, _, err = run_cli("decompose", src, "--rank", "4", "--out", out, "--method", "krylov2")
     errors = [line for line in screen_lines(err) if line.startswith("pissa-svd")]
     assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
-    assert f"the SVD of '{name}'" in errors[0] and "a norm of 1.27e+20" in errors[0]
-    assert "--method exact" in errors[0]
+    assert "the SVD of 'model.layers." in errors[0] and ".weight' (in a batch of " in errors[0]
+    assert "--method exact" in errors[0] and "a norm of" in errors[0]
     assert not out.exists()
 
 
