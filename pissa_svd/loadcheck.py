@@ -51,7 +51,13 @@ def needed(modules: Iterable[str]) -> bool:
     return any(EXPERT.search(m) for m in modules)
 
 
-def check(folder: Path, config: dict, targets: Iterable[str], rank: int) -> Result:
+def check(
+    folder: Path,
+    config: dict,
+    targets: Iterable[str],
+    rank: int,
+    shapes: dict[str, tuple[int, int]] | None = None,
+) -> Result:
     """Inject a rank-``rank`` LoRA for the ``targets`` (module names, as in the checkpoint)
     into a meta-device model, and see which of them PEFT adapts.
 
@@ -59,7 +65,10 @@ def check(folder: Path, config: dict, targets: Iterable[str], rank: int) -> Resu
     when PEFT wraps the module of that name, or when it is an expert whose fused parameter
     PEFT wraps (:func:`pissa_svd.fused.expert_slot`) together with every other expert of it:
     one LoRA covers all experts of a fused parameter, so an adapter for some of them does not
-    load.
+    load. With ``shapes`` (module -> (out, in) of its update), the planned adapter's keys are
+    then loaded into that model as ``PeftModel.from_pretrained`` loads them (meta tensors,
+    through PEFT's own conversion of per-expert keys): each must land on a LoRA weight, and
+    every LoRA weight must get one.
     """
     try:
         with _quiet_logger("bitsandbytes"):  # PEFT imports it; on import it may warn about
@@ -122,7 +131,51 @@ def check(folder: Path, config: dict, targets: Iterable[str], rank: int) -> Resu
             f"{len(partial)} target(s) cover only some of them, so the adapter would not load"
         )
         return Result(False, reason, tuple(partial))
+    lost = _lost_on_loading(peft, wrapped, targets, shapes, rank) if shapes else []
+    if lost:
+        reason = (
+            f"{versions} would not load the adapter of {len(lost)} target(s): their saved "
+            "keys do not land on the layers it wraps for them (one projection of fused "
+            "experts without the other?)"
+        )
+        return Result(False, reason, tuple(lost))
     return Result(True, f"every target gets its adapter in {versions}")
+
+
+def _lost_on_loading(
+    peft, wrapped, targets: list[str], shapes: dict[str, tuple[int, int]], rank: int
+) -> list[str]:
+    """The targets whose adapter a load of the planned adapter file would lose: its keys
+    (``base_model.model.<module>.lora_A.weight``, as decompose writes them) loaded with PEFT's
+    ``set_peft_model_state_dict``, which maps per-expert keys onto fused parameters. A key that
+    lands nowhere, or a LoRA weight no key fills, is lost; it is traced back to the targets of
+    its layer (or the target itself, for an unfused module)."""
+    from peft.utils import set_peft_model_state_dict
+
+    state = {}
+    for m in targets:
+        out_f, in_f = shapes[m]
+        state[f"base_model.model.{m}.lora_A.weight"] = torch.empty(rank, in_f, device="meta")
+        state[f"base_model.model.{m}.lora_B.weight"] = torch.empty(out_f, rank, device="meta")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PEFT warns of the keys we are about to list
+            result = set_peft_model_state_dict(wrapped, state, low_cpu_mem_usage=True)
+    except Exception:  # a load that fails outright loses every target's adapter
+        return list(targets)
+    lora = re.compile(r"\.lora_[AB](\.[^.]+)?\.weight$")
+    where = {
+        re.sub(r"^base_model\.model\.", "", lora.sub("", k)).removesuffix(".base_layer")
+        for k in [*result.unexpected_keys, *(k for k in result.missing_keys if lora.search(k))]
+    }
+    if not where:
+        return []
+    layers = {layer_of_container(unwrapped(w)) for w in where if w.endswith(".experts")}
+    return [
+        m
+        for m in targets
+        if m in where or ((slot := expert_slot(m)) is not None and slot[0] in layers)
+    ]
 
 
 @contextlib.contextmanager

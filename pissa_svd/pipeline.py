@@ -558,7 +558,8 @@ def _load_check(
         return "skipped (--no-load-check)"
     if config is None:
         return "not checked: no config.json next to the weights"
-    result = loadcheck.check(src, config, [t.module for t in targets], o.rank)
+    shapes = {t.module: (t.out_features, t.in_features) for t in targets}
+    result = loadcheck.check(src, config, list(shapes), o.rank, shapes)
     if result.ok is False:
         experts = all(loadcheck.EXPERT.search(m) for m in result.missing)
         hint = r"--exclude '\.experts\.'" if experts else "--exclude REGEX matching them"

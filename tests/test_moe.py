@@ -43,7 +43,11 @@ def expert_tensors(state: dict) -> dict:
     return {k: v for k, v in state.items() if ".experts." in k}
 
 
-@pytest.mark.parametrize("exclude", [None, [r"\.experts\."]], ids=["default", "no-experts"])
+@pytest.mark.parametrize(
+    "exclude",
+    [None, [r"\.experts\."], [r"\.experts\.\d+\.(w2|down_proj)$"]],
+    ids=["default", "no-experts", "experts-without-down"],  # the last: gate/up fused alone
+)
 def test_load_check_agrees_with_peft(moe, exclude, tmp_path):
     """Decompose refuses exactly when PEFT would not reproduce the model at step 0, for the
     default targets and with the experts left out (which the refusal may suggest)."""
@@ -52,7 +56,9 @@ def test_load_check_agrees_with_peft(moe, exclude, tmp_path):
     unchecked = tmp_path / "unchecked"
     report = decompose(src, unchecked, rank=4, exclude=exclude, load_check=False, quiet=True)
     assert report["load_check"] == "skipped (--no-load-check)"
-    assert any(".experts." in r["name"] for r in report["matrices"]) == (exclude is None)
+    experts = {r["name"].split(".")[-2] for r in report["matrices"] if ".experts." in r["name"]}
+    assert bool(experts) == (exclude != [r"\.experts\."])
+    assert not experts & {"w2", "down_proj"} or exclude is None
     faithful = torch.allclose(
         logits(unchecked, ids, unchecked / ADAPTER_DIR), logits(src, ids), atol=1e-4, rtol=1e-4
     )
@@ -64,7 +70,9 @@ def test_load_check_agrees_with_peft(moe, exclude, tmp_path):
     with pytest.raises(InputError) as info:
         decompose(src, checked, rank=4, exclude=exclude, quiet=True)
     message = str(info.value)
-    assert "would silently give" in message and "no adapter" in message
+    assert ("would silently give" in message and "no adapter" in message) or (
+        "would not load the adapter" in message and "do not land" in message
+    )
     assert "--exclude" in message and "--no-load-check" in message
     assert not checked.exists()
 
