@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, costmodel, loadcheck, resume
-from .adapter import ADAPTER_CONFIG, ADAPTER_FILE, peft_key
+from .adapter import ADAPTER_CONFIG, ADAPTER_FILE, PEFT_PREFIX, peft_key
 from .checkpoint import (
     DIRECT_ALIGN,
     FLOAT_DTYPES,
@@ -75,7 +75,7 @@ from .pissa import (
     rounding_overflowed,
     subtract_adapter_,
 )
-from .targets import module_name, never_target, select, task_type
+from .targets import module_name, never_target, select, task_heads, task_type
 
 ADAPTER_DIR = "pissa_init"
 REPORT_FILE = "pissa_report.json"
@@ -854,7 +854,18 @@ def _adapter_entries(plan: Plan) -> list[tuple[str, str, tuple[int, ...]]]:
             (peft_key(t.module, "A"), t.adapter_dtype, (t.rank, t.in_features)),
             (peft_key(t.module, "B"), t.adapter_dtype, (t.out_features, t.rank)),
         ]
-    return entries
+    return entries + [(_head_key(i), i.dtype, i.shape) for i in _head_tensors(plan)]
+
+
+def _head_tensors(plan: Plan) -> list[TensorInfo]:
+    """The task head's tensors (classification, QA), which the adapter carries as PEFT's task
+    models save them (:data:`pissa_svd.targets.TASK_HEADS`): as they are in the checkpoint."""
+    infos = {i.name: i for i in plan.ckpt.tensors()}
+    return [infos[n] for n in task_heads(plan.task_type, infos)[1]]
+
+
+def _head_key(info: TensorInfo) -> str:
+    return f"{PEFT_PREFIX}{info.name}"
 
 
 def _prepare(plan: Plan, tmp: Path, bar, redo: set[str] | None) -> None:
@@ -871,9 +882,16 @@ def _prepare(plan: Plan, tmp: Path, bar, redo: set[str] | None) -> None:
         resume.forget(tmp, {t.name for s in redo for t in plan.ckpt.files[s].tensors.values()})
     if redo is None:
         (tmp / ADAPTER_DIR).mkdir()
-        StreamingWriter(
-            tmp / ADAPTER_DIR / ADAPTER_FILE, _adapter_entries(plan), ADAPTER_META, owned=()
-        ).close()
+    heads = _head_tensors(plan)  # copied on a resume too, as the other untouched tensors
+    with StreamingWriter(
+        tmp / ADAPTER_DIR / ADAPTER_FILE,
+        _adapter_entries(plan),
+        ADAPTER_META,
+        create=redo is None,
+        owned=[_head_key(i) for i in heads],
+    ) as w:
+        for info in heads:
+            w.write(_head_key(info), read_tensor(info))
     for shard in plan.ckpt.shards:
         dest = tmp / shard
         create = redo is None or shard in redo
@@ -1343,7 +1361,8 @@ def _adapter_config(plan: Plan) -> dict:
         "use_dora": False,
         "rank_pattern": {},
         "alpha_pattern": {},
-        "modules_to_save": None,
+        # PEFT's task models wrap their heads whatever this says; the adapter holds them.
+        "modules_to_save": task_heads(plan.task_type, ())[0] if _head_tensors(plan) else None,
         "inference_mode": True,
     }
 

@@ -8,6 +8,7 @@ A module name is a tensor name without its ``.weight`` suffix, e.g.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -106,8 +107,31 @@ def select(
     return None
 
 
+# The heads PEFT's task models add to modules_to_save (PeftModelForSequenceClassification and
+# ...TokenClassification add "classifier" and "score", ...QuestionAnswering "qa_outputs"): a
+# trainable copy each, whose weights PEFT then expects in the adapter it loads.
+TASK_HEADS = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+
+
+def task_heads(task: str | None, names: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(the head modules PEFT wraps for ``task``, the tensors of ``names`` inside them)."""
+    heads = TASK_HEADS.get(task or "", ())
+    if not heads:
+        return [], []
+    inside = re.compile(rf"(^|\.)({'|'.join(heads)})\.")
+    return list(heads), [n for n in names if inside.search(n)]
+
+
 def task_type(config: dict | None) -> str | None:
-    """PEFT task_type from config.json's ``architectures`` (None when unknown)."""
+    """PEFT task_type from config.json's ``architectures`` (None when unknown, and for models
+    with several towers, such as CLIP: PEFT's feature-extraction model passes one tower's
+    arguments, which a CLIP forward rejects)."""
+    if any(isinstance((config or {}).get(k), dict) for k in ("vision_config", "text_config")):
+        return None
     archs = (config or {}).get("architectures") or []
     for arch in archs:
         for suffix, task in _TASK_SUFFIXES:

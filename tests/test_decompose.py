@@ -243,6 +243,78 @@ def test_tiny_gpt2_is_fan_in_fan_out(tiny_gpt2, tmp_path):
     )
 
 
+def _task_model(cls_name: str, tmp_path: Path) -> tuple[Path, type]:
+    import transformers
+
+    torch.manual_seed(0)
+    cls = getattr(transformers, cls_name)
+    small = dict(num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, vocab_size=96)
+    if cls_name.startswith("GPT2"):
+        config = transformers.GPT2Config(
+            n_embd=64, n_layer=2, n_head=4, n_positions=32, vocab_size=96, num_labels=3,
+            pad_token_id=0,
+        )  # fmt: skip
+    elif cls_name.startswith("CLIP"):
+        text = dict(hidden_size=64, max_position_embeddings=32, **small)
+        vision = dict(hidden_size=64, image_size=32, patch_size=8, **small)
+        vision.pop("vocab_size")
+        config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
+    else:
+        kind = getattr(transformers, cls_name.split("For")[0] + "Config")
+        labels = 2 if cls_name.endswith("QuestionAnswering") else 3  # QA: start and end
+        config = kind(hidden_size=64, max_position_embeddings=34, num_labels=labels, **small)
+    src = tmp_path / "src"
+    cls(config).eval().save_pretrained(src)
+    return src, cls
+
+
+@pytest.mark.parametrize(
+    "cls_name",
+    [
+        "BertForSequenceClassification",
+        "RobertaForSequenceClassification",
+        "BertForTokenClassification",
+        "BertForQuestionAnswering",
+        "GPT2ForSequenceClassification",
+        "CLIPModel",
+    ],
+)
+def test_task_models_load_with_their_heads_and_start_from_the_original(cls_name, tmp_path):
+    """PEFT's classification and QA models make their heads trainable copies (modules_to_save)
+    and expect them in the adapter: decompose puts them there, as PEFT saves them. A CLIP
+    forward rejects PEFT's feature-extraction wrapper, so dual encoders get no task_type."""
+    from peft import PeftModel
+
+    src, cls = _task_model(cls_name, tmp_path)
+    out = tmp_path / "out"
+    decompose(src, out, rank=4, quiet=True)
+    config = json.loads((out / ADAPTER_DIR / "adapter_config.json").read_text())
+    g = torch.Generator().manual_seed(0)
+    inputs = {"input_ids": torch.randint(1, 96, (2, 10), generator=g)}
+    if cls_name.startswith("CLIP"):
+        inputs["pixel_values"] = torch.randn(2, 3, 32, 32, generator=g)
+        assert config["task_type"] is None and config["modules_to_save"] is None
+    else:
+        assert config["modules_to_save"], config
+
+    def outputs(model):
+        with torch.no_grad():
+            got = model.eval()(**inputs)
+        return got.logits_per_text if cls_name.startswith("CLIP") else (
+            got.logits if hasattr(got, "logits") else got.start_logits
+        )  # fmt: skip
+
+    want = outputs(cls.from_pretrained(src))
+    model = PeftModel.from_pretrained(
+        cls.from_pretrained(out), out / ADAPTER_DIR, is_trainable=True
+    )
+    torch.testing.assert_close(outputs(model), want, rtol=1e-4, atol=1e-5)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    heads = config["modules_to_save"] or []
+    assert bool(trainable) == bool(heads) and all(any(h in n for h in heads) for n in trainable)
+    assert verify(src, out).passed
+
+
 @pytest.mark.slow
 def test_real_minilm(minilm, tmp_path):
     from transformers import AutoModel, AutoTokenizer
