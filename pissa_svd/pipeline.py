@@ -324,6 +324,14 @@ class Plan:
             f" task_type={self.task_type}, fan_in_fan_out={self.fan_in_fan_out}",
             f"  svd          niter={o.niter}, oversample={self.oversample}, seed={o.seed},"
             f" device={self.device}, backend={self.backend}, sketch {o.sketch_dtype}",
+            *(
+                [
+                    f"  quantize     {o.quantize} residual (QPiSSA), {o.quant_iters} rounds"
+                    " (--quant-iters)"
+                ]
+                if o.quantize
+                else []
+            ),
             f"  batching     {len(self.targets)} matrices in {len(self.batches)} calls"
             + (
                 " (QPiSSA: one matrix at a time)"

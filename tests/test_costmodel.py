@@ -128,6 +128,8 @@ def test_dry_run_prices_and_sizes_qpissa(tiny_llama, tmp_path):
     assert qpissa.batch_working_bytes(batch) == plain.batch_working_bytes(batch) + 4 * work + kept
     assert max(len(b) for b in plain.batches) > 1  # same-shape matrices batched ...
     assert all(len(b) == 1 for b in qpissa.batches)  # ... but QPiSSA takes one at a time
+    assert "quantize     nf4 residual (QPiSSA), 5 rounds" in qpissa.describe()
+    assert "quantize " not in plain.describe()
 
 
 def test_plan_keeps_the_largest_buffers_of_all_batches(tiny_llama, tmp_path, monkeypatch):
