@@ -43,6 +43,7 @@ class Result:
     ok: bool | None  # None: not checked (see reason)
     reason: str  # what was checked, or why not
     missing: tuple[str, ...] = ()  # target modules PEFT gives no adapter
+    fused: tuple[str, ...] = ()  # targets that land on a fused expert parameter (3-D)
 
 
 def needed(modules: Iterable[str]) -> bool:
@@ -139,7 +140,8 @@ def check(
             "experts without the other?)"
         )
         return Result(False, reason, tuple(lost))
-    return Result(True, f"every target gets its adapter in {versions}")
+    fused_targets = tuple(m for names in by_param.values() for m in names)
+    return Result(True, f"every target gets its adapter in {versions}", fused=fused_targets)
 
 
 def _lost_on_loading(

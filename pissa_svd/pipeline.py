@@ -576,6 +576,14 @@ def _load_check(
             f"with {hint} (they stay whole in the residual), or pass --no-load-check to "
             "decompose them for another trainer"
         )
+    if o.quantize and result.fused:
+        raise InputError(
+            f"{src}: transformers {sys.modules['transformers'].__version__} loads the experts as fused "
+            f"parameters (e.g. {result.fused[0]}), which bitsandbytes does not quantize, so a "
+            f"{o.quantize} residual would only add its rounding error to them; leave them out "
+            r"with --exclude '\.experts\.' (whole and unquantized in the residual), drop "
+            "--quantize, or pass --no-load-check for a trainer that quantizes experts"
+        )
     return result.reason
 
 
