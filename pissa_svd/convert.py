@@ -370,12 +370,14 @@ def merge(
     other = _check_base(ad, ck.root)
     _check_residual_rank(ad, ck.root)
     merged = partial(_merged, targets=targets, twice=partial(_counted_twice, ad, ck.root))
+    # The PiSSA mix-ups show on every target: refused before any work, from the first target
+    # (and for the converted LoRA, the first one of plain layout: fused experts are not read).
     first = next((infos[name] for name in infos if name in targets), None)
-    if first is not None:  # the PiSSA mix-ups show on every target: refused before any work
-        W = read_tensor(first)
-        _check_converted(ad, first.name, W, ck.root)
-        merged(first, W)
-        del W
+    plain = next((infos[n] for n in infos if n in targets and _plain(ad, n)), None)
+    if plain is not None:
+        _check_converted(ad, plain.name, read_tensor(plain), ck.root)
+    if first is not None:
+        merged(first, read_tensor(first))
     bar = progress(ck.total_bytes, "merge", quiet)
     try:
         with staged(out, overwrite) as tmp:
@@ -441,6 +443,12 @@ def _check_residual_rank(ad: LoraAdapter, root: Path) -> None:
             )
 
 
+def _plain(ad: LoraAdapter, name: str) -> bool:
+    """Whether weight ``name`` has its own (r, in) / (out, r) factors in ``ad`` (no fused experts)."""
+    m = module_name(name)
+    return m in ad.modules and ad.A[m].dim() == 2
+
+
 def _check_converted(ad: LoraAdapter, name: str, W: torch.Tensor, root: Path) -> None:
     """Refuse a LoRA converted for the original model (``to-lora``'s, or PEFT's own conversion)
     merged into a PiSSA residual, told from the weights where no report says what ``root`` is.
@@ -450,7 +458,7 @@ def _check_converted(ad: LoraAdapter, name: str, W: torch.Tensor, root: Path) ->
     the original weight <W, -W_r> = ||W_r||^2; on the residual, which lacks W_r, it is about 0.
     A trained adapter's halves are no init, and an init's halves do not cancel."""
     m = module_name(name)
-    if m not in ad.modules or ad.A[m].dim() != 2 or ad.rank(m) % 2:
+    if ad.rank(m) % 2:
         return
     k = ad.rank(m) // 2
     A0, B0 = ad.A[m][k:], ad.B[m][:, k:]
@@ -796,6 +804,16 @@ def verify(
         result.rows.append(row)
         bar.update(s.nbytes)
     bar.close()
+    for key, t in ad.extra.items():  # a task head (modules_to_save): PEFT loads it from here
+        name = key.removeprefix(PEFT_PREFIX)
+        s = src_infos.get(name)
+        same = s is not None and s.shape == tuple(t.shape) and torch.equal(read_tensor(s), t)
+        note = "" if same else f"differs from SRC's {name}" if s else "matches no tensor of SRC"
+        result.rows.append(
+            TensorCheck(
+                key, "copy", tuple(t.shape), str(t.dtype), same, 0 if same else math.inf, note=note
+            )
+        )
     residual = next((out_infos[n].dtype for n in targets if n in out_infos), None)
     result.rows += _check_configs(src_ck.root, out_ck.root, ad, residual)
     return result

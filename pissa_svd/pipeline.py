@@ -528,6 +528,13 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
             f"{src_path} is already quantized ({config['quantization_config'].get('quant_method', 'quantization_config')}"
             " in config.json); --quantize needs the full-precision checkpoint"
         )
+    task = task_type(config)
+    in_head = task_heads(task, [t.name for t in targets])[1]
+    if in_head:
+        raise InputError(
+            f"--targets picks {in_head[0]}, in the task head, which PEFT's {task} model trains "
+            "whole (modules_to_save) and gives no LoRA; leave the head out of --targets"
+        )
     load_check = _load_check(src_path, ckpt, config, targets, o)
     budget = default_batch_memory(device) if o.batch_memory is None else o.batch_memory
     if o.quantize:  # QPiSSA works on one matrix at a time: a batch would only hold memory
@@ -542,7 +549,7 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
         oversample=oversample,
         device=device,
         fan_in_fan_out=layouts.pop(),
-        task_type=task_type(config),
+        task_type=task,
         backend=backend,
         overlap=o.overlap == "on",
         batch_memory=budget,

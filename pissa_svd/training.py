@@ -466,7 +466,13 @@ def _check_free(save_dir: Path, overwrite: bool) -> None:
 
 
 def _finite_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    """A finite real number: int, float, or a numpy / one-element torch scalar (not a bool)."""
+    if isinstance(x, (bool, str)) or getattr(x, "dtype", None) in (torch.bool, bool):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError, RuntimeError):
+        return False
 
 
 def _cycle(batches: Iterable, needed: int) -> Iterator:

@@ -313,6 +313,19 @@ def test_task_models_load_with_their_heads_and_start_from_the_original(cls_name,
     heads = config["modules_to_save"] or []
     assert bool(trainable) == bool(heads) and all(any(h in n for h in heads) for n in trainable)
     assert verify(src, out).passed
+    if heads:  # a head is no target: PEFT trains it whole
+        with pytest.raises(InputError, match="in the task head, which PEFT's"):
+            stored = load_file(out / ADAPTER_DIR / ADAPTER_FILE)
+            head = next(h for h in heads if any(f".{h}." in k for k in stored))
+            decompose(src, tmp_path / "o2", rank=2, targets=[rf"(^|\.){head}(\.|$)"], quiet=True)
+    if heads:  # the head PEFT loads from the adapter is checked against SRC's too
+        path = out / ADAPTER_DIR / ADAPTER_FILE
+        tensors = load_file(path)
+        key = next(k for k in tensors if "lora_" not in k and k.endswith("weight"))
+        tensors[key] = torch.zeros_like(tensors[key])
+        save_file(tensors, path)
+        result = verify(src, out)
+        assert not result.passed and [r.name for r in result.failures] == [key]
 
 
 @pytest.mark.slow

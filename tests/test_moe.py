@@ -9,6 +9,7 @@ to what PEFT really does with the installed versions, whatever they are.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import warnings
@@ -250,6 +251,12 @@ def test_to_lora_of_fused_experts_on_original_equals_trained(trained_moe, tmp_pa
     merged = tmp_path / "merged"
     assert run_cli("merge", src, "--adapter", lora, "--out", merged, "--quiet")[0] == 0
     torch.testing.assert_close(logits(merged, ids), want, atol=1e-4, rtol=1e-4)
+    # Into a copy of the residual without its report: refused from the LoRA's factors, read on
+    # the first weight of plain layout (the experts come first in the files, fused in it).
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("pissa_report.json"))
+    code, _, err = run_cli("merge", copy, "--adapter", lora, "--out", tmp_path / "m")
+    assert code == 2 and "is a LoRA converted for the original model" in err, err
 
 
 def test_merge_of_fused_experts_into_the_residual_equals_trained(trained_moe, tmp_path, run_cli):

@@ -336,6 +336,10 @@ def test_fit_accumulates_and_reports_the_micro_batch_mean(out):
     ]:
         with pytest.raises(InputError, match=match):
             fit(model, batches, **{"steps": 1, **kwargs}, progress=False)
+    # Scalars from numpy or torch are numbers too, as AdamW takes them.
+    import numpy as np
+
+    fit(model, [b1], steps=1, lr=torch.tensor(1e-3), max_grad_norm=np.float32(1), progress=False)
 
 
 @pytest.mark.parametrize("backend", ["torch", "peft"])
