@@ -386,8 +386,10 @@ def _extra_files(root: Path, shards: set[str]) -> list[str]:
     ``modules.json``) are the model's, and copied."""
     modules = sentence_transformers_modules(root)
     out = []
-    # Folders that link elsewhere in the checkpoint are walked too, so that OUT has them under
-    # their link names; a link to a folder above it (a cycle) is not followed.
+    # A folder that links elsewhere in the checkpoint is walked too, so that OUT has it under
+    # its link name, but only one link deep: links inside a linked folder are not followed,
+    # which also keeps a cycle of links from being walked round.
+    real_root = root.resolve()
     for folder, dirs, files in os.walk(root, followlinks=True):
         here = Path(folder)
         dirs[:] = sorted(
@@ -398,7 +400,13 @@ def _extra_files(root: Path, shards: set[str]) -> list[str]:
         for d in dirs:
             if (here / d).is_symlink():
                 _refuse_outside_link(root, here / d, str(here / d))
-        dirs[:] = [d for d in dirs if not here.resolve().is_relative_to((here / d).resolve())]
+        linked = here.resolve() != real_root / here.relative_to(root)
+        dirs[:] = [
+            d
+            for d in dirs
+            if not (here / d).is_symlink()
+            or not (linked or here.resolve().is_relative_to((here / d).resolve()))
+        ]
         for name in sorted(files):
             p = here / name
             rel = p.relative_to(root).as_posix()

@@ -641,11 +641,18 @@ def test_side_files_linked_from_outside_are_refused(tiny_llama, tmp_path, what):
     (src / "pool" / "config.json").write_text('{"x": 1}')
     (src / "1_Pooling").symlink_to(src / "pool")
     (src / "pool" / "up").symlink_to(src)
+    (src / "a").mkdir()
+    (src / "b").mkdir()
+    (src / "a" / "to_b").symlink_to(src / "b")  # a cycle of two links
+    (src / "b" / "to_a").symlink_to(src / "a")
+    (src / "b" / "x.json").write_text("{}")
     decompose(src, tmp_path / "out", rank=4, quiet=True)
     assert (tmp_path / "out" / "alias.json").read_text() == "{}"
     assert (tmp_path / "out" / "1_Pooling" / "config.json").read_text() == '{"x": 1}'
     assert (tmp_path / "out" / "pool" / "config.json").is_file()
     assert not (tmp_path / "out" / "pool" / "up").exists()
+    copied = {p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*")}
+    assert {"b/x.json", "a/to_b/x.json"} <= copied and not any("to_a/" in p for p in copied)
 
 
 def test_library_options_take_python_types_or_say_which_is_wrong(tiny_llama, tmp_path):
