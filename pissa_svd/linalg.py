@@ -308,9 +308,14 @@ def _out_of_range(top: torch.Tensor, X: torch.Tensor) -> torch.Tensor | None:
     is outside the range the fp32 (fp64) iteration handles exactly, or not finite; None when
     every matrix is fine (the usual case: one check of b numbers)."""
     limit = 2.0 ** _SAFE_EXPONENT.get(X.dtype, 24)
-    fine = (top == 0) | ((top >= 1 / limit) & (top <= limit))
+    fine = (top >= 1 / limit) & (top <= limit)
     if bool(fine.all()):
         return None
+    zero = top == 0  # a zero matrix, or one whose values vanished in the Gram matrices
+    if bool(zero.any()):
+        fine |= zero & (X.abs().amax(dim=(-2, -1)) == 0)
+        if bool(fine.all()):
+            return None
     return torch.where(fine, 0, _exponent(X, top)).to(torch.int32)
 
 
