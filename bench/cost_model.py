@@ -120,7 +120,7 @@ def compute_points(src: Path, device: str, repeats: int) -> list[dict]:
             device=device,
             sketch_dtype=sketch,
             quantize=quantize,
-            quant_iters=QUANT_ITERS,
+            quant_iters=QUANT_ITERS if quantize else pipeline.Options.quant_iters,
             quiet=True,
         )
         plan = pipeline.make_plan(src, WORK / "cost_model_unused_out", opts)

@@ -6,8 +6,11 @@
 # end-to-end decompose of a LLaMA-2-7B-shaped checkpoint against cp -r and PEFT
 # (bench/gpu_pipeline.py). PART=tests|native|cost|pipeline runs one part only (each part builds
 # first), so the check can be split across commands with a per-command time limit.
-# Results: bench/results/native_vs_torch_gpu.json, bench/results/cost_model.json and the
-# fitted pissa_svd/cost_model.json (all copied to $OUT when set).
+# Results: bench/results/native_vs_torch_gpu.json, bench/results/cost_model_gpu.json,
+# bench/results/gpu_pipeline.json and the fitted pissa_svd/cost_model.json, copied to $OUT (when
+# set) after each part, so a part cut off by a time limit keeps what the others measured; so is
+# the whole output, as $OUT/gpu_check.log. Time limits per part: T_TESTS, T_NATIVE, T_COST,
+# T_PIPELINE (seconds).
 # Without nvcc on the machine, a _native_cuda module built elsewhere for the same Python is used.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +19,24 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 py="${PYTHON:-python3}"  # the interpreter that holds torch (on the GPU machine: python3)
 status=0
 stamp="$(mktemp)"  # results written after this are this run's
+if [ -n "${OUT:-}" ]; then
+    exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+fi
+save() {  # this run's results so far, into $OUT
+    [ -n "${OUT:-}" ] || return 0
+    for f in bench/results/native_vs_torch_gpu.json bench/results/cost_model_gpu.json \
+        bench/results/gpu_pipeline.json pissa_svd/cost_model.json; do
+        if [ -f "$f" ] && [ "$f" -nt "$stamp" ]; then
+            cp "$f" "$OUT/$(basename "$(dirname "$f")")_$(basename "$f")"
+        fi
+    done
+    cp bench/_work/gpu_pipeline/logs/*.log "$OUT/" 2>/dev/null || true
+}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+df -h . /tmp 2>/dev/null || true
+if ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then
+    export PATH="/usr/local/cuda/bin:$PATH" CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+fi
 
 "$py" -c "import sys, setuptools, torch; print('python', sys.version.split()[0], '| setuptools',
 setuptools.__version__, '| torch', torch.__version__, '| cuda', torch.cuda.is_available())" || true
@@ -51,24 +71,23 @@ fi
 
 if [ "$part" = all ] || [ "$part" = tests ]; then
     # Launches blocking: a kernel fault is reported at its own call, not at a later sync.
-    CUDA_LAUNCH_BLOCKING=1 timeout 240 "$py" -m pytest -q -p no:cacheprovider \
+    CUDA_LAUNCH_BLOCKING=1 timeout "${T_TESTS:-240}" "$py" -m pytest -q -p no:cacheprovider \
         tests/test_native.py tests/test_overlap.py -k "cuda or matches" || status=1
+    save
 fi
 if [ "$part" = all ] || [ "$part" = native ]; then
-    timeout 300 "$py" bench/native_vs_torch.py --llama7b --repeats 3 || status=1
+    timeout "${T_NATIVE:-300}" "$py" bench/native_vs_torch.py --llama7b --repeats 3 || status=1
+    save
 fi
 if [ "$part" = all ] || [ "$part" = cost ]; then
     # The planning cost model's CUDA coefficients (pissa_svd/cost_model.json, "cuda" entry).
-    (cd bench && timeout 300 "$py" cost_model.py --device cuda --no-md) || status=1
+    # Its own JSON (the CPU fit's stays as it is); the fitted file keeps the cpu entry.
+    (cd bench && timeout "${T_COST:-300}" "$py" cost_model.py --device cuda --no-md \
+        --json results/cost_model_gpu.json) || status=1
+    save
 fi
 if [ "$part" = pipeline ]; then
-    (cd bench && timeout 480 "$py" gpu_pipeline.py --device cuda) || status=1
-fi
-
-if [ -n "${OUT:-}" ]; then
-    for f in bench/results/native_vs_torch_gpu.json bench/results/cost_model.json \
-        bench/results/gpu_pipeline.json pissa_svd/cost_model.json; do
-        [ "$f" -nt "$stamp" ] && cp "$f" "$OUT/$(basename "$(dirname "$f")")_$(basename "$f")"
-    done
+    (cd bench && timeout "${T_PIPELINE:-480}" "$py" gpu_pipeline.py --device cuda) || status=1
+    save
 fi
 exit $status
