@@ -66,6 +66,13 @@ def timed_copy(src: Path, dest: Path) -> float:
     return wall
 
 
+def _layer_bytes(shape: dict) -> int:
+    """bf16 bytes of one layer's projections (attention 4 h^2, MLP 3 h i), plus its share of
+    the embeddings for 32 layers."""
+    h, i = shape["hidden_size"], shape["intermediate_size"]
+    return 2 * (4 * h * h + 3 * h * i + 2 * shape.get("vocab_size", 32000) * h // 32)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
@@ -80,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     src = work / f"llama-bf16-h{shape['hidden_size']}-L{layers}"
+    # The checkpoint and a copy (cp -r), or an output, at once: ~27 GB at full size. Stop now
+    # rather than midway through writing 13.5 GB.
+    need = 2.2 * sum(_layer_bytes(shape) for _ in range(layers))
+    free = shutil.disk_usage(work).free
+    if not src.is_dir() and free < need:
+        print(f"[disk] {free / 1e9:.1f} GB free in {work}, ~{need / 1e9:.1f} GB needed", flush=True)
+        return 2
 
     build_s = build(src, layers, shape, args.device)
     size = sum(p.stat().st_size for p in shard_files(src))
