@@ -12,6 +12,9 @@
 # the whole output, as $OUT/gpu_check.log. Time limits per part: T_TESTS, T_NATIVE, T_COST,
 # T_PIPELINE (seconds).
 # Without nvcc on the machine, a _native_cuda module built elsewhere for the same Python is used.
+# Within a 15-minute device budget, two commands (nothing to carry; the device has torch+CUDA):
+#   for p in tests native cost; do PART=$p bash bench/gpu_check.sh; done     (timeout ~570 s)
+#   PART=pipeline bash bench/gpu_check.sh                       (at once after, what is left)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # The package from this tree, also for the scripts run from bench/ (it need not be installed).
