@@ -493,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         out = getattr(exc, "pissa_out", "OUT was not written")
         unwritten = "" if args.command in ("verify", "env") else f"; {out}"
-        print(f"\npissa-svd: interrupted{unwritten}{_kept(exc)}", file=sys.stderr)
+        fresh_line = "\n" if sys.stderr.isatty() else ""  # after a progress bar's last line
+        print(f"{fresh_line}pissa-svd: interrupted{unwritten}{_kept(exc)}", file=sys.stderr)
         return _interrupted_code(exc)
     except Exception as exc:  # a bug: its traceback follows; first say what was kept
         if getattr(exc, "pissa_note", None):

@@ -769,6 +769,12 @@ def verify(
     A quantized residual (``--quantize``) is checked by :func:`_check_quantized` instead.
     """
     src_ck, out_ck = Checkpoint.open(Path(src)), Checkpoint.open(Path(out))
+    if adapter is None and not (Path(out) / ADAPTER_DIR).is_dir():
+        raise InputError(
+            f"{out} has no {ADAPTER_DIR}/, so it is no decompose output (verify checks one "
+            f"against its source: a merged model is not one); pass --adapter if its adapter "
+            "was moved"
+        )
     ad = LoraAdapter.load(Path(adapter) if adapter else Path(out) / ADAPTER_DIR, "adapter")
     src_infos = {t.name: t for t in src_ck.tensors()}
     out_infos = {t.name: t for t in out_ck.tensors()}

@@ -363,7 +363,7 @@ class Plan:
         adapter = sum(
             dtype_nbytes(t.adapter_dtype, (t.rank, t.in_features + t.out_features))
             for t in self.targets
-        )
+        ) + sum(i.nbytes for i in _head_tensors(self))  # a task head: modules_to_save
         lines += [
             f"  compute      {self.flops / 1e9:.1f} GFLOP in all",
             f"  memory       peak ~{human(rss + self.working_bytes)}: runtime {human(rss)}"
@@ -489,6 +489,14 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
         )
     if patterns and targets and not o.quiet:
         _note_never_targets(ckpt, patterns, exclude)
+    config = ckpt.read_json("config.json") if src_path.is_dir() else None
+    task = task_type(config)
+    picked = [t.name for t in targets] + [name for _, name, _, _ in too_small]
+    if in_head := task_heads(task, picked)[1]:
+        raise InputError(
+            f"--targets picks {in_head[0]}, in the task head, which PEFT's {task} model trains "
+            "whole (modules_to_save) and gives no LoRA; leave the head out of --targets"
+        )
     if too_small:
         most, name, out_f, in_f = min(too_small)
         if most == 0:  # no rank fits: only --exclude helps
@@ -511,7 +519,6 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
             "cannot describe (fan_in_fan_out is global); narrow --targets to one kind"
         )
     alpha = float(o.alpha) if o.alpha is not None else float(o.rank)
-    config = ckpt.read_json("config.json") if src_path.is_dir() else None
     renamed = next((t.name for t in targets if t.name.startswith(_RENAMED_ON_LOAD)), None)
     if isinstance((config or {}).get("vision_config"), dict) and renamed:
         # transformers renames these models' modules on loading (language_model.model.* in the
@@ -527,13 +534,6 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
         raise InputError(
             f"{src_path} is already quantized ({config['quantization_config'].get('quant_method', 'quantization_config')}"
             " in config.json); --quantize needs the full-precision checkpoint"
-        )
-    task = task_type(config)
-    in_head = task_heads(task, [t.name for t in targets])[1]
-    if in_head:
-        raise InputError(
-            f"--targets picks {in_head[0]}, in the task head, which PEFT's {task} model trains "
-            "whole (modules_to_save) and gives no LoRA; leave the head out of --targets"
         )
     load_check = _load_check(src_path, ckpt, config, targets, o)
     budget = default_batch_memory(device) if o.batch_memory is None else o.batch_memory

@@ -1033,6 +1033,13 @@ def test_interrupted_run_keeps_finished_tensors_for_resume(slow_ckpt, tmp_path, 
     assert proc.returncode == 128 + sig  # 130 for Ctrl-C, 143 for kill, as the shell reports
     assert "interrupted" in err and "--resume" in err and "Traceback" not in err
     assert not out.exists() and leftovers(tmp_path) == [".out.partial"]
+    if sig == signal.SIGINT:  # --quiet, into a pipe: one line, no blank one before it
+        (tmp_path / "second").mkdir()
+        proc = _start(slow_ckpt, tmp_path / "second" / "out", "--quiet")
+        _wait_for_partial_output(tmp_path / "second", proc)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        assert err.startswith("pissa-svd: interrupted") and err.count("\n") == 1, repr(err)
 
 
 def test_library_and_cli_agree_on_entry_point():

@@ -263,6 +263,11 @@ def test_merge_equals_base_plus_trained_adapter(out, trained, ids, run_cli, tmp_
     # ... and the merged model is the trained model.
     want = _logits(model, ids)
     assert torch.allclose(_logits(_causal_lm(merged), ids), want, rtol=0, atol=1e-4)
+    # verify of a merged model says what it is not, in one line.
+    code, _, err = run_cli("verify", out, merged)  # (err also holds the loading bar above)
+    last = err.rstrip("\n").split("\n")[-1]
+    assert code == 2 and last.startswith("pissa-svd: error: ") and "Traceback" not in err
+    assert "so it is no decompose output" in last
 
 
 def test_merge_bad_input(out, tiny_gpt2, run_cli, tmp_path):
