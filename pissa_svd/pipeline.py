@@ -402,6 +402,9 @@ _RENAMED_ON_LOAD = ("language_model.", "vision_tower.", "multi_modal_projector."
 
 def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) -> Plan:
     """Validate everything that can be validated before writing a byte."""
+    for what, path in (("SRC", src), ("--out", out)):
+        if isinstance(path, str) and not path.strip():  # Path("") would be the current folder
+            raise InputError(f"{what} is empty; name the folder")
     o = _library_types(options)
     if not _is_int(o.rank) or o.rank <= 0:
         raise InputError(f"--rank must be a positive integer, got {o.rank!r}")
@@ -1534,7 +1537,7 @@ def _no_targets(ckpt: Checkpoint, src_path: Path, o: Options, patterns) -> None:
     infos = list(ckpt.tensors())
     if o.exclude and any(select(i.name, i.shape, patterns) for i in infos):
         raise InputError(
-            f"--exclude {' '.join(o.exclude)} leaves out every tensor {what} match in "
+            f"--exclude {' '.join(map(repr, o.exclude))} leaves out every tensor {what} match in "
             f"{src_path}; narrow --exclude"
         )
     modules = [m for i in infos if len(i.shape) == 2 and (m := module_name(i.name))]

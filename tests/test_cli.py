@@ -1051,6 +1051,18 @@ def test_library_and_cli_agree_on_entry_point():
     assert proc.returncode == 0 and "pissa-svd" in proc.stdout
 
 
+def test_empty_paths_are_named(ckpt, tmp_path, run_cli, monkeypatch):
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")  # "" is not taken for the current folder
+    for args, says in (
+        ([ckpt, "--out", ""], "--out is empty"),
+        (["", "--out", "o"], "SRC is empty"),
+    ):
+        code, _, err = run_cli("decompose", *args, "--rank", "4")
+        assert code == 2 and says in err and len(screen_lines(err)) == 1, err
+    assert list((tmp_path / "here").iterdir()) == []
+
+
 @pytest.mark.parametrize("size", ["lots", "-1M", "nan"])
 def test_bad_batch_memory_is_one_line(ckpt, tmp_path, run_cli, size):
     out = tmp_path / "out"

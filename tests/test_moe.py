@@ -195,7 +195,7 @@ def test_exclude(tiny_llama, tmp_path, run_cli):
         "decompose", tiny_llama, "--rank", "4", "--out", tmp_path / "c", "--exclude", "proj"
     )
     assert code == 2
-    assert "--exclude proj leaves out every tensor the default target patterns match" in err
+    assert "--exclude 'proj' leaves out every tensor the default target patterns match" in err
     code, _, err = run_cli(
         "decompose", tiny_llama, "--rank", "4", "--out", tmp_path / "c", "--exclude", "("
     )
