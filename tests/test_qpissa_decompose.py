@@ -185,7 +185,52 @@ def _verify_catches_tampering(src: Path, good: Path, name: str, run_cli, tmp_pat
         factor = 2.0 if what == "residual" else 1.1
         _rewrite(bad / folder if folder else bad, key, lambda t, f=factor: (t * f).to(t.dtype))
         code, stdout, _ = run_cli("verify", src, bad, "--quiet")
-        assert code == 1 and f"worst {name}: quantization error" in stdout, (what, stdout)
+        says = (f"worst {name}: quantization error", f"worst {name}: a quantization block is off")
+        assert code == 1 and any(x in stdout for x in says), (what, stdout)
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_verify_catches_a_block_changed_in_a_large_residual(scheme, run_cli, tmp_path):
+    """One number per matrix (the recorded error) misses a block or two of a large matrix:
+    two swapped or one zeroed NF4 block of 64 values (a swapped pair of int8 rows) keep the
+    residual a fixed point and move its error by less than the tolerance. Each quantization
+    block's own error against its scale catches them."""
+    from safetensors.torch import save_file
+
+    from pissa_svd import decompose
+
+    g = torch.Generator().manual_seed(0)
+    n = 1024
+    W = (torch.randn(n, 16, generator=g) @ torch.randn(16, n, generator=g) * 0.05) * 0.02
+    W += torch.randn(n, n, generator=g) * 0.02
+    (tmp_path / "src").mkdir()
+    name = "model.layers.0.self_attn.q_proj.weight"
+    save_file({name: W.contiguous()}, tmp_path / "src" / "model.safetensors")
+    good = tmp_path / "good"
+    decompose(tmp_path / "src", good, rank=8, quantize=scheme, quant_iters=1, quiet=True)
+    assert run_cli("verify", tmp_path / "src", good, "--quiet")[0] == 0
+
+    def swap(t):
+        t = t.clone()
+        flat = t.view(-1)
+        size = 64 if scheme == "nf4" else n
+        a, b = 100 * size, 9000 * size if scheme == "nf4" else 700 * size
+        flat[a : a + size], flat[b : b + size] = (
+            flat[b : b + size].clone(),
+            flat[a : a + size].clone(),
+        )
+        return t
+
+    def zero(t):
+        t = t.clone()
+        t.view(-1)[64 * 500 : 64 * 501] = 0
+        return t
+
+    for how, fn in (("swapped", swap), ("zeroed", zero)):
+        bad = Path(shutil.copytree(good, tmp_path / how))
+        _rewrite(bad, name, fn)
+        code, stdout, _ = run_cli("verify", tmp_path / "src", bad, "--quiet")
+        assert code == 1 and "a quantization block is off by" in stdout, (how, stdout)
 
 
 @pytest.mark.parametrize("scheme", ["nf4", "int8"])
