@@ -397,16 +397,17 @@ def _extra_files(root: Path, shards: set[str]) -> list[str]:
             for d in dirs
             if not d.startswith(".") and not (here / d / "adapter_config.json").exists()
         )
+        here_real = here.resolve()
+        linked = here_real != real_root / here.relative_to(root)  # reached through a link
+        walked = []
         for d in dirs:
-            if (here / d).is_symlink():
-                _refuse_outside_link(root, here / d, str(here / d))
-        linked = here.resolve() != real_root / here.relative_to(root)
-        dirs[:] = [
-            d
-            for d in dirs
-            if not (here / d).is_symlink()
-            or not (linked or here.resolve().is_relative_to((here / d).resolve()))
-        ]
+            sub = here / d
+            if sub.is_symlink():
+                _refuse_outside_link(root, sub, str(sub))
+                if linked or here_real.is_relative_to(sub.resolve()):
+                    continue
+            walked.append(d)
+        dirs[:] = walked
         for name in sorted(files):
             p = here / name
             rel = p.relative_to(root).as_posix()

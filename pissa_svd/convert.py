@@ -374,10 +374,12 @@ def merge(
     # (and for the converted LoRA, the first one of plain layout: fused experts are not read).
     first = next((infos[name] for name in infos if name in targets), None)
     plain = next((infos[n] for n in infos if n in targets and _plain(ad, n)), None)
+    W = None if first is None else read_tensor(first)
     if plain is not None:
-        _check_converted(ad, plain.name, read_tensor(plain), ck.root)
+        _check_converted(ad, plain.name, W if plain is first else read_tensor(plain), ck.root)
     if first is not None:
-        merged(first, read_tensor(first))
+        merged(first, W)
+    del W
     bar = progress(ck.total_bytes, "merge", quiet)
     try:
         with staged(out, overwrite) as tmp:
@@ -1054,32 +1056,28 @@ def _block_error(E: torch.Tensor, V: torch.Tensor, scheme: str, noise: float) ->
     """max over the quantization blocks of ``E``'s rows (whole blocks: the rows start on one) of
     max |E| / max(|V|, |V + E|) within the block, where V is the stored residual and V + E the
     one the adapter implies; errors up to ``noise`` (arithmetic rounding) count as none."""
-    V = V.to(E.dtype)
-    if scheme == "int8":  # one scale per row
-        parts = [(E, V)]
-    else:
-        e, v = E.reshape(-1), V.reshape(-1)
-        full = e.numel() // 64 * 64
-        parts = [(e[:full].view(-1, 64), v[:full].view(-1, 64))]
-        if full < e.numel():  # the last block of the matrix may be partial
-            parts.append((e[full:][None], v[full:][None]))
-    worst = 0.0
-    for e, v in parts:
-        scale = torch.maximum(v.abs().amax(-1), (v + e).abs().amax(-1))
-        off = (e.abs().amax(-1) - noise).clamp_min(0) / scale.clamp_min(torch.finfo(e.dtype).tiny)
-        worst = max(worst, float(off.max()))
-    return worst
+    e, v = _quant_blocks(E, scheme), _quant_blocks(V.to(E.dtype), scheme)
+    scale = torch.maximum(v.abs().amax(-1), (v + e).abs().amax(-1))
+    off = (e.abs().amax(-1) - noise).clamp_min(0) / scale.clamp_min(torch.finfo(e.dtype).tiny)
+    return float(off.max())
 
 
 def _block_inner(E: torch.Tensor, V: torch.Tensor, scheme: str) -> float:
-    """sum_b |<E_b, V_b>| over the quantization blocks b of a row block (see _scale_slack):
-    NF4 blocks of 64 over the row-major flattening (the last one short), int8 rows."""
-    e, v = E.double(), V.double()
-    if scheme == "nf4":
-        pad = -e.numel() % 64
-        e = torch.nn.functional.pad(e.reshape(-1), (0, pad)).view(-1, 64)
-        v = torch.nn.functional.pad(v.reshape(-1), (0, pad)).view(-1, 64)
+    """sum_b |<E_b, V_b>| over the quantization blocks b of a row block (see _scale_slack)."""
+    e, v = _quant_blocks(E.double(), scheme), _quant_blocks(V.double(), scheme)
     return float((e * v).sum(dim=1).abs().sum())
+
+
+def _quant_blocks(x: torch.Tensor, scheme: str) -> torch.Tensor:
+    """A row block's quantization blocks, one per row of the result: NF4 blocks of 64 over the
+    row-major flattening (the last one short, padded with zeros, which change no block's sum
+    or largest magnitude), int8 rows."""
+    from .quant import NF4_BLOCKSIZE
+
+    if scheme != "nf4":
+        return x
+    pad = -x.numel() % NF4_BLOCKSIZE
+    return torch.nn.functional.pad(x.reshape(-1), (0, pad)).view(-1, NF4_BLOCKSIZE)
 
 
 def _scale_slack(

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import unwrapped
+from .adapter import PEFT_PREFIX, peft_key, unwrapped
 from .fused import expert_slot, layer_of_container, stacked
 from .targets import task_type
 
@@ -157,8 +157,8 @@ def _lost_on_loading(
     state = {}
     for m in targets:
         out_f, in_f = shapes[m]
-        state[f"base_model.model.{m}.lora_A.weight"] = torch.empty(rank, in_f, device="meta")
-        state[f"base_model.model.{m}.lora_B.weight"] = torch.empty(out_f, rank, device="meta")
+        state[peft_key(m, "A")] = torch.empty(rank, in_f, device="meta")
+        state[peft_key(m, "B")] = torch.empty(out_f, rank, device="meta")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PEFT warns of the keys we are about to list
@@ -167,7 +167,7 @@ def _lost_on_loading(
         return []
     lora = re.compile(r"\.lora_[AB](\.[^.]+)?\.weight$")
     where = {
-        re.sub(r"^base_model\.model\.", "", lora.sub("", k)).removesuffix(".base_layer")
+        lora.sub("", k).removeprefix(PEFT_PREFIX).removesuffix(".base_layer")
         for k in [*result.unexpected_keys, *(k for k in result.missing_keys if lora.search(k))]
     }
     if not where:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import mmap
 import os
@@ -224,6 +225,13 @@ class Plan:
     config: dict | None = field(default=None, repr=False)
     load_check: str | None = None  # loadcheck's finding; None when the targets need none
 
+    @functools.cached_property
+    def heads(self) -> list[TensorInfo]:
+        """The task head's tensors (classification, QA), which the adapter carries as PEFT's
+        task models save them (:data:`pissa_svd.targets.TASK_HEADS`): as in the checkpoint."""
+        infos = {i.name: i for i in self.ckpt.tensors()}
+        return [infos[n] for n in task_heads(self.task_type, infos)[1]]
+
     @property
     def flops(self) -> float:
         return sum(_flops(self.batch_features([t])) for t in self.targets)
@@ -363,7 +371,7 @@ class Plan:
         adapter = sum(
             dtype_nbytes(t.adapter_dtype, (t.rank, t.in_features + t.out_features))
             for t in self.targets
-        ) + sum(i.nbytes for i in _head_tensors(self))  # a task head: modules_to_save
+        ) + sum(i.nbytes for i in self.heads)  # a task head: modules_to_save
         lines += [
             f"  compute      {self.flops / 1e9:.1f} GFLOP in all",
             f"  memory       peak ~{human(rss + self.working_bytes)}: runtime {human(rss)}"
@@ -880,14 +888,7 @@ def _adapter_entries(plan: Plan) -> list[tuple[str, str, tuple[int, ...]]]:
             (peft_key(t.module, "A"), t.adapter_dtype, (t.rank, t.in_features)),
             (peft_key(t.module, "B"), t.adapter_dtype, (t.out_features, t.rank)),
         ]
-    return entries + [(_head_key(i), i.dtype, i.shape) for i in _head_tensors(plan)]
-
-
-def _head_tensors(plan: Plan) -> list[TensorInfo]:
-    """The task head's tensors (classification, QA), which the adapter carries as PEFT's task
-    models save them (:data:`pissa_svd.targets.TASK_HEADS`): as they are in the checkpoint."""
-    infos = {i.name: i for i in plan.ckpt.tensors()}
-    return [infos[n] for n in task_heads(plan.task_type, infos)[1]]
+    return entries + [(_head_key(i), i.dtype, i.shape) for i in plan.heads]
 
 
 def _head_key(info: TensorInfo) -> str:
@@ -908,7 +909,7 @@ def _prepare(plan: Plan, tmp: Path, bar, redo: set[str] | None) -> None:
         resume.forget(tmp, {t.name for s in redo for t in plan.ckpt.files[s].tensors.values()})
     if redo is None:
         (tmp / ADAPTER_DIR).mkdir()
-    heads = _head_tensors(plan)  # copied on a resume too, as the other untouched tensors
+    heads = plan.heads  # copied on a resume too, as the other untouched tensors
     with StreamingWriter(
         tmp / ADAPTER_DIR / ADAPTER_FILE,
         _adapter_entries(plan),
@@ -1388,7 +1389,7 @@ def _adapter_config(plan: Plan) -> dict:
         "rank_pattern": {},
         "alpha_pattern": {},
         # PEFT's task models wrap their heads whatever this says; the adapter holds them.
-        "modules_to_save": task_heads(plan.task_type, ())[0] if _head_tensors(plan) else None,
+        "modules_to_save": task_heads(plan.task_type, ())[0] if plan.heads else None,
         "inference_mode": True,
     }
 
