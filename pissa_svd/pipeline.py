@@ -76,7 +76,15 @@ from .pissa import (
     rounding_overflowed,
     subtract_adapter_,
 )
-from .targets import module_name, never_target, select, task_heads, task_type
+from .targets import (
+    conv1d_layout,
+    module_name,
+    never_target,
+    peft_refuses,
+    select,
+    task_heads,
+    task_type,
+)
 
 ADAPTER_DIR = "pissa_init"
 REPORT_FILE = "pissa_report.json"
@@ -470,10 +478,21 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
     targets = []
     too_small = []  # (largest rank it allows, tensor name, out, in)
     oversample = default_oversample(o.method, o.oversample)
+    config = ckpt.read_json("config.json") if src_path.is_dir() else None
+    model_type = (config or {}).get("model_type")
+    conv1d = conv1d_layout((info.name, info.shape) for info in ckpt.tensors())
     for info in ckpt.tensors():
-        hit = select(info.name, info.shape, patterns, exclude)
+        hit = select(info.name, info.shape, patterns, exclude, conv1d)
         if hit is None:
             continue
+        if peft_refuses(hit.module, model_type):
+            if patterns is None:
+                continue
+            raise InputError(
+                f"--targets picks {hit.module}, which PEFT refuses to adapt in {model_type} "
+                f"models (their kernels read it directly); leave it out with --exclude "
+                f"'\\.{hit.module.rsplit('.', 1)[-1]}$'"
+            )
         if info.dtype not in FLOAT_DTYPES:
             raise InputError(
                 f"tensor {info.name!r} in {info.path.name} has dtype {info.dtype}; only "
@@ -500,8 +519,7 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
         )
     if patterns and targets and not o.quiet:
         _note_never_targets(ckpt, patterns, exclude)
-    config = ckpt.read_json("config.json") if src_path.is_dir() else None
-    task = task_type(config)
+    task = task_type(config, (info.name for info in ckpt.tensors()))
     picked = [t.name for t in targets] + [name for _, name, _, _ in too_small]
     if in_head := task_heads(task, picked)[1]:
         raise InputError(

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 class Family:
     name: str
     pattern: str  # matched with re.search against the module name
-    transposed: bool = False  # weight stored (in, out), as GPT-2's Conv1D does
+    conv1d: bool = False  # may be GPT-2's Conv1D, stored (in, out): see conv1d_layout
 
 
 # Attention and MLP linear layers of the common architectures.
@@ -36,8 +36,21 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         "bert/roberta", r"(^|\.)(query|key|value|(attention\.output|intermediate|output)\.dense)$"
     ),
-    Family("gpt2", r"(^|\.)(c_attn|c_proj|c_fc)$", transposed=True),
+    Family("t5", r"\.\w*Attention\.(q|k|v|o)$|\.DenseReluDense\.(wi|wi_0|wi_1|wo)$"),
+    Family("deepseek-mla", r"(^|\.)(q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj)$"),
+    Family(
+        "distilbert/deberta",
+        r"(^|\.)(q_lin|k_lin|v_lin|out_lin|lin1|lin2|query_proj|key_proj|value_proj)$",
+    ),
+    Family("mpt/modernbert", r"(^|\.)(Wqkv|Wo|Wi)$"),
+    Family("gpt-j/codegen", r"(^|\.)(fc_in|fc_out)$"),
+    Family("mamba", r"(^|\.)(mixer|mamba)\.in_proj$"),
+    # GPT-2 (Conv1D), and GPT-BigCode (StarCoder) / Starcoder2 (nn.Linear) name layers alike.
+    Family("gpt2/gpt-bigcode/starcoder2", r"(^|\.)(c_attn|c_proj|c_fc)$", conv1d=True),
 )
+
+# Layers with more outputs than inputs in every model that has them: q/k/v together, MLP up.
+_WIDENING = re.compile(r"(^|\.)(c_attn|c_fc)$")
 
 # Never targets, not even through --targets: PEFT wraps embeddings as lora.Embedding, whose
 # adapter keys (lora_embedding_A/B) differ, so a lora_A/B adapter for them would not load; the
@@ -54,6 +67,7 @@ _TASK_SUFFIXES = (
     ("LMHeadModel", "CAUSAL_LM"),
     ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
     ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+    ("MTModel", "SEQ_2_SEQ_LM"),  # MarianMTModel
     ("ForSequenceClassification", "SEQ_CLS"),
     ("ForTokenClassification", "TOKEN_CLS"),
     ("ForQuestionAnswering", "QUESTION_ANS"),
@@ -76,6 +90,32 @@ def module_name(tensor_name: str) -> str | None:
     return tensor_name[: -len(".weight")] if tensor_name.endswith(".weight") else None
 
 
+def conv1d_layout(tensors: Iterable[tuple[str, tuple[int, ...]]]) -> bool:
+    """Whether a checkpoint's ``c_attn``/``c_proj``/``c_fc`` weights are GPT-2's Conv1D,
+    stored (in, out), from its (tensor name, shape) pairs.
+
+    The names do not tell: GPT-2, OpenAI GPT and ImageGPT use Conv1D, GPT-BigCode (StarCoder,
+    SantaCoder) and Starcoder2 nn.Linear, stored (out, in). The shapes do: ``c_attn`` (q, k and
+    v together) and ``c_fc`` (the MLP's up projection) have more outputs than inputs, so
+    Conv1D stores them wider than tall and Linear taller than wide."""
+    return any(
+        len(shape) == 2 and shape[1] > shape[0]
+        for name, shape in tensors
+        if (module := module_name(name)) is not None and _WIDENING.search(module)
+    )
+
+
+# PEFT refuses LoRA on modules with these names in Mamba-based models (its kernels read their
+# weights directly), so a default target there would make the adapter fail to load.
+_MAMBA_TYPES = frozenset({"mamba", "mamba2", "falcon_mamba", "falcon_h1", "nemotron_h"})
+_MAMBA_REFUSED = frozenset({"out_proj", "conv1d"})
+
+
+def peft_refuses(module: str, model_type: str | None) -> bool:
+    """Whether PEFT refuses a LoRA on ``module`` in a model of config ``model_type``."""
+    return model_type in _MAMBA_TYPES and module.rsplit(".", 1)[-1] in _MAMBA_REFUSED
+
+
 def never_target(module: str) -> bool:
     """Embeddings and output heads: never adapter targets (see ``_EXCLUDE``)."""
     return bool(_EXCLUDE.search(module))
@@ -86,13 +126,15 @@ def select(
     shape: tuple[int, ...],
     patterns: list[str] | None = None,
     exclude: list[str] | None = None,
+    conv1d: bool = False,
 ) -> Match | None:
     """The target decision for one tensor, or None when it is not a target.
 
     With ``patterns`` (user regexes, ``re.search`` on the module name) any 2-D ``.weight``
     except embeddings may be chosen; its layout is still taken from the family table, so
     GPT-2's ``c_attn`` stays transposed. Without, the family table decides. A module that
-    an ``exclude`` regex finds is never a target.
+    an ``exclude`` regex finds is never a target. ``conv1d``: the checkpoint stores its
+    Conv1D-named layers transposed (:func:`conv1d_layout`).
     """
     module = module_name(tensor_name)
     if module is None or len(shape) != 2 or never_target(module):
@@ -100,10 +142,11 @@ def select(
     if exclude and any(re.search(p, module) for p in exclude):
         return None
     family = next((f for f in FAMILIES if re.search(f.pattern, module)), None)
+    transposed = conv1d and family is not None and family.conv1d
     if patterns is None:
-        return Match(module, family.transposed) if family and not _HEADS.search(module) else None
+        return Match(module, transposed) if family and not _HEADS.search(module) else None
     if any(re.search(p, module) for p in patterns):
-        return Match(module, family.transposed if family else False)
+        return Match(module, transposed)
     return None
 
 
@@ -118,23 +161,36 @@ TASK_HEADS = {
 
 
 def task_heads(task: str | None, names: Iterable[str]) -> tuple[list[str], list[str]]:
-    """(the head modules PEFT wraps for ``task``, the tensors of ``names`` inside them)."""
+    """(the head modules PEFT wraps for ``task``, the tensors of ``names`` inside them).
+
+    PEFT wraps every module whose name ends with a head's name, as a string: DistilBERT's
+    ``pre_classifier`` as well as its ``classifier``."""
     heads = TASK_HEADS.get(task or "", ())
-    if not heads:
-        return [], []
-    inside = re.compile(rf"(^|\.)({'|'.join(heads)})\.")
-    return list(heads), [n for n in names if inside.search(n)]
+
+    def inside(name: str) -> bool:
+        parts = name.split(".")
+        return any(".".join(parts[:i]).endswith(heads) for i in range(1, len(parts)))
+
+    return list(heads), [n for n in names if heads and inside(n)]
 
 
-def task_type(config: dict | None) -> str | None:
-    """PEFT task_type from config.json's ``architectures`` (None when unknown, and for models
-    with several towers, such as CLIP: PEFT's feature-extraction model passes one tower's
-    arguments, which a CLIP forward rejects)."""
+# An encoder that reads tokens has a token embedding of its own, or shares the decoder's.
+_ENCODER_TOKENS = re.compile(r"(^|\.)(shared|encoder\.embed_tokens)\.weight$")
+
+
+def task_type(config: dict | None, names: Iterable[str] = ()) -> str | None:
+    """PEFT task_type from config.json's ``architectures`` (None when unknown), given the
+    checkpoint's tensor ``names``. None too where PEFT's task model cannot run the model: one
+    with several towers, such as CLIP (PEFT's feature-extraction model passes one tower's
+    arguments, which a CLIP forward rejects), and a sequence-to-sequence model whose encoder
+    reads no tokens (Whisper, Speech2Text, Moonshine: PEFT's model passes ``input_ids`` as
+    well as the audio, which their forward rejects)."""
     if any(isinstance((config or {}).get(k), dict) for k in ("vision_config", "text_config")):
         return None
     archs = (config or {}).get("architectures") or []
-    for arch in archs:
-        for suffix, task in _TASK_SUFFIXES:
-            if arch.endswith(suffix):
-                return task
-    return None
+    task = next(
+        (t for arch in archs for suffix, t in _TASK_SUFFIXES if arch.endswith(suffix)), None
+    )
+    if task == "SEQ_2_SEQ_LM" and not any(_ENCODER_TOKENS.search(n) for n in names):
+        return None
+    return task

@@ -1,0 +1,192 @@
+"""Default targets across model families: every attention and MLP linear layer is a target, the
+adapter loads with PEFT as saved, and step 0 reproduces the original model.
+
+The family table matches module names, so each family here is a tiny random model built by
+transformers, checked end to end rather than by its names alone.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pissa_svd import InputError, decompose
+from pissa_svd.convert import verify
+from pissa_svd.pipeline import ADAPTER_DIR
+from pissa_svd.targets import conv1d_layout, peft_refuses, task_heads, task_type
+
+VOCAB = 96
+
+
+def _build(family: str):
+    """(model, the Linear modules that stay out of the adapter, by last name)."""
+    import transformers as T
+
+    small = dict(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=96,
+    )  # fmt: skip
+    s2s = dict(
+        vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=96,
+        decoder_ffn_dim=96, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        decoder_start_token_id=1,
+    )  # fmt: skip
+    if family == "starcoder2":  # nn.Linear layers named like GPT-2's Conv1D ones
+        config = T.Starcoder2Config(num_key_value_heads=2, max_position_embeddings=64, **small)
+        return T.Starcoder2ForCausalLM(config), {"lm_head"}
+    if family == "gpt_bigcode":  # StarCoder: the same, with multi-query attention
+        config = T.GPTBigCodeConfig(
+            vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, multi_query=True
+        )
+        return T.GPTBigCodeForCausalLM(config), {"lm_head"}
+    if family == "t5":  # T5 v1.1 (gated MLP: wi_0, wi_1)
+        config = T.T5Config(
+            vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
+            feed_forward_proj="gated-gelu",
+        )  # fmt: skip
+        return T.T5ForConditionalGeneration(config), {"lm_head"}
+    if family == "marian":
+        return T.MarianMTModel(T.MarianConfig(max_position_embeddings=32, **s2s)), {"lm_head"}
+    if family == "whisper":  # an encoder that reads audio
+        config = T.WhisperConfig(
+            num_mel_bins=16, max_source_positions=32, max_target_positions=32, **s2s
+        )
+        return T.WhisperForConditionalGeneration(config), {"proj_out"}
+    if family == "distilbert":  # PEFT trains pre_classifier whole too, as it ends in classifier
+        config = T.DistilBertConfig(
+            vocab_size=VOCAB, dim=64, hidden_dim=96, n_layers=2, n_heads=4, num_labels=3
+        )
+        return T.DistilBertForSequenceClassification(config), {"pre_classifier", "classifier"}
+    if family == "deberta_v2":
+        config = T.DebertaV2Config(num_labels=3, max_position_embeddings=64, **small)
+        return T.DebertaV2ForSequenceClassification(config), {"pooler.dense", "classifier"}
+    if family == "modernbert":
+        config = T.ModernBertConfig(
+            num_labels=3, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+            eos_token_id=2, cls_token_id=1, sep_token_id=2, **small,
+        )  # fmt: skip
+        return T.ModernBertForSequenceClassification(config), {"head.dense", "classifier"}
+    if family == "gptj":
+        config = T.GPTJConfig(
+            vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, rotary_dim=8
+        )
+        return T.GPTJForCausalLM(config), {"lm_head"}
+    if family == "mpt":
+        config = T.MptConfig(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, max_seq_len=64)
+        return T.MptForCausalLM(config), {"lm_head"}
+    if family == "mamba":  # PEFT refuses out_proj here; x_proj and dt_proj are tiny
+        config = T.MambaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2)
+        return T.MambaForCausalLM(config), {"lm_head", "x_proj", "dt_proj", "out_proj"}
+    if family == "deepseek_v3":  # multi-head latent attention: q_a/q_b, kv_a/kv_b
+        config = T.DeepseekV3Config(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+            n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+            first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8,
+            qk_nope_head_dim=16, v_head_dim=16, n_group=1, topk_group=1,
+            max_position_embeddings=64,
+        )  # fmt: skip
+        # PEFT moves dense-MLP and shared-expert targets onto the experts: left out below.
+        return T.AutoModelForCausalLM.from_config(config), {"lm_head", "mlp", "shared_experts"}
+    raise KeyError(family)
+
+
+FAMILIES = [
+    "starcoder2", "gpt_bigcode", "t5", "marian", "whisper", "distilbert", "deberta_v2",
+    "modernbert", "gptj", "mpt", "mamba", "deepseek_v3",
+]  # fmt: skip
+EXCLUDE = {"deepseek_v3": [r"mlp\.(gate|up|down)_proj$", "shared_experts"]}
+TASKS = {  # what PEFT's model for the saved task_type needs to run the model
+    "t5": "SEQ_2_SEQ_LM", "marian": "SEQ_2_SEQ_LM", "whisper": None, "distilbert": "SEQ_CLS",
+    "deberta_v2": "SEQ_CLS", "modernbert": "SEQ_CLS",
+}  # fmt: skip
+
+
+def _inputs(family: str, model) -> dict:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB, (2, 12), generator=g)
+    if family == "whisper":
+        return {"input_features": torch.randn(2, 16, 64, generator=g), "decoder_input_ids": ids}
+    if model.config.is_encoder_decoder:
+        return {"input_ids": ids, "decoder_input_ids": ids[:, :5]}
+    return {"input_ids": ids}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_default_targets_load_in_peft_and_start_from_the_original(family, tmp_path):
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    model, left_out = _build(family)
+    model = model.float().eval()
+    src, out = tmp_path / "src", tmp_path / "out"
+    model.save_pretrained(src)
+    decompose(src, out, rank=4, exclude=EXCLUDE.get(family), quiet=True)
+    config = json.loads((out / ADAPTER_DIR / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is False  # no Conv1D in any of these
+    assert config["task_type"] == TASKS.get(family, "CAUSAL_LM")
+
+    # Every linear layer is a target but the output and task heads (and what PEFT refuses).
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    missed = [n for n in linear if n not in config["target_modules"]]
+    assert missed and all(any(f".{x}." in f".{n}." for x in left_out) for n in missed), missed
+
+    inputs = _inputs(family, model)
+    with torch.no_grad():
+        want = model(**inputs).logits
+    cls = type(model)
+    peft_model = PeftModel.from_pretrained(
+        cls.from_pretrained(out), out / ADAPTER_DIR, is_trainable=True
+    ).eval()
+    with torch.no_grad():
+        got = peft_model(**inputs).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert verify(src, out).passed
+
+
+def test_conv1d_layout_is_told_from_the_shapes():
+    """GPT-2's Conv1D stores (in, out); GPT-BigCode's and Starcoder2's Linear layers of the
+    same names store (out, in). c_attn and c_fc widen, so the shapes tell them apart."""
+    gpt2 = [("h.0.attn.c_attn.weight", (64, 192)), ("h.0.attn.c_proj.weight", (64, 64))]
+    bigcode = [("h.0.attn.c_attn.weight", (96, 64)), ("h.0.mlp.c_fc.weight", (256, 64))]
+    starcoder2 = [
+        ("layers.0.mlp.c_fc.weight", (176, 64)),
+        ("layers.0.mlp.c_proj.weight", (64, 176)),
+    ]
+    assert conv1d_layout(gpt2) and not conv1d_layout(bigcode) and not conv1d_layout(starcoder2)
+    assert not conv1d_layout([("h.0.attn.c_attn.bias", (192,))])
+
+
+def test_mamba_out_proj_is_refused_when_picked(tmp_path):
+    import transformers as T
+
+    assert peft_refuses("backbone.layers.0.mixer.out_proj", "mamba")
+    assert not peft_refuses("model.layers.0.self_attn.out_proj", "llama")
+    torch.manual_seed(0)
+    T.MambaForCausalLM(
+        T.MambaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1)
+    ).save_pretrained(tmp_path / "src")
+    with pytest.raises(
+        InputError, match=r"PEFT refuses to adapt in mamba .*--exclude '\\\.out_proj\$'"
+    ):
+        decompose(tmp_path / "src", tmp_path / "out", rank=4, targets=["proj"], quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_task_type_and_heads_follow_peft():
+    s2s = {"architectures": ["WhisperForConditionalGeneration"]}
+    assert task_type(s2s, ["model.decoder.embed_tokens.weight"]) is None  # audio encoder
+    assert task_type(s2s, ["model.shared.weight"]) == "SEQ_2_SEQ_LM"
+    assert (
+        task_type({"architectures": ["MarianMTModel"]}, ["model.shared.weight"]) == "SEQ_2_SEQ_LM"
+    )
+    names = [
+        "pre_classifier.weight",
+        "classifier.weight",
+        "distilbert.transformer.layer.0.attention.q_lin.weight",
+    ]
+    assert task_heads("SEQ_CLS", names)[1] == names[:2]
+    assert task_heads("CAUSAL_LM", names)[1] == []
