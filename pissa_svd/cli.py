@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--trained", required=True, help="the adapter saved after training")
     t.add_argument("--out", required=True, help="the new adapter folder")
     t.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    t.add_argument("--quiet", action="store_true", help="no summary (warnings still show)")
 
     mg = sub.add_parser(
         "merge",
@@ -347,29 +348,30 @@ def _to_lora(args: argparse.Namespace) -> int:
     from .convert import to_lora
 
     r = to_lora(args.init, args.trained, args.out, overwrite=args.overwrite)
-    how = (
-        "lora_alpha x sqrt(2), as use_rslora scales by alpha/sqrt(r)"
-        if r["use_rslora"]
-        else ("lora_alpha x 2")
-    )
-    print(
-        f"pissa-svd: wrote a LoRA adapter for {r['modules']} modules"
-        f"{f' ({n} of them on fused experts)' if (n := r['fused']) else ''} to {r['out']}\n"
-        f"  r doubled {r['r']} -> {r['r_out']} and lora_alpha {r['lora_alpha']} -> "
-        f"{r['lora_alpha_out']} ({how}): the update B'A' - BA is the difference of two rank-r\n"
-        "  products, so it needs rank 2r; the scaling, and so the model, are unchanged.\n"
-        f"  Load it on the ORIGINAL model ({r['base_model'] or 'the checkpoint you decomposed'}),"
-        " not on the residual.\n"
-        f"  Change from init: median {r['median_change']:.3f}, max {r['max_change']:.3f} "
-        "(||B'A' - BA|| / ||BA||)"
-    )
+    if not args.quiet:
+        how = (
+            "lora_alpha x sqrt(2), as use_rslora scales by alpha/sqrt(r)"
+            if r["use_rslora"]
+            else ("lora_alpha x 2")
+        )
+        print(
+            f"pissa-svd: wrote a LoRA adapter for {r['modules']} modules"
+            f"{f' ({n} of them on fused experts)' if (n := r['fused']) else ''} to {r['out']}\n"
+            f"  r doubled {r['r']} -> {r['r_out']} and lora_alpha {r['lora_alpha']} -> "
+            f"{r['lora_alpha_out']} ({how}): the update B'A' - BA is the difference of two rank-r\n"
+            "  products, so it needs rank 2r; the scaling, and so the model, are unchanged.\n"
+            f"  Load it on the ORIGINAL model ({r['base_model'] or 'the checkpoint you decomposed'}),"
+            " not on the residual.\n"
+            f"  Change from init: median {r['median_change']:.3f}, max {r['max_change']:.3f} "
+            "(||B'A' - BA|| / ||BA||)"
+        )
     if r["unchanged"]:
         print(
             "pissa-svd: warning: the trained adapter's factors are the init's, so the LoRA is "
             "zero; was --trained saved before training?",
             file=sys.stderr,
         )
-    if r["quantized"]:
+    if r["quantized"] and not args.quiet:
         print(
             f"  The residual was {r['quantized']}-quantized (QPiSSA), the original is not: on "
             "it the LoRA gives the trained\n  model up to the quantization error (stored_error "

@@ -588,6 +588,22 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
     )
 
 
+def _exclude_regex(modules: list[str]) -> str:
+    """A regex for --exclude that finds ``modules`` by their names past the layer index
+    (``mlp.shared_expert.gate_proj``), or every expert where they are all experts."""
+    if all(loadcheck.EXPERT.search(m) for m in modules):
+        return r"\.experts\."
+    leaves: dict[str, set[str]] = {}
+    for m in modules:
+        parent, _, leaf = re.sub(r"^.*\.\d+\.", "", m).rpartition(".")
+        leaves.setdefault(parent, set()).add(leaf)
+    parts = []
+    for parent, names in sorted(leaves.items()):
+        leaf = names.pop() if len(names) == 1 else f"({'|'.join(sorted(names))})"
+        parts.append(rf"{re.escape(parent)}\.{leaf}" if parent else leaf)
+    return rf"(^|\.)({'|'.join(parts)})$"
+
+
 def _load_check(
     src: Path, ckpt: Checkpoint, config: dict | None, targets: list[Target], o: Options
 ) -> str | None:
@@ -605,8 +621,7 @@ def _load_check(
     shapes = {t.module: (t.out_features, t.in_features) for t in targets}
     result = loadcheck.check(src, config, list(shapes), o.rank, shapes)
     if result.ok is False:
-        experts = all(loadcheck.EXPERT.search(m) for m in result.missing)
-        hint = r"--exclude '\.experts\.'" if experts else "--exclude REGEX matching them"
+        hint = f"--exclude '{_exclude_regex(result.missing)}'"
         raise InputError(
             f"{src}: {result.reason} (e.g. {', '.join(result.missing[:2])}); leave them out "
             f"with {hint} (they stay whole in the residual), or pass --no-load-check to "

@@ -44,7 +44,14 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family("mpt/modernbert", r"(^|\.)(Wqkv|Wo|Wi)$"),
     Family("gpt-j/codegen", r"(^|\.)(fc_in|fc_out)$"),
-    Family("mamba", r"(^|\.)(mixer|mamba)\.in_proj$"),
+    Family("mpnet", r"\.attn\.(q|k|v|o)$"),
+    Family("albert", r"(^|\.)(ffn|ffn_output)$"),
+    Family("longformer", r"(^|\.)(query|key|value)_global$"),
+    Family("wav2vec2/hubert/wavlm", r"\.feed_forward\.(intermediate_dense|output_dense)$"),
+    Family("granite-moe-hybrid", r"\.shared_mlp\.(input_linear|output_linear)$"),
+    Family("rwkv", r"(^|\.)receptance$|\.attention\.output$"),
+    # DeBERTa's fused q/k/v; Mamba, Jamba, Falcon-H1, Nemotron-H mixers; Qwen3-Next's DeltaNet.
+    Family("in-proj", r"(^|\.)(in_proj|in_proj_qkvz)$"),
     # GPT-2 (Conv1D), and GPT-BigCode (StarCoder) / Starcoder2 (nn.Linear) name layers alike.
     Family("gpt2/gpt-bigcode/starcoder2", r"(^|\.)(c_attn|c_proj|c_fc)$", conv1d=True),
 )

@@ -473,10 +473,10 @@ def test_to_lora_rejects_mismatched_adapters(tiny_llama, out, trained, run_cli, 
 
 
 def _to_lora(run_cli, out: Path, adapter_dir: Path, lora: Path) -> Path:
-    code, _, err = run_cli(
-        "to-lora", "--init", out / "pissa_init", "--trained", adapter_dir, "--out", lora
+    code, stdout, err = run_cli(
+        "to-lora", "--init", out / "pissa_init", "--trained", adapter_dir, "--out", lora, "--quiet"
     )
-    assert code == 0, err
+    assert code == 0 and stdout == "" and err == "", err  # --quiet: no summary
     return lora
 
 
