@@ -37,11 +37,11 @@ from .checkpoint import (
 from .errors import InputError, read_json
 from .fused import FusedParam, fused_params, unmapped_params
 from .linalg import svd_lowrank
-from .loadcheck import tied_to_input_embedding
+from .loadcheck import loaded_names, tied_to_input_embedding
 from .output import check_out, copy_files, plain_number, progress, staged, write_json
 from .pipeline import ADAPTER_DIR, REPORT_FILE
 from .pissa import all_finite, sum_squares
-from .targets import module_name
+from .targets import Names, module_name
 
 CONFIG_NAME = "config.json"
 _TIE = "tie_word_embeddings"
@@ -325,6 +325,13 @@ def _doubled_config(config: dict) -> dict:
     return out
 
 
+def _names(ck: Checkpoint) -> Names:
+    """``ck``'s tensor names and the in-memory names the adapter uses (:class:`Names`)."""
+    config = ck.read_json(CONFIG_NAME) if CONFIG_NAME in ck.extra_files else None
+    config = config if isinstance(config, dict) else None
+    return loaded_names(ck.root, config, (t.name for t in ck.tensors()))
+
+
 def _original_model(decomposed: Path) -> str | None:
     """The checkpoint decompose read, from the report in its output folder ``decomposed``."""
     source = _report(decomposed).get("source")
@@ -363,9 +370,10 @@ def merge(
     ad = LoraAdapter.load(adapter, "adapter")
     check_out(out, overwrite, {"the base checkpoint": base_path, "the adapter": ad.root})
     infos = {t.name: t for t in ck.tensors()}
-    targets = _match_targets(infos, ad, str(base_path))  # an adapter that does not fit, first
-    tied = _tied_weights(ck, ad)
-    replaced = _match_extra(infos, ad, str(base_path), tied)
+    names = _names(ck)
+    targets = _match_targets(infos, ad, str(base_path), names)  # an adapter that does not fit
+    tied = [names.tensor(n) for n in _tied_weights(ck, ad)]
+    replaced = _match_extra(infos, ad, str(base_path), tied, names)
     added, untie = _untie(infos, tied, replaced)
     other = _check_base(ad, ck.root)
     _check_residual_rank(ad, ck.root)
@@ -373,10 +381,11 @@ def merge(
     # The PiSSA mix-ups show on every target: refused before any work, from the first target
     # (and for the converted LoRA, the first one of plain layout: fused experts are not read).
     first = next((infos[name] for name in infos if name in targets), None)
-    plain = next((infos[n] for n in infos if n in targets and _plain(ad, n)), None)
+    plain = next((infos[n] for n in infos if n in targets and _plain(ad, names.module(n))), None)
     W = None if first is None else read_tensor(first)
     if plain is not None:
-        _check_converted(ad, plain.name, W if plain is first else read_tensor(plain), ck.root)
+        W_plain = W if plain is first else read_tensor(plain)
+        _check_converted(ad, names.module(plain.name), plain.name, W_plain, ck.root)
     if first is not None:
         merged(first, W)
     del W
@@ -445,21 +454,20 @@ def _check_residual_rank(ad: LoraAdapter, root: Path) -> None:
             )
 
 
-def _plain(ad: LoraAdapter, name: str) -> bool:
-    """Whether weight ``name`` has its own (r, in) / (out, r) factors in ``ad`` (no fused experts)."""
-    m = module_name(name)
-    return m in ad.modules and ad.A[m].dim() == 2
+def _plain(ad: LoraAdapter, m: str | None) -> bool:
+    """Whether module ``m`` has its own (r, in) / (out, r) factors in ``ad`` (no fused experts)."""
+    return m in ad.A and ad.A[m].dim() == 2
 
 
-def _check_converted(ad: LoraAdapter, name: str, W: torch.Tensor, root: Path) -> None:
+def _check_converted(ad: LoraAdapter, m: str, name: str, W: torch.Tensor, root: Path) -> None:
     """Refuse a LoRA converted for the original model (``to-lora``'s, or PEFT's own conversion)
     merged into a PiSSA residual, told from the weights where no report says what ``root`` is.
 
     Such a LoRA's update is ``B'A' - BA``: the second half of its rank is an untouched PiSSA
     init (:func:`_unlike_an_init`) whose update, ``-W_r``, the first half nearly cancels. On
     the original weight <W, -W_r> = ||W_r||^2; on the residual, which lacks W_r, it is about 0.
-    A trained adapter's halves are no init, and an init's halves do not cancel."""
-    m = module_name(name)
+    A trained adapter's halves are no init, and an init's halves do not cancel. ``m`` is the
+    module whose weight is the tensor ``name``, ``W``."""
     if ad.rank(m) % 2:
         return
     k = ad.rank(m) // 2
@@ -522,7 +530,7 @@ def _counted_twice(ad: LoraAdapter, root: Path, name: str) -> InputError:
 
 
 def _match_targets(
-    infos: dict[str, TensorInfo], ad: LoraAdapter, where: str
+    infos: dict[str, TensorInfo], ad: LoraAdapter, where: str, names: Names
 ) -> dict[str, tuple[Callable[[torch.dtype], torch.Tensor], int]]:
     """tensor name -> (its update in the stored layout, the update's rank), checking that
     every module's weight exists and fits. Fused experts (:mod:`pissa_svd.fused`) update one tensor per expert."""
@@ -541,10 +549,10 @@ def _match_targets(
                 _check_float(info, where)
                 targets[info.name] = (partial(p.delta, ad.A[m], ad.B[m], name), p.rank)
             continue
-        info = infos.get(f"{m}.weight")
+        info = infos.get(names.tensor(f"{m}.weight"))
         if info is None:
             raise InputError(
-                f"the adapter adapts {m}, but {where} has no tensor {m}.weight; "
+                f"the adapter adapts {m}, but {where} has no tensor {names.tensor(f'{m}.weight')}; "
                 "the adapter belongs to a different model"
             )
         expected = ad.stored_shape(m)
@@ -567,14 +575,14 @@ def _check_float(info: TensorInfo, where: str) -> None:
 
 
 def _match_extra(
-    infos: dict[str, TensorInfo], ad: LoraAdapter, where: str, tied: list[str]
+    infos: dict[str, TensorInfo], ad: LoraAdapter, where: str, tied: list[str], names: Names
 ) -> dict[str, torch.Tensor]:
     """Non-LoRA adapter tensors (modules_to_save) replace the base tensor of the same name; a
     weight tied to a stored one (``tied``, :func:`_tied_weights`) need not be stored."""
     stored = next((infos[n] for n in tied if n in infos), None)
     replaced = {}
     for key, t in ad.extra.items():
-        name = key.removeprefix(PEFT_PREFIX)
+        name = names.tensor(key.removeprefix(PEFT_PREFIX))
         info = infos.get(name, stored if name in tied else None)
         if info is None or info.shape != tuple(t.shape):
             raise InputError(
@@ -781,7 +789,8 @@ def verify(
     src_infos = {t.name: t for t in src_ck.tensors()}
     out_infos = {t.name: t for t in out_ck.tensors()}
     quantized = _quantized_rows(Path(out))
-    targets = {f"{m}.weight": m for m in ad.modules}
+    names = _names(src_ck)
+    targets = {names.tensor(f"{m}.weight"): m for m in ad.modules}
     result = VerifyResult()
     for name in sorted(set(targets) - set(src_infos)):
         result.rows.append(TensorCheck(name, "target", (), "", False, math.inf, note="not in SRC"))
@@ -813,7 +822,7 @@ def verify(
         bar.update(s.nbytes)
     bar.close()
     for key, t in ad.extra.items():  # a task head (modules_to_save): PEFT loads it from here
-        name = key.removeprefix(PEFT_PREFIX)
+        name = names.tensor(key.removeprefix(PEFT_PREFIX))
         s = src_infos.get(name)
         same = s is not None and s.shape == tuple(t.shape) and torch.equal(read_tensor(s), t)
         note = "" if same else f"differs from SRC's {name}" if s else "matches no tensor of SRC"

@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 
 from .adapter import PEFT_PREFIX, peft_key, unwrapped
+from .errors import InputError
 from .fused import expert_slot, layer_of_container, stacked
-from .targets import task_type
+from .targets import Names, task_type
 
 # Per-expert weights: the names transformers 5 fuses on loading.
 EXPERT = re.compile(r"\.experts\.\d+(\.|$)")
@@ -217,6 +218,49 @@ def tied_to_input_embedding(folder: Path, config: dict) -> list[str]:
     model = _meta_model(folder, config, transformers)
     weight = model.get_input_embeddings().weight
     return [n for n, p in model.named_parameters(remove_duplicate=False) if p is weight]
+
+
+def loaded_names(folder: Path, config: dict | None, names: Iterable[str]) -> Names:
+    """Which of the tensors ``names`` of the checkpoint in ``folder`` transformers renames as it
+    loads the model, and to what: found as ``from_pretrained`` finds it, with the model's own
+    conversion mapping applied to each name, on a meta-device model. Only models with a
+    ``vision_config`` rename their layers (text models keep their names; fusing experts is no
+    renaming, :mod:`pissa_svd.fused` handles it), so only they are built. Raises InputError
+    where transformers cannot tell."""
+    if not isinstance((config or {}).get("vision_config"), dict):
+        return Names()
+    try:
+        import transformers
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError as exc:
+        raise InputError(
+            f"{folder} has a vision_config: transformers renames such models' layers as it "
+            f"loads them, and naming the adapter's modules needs transformers 5 ({exc})"
+        ) from None
+    try:
+        model = _meta_model(folder, config, transformers)
+        meta = model.state_dict()
+        mapping = get_model_conversion_mapping(model)
+    except Exception as exc:
+        why = next(iter(str(exc).splitlines()), "")
+        raise InputError(
+            f"{folder} has a vision_config, and transformers cannot build the model from its "
+            f"config.json ({type(exc).__name__}: {why}) to tell the names its layers get on "
+            "loading, which the adapter must use"
+        ) from None
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    converters = [t for t in mapping if not isinstance(t, WeightRenaming)]
+    renamed = {}
+    for name in names:
+        new, converted = rename_source_key(
+            name, renamings, converters, model.base_model_prefix, meta
+        )
+        if new not in meta and name in meta:  # as from_pretrained: the name was right
+            new, converted = name, None
+        if converted is None and new != name and new in meta:
+            renamed[name] = new
+    return Names(renamed)
 
 
 def _meta_model(folder: Path, config: dict, transformers) -> torch.nn.Module:

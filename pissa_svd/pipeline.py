@@ -413,9 +413,6 @@ class Plan:
 
 # Top-level prefixes of vision-language checkpoints (Llava, Gemma 3, Mllama, Qwen2-VL, ...) that
 # transformers moves under ``model.`` when it loads them.
-_RENAMED_ON_LOAD = ("language_model.", "vision_tower.", "multi_modal_projector.", "visual.")
-
-
 def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) -> Plan:
     """Validate everything that can be validated before writing a byte."""
     for what, path in (("SRC", src), ("--out", out)):
@@ -481,8 +478,11 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
     config = ckpt.read_json("config.json") if src_path.is_dir() else None
     model_type = (config or {}).get("model_type")
     conv1d = conv1d_layout((info.name, info.shape) for info in ckpt.tensors())
+    names = loadcheck.loaded_names(ckpt.root, config, (info.name for info in ckpt.tensors()))
     for info in ckpt.tensors():
-        hit = select(info.name, info.shape, patterns, exclude, conv1d)
+        hit = select(
+            info.name, info.shape, patterns, exclude, conv1d, names.to_memory.get(info.name)
+        )
         if hit is None:
             continue
         if peft_refuses(hit.module, model_type):
@@ -507,7 +507,7 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
         targets.append(
             Target(
                 info=info,
-                module=hit.module,
+                module=names.module(info.name),
                 transposed=hit.transposed,
                 out_features=out_f,
                 in_features=in_f,
@@ -548,17 +548,6 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
             "cannot describe (fan_in_fan_out is global); narrow --targets to one kind"
         )
     alpha = float(o.alpha) if o.alpha is not None else float(o.rank)
-    renamed = next((t.name for t in targets if t.name.startswith(_RENAMED_ON_LOAD)), None)
-    if isinstance((config or {}).get("vision_config"), dict) and renamed:
-        # transformers renames these models' modules on loading (language_model.model.* in the
-        # files is model.language_model.* in memory), so the adapter's module names, taken
-        # from the files, would not attach where they should. (Dual encoders such as CLIP
-        # keep their names and are fine.)
-        arch = ", ".join(config.get("architectures") or []) or "a vision_config"
-        raise InputError(
-            f"{src_path} is a vision-language checkpoint ({arch}) whose module names change "
-            f"on loading ({renamed!r}), which is not supported; decompose a text-only checkpoint"
-        )
     if o.quantize and (config or {}).get("quantization_config"):
         raise InputError(
             f"{src_path} is already quantized ({config['quantization_config'].get('quant_method', 'quantization_config')}"

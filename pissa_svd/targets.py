@@ -7,9 +7,10 @@ A module name is a tensor name without its ``.weight`` suffix, e.g.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,29 @@ def module_name(tensor_name: str) -> str | None:
     return tensor_name[: -len(".weight")] if tensor_name.endswith(".weight") else None
 
 
+@dataclass(frozen=True)
+class Names:
+    """A checkpoint's tensor names and the names its parameters get in memory, where
+    transformers renames them on loading (vision-language models keep older names in their
+    files: ``language_model.model.layers.0...`` is ``model.language_model.layers.0...``).
+    An adapter names modules in memory; the files keep their own names. Built by
+    :func:`pissa_svd.loadcheck.loaded_names`; empty (every name its own) for most models."""
+
+    to_memory: dict[str, str] = field(default_factory=dict)  # renamed tensors only
+
+    @functools.cached_property
+    def to_file(self) -> dict[str, str]:
+        return {v: k for k, v in self.to_memory.items()}
+
+    def module(self, tensor: str) -> str | None:
+        """The in-memory module whose ``weight`` is the tensor ``tensor`` of the files."""
+        return module_name(self.to_memory.get(tensor, tensor))
+
+    def tensor(self, param: str) -> str:
+        """The tensor of the files that holds the in-memory parameter ``param``."""
+        return self.to_file.get(param, param)
+
+
 def conv1d_layout(tensors: Iterable[tuple[str, tuple[int, ...]]]) -> bool:
     """Whether a checkpoint's ``c_attn``/``c_proj``/``c_fc`` weights are GPT-2's Conv1D,
     stored (in, out), from its (tensor name, shape) pairs.
@@ -134,6 +158,7 @@ def select(
     patterns: list[str] | None = None,
     exclude: list[str] | None = None,
     conv1d: bool = False,
+    loaded_as: str | None = None,
 ) -> Match | None:
     """The target decision for one tensor, or None when it is not a target.
 
@@ -141,18 +166,21 @@ def select(
     except embeddings may be chosen; its layout is still taken from the family table, so
     GPT-2's ``c_attn`` stays transposed. Without, the family table decides. A module that
     an ``exclude`` regex finds is never a target. ``conv1d``: the checkpoint stores its
-    Conv1D-named layers transposed (:func:`conv1d_layout`).
+    Conv1D-named layers transposed (:func:`conv1d_layout`). ``loaded_as``: the tensor's name
+    in memory where transformers renames it (:class:`Names`); the user's regexes may find
+    either name.
     """
     module = module_name(tensor_name)
     if module is None or len(shape) != 2 or never_target(module):
         return None
-    if exclude and any(re.search(p, module) for p in exclude):
+    either = [module] + [m for m in [module_name(loaded_as or "")] if m and m != module]
+    if exclude and any(re.search(p, m) for p in exclude for m in either):
         return None
     family = next((f for f in FAMILIES if re.search(f.pattern, module)), None)
     transposed = conv1d and family is not None and family.conv1d
     if patterns is None:
         return Match(module, transposed) if family and not _HEADS.search(module) else None
-    if any(re.search(p, module) for p in patterns):
+    if any(re.search(p, m) for p in patterns for m in either):
         return Match(module, transposed)
     return None
 

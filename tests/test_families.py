@@ -252,3 +252,131 @@ def test_task_type_and_heads_follow_peft():
     ]
     assert task_heads("SEQ_CLS", names)[1] == names[:2]
     assert task_heads("CAUSAL_LM", names)[1] == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Vision-language models: the files keep older names than the layers get in memory
+
+
+def _vlm(kind: str):
+    import transformers as T
+
+    text = dict(
+        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+    )  # fmt: skip
+    vision = dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+        image_size=32, patch_size=8,
+    )  # fmt: skip
+    if kind == "gemma3":  # language_model.model.* in the files, model.language_model.* loaded
+        config = T.Gemma3Config(
+            text_config=text, vision_config=vision, mm_tokens_per_image=4,
+            image_token_index=299, boi_token_index=297, eoi_token_index=298,
+        )  # fmt: skip
+        return T.Gemma3ForConditionalGeneration(config)
+    if kind == "llava":
+        config = T.LlavaConfig(
+            text_config=dict(model_type="llama", **text),
+            vision_config=dict(model_type="clip_vision_model", **vision),
+            image_token_index=299,
+        )
+        return T.LlavaForConditionalGeneration(config)
+    if kind == "qwen2_5_vl":  # model.layers.* and visual.* in the files
+        mrope = {"type": "mrope", "mrope_section": [2, 3, 3]}
+        vision = dict(
+            depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
+            patch_size=8, temporal_patch_size=2, spatial_merge_size=2, window_size=32,
+            fullatt_block_indexes=[0],
+        )  # fmt: skip
+        config = T.Qwen2_5_VLConfig(
+            text_config=dict(**text, rope_scaling=mrope), vision_config=vision,
+            image_token_id=299, video_token_id=298, vision_start_token_id=297,
+        )  # fmt: skip
+        return T.Qwen2_5_VLForConditionalGeneration(config)
+    raise KeyError(kind)
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "llava", "qwen2_5_vl"])
+def test_vision_language_adapters_name_the_layers_as_loaded(kind, tmp_path, monkeypatch):
+    """transformers renames these models' layers as it loads them, so the adapter uses the
+    in-memory names while the residual keeps the files' names; decompose, verify, merge,
+    to-lora and --resume all map between the two, and --exclude may use either name."""
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    from pissa_svd import pipeline
+    from pissa_svd.convert import merge, to_lora
+
+    torch.manual_seed(0)
+    model = _vlm(kind).float().eval()
+    cls, src, out = type(model), tmp_path / "src", tmp_path / "out"
+    model.save_pretrained(src)
+    with safe_open(src / "model.safetensors", "pt") as f:
+        stored = set(f.keys())
+    params = dict(model.named_parameters())
+    assert any(name not in params for name in stored)  # the files keep the older names
+
+    decompose(src, out, rank=4, quiet=True)
+    config = json.loads((out / ADAPTER_DIR / "adapter_config.json").read_text())
+    modules = dict(model.named_modules())
+    assert config["target_modules"] and all(m in modules for m in config["target_modules"])
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert set(f.keys()) == stored
+    ids = torch.randint(3, 290, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    peft_model = PeftModel.from_pretrained(
+        cls.from_pretrained(out), out / ADAPTER_DIR, is_trainable=True
+    )
+    lora_layers = [n for n, _ in peft_model.named_modules() if n.endswith(".lora_A")]
+    assert len(lora_layers) == len(config["target_modules"])
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, want, rtol=1e-4, atol=1e-5)
+    assert verify(src, out).passed
+
+    # After "training": merge into the residual and to-lora for the original agree with it.
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * p.abs().mean() * torch.randn_like(p))
+    peft_model.save_pretrained(tmp_path / "trained")
+    with torch.no_grad():
+        trained = peft_model.eval()(input_ids=ids).logits
+    merge(out, tmp_path / "trained", tmp_path / "merged", quiet=True)
+    to_lora(out / ADAPTER_DIR, tmp_path / "trained", tmp_path / "lora")
+    with torch.no_grad():
+        merged = cls.from_pretrained(tmp_path / "merged").eval()(input_ids=ids).logits
+        lora = PeftModel.from_pretrained(cls.from_pretrained(src), tmp_path / "lora").eval()
+        converted = lora(input_ids=ids).logits
+    torch.testing.assert_close(merged, trained, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(converted, trained, rtol=1e-4, atol=1e-5)
+    with pytest.raises(InputError, match="count those components twice"):
+        merge(src, tmp_path / "trained", tmp_path / "wrong", quiet=True)
+
+    # --exclude by the files' name or by the loaded one leaves out the same vision layers.
+    tower = "visual" if kind == "qwen2_5_vl" else "vision_tower"
+    kept = []
+    for i, regex in enumerate([rf"^{tower}\.", rf"^model\.{tower}\."]):
+        decompose(src, tmp_path / f"text{i}", rank=4, exclude=[regex], quiet=True)
+        kept.append(json.loads((tmp_path / f"text{i}/pissa_init/adapter_config.json").read_text()))
+    assert kept[0]["target_modules"] == kept[1]["target_modules"]
+    assert all(tower not in m for m in kept[0]["target_modules"])
+    assert len(kept[0]["target_modules"]) < len(config["target_modules"])
+
+    # An interrupted run resumes to the same bytes.
+    real, calls = pipeline._decompose_batch, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("injected failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_decompose_batch", failing)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        decompose(src, tmp_path / "resumed", rank=4, batch_memory=0, quiet=True)
+    monkeypatch.setattr(pipeline, "_decompose_batch", real)
+    decompose(src, tmp_path / "resumed", rank=4, batch_memory=0, resume=True, quiet=True)
+    for f in [out / "model.safetensors", out / ADAPTER_DIR / "adapter_model.safetensors"]:
+        assert (tmp_path / "resumed" / f.relative_to(out)).read_bytes() == f.read_bytes()
