@@ -37,7 +37,7 @@ from .checkpoint import (
 from .errors import InputError, read_json
 from .fused import FusedParam, fused_params, unmapped_params
 from .linalg import svd_lowrank
-from .loadcheck import loaded_names, tied_to_input_embedding
+from .loadcheck import checkpoint_names, tied_to_input_embedding
 from .output import check_out, copy_files, plain_number, progress, staged, write_json
 from .pipeline import ADAPTER_DIR, REPORT_FILE
 from .pissa import all_finite, sum_squares
@@ -325,13 +325,6 @@ def _doubled_config(config: dict) -> dict:
     return out
 
 
-def _names(ck: Checkpoint) -> Names:
-    """``ck``'s tensor names and the in-memory names the adapter uses (:class:`Names`)."""
-    config = ck.read_json(CONFIG_NAME) if CONFIG_NAME in ck.extra_files else None
-    config = config if isinstance(config, dict) else None
-    return loaded_names(ck.root, config, (t.name for t in ck.tensors()))
-
-
 def _original_model(decomposed: Path) -> str | None:
     """The checkpoint decompose read, from the report in its output folder ``decomposed``."""
     source = _report(decomposed).get("source")
@@ -370,7 +363,7 @@ def merge(
     ad = LoraAdapter.load(adapter, "adapter")
     check_out(out, overwrite, {"the base checkpoint": base_path, "the adapter": ad.root})
     infos = {t.name: t for t in ck.tensors()}
-    names = _names(ck)
+    names = checkpoint_names(ck)
     targets = _match_targets(infos, ad, str(base_path), names)  # an adapter that does not fit
     tied = [names.tensor(n) for n in _tied_weights(ck, ad)]
     replaced = _match_extra(infos, ad, str(base_path), tied, names)
@@ -789,7 +782,7 @@ def verify(
     src_infos = {t.name: t for t in src_ck.tensors()}
     out_infos = {t.name: t for t in out_ck.tensors()}
     quantized = _quantized_rows(Path(out))
-    names = _names(src_ck)
+    names = checkpoint_names(src_ck)
     targets = {names.tensor(f"{m}.weight"): m for m in ad.modules}
     result = VerifyResult()
     for name in sorted(set(targets) - set(src_infos)):

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from .adapter import PEFT_PREFIX, peft_key, unwrapped
+from .checkpoint import Checkpoint
 from .errors import InputError
 from .fused import expert_slot, layer_of_container, stacked
 from .targets import Names, task_type
@@ -261,6 +262,13 @@ def loaded_names(folder: Path, config: dict | None, names: Iterable[str]) -> Nam
         if converted is None and new != name and new in meta:
             renamed[name] = new
     return Names(renamed)
+
+
+def checkpoint_names(ck: Checkpoint) -> Names:
+    """:func:`loaded_names` for every tensor of ``ck``, with its config.json (if any)."""
+    config = ck.read_json("config.json") if "config.json" in ck.extra_files else None
+    config = config if isinstance(config, dict) else None
+    return loaded_names(ck.root, config, (t.name for t in ck.tensors()))
 
 
 def _meta_model(folder: Path, config: dict, transformers) -> torch.nn.Module:

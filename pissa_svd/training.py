@@ -31,7 +31,7 @@ from torch import nn
 from .adapter import ADAPTER_FILE, LoraAdapter
 from .checkpoint import Checkpoint, read_tensor
 from .errors import InputError, read_json
-from .loadcheck import model_class
+from .loadcheck import checkpoint_names, model_class
 from .output import staged
 from .pipeline import ADAPTER_DIR
 
@@ -221,7 +221,9 @@ def apply_pissa(
             "use the peft backend for adapters with modules_to_save"
         )
     fan = adapter.fan_in_fan_out
-    infos = {i.name: i for i in Checkpoint.open(out_dir).tensors()}
+    ck = Checkpoint.open(out_dir)
+    infos = {i.name: i for i in ck.tensors()}
+    names = checkpoint_names(ck)  # the adapter names modules as loaded, the files may not
     plan = []
     for name in adapter.modules:
         try:
@@ -244,11 +246,11 @@ def apply_pissa(
                 f"{tuple(B.shape)} but the model's layer is {out_f} x {in_f}; the adapter "
                 "belongs to another model"
             )
-        info = infos.get(f"{name}.weight")
+        info = infos.get(names.tensor(f"{name}.weight"))
         if info is None:
             raise InputError(
-                f"{out_dir}: no tensor {name}.weight for the adapter's target {name!r}; "
-                "the residual model and pissa_init/ do not belong together"
+                f"{out_dir}: no tensor {names.tensor(f'{name}.weight')} for the adapter's "
+                f"target {name!r}; the residual model and pissa_init/ do not belong together"
             )
         if info.shape != stored:
             raise InputError(

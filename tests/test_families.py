@@ -17,6 +17,7 @@ from pissa_svd import InputError, decompose
 from pissa_svd.convert import verify
 from pissa_svd.pipeline import ADAPTER_DIR
 from pissa_svd.targets import conv1d_layout, peft_refuses, task_heads, task_type
+from pissa_svd.training import load_trainable
 
 VOCAB = 96
 
@@ -207,6 +208,11 @@ def test_default_targets_load_in_peft_and_start_from_the_original(family, tmp_pa
         got = peft_model(**inputs).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert verify(src, out).passed
+    experts = any(".experts." in m for m in config["target_modules"])
+    if not config["modules_to_save"] and not experts:  # the torch wrapper: no heads, no MoE
+        with torch.no_grad():
+            got = load_trainable(out, backend="torch").eval()(**inputs).logits
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_conv1d_layout_is_told_from_the_shapes():
@@ -333,6 +339,8 @@ def test_vision_language_adapters_name_the_layers_as_loaded(kind, tmp_path, monk
     assert len(lora_layers) == len(config["target_modules"])
     with torch.no_grad():
         torch.testing.assert_close(peft_model(input_ids=ids).logits, want, rtol=1e-4, atol=1e-5)
+        ours = load_trainable(out, backend="torch").eval()(input_ids=ids).logits
+    torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-5)
     assert verify(src, out).passed
 
     # After "training": merge into the residual and to-lora for the original agree with it.
