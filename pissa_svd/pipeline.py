@@ -79,8 +79,9 @@ from .pissa import (
 from .targets import (
     conv1d_layout,
     module_name,
+    multihead_attention,
     never_target,
-    peft_refuses,
+    not_adaptable,
     select,
     task_heads,
     task_type,
@@ -479,19 +480,19 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
     model_type = (config or {}).get("model_type")
     conv1d = conv1d_layout((info.name, info.shape) for info in ckpt.tensors())
     names = loadcheck.loaded_names(ckpt.root, config, (info.name for info in ckpt.tensors()))
+    attention = multihead_attention(info.name for info in ckpt.tensors())
     for info in ckpt.tensors():
         hit = select(
             info.name, info.shape, patterns, exclude, conv1d, names.to_memory.get(info.name)
         )
         if hit is None:
             continue
-        if peft_refuses(hit.module, model_type):
+        if refused := not_adaptable(hit.module, model_type, attention):
             if patterns is None:
                 continue
+            why, regex = refused
             raise InputError(
-                f"--targets picks {hit.module}, which PEFT refuses to adapt in {model_type} "
-                f"models (their kernels read it directly); leave it out with --exclude "
-                f"'\\.{hit.module.rsplit('.', 1)[-1]}$'"
+                f"--targets picks {hit.module}, {why}; leave it out with --exclude '{regex}'"
             )
         if info.dtype not in FLOAT_DTYPES:
             raise InputError(

@@ -142,9 +142,28 @@ _MAMBA_TYPES = frozenset({"mamba", "mamba2", "falcon_mamba", "falcon_h1", "nemot
 _MAMBA_REFUSED = frozenset({"out_proj", "conv1d"})
 
 
-def peft_refuses(module: str, model_type: str | None) -> bool:
-    """Whether PEFT refuses a LoRA on ``module`` in a model of config ``model_type``."""
-    return model_type in _MAMBA_TYPES and module.rsplit(".", 1)[-1] in _MAMBA_REFUSED
+def not_adaptable(
+    module: str, model_type: str | None, attention: set[str]
+) -> tuple[str, str] | None:
+    """(why, an --exclude regex for it) where a LoRA on the linear layer ``module`` would not
+    load or would do nothing, in a model of config ``model_type`` whose torch
+    MultiheadAttention modules are ``attention``; None where it works."""
+    parent, _, leaf = module.rpartition(".")
+    if model_type in _MAMBA_TYPES and leaf in _MAMBA_REFUSED:
+        why = f"which PEFT refuses to adapt in {model_type} models (their kernels read it directly)"
+        return why, rf"\.{leaf}$"
+    if leaf == "out_proj" and parent in attention:
+        why = (
+            "the output projection of a torch MultiheadAttention, whose forward reads the "
+            "weight directly: a LoRA on it would do nothing"
+        )
+        return why, rf"^{re.escape(module)}$"
+    return None
+
+
+def multihead_attention(names: Iterable[str]) -> set[str]:
+    """The torch MultiheadAttention modules of a checkpoint, by their ``in_proj_weight``."""
+    return {n.removesuffix(".in_proj_weight") for n in names if n.endswith(".in_proj_weight")}
 
 
 def never_target(module: str) -> bool:
@@ -211,6 +230,11 @@ def task_heads(task: str | None, names: Iterable[str]) -> tuple[list[str], list[
 
 # An encoder that reads tokens has a token embedding of its own, or shares the decoder's.
 _ENCODER_TOKENS = re.compile(r"(^|\.)(shared|encoder\.embed_tokens)\.weight$")
+# A model that reads tokens has a token embedding.
+_TOKENS = re.compile(
+    r"(^|\.)(shared|embed_tokens|word_embeddings|wte|embed_in|tok_embeddings|token_embedding"
+    r"|embeddings)\.weight$"
+)
 
 
 def task_type(config: dict | None, names: Iterable[str] = ()) -> str | None:
@@ -219,13 +243,17 @@ def task_type(config: dict | None, names: Iterable[str] = ()) -> str | None:
     with several towers, such as CLIP (PEFT's feature-extraction model passes one tower's
     arguments, which a CLIP forward rejects), and a sequence-to-sequence model whose encoder
     reads no tokens (Whisper, Speech2Text, Moonshine: PEFT's model passes ``input_ids`` as
-    well as the audio, which their forward rejects)."""
+    well as the audio, which their forward rejects), and for the same reason an encoder
+    (``...Model``) that reads no tokens (SigLIP's vision model, wav2vec2)."""
     if any(isinstance((config or {}).get(k), dict) for k in ("vision_config", "text_config")):
         return None
     archs = (config or {}).get("architectures") or []
     task = next(
         (t for arch in archs for suffix, t in _TASK_SUFFIXES if arch.endswith(suffix)), None
     )
+    names = list(names)
     if task == "SEQ_2_SEQ_LM" and not any(_ENCODER_TOKENS.search(n) for n in names):
         return None
+    if task == "FEATURE_EXTRACTION" and not any(_TOKENS.search(n) for n in names):
+        return None  # PEFT's model passes input_ids and inputs_embeds to a vision/audio model
     return task

@@ -16,7 +16,7 @@ import torch
 from pissa_svd import InputError, decompose
 from pissa_svd.convert import verify
 from pissa_svd.pipeline import ADAPTER_DIR
-from pissa_svd.targets import conv1d_layout, peft_refuses, task_heads, task_type
+from pissa_svd.targets import conv1d_layout, not_adaptable, task_heads, task_type
 from pissa_svd.training import load_trainable
 
 VOCAB = 96
@@ -231,8 +231,8 @@ def test_conv1d_layout_is_told_from_the_shapes():
 def test_mamba_out_proj_is_refused_when_picked(tmp_path):
     import transformers as T
 
-    assert peft_refuses("backbone.layers.0.mixer.out_proj", "mamba")
-    assert not peft_refuses("model.layers.0.self_attn.out_proj", "llama")
+    assert not_adaptable("backbone.layers.0.mixer.out_proj", "mamba", set())
+    assert not not_adaptable("model.layers.0.self_attn.out_proj", "llama", set())
     torch.manual_seed(0)
     T.MambaForCausalLM(
         T.MambaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1)
@@ -242,6 +242,36 @@ def test_mamba_out_proj_is_refused_when_picked(tmp_path):
     ):
         decompose(tmp_path / "src", tmp_path / "out", rank=4, targets=["proj"], quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_multihead_attention_out_proj_is_no_target(tmp_path):
+    """torch's MultiheadAttention (SigLIP's pooling head) reads out_proj.weight itself, so a
+    LoRA there does nothing: the residual would lack that weight's principal part (the pooled
+    output was 48% off). A vision encoder gets no task_type: PEFT's feature-extraction model
+    passes it input_ids and inputs_embeds."""
+    import transformers as T
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    config = T.SiglipVisionConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+        image_size=32, patch_size=8,
+    )  # fmt: skip
+    model = T.SiglipVisionModel(config).eval()
+    src, out = tmp_path / "src", tmp_path / "out"
+    model.save_pretrained(src)
+    decompose(src, out, rank=4, quiet=True)
+    adapter = json.loads((out / ADAPTER_DIR / "adapter_config.json").read_text())
+    assert "head.mlp.fc1" in adapter["target_modules"]
+    assert "head.attention.out_proj" not in adapter["target_modules"]
+    assert adapter["task_type"] is None
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    loaded = PeftModel.from_pretrained(T.SiglipVisionModel.from_pretrained(out), out / ADAPTER_DIR)
+    with torch.no_grad():
+        want, got = model(pixel_values=x), loaded.eval()(pixel_values=x)
+    torch.testing.assert_close(got.pooler_output, want.pooler_output, rtol=1e-4, atol=1e-5)
+    with pytest.raises(InputError, match=r"MultiheadAttention.*--exclude '\^head\\.attention"):
+        decompose(src, tmp_path / "o2", rank=4, targets=["out_proj"], quiet=True)
 
 
 def test_task_type_and_heads_follow_peft():
