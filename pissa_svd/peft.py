@@ -49,6 +49,7 @@ from .linalg import (
     svd_lowrank,
 )
 from .pissa import all_finite, pissa_factors, sum_squares
+from .targets import not_adaptable
 
 # Quantized layers and weights, by class name or module prefix: bitsandbytes, GPTQ, AWQ, HQQ,
 # EETQ, AQLM, quanto, torchao, ... Matched by name so that the check needs none of them
@@ -306,6 +307,7 @@ def _collect(model: torch.nn.Module, name: str) -> tuple[list[_Target], dict[str
         )
     targets: list[_Target] = []
     skipped: dict[str, str] = {}
+    attention = {n for n, m in root.named_modules() if isinstance(m, torch.nn.MultiheadAttention)}
     for mname, layer in root.named_modules():
         # layer.r, not lora_A: Embedding layers keep their factors in lora_embedding_A/B.
         if not isinstance(layer, LoraLayer) or name not in layer.r:
@@ -325,6 +327,11 @@ def _collect(model: torch.nn.Module, name: str) -> tuple[list[_Target], dict[str
         ):
             skipped[mname] = f"{type(layer).__name__} LoRA layer over {type(base).__name__}"
             continue
+        if refused := not_adaptable(mname, None, attention):
+            raise InputError(
+                f"{mname}: {refused[0]}, and the residual would lack its principal part; leave "
+                "it out of target_modules"
+            )
         if name in getattr(layer, "merged_adapters", ()):
             raise InputError(
                 f"{mname}: adapter {name!r} is merged into the base weight; call unmerge_adapter() "

@@ -458,6 +458,25 @@ def test_tied_weight_is_refused():
         initialize(model)
 
 
+def test_multihead_attention_out_proj_is_refused():
+    """torch's MultiheadAttention reads out_proj.weight itself: a LoRA there does nothing, so
+    the residual would only remove the principal part (PEFT's own pissa init: 76% off)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.SiglipVisionConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+        image_size=32, patch_size=8,
+    )  # fmt: skip
+    model = get_peft_model(
+        transformers.SiglipVisionModel(config), LoraConfig(r=4, target_modules=["out_proj"])
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(InputError, match="head.attention.out_proj: the output projection of a"):
+        initialize(model)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 def test_bad_options_and_merged_adapter():
     model = lora(make_llama(), target_modules=["q_proj"])
     with pytest.raises(InputError, match="method must be one of"):
