@@ -48,9 +48,21 @@ class Result:
     fused: tuple[str, ...] = ()  # targets that land on a fused expert parameter (3-D)
 
 
-def needed(modules: Iterable[str]) -> bool:
-    """A mixture-of-experts checkpoint (any module names an expert) needs the check: once
-    transformers fuses its experts, PEFT rewrites targets, experts' or not."""
+# config.json keys of mixture-of-experts models (with a positive value).
+_MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def needed(modules: Iterable[str], config: dict | None = None) -> bool:
+    """A mixture-of-experts checkpoint needs the check: once transformers fuses its experts,
+    PEFT rewrites targets, experts' or not (every ``gate_proj``/``up_proj``/``down_proj`` for
+    the families it maps like Qwen2-MoE, an attention gate included). Told by a module that
+    names an expert, or, for checkpoints saved with the experts already fused (3-D tensors),
+    by the config's expert count."""
+    text = (config or {}).get("text_config")
+    configs = [c for c in (config, text) if isinstance(c, dict)]
+    counts = [c.get(k) for c in configs for k in _MOE_KEYS]
+    if any(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in counts):
+        return True
     return any(EXPERT.search(m) for m in modules)
 
 
@@ -221,20 +233,42 @@ def tied_to_input_embedding(folder: Path, config: dict) -> list[str]:
     return [n for n, p in model.named_parameters(remove_duplicate=False) if p is weight]
 
 
+# Model types whose layers transformers loads under the checkpoint's own names (it has no
+# conversion mapping for them; tests/test_families.py checks this list against the installed
+# transformers): decompose need not build the model to name their adapters.
+KEEP_NAMES = frozenset((
+    "llama", "mistral", "mistral4", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi",
+    "phi3", "gpt2", "gpt_neox", "gptj", "bert", "roberta", "xlm-roberta", "distilbert",
+    "deberta", "deberta-v2", "t5", "mt5", "umt5", "bart", "mbart", "marian", "whisper",
+    "falcon", "bloom", "opt", "starcoder2", "gpt_bigcode", "olmo", "olmo2", "olmo3", "cohere",
+    "cohere2", "granite", "stablelm", "smollm3", "mpt", "modernbert", "mpnet", "electra",
+    "albert", "exaone4", "gpt_oss", "seed_oss", "apertus", "arcee", "nemotron",
+    "hunyuan_v1_dense", "ernie4_5", "glm", "glm4", "helium",
+))  # fmt: skip
+
+
 def loaded_names(folder: Path, config: dict | None, names: Iterable[str]) -> Names:
     """Which of the tensors ``names`` of the checkpoint in ``folder`` transformers renames as it
     loads the model, and to what: found as ``from_pretrained`` finds it, with the model's own
-    conversion mapping applied to each name, on a meta-device model. Only models with a
-    ``vision_config`` rename their layers (text models keep their names; fusing experts is no
-    renaming, :mod:`pissa_svd.fused` handles it), so only they are built. Raises InputError
-    where transformers cannot tell."""
-    if not isinstance((config or {}).get("vision_config"), dict):
+    conversion mapping applied to each name, on a meta-device model. Vision-language models
+    keep older names in their files, and so do some text models whose layout changed
+    (EXAONE 3, GTE, ...); fusing experts is no renaming (:mod:`pissa_svd.fused` handles it).
+    The common families (:data:`KEEP_NAMES`) keep their names and skip the import; any other
+    model is built (seconds), and its Names say so (``mapped``), so that decompose also checks
+    that PEFT attaches every target (a fused q/k/v that transformers splits, say). Raises
+    InputError where transformers cannot tell for a vision-language model."""
+    config = config or {}
+    vision = isinstance(config.get("vision_config"), dict)
+    model_type = config.get("model_type")
+    if not vision and (not isinstance(model_type, str) or model_type in KEEP_NAMES):
         return Names()
     try:
         import transformers
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming, rename_source_key
     except ImportError as exc:
+        if not vision:  # transformers 4 (or none) loads a text model by the files' names
+            return Names()
         raise InputError(
             f"{folder} has a vision_config: transformers renames such models' layers as it "
             f"loads them, and naming the adapter's modules needs transformers 5 ({exc})"
@@ -244,6 +278,8 @@ def loaded_names(folder: Path, config: dict | None, names: Iterable[str]) -> Nam
         meta = model.state_dict()
         mapping = get_model_conversion_mapping(model)
     except Exception as exc:
+        if not vision:  # as for any model transformers cannot build: names as in the files
+            return Names()
         why = next(iter(str(exc).splitlines()), "")
         raise InputError(
             f"{folder} has a vision_config, and transformers cannot build the model from its "
@@ -261,7 +297,7 @@ def loaded_names(folder: Path, config: dict | None, names: Iterable[str]) -> Nam
             new, converted = name, None
         if converted is None and new != name and new in meta:
             renamed[name] = new
-    return Names(renamed)
+    return Names(renamed, mapped=True)
 
 
 def checkpoint_names(ck: Checkpoint) -> Names:

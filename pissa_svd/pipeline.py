@@ -554,7 +554,7 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
             f"{src_path} is already quantized ({config['quantization_config'].get('quant_method', 'quantization_config')}"
             " in config.json); --quantize needs the full-precision checkpoint"
         )
-    load_check = _load_check(src_path, ckpt, config, targets, o)
+    load_check = _load_check(src_path, ckpt, config, targets, o, names.mapped)
     budget = default_batch_memory(device) if o.batch_memory is None else o.batch_memory
     if o.quantize:  # QPiSSA works on one matrix at a time: a batch would only hold memory
         budget = 0
@@ -595,14 +595,22 @@ def _exclude_regex(modules: list[str]) -> str:
 
 
 def _load_check(
-    src: Path, ckpt: Checkpoint, config: dict | None, targets: list[Target], o: Options
+    src: Path,
+    ckpt: Checkpoint,
+    config: dict | None,
+    targets: list[Target],
+    o: Options,
+    mapped: bool,
 ) -> str | None:
     """Refuse targets PEFT would not load as planned (:mod:`pissa_svd.loadcheck`): on a
-    mixture-of-experts model, and wherever --targets chose them (any 2-D weight but
-    embeddings and heads, which need not be a layer PEFT wraps); None for a dense model's
-    default targets, which the family table keeps to linear layers PEFT adapts."""
-    moe = loadcheck.needed(name for i in ckpt.tensors() if (name := module_name(i.name)))
-    if not (moe or o.targets):
+    mixture-of-experts model, on any model outside the common families (``mapped``: one whose
+    fused q/k/v transformers splits as it loads it, say), and wherever --targets chose them
+    (any 2-D weight but embeddings and heads, which need not be a layer PEFT wraps); None for
+    a dense model's default targets, which the family table keeps to linear layers PEFT
+    adapts."""
+    modules = (name for i in ckpt.tensors() if (name := module_name(i.name)))
+    moe = loadcheck.needed(modules, config)
+    if not (moe or mapped or o.targets):
         return None
     if not o.load_check:
         return "skipped (--no-load-check)"

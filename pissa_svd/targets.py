@@ -107,6 +107,8 @@ class Names:
     :func:`pissa_svd.loadcheck.loaded_names`; empty (every name its own) for most models."""
 
     to_memory: dict[str, str] = field(default_factory=dict)  # renamed tensors only
+    # the model was built to find the names: it is no common family (loadcheck.KEEP_NAMES)
+    mapped: bool = False
 
     @functools.cached_property
     def to_file(self) -> dict[str, str]:
@@ -186,8 +188,8 @@ def select(
     GPT-2's ``c_attn`` stays transposed. Without, the family table decides. A module that
     an ``exclude`` regex finds is never a target. ``conv1d``: the checkpoint stores its
     Conv1D-named layers transposed (:func:`conv1d_layout`). ``loaded_as``: the tensor's name
-    in memory where transformers renames it (:class:`Names`); the user's regexes may find
-    either name.
+    in memory where transformers renames it (:class:`Names`); the family table and the
+    user's regexes may find either name.
     """
     module = module_name(tensor_name)
     if module is None or len(shape) != 2 or never_target(module):
@@ -195,10 +197,11 @@ def select(
     either = [module] + [m for m in [module_name(loaded_as or "")] if m and m != module]
     if exclude and any(re.search(p, m) for p in exclude for m in either):
         return None
-    family = next((f for f in FAMILIES if re.search(f.pattern, module)), None)
+    family = next((f for f in FAMILIES for m in either if re.search(f.pattern, m)), None)
     transposed = conv1d and family is not None and family.conv1d
     if patterns is None:
-        return Match(module, transposed) if family and not _HEADS.search(module) else None
+        heads = any(_HEADS.search(m) for m in either)
+        return Match(module, transposed) if family and not heads else None
     if any(re.search(p, m) for p in patterns for m in either):
         return Match(module, transposed)
     return None

@@ -142,20 +142,36 @@ def _build(family: str):
         )  # fmt: skip
         left_out = {"lm_head", "x_proj", "dt_proj", "router"}
         return T.AutoModelForCausalLM.from_config(config), left_out
+    if family == "beam":  # experts stored fused (3-D) already: no per-expert names
+        config = T.BeamConfig(
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            mlp_layer_types=["dense", "sparse"], num_key_value_heads=2, head_dim=16, n_group=1,
+            topk_group=1,
+            layer_types=["sliding_attention", "full_attention"], **small,
+        )  # fmt: skip
+        # PEFT moves every gate/up/down_proj onto the experts, the attention's gate too.
+        return T.AutoModelForCausalLM.from_config(config), {"lm_head", "mlp", "gate_proj"}
+    if family == "exaone":  # EXAONE 3: transformer.h.N.attn.attention.* in the files
+        config = T.ExaoneConfig(num_key_value_heads=2, head_dim=16, **small)
+        return T.AutoModelForCausalLM.from_config(config), {"lm_head"}
+    if family == "gte":  # a fused qkv_proj (and up_gate_proj) that transformers splits
+        config = T.CONFIG_MAPPING["gte"](**small)
+        split = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+        return T.AutoModelForMaskedLM.from_config(config), {"lm_head", *split}
     raise KeyError(family)
 
 
 FAMILIES = [
     "starcoder2", "gpt_bigcode", "t5", "marian", "whisper", "distilbert", "deberta_v2",
     "modernbert", "gptj", "mpt", "mamba", "deepseek_v3", "mpnet", "albert", "deberta",
-    "wav2vec2", "granitemoehybrid", "rwkv", "qwen3_next", "jamba",
+    "wav2vec2", "granitemoehybrid", "rwkv", "qwen3_next", "jamba", "beam", "exaone", "gte",
 ]  # fmt: skip
 # PEFT does not load every default target of these: decompose refuses, naming an --exclude.
-REFUSED = {"deepseek_v3", "qwen3_next", "jamba"}
+REFUSED = {"deepseek_v3", "qwen3_next", "jamba", "beam", "gte"}
 TASKS = {  # what PEFT's model for the saved task_type needs to run the model
     "t5": "SEQ_2_SEQ_LM", "marian": "SEQ_2_SEQ_LM", "whisper": None, "distilbert": "SEQ_CLS",
     "deberta_v2": "SEQ_CLS", "modernbert": "SEQ_CLS", "mpnet": "SEQ_CLS", "albert": "SEQ_CLS",
-    "deberta": "SEQ_CLS", "wav2vec2": "SEQ_CLS",
+    "deberta": "SEQ_CLS", "wav2vec2": "SEQ_CLS", "gte": None,
 }  # fmt: skip
 
 
@@ -213,6 +229,18 @@ def test_default_targets_load_in_peft_and_start_from_the_original(family, tmp_pa
         with torch.no_grad():
             got = load_trainable(out, backend="torch").eval()(**inputs).logits
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_families_that_keep_their_names_have_no_conversion_mapping():
+    """decompose skips importing transformers for these; the installed one must agree."""
+    from transformers import CONFIG_MAPPING
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    from pissa_svd.loadcheck import KEEP_NAMES
+
+    known = [t for t in sorted(KEEP_NAMES) if t in CONFIG_MAPPING]
+    assert len(known) >= 50
+    assert [t for t in known if get_checkpoint_conversion_mapping(t) is not None] == []
 
 
 def test_conv1d_layout_is_told_from_the_shapes():

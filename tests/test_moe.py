@@ -148,6 +148,10 @@ def test_check_finds_targets_the_model_lacks(tmp_path):
     assert result.missing == ("model.layers.1.block_sparse_moe.experts.2.w9",)
     assert loadcheck.needed(["model.layers.0.mlp.experts.0.gate_proj"])
     assert not loadcheck.needed(["model.layers.0.mlp.shared_expert.gate_proj"])
+    # Experts saved fused (3-D, no per-expert names): the config's expert count tells.
+    assert loadcheck.needed(["model.layers.0.mlp.gate_proj"], {"num_experts": 8})
+    assert loadcheck.needed([], {"text_config": {"num_local_experts": 8}})
+    assert not loadcheck.needed(["model.layers.0.mlp.gate_proj"], {"num_experts": 0})
 
 
 def test_load_check_result_in_dry_run_and_report(tmp_path, run_cli):
