@@ -300,6 +300,30 @@ def loaded_names(folder: Path, config: dict | None, names: Iterable[str]) -> Nam
     return Names(renamed, mapped=True)
 
 
+# The common families whose model classes keep linear layers in full precision when loaded in
+# 4 or 8 bits (_keep_in_fp32_modules; tests/test_families.py checks this against transformers).
+KEEP_FP32 = frozenset({"t5", "mt5", "umt5"})
+
+
+def kept_in_full_precision(modules: list[str], config: dict) -> list[str]:
+    """The ``modules`` (in-memory names) that bitsandbytes' 4-bit and 8-bit loading leaves in
+    full precision: the model class's ``_keep_in_fp32_modules`` (T5's ``wo``), matched as
+    transformers matches them. [] where transformers is missing or names no such modules;
+    the common families outside :data:`KEEP_FP32` need no import to tell."""
+    model_type = config.get("model_type")
+    if model_type in KEEP_NAMES and model_type not in KEEP_FP32:
+        return []
+    try:
+        from transformers.quantizers.quantizers_utils import should_convert_module
+
+        cls = model_class(config)
+    except Exception:  # transformers missing, or too old to have these helpers
+        return []
+    keys = ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict")
+    patterns = [p for k in keys for p in getattr(cls, k, None) or []]
+    return [m for m in modules if patterns and not should_convert_module(m, patterns)]
+
+
 def checkpoint_names(ck: Checkpoint) -> Names:
     """:func:`loaded_names` for every tensor of ``ck``, with its config.json (if any)."""
     config = ck.read_json("config.json") if "config.json" in ck.extra_files else None

@@ -554,6 +554,15 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
             f"{src_path} is already quantized ({config['quantization_config'].get('quant_method', 'quantization_config')}"
             " in config.json); --quantize needs the full-precision checkpoint"
         )
+    if o.quantize and config is not None:
+        kept = loadcheck.kept_in_full_precision([t.module for t in targets], config)
+        if kept:
+            raise InputError(
+                f"{src_path}: 4-bit and 8-bit loading keep {kept[0]} in full precision (the "
+                f"model's _keep_in_fp32_modules; {len(kept)} target(s)), so a {o.quantize} "
+                f"residual there would only add its rounding error; leave them out with "
+                f"--exclude '{_exclude_regex(kept)}' (whole in the residual), or drop --quantize"
+            )
     load_check = _load_check(src_path, ckpt, config, targets, o, names.mapped)
     budget = default_batch_memory(device) if o.batch_memory is None else o.batch_memory
     if o.quantize:  # QPiSSA works on one matrix at a time: a batch would only hold memory

@@ -243,6 +243,53 @@ def test_the_families_that_keep_their_names_have_no_conversion_mapping():
     assert [t for t in known if get_checkpoint_conversion_mapping(t) is not None] == []
 
 
+def test_the_common_families_that_keep_layers_in_fp32_are_known():
+    """--quantize asks transformers only for these (and uncommon families) which targets 4-bit
+    loading keeps in full precision; the others must keep no linear layer so."""
+    import importlib
+    import inspect
+
+    import transformers
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    from pissa_svd.loadcheck import KEEP_FP32, KEEP_NAMES
+
+    kept = {}
+    for t in sorted(KEEP_NAMES):
+        name = model_type_to_module_name(t)
+        module = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+        for cls in vars(module).values():
+            if inspect.isclass(cls) and issubclass(cls, transformers.PreTrainedModel):
+                for key in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"):
+                    kept.setdefault(t, set()).update(getattr(cls, key, None) or [])
+    norms = {t for t, k in kept.items() if k and all("norm" in p for p in k)}  # gpt-oss: norms
+    assert {t for t, k in kept.items() if k} - norms == KEEP_FP32
+
+
+def test_quantize_refuses_targets_4bit_loading_keeps_in_fp32(tmp_path):
+    """bitsandbytes leaves T5's wo in full precision: an NF4 residual there would only add
+    error. Refused with the --exclude that leaves it whole; with it, the rest is quantized."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    src = tmp_path / "src"
+    config = T.T5Config(
+        vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=96, num_layers=1, num_heads=4,
+        feed_forward_proj="gated-gelu",
+    )  # fmt: skip
+    T.T5ForConditionalGeneration(config).save_pretrained(src)
+    with pytest.raises(InputError, match=r"keep .*DenseReluDense\.wo in full precision") as exc:
+        decompose(src, tmp_path / "out", rank=4, quantize="nf4", quant_iters=1, quiet=True)
+    exclude = re.findall(r"--exclude '(.+?)'", str(exc.value))
+    decompose(
+        src, tmp_path / "out", rank=4, quantize="nf4", quant_iters=1, exclude=exclude, quiet=True
+    )
+    adapter = json.loads((tmp_path / "out" / ADAPTER_DIR / "adapter_config.json").read_text())
+    assert adapter["target_modules"] and not any(
+        m.endswith(".wo") for m in adapter["target_modules"]
+    )
+
+
 def test_conv1d_layout_is_told_from_the_shapes():
     """GPT-2's Conv1D stores (in, out); GPT-BigCode's and Starcoder2's Linear layers of the
     same names store (out, in). c_attn and c_fc widen, so the shapes tell them apart."""
