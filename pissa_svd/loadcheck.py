@@ -134,18 +134,17 @@ def check(
         if len(names) < fused[key] * stacked(key[1])
         for m in names
     ]
-    if missing:
+    if missing or partial:
         reason = (
             f"{versions} would silently give {len(missing)} target(s) no adapter, so the model "
             "would not start from its original weights"
-        )
-        return Result(False, reason, tuple(missing))
-    if partial:
-        reason = (
-            f"{versions} adapt all experts of a layer's fused parameter together, and "
+            if missing
+            else f"{versions} adapt all experts of a layer's fused parameter together, and "
             f"{len(partial)} target(s) cover only some of them, so the adapter would not load"
         )
-        return Result(False, reason, tuple(partial))
+        return Result(
+            False, reason, _and_the_rest(folder, config, targets, rank, shapes, missing or partial)
+        )
     lost = _lost_on_loading(peft, wrapped, targets, shapes, rank) if shapes else []
     if lost:
         reason = (
@@ -156,6 +155,17 @@ def check(
         return Result(False, reason, tuple(lost))
     fused_targets = tuple(m for names in by_param.values() for m in names)
     return Result(True, f"every target gets its adapter in {versions}", fused=fused_targets)
+
+
+def _and_the_rest(folder, config, targets, rank, shapes, culprits: list[str]) -> tuple[str, ...]:
+    """``culprits`` and whatever the check still refuses among the other targets, so that one
+    --exclude leaves out all that PEFT cannot load (a later problem would only show once the
+    first is gone)."""
+    rest = [t for t in targets if t not in set(culprits)]
+    more = (
+        check(folder, config, rest, rank, shapes and {m: shapes[m] for m in rest}) if rest else None
+    )
+    return (*culprits, *(more.missing if more is not None and more.ok is False else ()))
 
 
 def _lost_on_loading(
