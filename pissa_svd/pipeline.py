@@ -412,8 +412,6 @@ class Plan:
         return torch.device(self.device).type
 
 
-# Top-level prefixes of vision-language checkpoints (Llava, Gemma 3, Mllama, Qwen2-VL, ...) that
-# transformers moves under ``model.`` when it loads them.
 def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) -> Plan:
     """Validate everything that can be validated before writing a byte."""
     for what, path in (("SRC", src), ("--out", out)):
@@ -478,10 +476,12 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
     oversample = default_oversample(o.method, o.oversample)
     config = ckpt.read_json("config.json") if src_path.is_dir() else None
     model_type = (config or {}).get("model_type")
-    conv1d = conv1d_layout((info.name, info.shape) for info in ckpt.tensors())
-    names = loadcheck.loaded_names(ckpt.root, config, (info.name for info in ckpt.tensors()))
-    attention = multihead_attention(info.name for info in ckpt.tensors())
-    for info in ckpt.tensors():
+    infos = list(ckpt.tensors())
+    tensor_names = [info.name for info in infos]
+    conv1d = conv1d_layout((info.name, info.shape) for info in infos)
+    names = loadcheck.loaded_names(ckpt.root, config, tensor_names)
+    attention = multihead_attention(tensor_names)
+    for info in infos:
         hit = select(
             info.name, info.shape, patterns, exclude, conv1d, names.to_memory.get(info.name)
         )
@@ -520,7 +520,7 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
         )
     if patterns and targets and not o.quiet:
         _note_never_targets(ckpt, patterns, exclude)
-    task = task_type(config, (info.name for info in ckpt.tensors()))
+    task = task_type(config, tensor_names)
     picked = [t.name for t in targets] + [name for _, name, _, _ in too_small]
     if in_head := task_heads(task, picked)[1]:
         raise InputError(
