@@ -1,17 +1,22 @@
 """Every architecture transformers can build with token input: decompose, load, compare at step 0.
 
 For each model type in the installed transformers, a tiny random model is built from its
-default config with the sizes shrunk (hidden 64, 2 layers, 4 heads, ...), as a causal LM,
+default config with the sizes shrunk (hidden 64, 2 layers, 4 heads, ...; a vision-language
+model's text and vision configs too), as an image-text-to-text model, causal LM,
 sequence-to-sequence LM or masked LM, whichever builds and runs on ``input_ids``. Then:
 
 1. ``decompose`` with the default targets at rank 2;
 2. if it refuses with an ``--exclude`` hint (a load-check refusal), once more with that hint;
-3. ``PeftModel.from_pretrained`` on the residual with ``pissa_init``: the logits must match the
-   original model's within 1e-4 relative, and ``verify`` must pass.
+3. ``PeftModel.from_pretrained`` on the residual with ``pissa_init``: PEFT must load every
+   tensor of the adapter and find one for every LoRA weight; the logits, and each LoRA layer's
+   residual + update (the vision tower's too, which text input does not reach), must match the
+   original model's within 1e-4 relative; and ``verify`` must pass.
 
 Each type is one line of the output: OK, HINT-OK (OK after the hint), MISMATCH (step 0 differs:
 a silent wrong model), LOADFAIL (PEFT cannot load the adapter), REFUSED (decompose stopped,
-with its message), CRASH, SKIP (the type does not build, run, or save at this size) or TIMEOUT.
+with its message), CRASH, SKIP (the type does not build, run, or save at this size, or
+transformers' own ``save_pretrained``/``from_pretrained`` does not give the model back) or
+TIMEOUT.
 
     python bench/arch_sweep.py --out bench/results/arch_sweep.tsv [--procs 2] [--types a b]
 """
@@ -52,20 +57,79 @@ def _alarm(*_):
     raise _Timeout
 
 
+VISION = dict(
+    hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_layers=2, depth=2,
+    num_attention_heads=2, num_heads=2, embed_dim=32, image_size=32, patch_size=8,
+    out_hidden_size=64,
+)  # fmt: skip
+MROPE = [None, [2, 3, 3], [1, 1, 2]]  # multimodal rotary sections: none, head_dim 16, 8
+
+
+def _shrunk(config: dict, mrope: list[int] | None) -> dict:
+    """``config`` (a default config's dict) with its sizes, and its sub-configs' (text, vision,
+    audio), shrunk: the keywords to build the tiny model's config from."""
+    out = {k: SHRINK[k] for k in config if k in SHRINK}
+    for k, v in config.items():
+        if isinstance(v, dict) and k.endswith("_config") and "model_type" in v:
+            layers = next((v[n] for n in ("num_hidden_layers", "depth") if n in v), None)
+            v = {n: x for n, x in v.items() if not _per_layer(x, layers)}
+            if "vision" in k or "audio" in k:  # per-layer settings dropped: rebuilt to size
+                out[k] = {**v, **{s: n for s, n in VISION.items() if s in v}}
+            else:
+                out[k] = {**v, **_shrunk(v, mrope)}
+                if mrope and isinstance(v.get("rope_parameters"), dict):
+                    out[k]["rope_parameters"] = {**v["rope_parameters"], "mrope_section": mrope}
+        elif k.endswith("token_id") and isinstance(v, int) and v >= SHRINK["vocab_size"]:
+            out[k] = 3  # a special token's id past the shrunk vocabulary
+    return out
+
+
+def _per_layer(value, layers: int | None) -> bool:
+    """Whether a config value holds one entry per layer (a list, or a dict by layer index)."""
+    if isinstance(value, dict):
+        return bool(value) and all(str(k).isdigit() for k in value)
+    return isinstance(value, list) and len(value) == layers
+
+
 def _build(model_type: str):
+    """A tiny random model of ``model_type``: a vision-language model as one (it runs on text
+    alone), else a causal LM, sequence-to-sequence LM or masked LM."""
+    import torch
     import transformers as T
 
     cls = T.CONFIG_MAPPING[model_type]
     defaults = cls().to_dict()
-    config = cls(**{k: v for k, v in SHRINK.items() if k in defaults})
-    for auto in (T.AutoModelForCausalLM, T.AutoModelForSeq2SeqLM, T.AutoModelForMaskedLM):
+    autos = [T.AutoModelForCausalLM, T.AutoModelForSeq2SeqLM, T.AutoModelForMaskedLM]
+    if "vision_config" in defaults:
+        autos.insert(0, T.AutoModelForImageTextToText)
+    for mrope in MROPE:
         try:
-            return auto.from_config(config).float().eval()
-        except _Timeout:
-            raise
+            config = cls(**_shrunk(defaults, mrope))
         except Exception:
             continue
+        for auto in autos:
+            try:
+                model = auto.from_config(config).float().eval()
+                with torch.no_grad():  # runs on input_ids: else built wrong (mrope), or no use
+                    model(**_inputs(model))
+                return model
+            except _Timeout:
+                raise
+            except Exception:
+                continue
     return None
+
+
+def _inputs(model) -> dict:
+    import torch
+
+    vocab = getattr(model.config, "vocab_size", None) or 100
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, max(6, min(vocab, 100)), (1, 8), generator=g)
+    inputs = {"input_ids": ids}
+    if getattr(model.config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = ids[:, :4]
+    return inputs
 
 
 def one(model_type: str, work: Path) -> str:
@@ -78,12 +142,7 @@ def one(model_type: str, work: Path) -> str:
     model = _build(model_type)
     if model is None:
         return "SKIP\tbuild"
-    vocab = getattr(model.config, "vocab_size", None) or 100
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, max(6, min(vocab, 100)), (1, 8), generator=g)
-    inputs = {"input_ids": ids}
-    if getattr(model.config, "is_encoder_decoder", False):
-        inputs["decoder_input_ids"] = ids[:, :4]
+    inputs = _inputs(model)
     try:
         with torch.no_grad():
             want = model(**inputs).logits
@@ -93,6 +152,16 @@ def one(model_type: str, work: Path) -> str:
         raise
     except Exception:
         return "SKIP\tforward or save"
+    try:  # the control: transformers' own save and load must give the model back
+        with torch.no_grad():
+            again = type(model).from_pretrained(src).eval()(**inputs).logits
+        same = bool((again - want).abs().max() <= 1e-4 * want.abs().max())
+    except _Timeout:
+        raise
+    except Exception:
+        same = False
+    if not same:
+        return "SKIP\tround trip (from_pretrained does not load the saved model back)"
     tag = ""
     try:
         decompose(src, out, rank=2, quiet=True)
@@ -114,17 +183,50 @@ def one(model_type: str, work: Path) -> str:
         loaded = PeftModel.from_pretrained(type(model).from_pretrained(out), out / "pissa_init")
         with torch.no_grad():
             got = loaded.eval()(**inputs).logits
+        layer = _worst_layer(loaded, model)
+        unloaded = _not_loaded(loaded, out / "pissa_init")
     except _Timeout:
         raise
     except Exception as exc:
         return f"LOADFAIL\t{type(exc).__name__}: {exc}"
+    if unloaded:
+        return f"LOADFAIL\t{len(unloaded)} adapter keys not loaded, e.g. {unloaded[0]}"
     rel = float((got - want).abs().max() / want.abs().max())
     passed = verify(src, out).passed
     targets = len(
         json.loads((out / "pissa_init/adapter_config.json").read_text())["target_modules"]
     )
-    ok = rel < 1e-4 and passed
-    return f"{tag}{'OK' if ok else 'MISMATCH'}\trel={rel:.1e} verify={passed} targets={targets}"
+    ok = rel < 1e-4 and layer < 1e-4 and passed
+    return (
+        f"{tag}{'OK' if ok else 'MISMATCH'}\trel={rel:.1e} layer={layer:.1e} verify={passed} "
+        f"targets={targets}"
+    )
+
+
+def _not_loaded(peft_model, adapter: Path) -> list[str]:
+    """The adapter's keys that PEFT leaves out on loading, and the LoRA weights it finds none for
+    (``from_pretrained`` warns of the second kind only, and not of the first)."""
+    result = peft_model.load_adapter(adapter, adapter_name="again")
+    return sorted([*result.unexpected_keys, *result.missing_keys])
+
+
+def _worst_layer(peft_model, model) -> float:
+    """The largest relative difference, over the LoRA layers, between residual + update and the
+    original weight: step 0 layer by layer, the vision tower's too (the logits read text only)."""
+    import torch
+
+    original = dict(model.named_modules())
+    worst = 0.0
+    for name, module in peft_model.named_modules():
+        if "default" not in getattr(module, "lora_A", {}):
+            continue
+        param = getattr(module, "parameter_name", "weight")  # a fused experts' parameter
+        with torch.no_grad():
+            merged = getattr(module.get_base_layer(), param) + module.get_delta_weight("default")
+        name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+        want = getattr(original[name], param)
+        worst = max(worst, float((merged - want).abs().max() / want.abs().max()))
+    return worst
 
 
 def worker(types: list[str], out: Path, timeout: int) -> None:

@@ -477,6 +477,7 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
     config = ckpt.read_json("config.json") if src_path.is_dir() else None
     model_type = (config or {}).get("model_type")
     infos = list(ckpt.tensors())
+    _check_not_quantized(src_path, config, infos)
     tensor_names = [info.name for info in infos]
     conv1d = conv1d_layout((info.name, info.shape) for info in infos)
     names = loadcheck.loaded_names(ckpt.root, config, tensor_names)
@@ -584,6 +585,35 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
         batches=_batches(targets, budget),
         config=config,
         load_check=load_check,
+    )
+
+
+# What quantized checkpoints store beside (or instead of) a float weight: GPTQ/AWQ packs,
+# FP8 block scales, bitsandbytes' quantization state.
+_QUANT_PARTS = re.compile(
+    r"\.(qweight|qzeros|scales|weight_scale(_inv)?|weight_packed|absmax|quant_map|SCB)$"
+    r"|\.quant_state\."
+)
+
+
+def _check_not_quantized(src: Path, config: dict | None, infos: list[TensorInfo]) -> None:
+    """Refuse a checkpoint saved quantized (GPTQ, AWQ, FP8, bitsandbytes, ...): its weights are
+    packed integers or 8-bit floats with scales, where PiSSA splits the full-precision weight.
+    A quantization_config over float weights (quantized when loaded) is no obstacle."""
+    quant = (config or {}).get("quantization_config")
+    if not isinstance(quant, dict):
+        return
+    parts = [i for i in infos if i.dtype not in FLOAT_DTYPES or _QUANT_PARTS.search(i.name)]
+    if not parts:
+        return
+    # Name a weight stored as integers or fp8 where there is one: the clearest evidence.
+    shown = next((i for i in parts if i.name.endswith("weight")), parts[0])
+    method = quant.get("quant_method") or "unknown method"
+    raise InputError(
+        f"{src} was saved quantized ({method}, says config.json's quantization_config; it "
+        f"stores {shown.name} as {shown.dtype}), and PiSSA splits full-precision weights: "
+        f"decompose the original bf16/fp16 checkpoint (for a 4-bit residual, QPiSSA, add "
+        f"--quantize nf4)"
     )
 
 

@@ -186,6 +186,69 @@ def test_bad_checkpoint(case, ckpt, tmp_path, run_cli):
     assert_bad_input(run_cli, ["decompose", src, "--rank", "4", "--out", out], match, out)
 
 
+def _saved_quantized(path: Path, method: str) -> Path:
+    """A tiny Llama saved as a quantized checkpoint: bitsandbytes 4-bit (saved by transformers),
+    FP8 with 128x128 block scales (DeepSeek-V3's layout) or GPTQ (packed int32)."""
+    import transformers
+
+    model = tiny_llama_model()
+    if method == "bitsandbytes":
+        model.save_pretrained(path / "fp32")
+        bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+        quantized = transformers.AutoModelForCausalLM.from_pretrained(
+            path / "fp32", quantization_config=bnb
+        )
+        quantized.save_pretrained(path / method)
+        return path / method
+    state, config = {}, model.config.to_dict()
+    for name, W in model.state_dict().items():
+        base = name.removesuffix("weight")
+        if not name.endswith("proj.weight"):
+            state[name] = W
+        elif method == "fp8":
+            state[name] = W.to(torch.float8_e4m3fn)
+            state[base + "weight_scale_inv"] = torch.ones(-(-W.shape[0] // 128), 1)
+        else:
+            state[base + "qweight"] = torch.zeros(W.shape[1] // 8, W.shape[0], dtype=torch.int32)
+            state[base + "scales"] = torch.ones(1, W.shape[0], dtype=torch.float16)
+    config["quantization_config"] = {"quant_method": method, "bits": 8 if method == "fp8" else 4}
+    (path / method).mkdir(parents=True)
+    save_file(state, path / method / "model.safetensors", metadata={"format": "pt"})
+    (path / method / "config.json").write_text(json.dumps(config))
+    return path / method
+
+
+@pytest.mark.parametrize(
+    "method, stored",
+    [("bitsandbytes", "as U8"), ("fp8", "proj.weight as F8_E4M3"), ("gptq", "qweight as I32")],
+)
+def test_a_quantized_checkpoint_is_refused_naming_its_method(
+    method, stored, tmp_path, run_cli, capsys
+):
+    """PiSSA splits full-precision weights: a checkpoint saved quantized is refused up front,
+    naming the method and a stored tensor, not taken for one without targets (GPTQ) or refused
+    at one tensor with an --exclude hint that cannot help (FP8, bitsandbytes)."""
+    src, out = _saved_quantized(tmp_path, method), tmp_path / "out"
+    capsys.readouterr()  # transformers' progress bars while saving
+    args = ["decompose", src, "--rank", "4", "--out", out]
+    assert_bad_input(run_cli, args, f"was saved quantized ({method}", out)
+    code, _, err = run_cli(*args, "--dry-run")
+    assert code == 2 and stored in err and "original bf16/fp16 checkpoint" in err, err
+
+
+def test_a_quantization_config_over_float_weights_decomposes(tmp_path, run_cli):
+    """A quantization_config applied when loading (the stored weights are float) is no
+    obstacle: the checkpoint decomposes."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    tiny_llama_model().save_pretrained(src)
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (src / "config.json").write_text(json.dumps(config))
+    code, _, err = run_cli("decompose", src, "--rank", "4", "--out", out, "--quiet")
+    assert code == 0, err
+    assert (out / "pissa_init" / "adapter_model.safetensors").is_file()
+
+
 def test_huge_weights_decompose_and_verify(tmp_path, run_cli):
     """Weights ~1e20 overflow the fp32 Gram matrices of the power iteration: the SVD redoes
     them scaled by a power of two, so they decompose, and verify passes."""

@@ -180,8 +180,6 @@ def _inputs(family: str, model) -> dict:
     ids = torch.randint(3, VOCAB, (2, 12), generator=g)
     if family == "wav2vec2":
         return {"input_values": torch.randn(2, 4000, generator=g)}
-    if family == "wav2vec2":
-        return {"input_values": torch.randn(2, 4000, generator=g)}
     if family == "whisper":
         return {"input_features": torch.randn(2, 16, 64, generator=g), "decoder_input_ids": ids}
     if model.config.is_encoder_decoder:
