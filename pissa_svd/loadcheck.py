@@ -274,6 +274,11 @@ def loaded_names(folder: Path, config: dict | None, names: Iterable[str]) -> Nam
         return Names()
     try:
         import transformers
+
+        if "auto_map" in config and model_type not in transformers.CONFIG_MAPPING:
+            # Only the folder's own code loads it (trust_remote_code), by the files' names:
+            # transformers renames the layers of its own model types only.
+            return Names()
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming, rename_source_key
     except ImportError as exc:
@@ -342,8 +347,8 @@ def checkpoint_names(ck: Checkpoint) -> Names:
 
 
 def _meta_model(folder: Path, config: dict, transformers) -> torch.nn.Module:
-    with _quiet(transformers):
-        cfg = transformers.AutoConfig.from_pretrained(str(folder))
+    with _quiet(transformers):  # never the folder's own code, and no prompt asking to run it
+        cfg = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
         cls = model_class(config)
         auto = cls in (transformers.AutoModel, transformers.AutoModelForCausalLM)
         with torch.device("meta"):

@@ -53,6 +53,12 @@ FAMILIES: tuple[Family, ...] = (
     Family("rwkv", r"(^|\.)receptance$|\.attention\.output$"),
     # DeBERTa's fused q/k/v; Mamba, Jamba, Falcon-H1, Nemotron-H mixers; Qwen3-Next's DeltaNet.
     Family("in-proj", r"(^|\.)(in_proj|in_proj_qkvz)$"),
+    # Vision towers: Qwen2/2.5/3-VL's and GLM-4V's blocks (attn.qkv, attn.proj; Qwen3-VL's
+    # mlp.linear_fc1/2, not its mergers'), InternViT's attention output (projection_layer).
+    Family(
+        "vision-blocks",
+        r"\.(attn|attention)\.(qkv|proj|projection_layer)$|\.blocks\.\d+\.mlp\.linear_fc[12]$",
+    ),
     # GPT-2 (Conv1D), and GPT-BigCode (StarCoder) / Starcoder2 (nn.Linear) name layers alike.
     Family("gpt2/gpt-bigcode/starcoder2", r"(^|\.)(c_attn|c_proj|c_fc)$", conv1d=True),
 )

@@ -317,6 +317,37 @@ def test_mamba_out_proj_is_refused_when_picked(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_remote_code_vision_language_model_keeps_the_files_names(tmp_path, monkeypatch):
+    """A model only its own code loads (``auto_map``, a type transformers lacks: InternVL-Chat,
+    MiniCPM-V, ...) loads by the files' names, so the adapter uses them. decompose neither runs
+    that code nor stops at transformers' prompt asking whether to run it."""
+    from safetensors.torch import save_file
+
+    from .conftest import tiny_llama_model
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    state = {f"language_model.{k}": v for k, v in tiny_llama_model().state_dict().items()}
+    state["vision_model.encoder.layers.0.attn.qkv.weight"] = torch.randn(96, 32)
+    state["vision_model.encoder.layers.0.mlp.fc1.weight"] = torch.randn(64, 32)
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    config = {
+        "model_type": "internvl_chat", "architectures": ["InternVLChatModel"],
+        "auto_map": {"AutoModel": "modeling_internvl_chat.InternVLChatModel"},
+        "vision_config": {"model_type": "intern_vit_6b"}, "llm_config": {"model_type": "llama"},
+    }  # fmt: skip
+    (src / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr("builtins.input", lambda *_: pytest.fail("asked to run the folder's code"))
+
+    decompose(src, out, rank=4, quiet=True)
+    adapter = json.loads((out / ADAPTER_DIR / "adapter_config.json").read_text())
+    weights = [k.removesuffix(".weight") for k, v in state.items() if v.dim() == 2]
+    want = [m for m in weights if "embed" not in m and "lm_head" not in m]
+    assert sorted(adapter["target_modules"]) == sorted(want)
+    assert len(want) == 3 * 7 + 2
+    assert verify(src, out).passed
+
+
 def test_a_multihead_attention_out_proj_is_no_target(tmp_path):
     """torch's MultiheadAttention (SigLIP's pooling head) reads out_proj.weight itself, so a
     LoRA there does nothing: the residual would lack that weight's principal part (the pooled
@@ -406,6 +437,14 @@ def _vlm(kind: str):
     raise KeyError(kind)
 
 
+VLM_LEFT_OUT = {
+    # Gemma 3's projector is a bare weight; its SigLIP pooling head is a MultiheadAttention.
+    "gemma3": {"lm_head", "model.vision_tower.head.attention.out_proj"},
+    "llava": {"lm_head", "model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2"},
+    "qwen2_5_vl": {"lm_head", "model.visual.merger.mlp.0", "model.visual.merger.mlp.2"},
+}  # fmt: skip
+
+
 @pytest.mark.parametrize("kind", ["gemma3", "llava", "qwen2_5_vl"])
 def test_vision_language_adapters_name_the_layers_as_loaded(kind, tmp_path, monkeypatch):
     """transformers renames these models' layers as it loads them, so the adapter uses the
@@ -430,6 +469,10 @@ def test_vision_language_adapters_name_the_layers_as_loaded(kind, tmp_path, monk
     config = json.loads((out / ADAPTER_DIR / "adapter_config.json").read_text())
     modules = dict(model.named_modules())
     assert config["target_modules"] and all(m in modules for m in config["target_modules"])
+    # Every tower's attention and MLP layers are targets; the projector between them is not.
+    linear = {n for n, m in modules.items() if isinstance(m, torch.nn.Linear)}
+    left_out = {re.sub(r"\.\d+\.", ".N.", n) for n in linear - set(config["target_modules"])}
+    assert left_out == VLM_LEFT_OUT[kind]
     with safe_open(out / "model.safetensors", "pt") as f:
         assert set(f.keys()) == stored
     ids = torch.randint(3, 290, (2, 12), generator=torch.Generator().manual_seed(0))
