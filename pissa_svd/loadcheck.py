@@ -218,14 +218,25 @@ def _quiet_logger(name: str):
 
 def model_class(config: dict):
     """The transformers class that loads a checkpoint with this config.json: the one named in
-    ``architectures`` (LlamaForCausalLM, GPT2LMHeadModel, BertModel, ...), else
-    AutoModelForCausalLM for a causal LM, else AutoModel."""
+    ``architectures`` (LlamaForCausalLM, GPT2LMHeadModel, BertModel, ...), else the auto class
+    whose entry of ``auto_map`` names the model's own code, else AutoModelForCausalLM for a
+    causal LM, else AutoModel."""
     import transformers
 
     for arch in config.get("architectures") or []:
         cls = getattr(transformers, arch, None)
         if cls is not None:
             return cls
+    auto_map = config.get("auto_map")
+    if isinstance(auto_map, dict):
+        for arch in config.get("architectures") or []:
+            for auto, ref in auto_map.items():
+                if (
+                    isinstance(ref, str)
+                    and ref.endswith(f".{arch}")
+                    and auto.startswith("AutoModel")
+                ):
+                    return getattr(transformers, auto, transformers.AutoModel)
     if task_type(config) == "CAUSAL_LM":
         return transformers.AutoModelForCausalLM
     return transformers.AutoModel

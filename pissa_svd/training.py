@@ -285,12 +285,20 @@ def _check_out_dir(out_dir: Path) -> None:
         )
 
 
-def _model_class(out_dir: Path):
+def _model_class(out_dir: Path, trust_remote_code: bool):
     """The transformers class for ``out_dir``'s config.json (:func:`loadcheck.model_class`)."""
     cfg_path = out_dir / "config.json"
     if not cfg_path.is_file():
         raise InputError(f"{cfg_path}: missing; the residual model needs its config.json")
-    return model_class(read_json(cfg_path))
+    config = read_json(cfg_path)
+    cls = model_class(config)
+    if "auto_map" in config and not trust_remote_code and cls.__name__.startswith("AutoModel"):
+        raise InputError(
+            f"{out_dir}: only the model's own code loads it (auto_map in config.json, "
+            f"architectures {config.get('architectures')}); pass trust_remote_code=True to run "
+            "it, as from_pretrained would"
+        )
+    return cls
 
 
 def load_trainable(
@@ -299,12 +307,14 @@ def load_trainable(
     backend: str = "auto",
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
 ) -> nn.Module:
     """Load a ``decompose`` output folder as a model with the residual frozen and A, B trainable.
 
     The residual model is loaded with the transformers class in config.json's
-    ``architectures`` (``dtype`` as in ``from_pretrained``; None keeps transformers' default).
-    Then:
+    ``architectures`` (``dtype`` as in ``from_pretrained``; None keeps transformers' default),
+    or, with ``trust_remote_code=True``, the model's own code that decompose copied beside it
+    (``auto_map``), as ``from_pretrained(..., trust_remote_code=True)`` loads it. Then:
 
     - ``backend="peft"``: ``PeftModel.from_pretrained(model, out_dir, subfolder="pissa_init",
       is_trainable=True)``; returns a ``PeftModel`` (adapters fp32, PEFT's default).
@@ -319,7 +329,7 @@ def load_trainable(
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
     try:
-        cls = _model_class(out_dir)
+        cls = _model_class(out_dir, trust_remote_code)
     except ImportError:
         raise InputError(
             "load_trainable needs transformers (pip install transformers); for your own "
@@ -332,7 +342,8 @@ def load_trainable(
             backend = "peft"
         except ImportError:
             backend = "torch"
-    model = cls.from_pretrained(out_dir, **({} if dtype is None else {"dtype": dtype}))
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    model = cls.from_pretrained(out_dir, trust_remote_code=trust_remote_code, **kwargs)
     if backend == "peft":
         from peft import PeftModel
 

@@ -317,35 +317,95 @@ def test_mamba_out_proj_is_refused_when_picked(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+REMOTE_CONFIG = """
+from transformers import PretrainedConfig
+
+
+class ToyConfig(PretrainedConfig):
+    model_type = "toy_remote_vlm"
+
+    def __init__(self, hidden=32, vocab=50, **kwargs):
+        self.hidden = hidden
+        self.vocab = vocab
+        super().__init__(**kwargs)
+"""
+REMOTE_MODEL = """
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutput
+
+from .configuration_toy import ToyConfig
+
+
+class ToyForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = ToyConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        h = config.hidden
+        self.embed = nn.Embedding(config.vocab, h)
+        self.vision_model = nn.ModuleDict({"attn": nn.ModuleDict({"qkv": nn.Linear(h, 3 * h)})})
+        self.language_model = nn.ModuleDict({"q_proj": nn.Linear(h, h), "down_proj": nn.Linear(h, h)})
+        self.lm_head = nn.Linear(h, config.vocab, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids, **kwargs):
+        x = self.embed(input_ids)
+        x = x + self.vision_model["attn"]["qkv"](x)[..., : x.shape[-1]]
+        x = x + self.language_model["down_proj"](torch.tanh(self.language_model["q_proj"](x)))
+        return CausalLMOutput(logits=self.lm_head(x))
+"""
+
+
 def test_a_remote_code_vision_language_model_keeps_the_files_names(tmp_path, monkeypatch):
     """A model only its own code loads (``auto_map``, a type transformers lacks: InternVL-Chat,
     MiniCPM-V, ...) loads by the files' names, so the adapter uses them. decompose neither runs
-    that code nor stops at transformers' prompt asking whether to run it."""
-    from safetensors.torch import save_file
-
-    from .conftest import tiny_llama_model
+    that code nor stops at transformers' prompt asking whether to run it; the output, which
+    carries the code, loads with ``trust_remote_code=True`` and starts from the original."""
+    import transformers
+    from peft import PeftModel
 
     src, out = tmp_path / "src", tmp_path / "out"
     src.mkdir()
-    state = {f"language_model.{k}": v for k, v in tiny_llama_model().state_dict().items()}
-    state["vision_model.encoder.layers.0.attn.qkv.weight"] = torch.randn(96, 32)
-    state["vision_model.encoder.layers.0.mlp.fc1.weight"] = torch.randn(64, 32)
-    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    (src / "configuration_toy.py").write_text(REMOTE_CONFIG)
+    (src / "modeling_toy.py").write_text(REMOTE_MODEL)
     config = {
-        "model_type": "internvl_chat", "architectures": ["InternVLChatModel"],
-        "auto_map": {"AutoModel": "modeling_internvl_chat.InternVLChatModel"},
-        "vision_config": {"model_type": "intern_vit_6b"}, "llm_config": {"model_type": "llama"},
+        "model_type": "toy_remote_vlm", "architectures": ["ToyForCausalLM"],
+        "vision_config": {"model_type": "toy_vit"}, "auto_map": {
+            "AutoConfig": "configuration_toy.ToyConfig",
+            "AutoModelForCausalLM": "modeling_toy.ToyForCausalLM",
+        },
     }  # fmt: skip
     (src / "config.json").write_text(json.dumps(config))
-    monkeypatch.setattr("builtins.input", lambda *_: pytest.fail("asked to run the folder's code"))
+    auto = transformers.AutoModelForCausalLM
+    torch.manual_seed(0)
+    model = auto.from_config(
+        transformers.AutoConfig.from_pretrained(src, trust_remote_code=True),
+        trust_remote_code=True,
+    ).eval()
+    model.save_pretrained(src)
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.no_grad():
+        want = model(ids).logits
 
+    monkeypatch.setattr("builtins.input", lambda *_: pytest.fail("asked to run the folder's code"))
     decompose(src, out, rank=4, quiet=True)
     adapter = json.loads((out / ADAPTER_DIR / "adapter_config.json").read_text())
-    weights = [k.removesuffix(".weight") for k, v in state.items() if v.dim() == 2]
-    want = [m for m in weights if "embed" not in m and "lm_head" not in m]
-    assert sorted(adapter["target_modules"]) == sorted(want)
-    assert len(want) == 3 * 7 + 2
+    assert sorted(adapter["target_modules"]) == [
+        "language_model.down_proj", "language_model.q_proj", "vision_model.attn.qkv",
+    ]  # fmt: skip
     assert verify(src, out).passed
+    with pytest.raises(InputError, match="trust_remote_code=True"):
+        load_trainable(out, backend="torch")
+
+    peft_model = PeftModel.from_pretrained(
+        auto.from_pretrained(out, trust_remote_code=True), out, subfolder=ADAPTER_DIR
+    )
+    ours = load_trainable(out, backend="torch", trust_remote_code=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model.eval()(ids).logits, want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours(ids).logits, want, rtol=1e-4, atol=1e-5)
 
 
 def test_a_multihead_attention_out_proj_is_no_target(tmp_path):
