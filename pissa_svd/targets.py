@@ -53,6 +53,12 @@ FAMILIES: tuple[Family, ...] = (
     Family("rwkv", r"(^|\.)receptance$|\.attention\.output$"),
     # DeBERTa's fused q/k/v; Mamba, Jamba, Falcon-H1, Nemotron-H mixers; Qwen3-Next's DeltaNet.
     Family("in-proj", r"(^|\.)(in_proj|in_proj_qkvz)$"),
+    # Models only their own code loads (trust_remote_code), by the files' names: Baichuan 2's
+    # fused W_pack, InternLM 2/2.5's wqkv/wo and feed_forward.w1-w3, Qwen-1's mlp.w1/w2.
+    Family(
+        "baichuan/internlm2/qwen-1",
+        r"(^|\.)W_pack$|\.attention\.(wqkv|wo)$|\.feed_forward\.(w1|w2|w3)$|\.mlp\.(w1|w2)$",
+    ),
     # Vision towers: Qwen2/2.5/3-VL's and GLM-4V's blocks (attn.qkv, attn.proj; Qwen3-VL's
     # mlp.linear_fc1/2, not its mergers'), InternViT's attention output (projection_layer).
     Family(

@@ -420,6 +420,17 @@ def test_peft_converts_our_adapter_to_lora(tiny_llama, tmp_path):
         ("gpt_neox.layers.0.attention.dense.weight", True),
         ("model.layers.0.self_attn.dense.weight", True),  # Phi-1/2
         ("transformer.h.0.attn.c_attn.weight", True),
+        ("model.layers.0.self_attn.W_pack.weight", True),  # Baichuan 2 (remote code)
+        ("model.layers.0.attention.wqkv.weight", True),  # InternLM 2 (remote code)
+        ("model.layers.0.attention.wo.weight", True),
+        ("model.layers.0.feed_forward.w2.weight", True),
+        ("transformer.h.0.mlp.w1.weight", True),  # Qwen-1 (remote code)
+        ("transformer.encoder.layers.0.mlp.dense_h_to_4h.weight", True),  # ChatGLM
+        ("transformer.encoder.layers.0.self_attention.query_key_value.weight", True),
+        ("model.visual.blocks.0.attn.qkv.weight", True),  # Qwen2.5-VL's vision tower
+        ("model.visual.blocks.0.mlp.linear_fc1.weight", True),  # Qwen3-VL's
+        ("model.visual.merger.linear_fc1.weight", False),  # the projector between towers
+        ("model.multi_modal_projector.linear_1.weight", False),
         ("bert.pooler.dense.weight", False),  # not attention or MLP
         ("cls.predictions.transform.dense.weight", False),
         ("classifier.dense.weight", False),
