@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import io
 import json
 import re
@@ -167,6 +168,8 @@ def one(model_type: str, work: Path) -> str:
         decompose(src, out, rank=2, quiet=True)
     except InputError as exc:
         hint = re.findall(r"--exclude '(.+?)'", str(exc))
+        if str(exc).startswith("disk full"):
+            return "SKIP\tdisk full"
         if not hint or "would" not in str(exc):
             return f"REFUSED\t{exc}"
         tag = "HINT-"
@@ -177,6 +180,10 @@ def one(model_type: str, work: Path) -> str:
             return f"REFUSED\tafter the hint {hint}: {again}"
     except _Timeout:
         raise
+    except OSError as exc:  # the library raises the OSError (the command line prints one line)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return "SKIP\tdisk full"
+        return f"CRASH\t{type(exc).__name__}: {exc}"
     except Exception as exc:
         return f"CRASH\t{type(exc).__name__}: {exc}"
     try:
