@@ -22,10 +22,11 @@ class Family:
 
 # Attention and MLP linear layers of the common architectures.
 FAMILIES: tuple[Family, ...] = (
+    # (Gemma 4's vision tower wraps each in a clipping module: q_proj.linear, ...)
     Family(
         "llama/mistral/qwen2/gemma/phi3/opt",
         r"(^|\.)(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
-        r"|qkv_proj|gate_up_proj|out_proj|fc1|fc2)$",
+        r"|qkv_proj|gate_up_proj|out_proj|fc1|fc2)(\.linear)?$",
     ),
     Family("mixtral-experts", r"\.experts\.\d+\.(w1|w2|w3)$"),
     Family(

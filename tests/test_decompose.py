@@ -429,6 +429,7 @@ def test_peft_converts_our_adapter_to_lora(tiny_llama, tmp_path):
         ("transformer.encoder.layers.0.self_attention.query_key_value.weight", True),
         ("model.visual.blocks.0.attn.qkv.weight", True),  # Qwen2.5-VL's vision tower
         ("model.visual.blocks.0.mlp.linear_fc1.weight", True),  # Qwen3-VL's
+        ("model.vision_tower.encoder.layers.0.self_attn.q_proj.linear.weight", True),  # Gemma 4
         ("model.visual.merger.linear_fc1.weight", False),  # the projector between towers
         ("model.multi_modal_projector.linear_1.weight", False),
         ("bert.pooler.dense.weight", False),  # not attention or MLP

@@ -475,6 +475,19 @@ def _vlm(kind: str):
             image_token_index=299, boi_token_index=297, eoi_token_index=298,
         )  # fmt: skip
         return T.Gemma3ForConditionalGeneration(config)
+    if kind == "gemma4":  # its vision tower's layers are q_proj.linear, ... (clipped inputs)
+        config = T.Gemma4Config(
+            text_config=dict(
+                model_type="gemma4_text", vocab_size_per_layer_input=300,
+                hidden_size_per_layer_input=8, **text,
+            ),
+            vision_config=dict(
+                model_type="gemma4_vision", hidden_size=32, intermediate_size=48,
+                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                position_embedding_size=64,
+            ),
+        )  # fmt: skip
+        return T.Gemma4ForConditionalGeneration(config)
     if kind == "llava":
         config = T.LlavaConfig(
             text_config=dict(model_type="llama", **text),
@@ -500,12 +513,18 @@ def _vlm(kind: str):
 VLM_LEFT_OUT = {
     # Gemma 3's projector is a bare weight; its SigLIP pooling head is a MultiheadAttention.
     "gemma3": {"lm_head", "model.vision_tower.head.attention.out_proj"},
+    "gemma4": {  # and its per-layer input embeddings' projections
+        "lm_head", "model.embed_vision.embedding_projection",
+        "model.vision_tower.patch_embedder.input_proj", "model.language_model.per_layer_model_projection",
+        "model.language_model.layers.N.per_layer_input_gate",
+        "model.language_model.layers.N.per_layer_projection",
+    },
     "llava": {"lm_head", "model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2"},
     "qwen2_5_vl": {"lm_head", "model.visual.merger.mlp.0", "model.visual.merger.mlp.2"},
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", ["gemma3", "llava", "qwen2_5_vl"])
+@pytest.mark.parametrize("kind", ["gemma3", "gemma4", "llava", "qwen2_5_vl"])
 def test_vision_language_adapters_name_the_layers_as_loaded(kind, tmp_path, monkeypatch):
     """transformers renames these models' layers as it loads them, so the adapter uses the
     in-memory names while the residual keeps the files' names; decompose, verify, merge,
@@ -568,17 +587,22 @@ def test_vision_language_adapters_name_the_layers_as_loaded(kind, tmp_path, monk
     with pytest.raises(InputError, match="count those components twice"):
         merge(src, tmp_path / "trained", tmp_path / "wrong", quiet=True)
 
-    # --exclude by the files' name or by the loaded one leaves out the same vision layers.
+    # --exclude by the files' name or by the loaded one leaves out the same vision layers
+    # (Gemma 4's files name them as loaded).
     tower = "visual" if kind == "qwen2_5_vl" else "vision_tower"
+    stored_tower = f"model.{tower}" if kind == "gemma4" else tower
     kept = []
-    for i, regex in enumerate([rf"^{tower}\.", rf"^model\.{tower}\."]):
+    for i, regex in enumerate([rf"^{re.escape(stored_tower)}\.", rf"^model\.{tower}\."]):
         decompose(src, tmp_path / f"text{i}", rank=4, exclude=[regex], quiet=True)
         kept.append(json.loads((tmp_path / f"text{i}/pissa_init/adapter_config.json").read_text()))
     assert kept[0]["target_modules"] == kept[1]["target_modules"]
     assert all(tower not in m for m in kept[0]["target_modules"])
     assert len(kept[0]["target_modules"]) < len(config["target_modules"])
 
-    # An interrupted run resumes to the same bytes.
+    # An interrupted run resumes to the bytes of an uninterrupted one with the same options
+    # (one matrix at a time: batched GEMMs may round differently from single ones).
+    one = tmp_path / "one_at_a_time"
+    decompose(src, one, rank=4, batch_memory=0, quiet=True)
     real, calls = pipeline._decompose_batch, []
 
     def failing(*args, **kwargs):
@@ -592,5 +616,5 @@ def test_vision_language_adapters_name_the_layers_as_loaded(kind, tmp_path, monk
         decompose(src, tmp_path / "resumed", rank=4, batch_memory=0, quiet=True)
     monkeypatch.setattr(pipeline, "_decompose_batch", real)
     decompose(src, tmp_path / "resumed", rank=4, batch_memory=0, resume=True, quiet=True)
-    for f in [out / "model.safetensors", out / ADAPTER_DIR / "adapter_model.safetensors"]:
-        assert (tmp_path / "resumed" / f.relative_to(out)).read_bytes() == f.read_bytes()
+    for f in [one / "model.safetensors", one / ADAPTER_DIR / "adapter_model.safetensors"]:
+        assert (tmp_path / "resumed" / f.relative_to(one)).read_bytes() == f.read_bytes()
