@@ -242,6 +242,12 @@ def model_class(config: dict):
     return transformers.AutoModel
 
 
+def is_auto_class(cls) -> bool:
+    """Whether :func:`model_class` gave one of transformers' auto classes (the config names no
+    class transformers has), which build through ``from_config``."""
+    return cls.__name__.startswith("AutoModel")
+
+
 def tied_to_input_embedding(folder: Path, config: dict) -> list[str]:
     """The names of the parameters that share the input embedding's weight, it included (the
     output embedding's too where ``tie_word_embeddings`` ties them), in the model transformers
@@ -361,9 +367,8 @@ def _meta_model(folder: Path, config: dict, transformers) -> torch.nn.Module:
     with _quiet(transformers):  # never the folder's own code, and no prompt asking to run it
         cfg = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
         cls = model_class(config)
-        auto = cls in (transformers.AutoModel, transformers.AutoModelForCausalLM)
         with torch.device("meta"):
-            return cls.from_config(cfg) if auto else cls._from_config(cfg)
+            return cls.from_config(cfg) if is_auto_class(cls) else cls._from_config(cfg)
 
 
 @contextlib.contextmanager

@@ -564,7 +564,7 @@ def make_plan(src: str | os.PathLike, out: str | os.PathLike, options: Options) 
                 f"residual there would only add its rounding error; leave them out with "
                 f"--exclude '{_exclude_regex(kept)}' (whole in the residual), or drop --quantize"
             )
-    load_check = _load_check(src_path, ckpt, config, targets, o, names.mapped)
+    load_check = _load_check(src_path, tensor_names, config, targets, o, names.mapped)
     budget = default_batch_memory(device) if o.batch_memory is None else o.batch_memory
     if o.quantize:  # QPiSSA works on one matrix at a time: a batch would only hold memory
         budget = 0
@@ -635,7 +635,7 @@ def _exclude_regex(modules: list[str]) -> str:
 
 def _load_check(
     src: Path,
-    ckpt: Checkpoint,
+    tensor_names: list[str],
     config: dict | None,
     targets: list[Target],
     o: Options,
@@ -647,7 +647,7 @@ def _load_check(
     (any 2-D weight but embeddings and heads, which need not be a layer PEFT wraps); None for
     a dense model's default targets, which the family table keeps to linear layers PEFT
     adapts."""
-    modules = (name for i in ckpt.tensors() if (name := module_name(i.name)))
+    modules = (m for name in tensor_names if (m := module_name(name)))
     moe = loadcheck.needed(modules, config)
     if not (moe or mapped or o.targets):
         return None

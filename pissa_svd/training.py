@@ -31,7 +31,7 @@ from torch import nn
 from .adapter import ADAPTER_FILE, LoraAdapter
 from .checkpoint import Checkpoint, read_tensor
 from .errors import InputError, read_json
-from .loadcheck import checkpoint_names, model_class
+from .loadcheck import checkpoint_names, is_auto_class, model_class
 from .output import staged
 from .pipeline import ADAPTER_DIR
 
@@ -292,7 +292,7 @@ def _model_class(out_dir: Path, trust_remote_code: bool):
         raise InputError(f"{cfg_path}: missing; the residual model needs its config.json")
     config = read_json(cfg_path)
     cls = model_class(config)
-    if "auto_map" in config and not trust_remote_code and cls.__name__.startswith("AutoModel"):
+    if "auto_map" in config and not trust_remote_code and is_auto_class(cls):
         raise InputError(
             f"{out_dir}: only the model's own code loads it (auto_map in config.json, "
             f"architectures {config.get('architectures')}); pass trust_remote_code=True to run "
